@@ -1,0 +1,154 @@
+//! The tokio baseline: the same `serve` on a tokio multi-thread runtime plus hyper, one task per
+//! connection, configured like the reactor (`TCP_NODELAY`, `pipeline_flush`, the same timeouts
+//! and limits, as many workers as the reactor has pollers). It is what hop is measured against,
+//! so it is tuned as well as tokio allows, not a strawman.
+//!
+//! hyper 1.x arms its header-read timer as soon as a keep-alive connection goes idle, so here the
+//! idle timeout is hyper's header timer set to the smaller of the two timeouts.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::server::{Config, Control};
+use crate::service::{HyperSvc, IncomingStream, IntoConnService};
+
+/// Releases a connection's slot however its task ends (finished, or aborted at the deadline).
+struct ConnGuard {
+    ctl: Arc<Control>,
+    forcing: Arc<AtomicBool>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.ctl.release(self.forcing.load(Ordering::Acquire));
+    }
+}
+
+/// Starts the baseline on its own runtime thread; `done` fires when it has stopped.
+pub(crate) fn start<A, M>(
+    cfg: &Config,
+    listener: std::net::TcpListener,
+    app: A,
+    ctl: Arc<Control>,
+    done: oneshot::Sender<()>,
+) -> io::Result<()>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+{
+    listener.set_nonblocking(true)?;
+    let _ = socket2::SockRef::from(&listener).listen(cfg.backlog);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.pollers)
+        .thread_name("hop-tokio")
+        .enable_all()
+        .build()?;
+    let header_timeout = match (cfg.header_read_timeout, cfg.idle_timeout) {
+        (Some(h), Some(i)) => Some(h.min(i)),
+        (h, i) => h.or(i),
+    };
+    let mut http1 = cfg.http1(header_timeout);
+    http1.timer(TokioTimer::new());
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("hop-tokio-main".into())
+        .spawn(move || {
+            let res = rt.block_on(accept_loop(cfg, listener, app, ctl, Arc::new(http1)));
+            if let Err(e) = res {
+                tracing::error!(error = %e, "tokio backend failed");
+            }
+            rt.shutdown_background();
+            let _ = done.send(());
+        })?;
+    Ok(())
+}
+
+async fn accept_loop<A, M>(
+    cfg: Config,
+    listener: std::net::TcpListener,
+    mut app: A,
+    ctl: Arc<Control>,
+    http1: Arc<hyper::server::conn::http1::Builder>,
+) -> io::Result<()>
+where
+    A: IntoConnService<M>,
+{
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local_addr = listener.local_addr()?;
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    {
+        let s = shutdown.clone();
+        ctl.on_shutdown(Box::new(move || s.notify_one()));
+    }
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let forcing = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.notified() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if !ctl.admit(cfg.max_connections) {
+                    continue;
+                }
+                let guard = ConnGuard { ctl: ctl.clone(), forcing: forcing.clone() };
+                let _ = stream.set_nodelay(true);
+                if let Some(t) = cfg.tcp_keepalive {
+                    let ka = socket2::TcpKeepalive::new().with_time(t);
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+                }
+                let local = stream.local_addr().unwrap_or(local_addr);
+                let Some(svc) = app.make(IncomingStream::new(local, peer)) else {
+                    tracing::error!(%peer, "the make-service was not ready; closing");
+                    continue;
+                };
+                let http1 = http1.clone();
+                let mut drain = drain_rx.clone();
+                tasks.spawn(async move {
+                    let _guard = guard;
+                    let conn = http1
+                        .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
+                        .with_upgrades();
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(e) = res {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        }
+                        _ = async { drain.wait_for(|d| *d).await.is_ok() } => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = drain_tx.send(true);
+    let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
+    let drained = tokio::time::timeout_at(deadline.into(), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        forcing.store(true, Ordering::Release);
+        tasks.shutdown().await;
+    }
+    Ok(())
+}

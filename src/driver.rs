@@ -1,0 +1,232 @@
+//! One HTTP connection on a poller: hyper's `http1` connection polled in place, and idle
+//! parking.
+//!
+//! A [`Conn`] is in one of three states:
+//! - `Parked`: only the socket and the per-connection service; no hyper state, no buffer. New
+//!   connections start here, and a keep-alive connection returns here when it is idle at a
+//!   request boundary.
+//! - `Active`: a boxed `hyper::server::conn::http1::UpgradeableConnection` over a
+//!   [`HopStream`], polled whenever its socket is ready or its waker fires.
+//! - `Upgraded`: hyper handed the stream to an upgrade (a WebSocket task, say); the poller keeps
+//!   the registration and wakes that task on readiness until the stream is dropped.
+//!
+//! Parking: hyper holds a header-read sleep exactly while it waits for a request head (see
+//! [`crate::timer`]). When that is so, the last read ended in `WouldBlock` and no write is
+//! waiting, nothing is in flight; the driver then takes hyper's parts back with `into_parts`. If
+//! hyper's read buffer still holds bytes (the start of the next request), a new hyper
+//! connection is started over those bytes at once, and parking is not tried again until another
+//! request has been dispatched, so a slow sender cannot reset the header timeout more than once.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::server::conn::http1;
+use std::future::Future;
+
+use crate::service::{ConnService, HyperSvc};
+use crate::stream::{HopStream, Socket};
+use crate::timer;
+use crate::wake::Key;
+
+type HyperConn<S> = http1::UpgradeableConnection<HopStream, HyperSvc<S>>;
+
+/// Settings the driver needs, shared by a poller's connections.
+pub(crate) struct DriverConfig {
+    pub(crate) http1: http1::Builder,
+    pub(crate) idle_timeout: Option<Duration>,
+    /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
+    pub(crate) park_after: Option<Duration>,
+}
+
+enum State<S: ConnService> {
+    Parked { svc: S, since: Instant },
+    Active(Box<HyperConn<S>>),
+    Upgraded,
+    Done,
+}
+
+/// What the poller should do with a connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Keep,
+    Close,
+}
+
+/// One connection in a poller's slab.
+pub(crate) struct Conn<S: ConnService> {
+    pub(crate) socket: Arc<Socket>,
+    pub(crate) key: Key,
+    state: State<S>,
+    /// The request count at which parking found a partial request head.
+    no_park_at: Option<u64>,
+    /// When the connection was first seen idle, and the request count then.
+    idle_since: Option<(Instant, u64)>,
+}
+
+impl<S: ConnService> Conn<S> {
+    pub(crate) fn new(socket: Arc<Socket>, key: Key, svc: S, now: Instant) -> Self {
+        Conn {
+            socket,
+            key,
+            state: State::Parked { svc, since: now },
+            no_park_at: None,
+            idle_since: None,
+        }
+    }
+
+    /// Whether hyper (or an upgrade) is working on this connection.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(self.state, State::Active(_) | State::Upgraded)
+    }
+
+    /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
+    /// connection closes on its next drive.
+    pub(crate) fn begin_drain(&mut self) {
+        if let State::Active(conn) = &mut self.state {
+            Pin::new(&mut **conn).graceful_shutdown();
+        }
+    }
+
+    /// Polls the connection after an event, a wake or a timer.
+    pub(crate) fn drive(&mut self, cfg: &DriverConfig, now: Instant, draining: bool) -> Verdict {
+        loop {
+            match &mut self.state {
+                State::Parked { since, .. } => {
+                    if draining {
+                        return Verdict::Close;
+                    }
+                    if self.socket.maybe_readable() {
+                        let State::Parked { svc, .. } =
+                            std::mem::replace(&mut self.state, State::Done)
+                        else {
+                            unreachable!()
+                        };
+                        self.activate(cfg, svc, None);
+                        continue;
+                    }
+                    if let Some(idle) = cfg.idle_timeout {
+                        let due = *since + idle;
+                        if now >= due {
+                            tracing::debug!("closing a connection idle for {idle:?}");
+                            return Verdict::Close;
+                        }
+                        timer::arm(self.key, due);
+                    }
+                    return Verdict::Keep;
+                }
+                State::Active(conn) => {
+                    let waker = self.key.waker();
+                    let mut cx = Context::from_waker(&waker);
+                    let polled = timer::with_current(self.key, || {
+                        catch_unwind(AssertUnwindSafe(|| Pin::new(&mut **conn).poll(&mut cx)))
+                    });
+                    match polled {
+                        Ok(Poll::Pending) => {
+                            if !draining {
+                                self.maybe_park(cfg, now);
+                            }
+                            return Verdict::Keep;
+                        }
+                        Ok(Poll::Ready(res)) => {
+                            if let Err(e) = res {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            self.set_done();
+                            if Arc::strong_count(&self.socket) > 1 {
+                                // The stream went to an upgrade; it lives on elsewhere.
+                                self.state = State::Upgraded;
+                                return Verdict::Keep;
+                            }
+                            return Verdict::Close;
+                        }
+                        Err(panic) => {
+                            tracing::error!(
+                                panic = crate::service::panic_message(&panic),
+                                "connection panicked; closing it"
+                            );
+                            self.set_done();
+                            return Verdict::Close;
+                        }
+                    }
+                }
+                State::Upgraded => {
+                    return if Arc::strong_count(&self.socket) > 1 {
+                        Verdict::Keep
+                    } else {
+                        Verdict::Close
+                    };
+                }
+                State::Done => return Verdict::Close,
+            }
+        }
+    }
+
+    /// Drops hyper's state, even if dropping it panics.
+    fn set_done(&mut self) {
+        let old = std::mem::replace(&mut self.state, State::Done);
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
+    }
+
+    fn activate(&mut self, cfg: &DriverConfig, svc: S, prefix: Option<Bytes>) {
+        let io = HopStream::new(self.socket.clone(), self.key, prefix);
+        let conn = cfg
+            .http1
+            .serve_connection(io, HyperSvc::new(svc))
+            .with_upgrades();
+        self.state = State::Active(Box::new(conn));
+    }
+
+    fn maybe_park(&mut self, cfg: &DriverConfig, now: Instant) {
+        let Some(after) = cfg.park_after else { return };
+        let meta = timer::slot_meta(self.key);
+        let idle = timer::head_wait(self.key)
+            && !self.socket.maybe_readable()
+            && self.socket.write_idle()
+            && self.no_park_at != Some(meta.requests);
+        if !idle {
+            self.idle_since = None;
+            return;
+        }
+        let since = match self.idle_since {
+            Some((t, n)) if n == meta.requests => t,
+            _ => {
+                self.idle_since = Some((now, meta.requests));
+                now
+            }
+        };
+        if now < since + after {
+            timer::arm(self.key, since + after);
+            return;
+        }
+        self.park(cfg, now, meta.requests);
+    }
+
+    fn park(&mut self, cfg: &DriverConfig, now: Instant, requests: u64) {
+        let State::Active(conn) = std::mem::replace(&mut self.state, State::Done) else {
+            return;
+        };
+        self.idle_since = None;
+        let Some(parts) = conn.into_parts() else {
+            return;
+        };
+        let mut io = parts.io;
+        io.quiet();
+        drop(io);
+        let svc = parts.service.into_inner();
+        if parts.read_buf.is_empty() {
+            self.state = State::Parked { svc, since: now };
+            if let Some(idle) = cfg.idle_timeout {
+                timer::arm(self.key, now + idle);
+            }
+        } else {
+            // The start of the next request is buffered: keep it, in a fresh hyper connection.
+            self.no_park_at = Some(requests);
+            self.activate(cfg, svc, Some(parts.read_buf));
+            crate::wake::push_local(self.key);
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! The event loop: N poller threads, each with its own `mio::Poll`, listener, slab of
+//! connections, timer and wake queue.
+//!
+//! A poller accepts on its listener (its own `SO_REUSEPORT` socket when the listener given to
+//! `serve` has `SO_REUSEPORT` set, as [`crate::bind`] does; otherwise a duplicate of the one
+//! listener, all pollers accepting from the same queue), registers each socket edge-triggered
+//! under its slab slot, and drives connections ([`crate::driver::Conn`]) when their socket is
+//! ready, their waker fires or their timer is due. Each poller thread enters the tokio runtime
+//! given to it, so handlers can use tokio's APIs; nothing of tokio is on the I/O path.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::driver::{Conn, DriverConfig, Verdict};
+use crate::server::{Config, Control};
+use crate::service::{IncomingStream, IntoConnService};
+use crate::stream::Socket;
+use crate::timer::{self, HopTimer};
+use crate::wake::{self, Key, Remote};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Counts pollers down and reports when the last one has stopped.
+struct Latch {
+    remaining: AtomicUsize,
+    done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+struct LatchGuard(Arc<Latch>);
+
+impl Drop for LatchGuard {
+    fn drop(&mut self) {
+        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(tx) = self.0.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// One listener per poller: `SO_REUSEPORT` siblings when possible, duplicates otherwise.
+fn listeners(listener: std::net::TcpListener, n: usize, backlog: i32) -> io::Result<Vec<std::net::TcpListener>> {
+    listener.set_nonblocking(true)?;
+    let sock = socket2::SockRef::from(&listener);
+    // Re-listening adjusts the backlog of a listening socket.
+    let _ = sock.listen(backlog);
+    let addr = listener.local_addr()?;
+    let reuseport = sock.reuse_port().unwrap_or(false);
+    let mut out = Vec::with_capacity(n);
+    for _ in 1..n {
+        let extra = if reuseport {
+            match sibling(addr, backlog) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "SO_REUSEPORT sibling failed; sharing one listener");
+                    listener.try_clone()?
+                }
+            }
+        } else {
+            listener.try_clone()?
+        };
+        out.push(extra);
+    }
+    out.insert(0, listener);
+    Ok(out)
+}
+
+fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+/// Starts the pollers; `done` fires when the last one has stopped.
+pub(crate) fn start<A, M>(
+    cfg: &Config,
+    listener: std::net::TcpListener,
+    app: A,
+    ctl: Arc<Control>,
+    rt: tokio::runtime::Handle,
+    done: tokio::sync::oneshot::Sender<()>,
+) -> io::Result<()>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+{
+    let local_addr = listener.local_addr()?;
+    let listeners = listeners(listener, cfg.pollers, cfg.backlog)?;
+    let latch = Arc::new(Latch {
+        remaining: AtomicUsize::new(listeners.len()),
+        done: Mutex::new(Some(done)),
+    });
+    // hyper always gets a header timeout: its sleep is how the driver sees an idle connection.
+    let header_timeout = cfg
+        .header_read_timeout
+        .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let mut http1 = cfg.http1(Some(header_timeout));
+    http1.timer(HopTimer);
+    let driver = Arc::new(DriverConfig {
+        http1,
+        idle_timeout: cfg.idle_timeout,
+        park_after: cfg.park_after,
+    });
+    let mut pollers = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let poll = Poll::new()?;
+        let remote = Arc::new(Remote::new(mio::Waker::new(poll.registry(), WAKER)?));
+        let mut listener = TcpListener::from_std(l);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        pollers.push((poll, remote, listener));
+    }
+    for (i, (poll, remote, listener)) in pollers.into_iter().enumerate() {
+        let id = wake::register(remote.clone());
+        let r = remote.clone();
+        ctl.on_shutdown(Box::new(move || r.notify()));
+        let poller = Poller {
+            id,
+            poll,
+            remote,
+            listener: Some(listener),
+            local_addr,
+            conns: Slab::new(),
+            generations: Vec::new(),
+            app: app.clone(),
+            driver: driver.clone(),
+            ctl: ctl.clone(),
+            max_connections: cfg.max_connections,
+            tcp_keepalive: cfg.tcp_keepalive,
+            draining: false,
+            accept_retry: None,
+            _marker: std::marker::PhantomData,
+        };
+        let rt = rt.clone();
+        let guard = LatchGuard(latch.clone());
+        std::thread::Builder::new()
+            .name(format!("hop-poller-{i}"))
+            .spawn(move || {
+                let _guard = guard;
+                let _rt = rt.enter();
+                poller.run();
+            })?;
+    }
+    Ok(())
+}
+
+struct Poller<A: IntoConnService<M>, M> {
+    id: u16,
+    poll: Poll,
+    remote: Arc<Remote>,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    conns: Slab<Conn<A::Service>>,
+    generations: Vec<u16>,
+    app: A,
+    driver: Arc<DriverConfig>,
+    ctl: Arc<Control>,
+    max_connections: usize,
+    tcp_keepalive: Option<Duration>,
+    draining: bool,
+    /// When accepting failed for lack of descriptors: try again then.
+    accept_retry: Option<Instant>,
+    _marker: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<A: IntoConnService<M>, M> Poller<A, M> {
+    fn run(mut self) {
+        wake::enter_poller(self.id);
+        let mut events = Events::with_capacity(1024);
+        let mut ready: Vec<Key> = Vec::new();
+        let mut batch: Vec<Key> = Vec::new();
+        loop {
+            wake::take_local(&mut ready);
+            let timeout = self.timeout(!ready.is_empty());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now, &mut ready),
+                    WAKER => self.remote.drain(&mut ready),
+                    Token(slot) => {
+                        if let Some(c) = self.conns.get(slot) {
+                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                            let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            c.socket.on_event(readable, writable);
+                            ready.push(c.key);
+                        }
+                    }
+                }
+            }
+            if self.accept_retry.is_some_and(|t| t <= now) {
+                self.accept_retry = None;
+                self.accept(now, &mut ready);
+            }
+            timer::fire(now, &mut ready);
+            wake::take_local(&mut ready);
+            if self.ctl.draining() && !self.draining {
+                self.begin_drain(&mut ready);
+            }
+            std::mem::swap(&mut ready, &mut batch);
+            for key in batch.drain(..) {
+                self.drive(key, now);
+            }
+            if self.draining {
+                if self.conns.is_empty() {
+                    break;
+                }
+                if self.ctl.drain_deadline().is_some_and(|d| Instant::now() >= d) {
+                    self.force_close();
+                    break;
+                }
+            }
+        }
+        wake::unregister(self.id);
+    }
+
+    fn timeout(&self, ready: bool) -> Option<Duration> {
+        if ready {
+            return Some(Duration::ZERO);
+        }
+        let mut next = timer::next_deadline();
+        if let Some(t) = self.accept_retry {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if self.draining {
+            if let Some(d) = self.ctl.drain_deadline() {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        }
+        // Round up so a timer is never polled a hair early, which would spin.
+        next.map(|t| t.saturating_duration_since(Instant::now()) + Duration::from_micros(500))
+    }
+
+    fn accept(&mut self, now: Instant, ready: &mut Vec<Key>) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now, ready),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // Out of descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                    self.accept_retry = Some(now + Duration::from_millis(50));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr, now: Instant, ready: &mut Vec<Key>) {
+        if !self.ctl.admit(self.max_connections) {
+            tracing::debug!(%peer, "max_connections reached; closing");
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        if let Some(t) = self.tcp_keepalive {
+            let ka = socket2::TcpKeepalive::new().with_time(t);
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+        }
+        let local_addr = stream.local_addr().unwrap_or(self.local_addr);
+        let app = &mut self.app;
+        let svc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            app.make(IncomingStream::new(local_addr, peer))
+        }));
+        let Ok(Some(svc)) = svc else {
+            tracing::error!(%peer, "the make-service failed or was not ready; closing");
+            self.ctl.release(false);
+            return;
+        };
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        if self.generations.len() <= slot {
+            self.generations.resize(slot + 1, 0);
+        }
+        self.generations[slot] = self.generations[slot].wrapping_add(1);
+        let key = Key::new(self.id, slot, self.generations[slot]);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(slot), Interest::READABLE | Interest::WRITABLE)
+        {
+            tracing::error!(error = %e, "could not register a connection");
+            self.ctl.release(false);
+            return;
+        }
+        timer::reset_slot(key);
+        entry.insert(Conn::new(Arc::new(Socket::new(stream)), key, svc, now));
+        ready.push(key);
+    }
+
+    fn drive(&mut self, key: Key, now: Instant) {
+        let slot = key.slot();
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if conn.key != key {
+            return;
+        }
+        if conn.drive(&self.driver, now, self.draining) == Verdict::Close {
+            self.close(slot, false);
+        }
+    }
+
+    fn close(&mut self, slot: usize, forced: bool) {
+        let conn = self.conns.remove(slot);
+        if Arc::strong_count(&conn.socket) > 1 {
+            // Someone else (an upgrade) still holds the socket: cut it off from this poller.
+            let fd = conn.socket.io.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut mio::unix::SourceFd(&fd));
+            let _ = conn.socket.io.shutdown(std::net::Shutdown::Both);
+            conn.socket.wake_all();
+        }
+        drop(conn);
+        self.ctl.release(forced);
+    }
+
+    fn begin_drain(&mut self, ready: &mut Vec<Key>) {
+        self.draining = true;
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        for (_, conn) in self.conns.iter_mut() {
+            conn.begin_drain();
+            ready.push(conn.key);
+        }
+    }
+
+    fn force_close(&mut self) {
+        let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
+        for slot in slots {
+            let busy = self.conns[slot].is_busy();
+            tracing::debug!(busy, "drain timeout: force-closing a connection");
+            self.close(slot, true);
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The public front: [`serve`], [`Builder`], the [`Serve`] future, graceful shutdown, and the
+//! [`Handle`] that reads counters and stops a running server.
+//!
+//! This module picks the backend (builder first, then `HOP_BACKEND`, then the reactor), finds
+//! or starts the tokio runtime that handlers run in, starts the backend, and waits for the
+//! shutdown signal and for the backend to finish draining.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::service::IntoConnService;
+
+/// Which transport drives the connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// hop's event loop: N poller threads, each connection polled in place (the default).
+    Reactor,
+    /// tokio + hyper-util, one task per connection: the baseline hop is measured against.
+    /// Needs the `tokio-baseline` feature (on by default).
+    Tokio,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "reactor" | "hop" | "mio" => Ok(Backend::Reactor),
+            "tokio" | "baseline" => Ok(Backend::Tokio),
+            other => Err(format!("unknown backend {other:?} (expected reactor or tokio)")),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Reactor => "reactor",
+            Backend::Tokio => "tokio",
+        })
+    }
+}
+
+impl Backend {
+    /// The backend named by the `HOP_BACKEND` environment variable, if set and valid.
+    pub fn from_env() -> Option<Backend> {
+        let v = std::env::var("HOP_BACKEND").ok()?;
+        match v.parse() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("ignoring HOP_BACKEND: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Settings shared by both backends.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) backend: Option<Backend>,
+    pub(crate) pollers: usize,
+    pub(crate) backlog: i32,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_buf_size: Option<usize>,
+    pub(crate) max_headers: Option<usize>,
+    pub(crate) pipeline_flush: bool,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) park_after: Option<Duration>,
+    pub(crate) compat_workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: None,
+            pollers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backlog: 1024,
+            max_connections: usize::MAX,
+            header_read_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_buf_size: None,
+            max_headers: None,
+            pipeline_flush: true,
+            drain_timeout: Duration::from_secs(30),
+            tcp_keepalive: None,
+            park_after: Some(Duration::ZERO),
+            compat_workers: 1,
+        }
+    }
+}
+
+impl Config {
+    /// The hyper `http1` builder both backends start from.
+    pub(crate) fn http1(&self, header_read_timeout: Option<Duration>) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.pipeline_flush(self.pipeline_flush)
+            .header_read_timeout(header_read_timeout);
+        if let Some(n) = self.max_buf_size {
+            b.max_buf_size(n);
+        }
+        if let Some(n) = self.max_headers {
+            b.max_headers(n);
+        }
+        b
+    }
+}
+
+/// Counters of a running server, read with [`Handle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Connections closed at once because `max_connections` was reached.
+    pub rejected: u64,
+    /// Connections that closed by themselves during a graceful shutdown.
+    pub drained: u64,
+    /// Connections force-closed when the drain timeout ran out.
+    pub forced: u64,
+}
+
+/// State shared by the front, the backend threads and every [`Handle`].
+#[derive(Default)]
+pub(crate) struct Control {
+    draining: AtomicBool,
+    drain_deadline: Mutex<Option<Instant>>,
+    on_shutdown: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) active: AtomicUsize,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) drained: AtomicU64,
+    pub(crate) forced: AtomicU64,
+    local_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Control {
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn drain_deadline(&self) -> Option<Instant> {
+        *self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a graceful shutdown that ends at `deadline` (an earlier deadline wins).
+    pub(crate) fn shutdown(&self, deadline: Instant) {
+        {
+            let mut d = self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner());
+            if d.is_none_or(|old| deadline < old) {
+                *d = Some(deadline);
+            }
+        }
+        self.draining.store(true, Ordering::Release);
+        for f in self.on_shutdown.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            f();
+        }
+    }
+
+    /// Registers a callback run when shutdown starts (and at once if it already has).
+    pub(crate) fn on_shutdown(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let mut v = self.on_shutdown.lock().unwrap_or_else(|e| e.into_inner());
+        if self.draining() {
+            f();
+        }
+        v.push(f);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed) as u64,
+            rejected: self.rejected.load(Ordering::Relaxed),
+            drained: self.drained.load(Ordering::Relaxed),
+            forced: self.forced.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reserves a connection slot under `max`; `false` (and counted) when full.
+    pub(crate) fn admit(&self, max: usize) -> bool {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Releases a connection slot: counted as forced when the drain timeout closed it, as
+    /// drained when it closed during a shutdown.
+    pub(crate) fn release(&self, forced: bool) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        if forced {
+            self.forced.fetch_add(1, Ordering::Relaxed);
+        } else if self.draining() {
+            self.drained.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A handle on a server: its address, its counters, and a way to stop it.
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// let app = axum::Router::new();
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let serve = hop::serve(listener, app);
+/// let handle = serve.handle();
+/// tokio::spawn(async move { tokio::time::sleep(std::time::Duration::from_secs(1)).await; handle.shutdown() });
+/// serve.await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Handle {
+    ctl: Arc<Control>,
+    drain_timeout: Duration,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Handle {
+    /// Starts a graceful shutdown, as the signal given to `with_graceful_shutdown` would.
+    pub fn shutdown(&self) {
+        self.ctl.shutdown(Instant::now() + self.drain_timeout);
+    }
+
+    /// The server's counters now.
+    pub fn stats(&self) -> Stats {
+        self.ctl.stats()
+    }
+
+    /// The address the server listens on (once it has started).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        *self.ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Configures a server. Every setting applies to both backends.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// # fn demo() -> std::io::Result<()> {
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+/// let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
+/// hop::Server::builder()
+///     .pollers(4)
+///     .backend(hop::Backend::Reactor)
+///     .header_read_timeout(Duration::from_secs(10))
+///     .serve(listener, app)
+///     .run()
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    cfg: Config,
+}
+
+/// Entry point for configured servers: `Server::builder()`.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// A builder with the default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+impl Builder {
+    /// A builder with the default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The backend; overrides `HOP_BACKEND`. Without either, [`Backend::Reactor`].
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.cfg.backend = Some(backend);
+        self
+    }
+
+    /// Poller threads for the reactor, worker threads for the tokio baseline (default: the
+    /// available parallelism).
+    pub fn pollers(mut self, n: usize) -> Self {
+        self.cfg.pollers = n.max(1);
+        self
+    }
+
+    /// The listen backlog (default 1024).
+    pub fn backlog(mut self, n: i32) -> Self {
+        self.cfg.backlog = n;
+        self
+    }
+
+    /// Most connections open at once; over it a connection is accepted, closed at once and
+    /// counted in [`Stats::rejected`] (default: unlimited).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.cfg.max_connections = n;
+        self
+    }
+
+    /// How long a client may take to send a request head once it has started (default 30 s;
+    /// `None` disables it).
+    pub fn header_read_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.header_read_timeout = t.into();
+        self
+    }
+
+    /// How long a keep-alive connection may sit idle between requests before it is closed
+    /// (default 60 s; `None` disables it). This is not TCP keepalive: see
+    /// [`tcp_keepalive`](Self::tcp_keepalive).
+    pub fn idle_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.idle_timeout = t.into();
+        self
+    }
+
+    /// hyper's largest read buffer, which bounds a request head (hyper's default ~400 KB).
+    pub fn max_buf_size(mut self, n: usize) -> Self {
+        self.cfg.max_buf_size = Some(n);
+        self
+    }
+
+    /// Most headers in a request (hyper's default 100); more gets `431`.
+    pub fn max_headers(mut self, n: usize) -> Self {
+        self.cfg.max_headers = Some(n);
+        self
+    }
+
+    /// Let pipelined responses share one write (default on).
+    pub fn pipeline_flush(mut self, on: bool) -> Self {
+        self.cfg.pipeline_flush = on;
+        self
+    }
+
+    /// How long a graceful shutdown waits for connections before force-closing them
+    /// (default 30 s).
+    pub fn drain_timeout(mut self, t: Duration) -> Self {
+        self.cfg.drain_timeout = t;
+        self
+    }
+
+    /// TCP keepalive probes on accepted sockets, after this much silence (default off).
+    pub fn tcp_keepalive(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.tcp_keepalive = t.into();
+        self
+    }
+
+    /// Reactor only: how long an idle keep-alive connection keeps hyper's state before it is
+    /// parked down to its socket (default 0: at once; `None`: never park).
+    pub fn park_idle_after(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.park_after = t.into();
+        self
+    }
+
+    /// Reactor only: worker threads of the background tokio runtime that handlers' tokio calls
+    /// use when `serve` is not awaited inside a tokio runtime (default 1).
+    pub fn compat_workers(mut self, n: usize) -> Self {
+        self.cfg.compat_workers = n.max(1);
+        self
+    }
+
+    /// Serves `app` on `listener` with these settings.
+    pub fn serve<L, A, M>(self, listener: L, app: A) -> Serve<A, M>
+    where
+        L: IntoStdListener,
+        A: IntoConnService<M>,
+    {
+        let ctl = Arc::new(Control::default());
+        let listener = listener.into_std_listener();
+        if let Ok(l) = &listener {
+            *ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()) = l.local_addr().ok();
+        }
+        Serve {
+            cfg: self.cfg,
+            listener,
+            app,
+            ctl,
+            _marker: PhantomData,
+        }
+    }
+}
+
+/// Listeners `serve` accepts: `std::net::TcpListener` and `tokio::net::TcpListener`.
+pub trait IntoStdListener {
+    /// Converts into a non-blocking std listener.
+    fn into_std_listener(self) -> io::Result<std::net::TcpListener>;
+}
+
+impl IntoStdListener for std::net::TcpListener {
+    fn into_std_listener(self) -> io::Result<std::net::TcpListener> {
+        self.set_nonblocking(true)?;
+        Ok(self)
+    }
+}
+
+impl IntoStdListener for tokio::net::TcpListener {
+    fn into_std_listener(self) -> io::Result<std::net::TcpListener> {
+        self.into_std()
+    }
+}
+
+/// Binds a listener the way hop likes it: `SO_REUSEADDR`, `SO_REUSEPORT` (so each poller gets
+/// its own accept queue), non-blocking, backlog 1024.
+///
+/// ```no_run
+/// let listener = hop::bind("127.0.0.1:3000".parse().unwrap())?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    #[cfg(unix)]
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Serves `app` on `listener` with the default settings: the counterpart of `axum::serve`.
+///
+/// `.await` it under any runtime, or call [`Serve::run`] to block without one.
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+///
+/// #[tokio::main]
+/// async fn main() -> std::io::Result<()> {
+///     let app = Router::new().route("/", get(|| async { "Hello, World!" }));
+///     let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
+///     hop::serve(listener, app).await
+/// }
+/// ```
+pub fn serve<L, A, M>(listener: L, app: A) -> Serve<A, M>
+where
+    L: IntoStdListener,
+    A: IntoConnService<M>,
+{
+    Builder::default().serve(listener, app)
+}
+
+/// A server ready to run: `.await` it, or [`run`](Serve::run) it.
+#[must_use = "a server does nothing until it is awaited or run"]
+pub struct Serve<A, M> {
+    cfg: Config,
+    listener: io::Result<std::net::TcpListener>,
+    app: A,
+    ctl: Arc<Control>,
+    _marker: PhantomData<fn() -> M>,
+}
+
+impl<A, M> fmt::Debug for Serve<A, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl<A, M> Serve<A, M>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+{
+    /// Stops accepting when `signal` completes, lets in-flight requests finish, closes idle
+    /// connections, and force-closes what is left after the drain timeout.
+    pub fn with_graceful_shutdown<F>(self, signal: F) -> WithGracefulShutdown<A, M, F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        WithGracefulShutdown {
+            serve: self,
+            signal,
+        }
+    }
+
+    /// A handle that reads the counters and can stop the server.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            ctl: self.ctl.clone(),
+            drain_timeout: self.cfg.drain_timeout,
+        }
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.listener {
+            Ok(l) => l.local_addr(),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+
+    /// Runs the server on this thread until it stops; needs no runtime. Handlers' tokio calls
+    /// use a background runtime with `compat_workers` threads.
+    pub fn run(self) -> io::Result<()> {
+        run_blocking(self.cfg.compat_workers, self.into_future())
+    }
+}
+
+impl<A, M> IntoFuture for Serve<A, M>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+{
+    type Output = io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(serve_until(self, std::future::pending()))
+    }
+}
+
+/// A server with a graceful-shutdown signal; see [`Serve::with_graceful_shutdown`].
+#[must_use = "a server does nothing until it is awaited or run"]
+pub struct WithGracefulShutdown<A, M, F> {
+    serve: Serve<A, M>,
+    signal: F,
+}
+
+impl<A, M, F> fmt::Debug for WithGracefulShutdown<A, M, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithGracefulShutdown").finish_non_exhaustive()
+    }
+}
+
+impl<A, M, F> WithGracefulShutdown<A, M, F>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    /// A handle that reads the counters and can stop the server.
+    pub fn handle(&self) -> Handle {
+        self.serve.handle()
+    }
+
+    /// Runs the server on this thread until it stops; needs no runtime.
+    pub fn run(self) -> io::Result<()> {
+        run_blocking(self.serve.cfg.compat_workers, self.into_future())
+    }
+}
+
+impl<A, M, F> IntoFuture for WithGracefulShutdown<A, M, F>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    type Output = io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(serve_until(self.serve, self.signal))
+    }
+}
+
+fn run_blocking(
+    workers: usize,
+    fut: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
+) -> io::Result<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(io::Error::other(
+            "Serve::run blocks: call it outside a tokio runtime, or .await the server instead",
+        ));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("hop-compat")
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
+/// Stops the backend at once if the serve future is dropped before it finished.
+struct AbortOnDrop(Arc<Control>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown(Instant::now());
+    }
+}
+
+async fn serve_until<A, M, F>(serve: Serve<A, M>, signal: F) -> io::Result<()>
+where
+    A: IntoConnService<M>,
+    M: 'static,
+    F: Future<Output = ()> + Send,
+{
+    let Serve {
+        cfg,
+        listener,
+        app,
+        ctl,
+        ..
+    } = serve;
+    let listener = listener?;
+    let backend = cfg.backend.or_else(Backend::from_env).unwrap_or(Backend::Reactor);
+    let drain_timeout = cfg.drain_timeout;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let _abort = AbortOnDrop(ctl.clone());
+    // Keeps a runtime we had to start alive until the server is done.
+    let mut own_runtime = None;
+    match backend {
+        Backend::Reactor => {
+            let handle = match tokio::runtime::Handle::try_current() {
+                Ok(h) => h,
+                Err(_) => {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(cfg.compat_workers)
+                        .thread_name("hop-compat")
+                        .enable_all()
+                        .build()?;
+                    let h = rt.handle().clone();
+                    own_runtime = Some(rt);
+                    h
+                }
+            };
+            crate::reactor::start(&cfg, listener, app, ctl.clone(), handle, done_tx)?;
+        }
+        Backend::Tokio => {
+            #[cfg(feature = "tokio-baseline")]
+            crate::baseline::start(&cfg, listener, app, ctl.clone(), done_tx)?;
+            #[cfg(not(feature = "tokio-baseline"))]
+            {
+                drop((listener, app, done_tx));
+                return Err(io::Error::other(
+                    "the tokio backend needs hop's `tokio-baseline` feature",
+                ));
+            }
+        }
+    }
+    tracing::info!(%backend, addr = ?ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()), "hop serving");
+    let mut done_rx = done_rx;
+    tokio::select! {
+        _ = signal => {
+            tracing::info!("shutdown signal received; draining for up to {drain_timeout:?}");
+            ctl.shutdown(Instant::now() + drain_timeout);
+            let _ = (&mut done_rx).await;
+        }
+        _ = &mut done_rx => {}
+    }
+    let stats = ctl.stats();
+    tracing::info!(
+        drained = stats.drained,
+        forced = stats.forced,
+        "hop stopped"
+    );
+    if let Some(rt) = own_runtime {
+        rt.shutdown_background();
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! What `serve` accepts, and the one service wrapper both backends hand to hyper.
+//!
+//! [`IntoConnService`] turns whatever the user passes to [`serve`](crate::serve) (an axum
+//! `Router`, an `IntoMakeService`, an `IntoMakeServiceWithConnectInfo`, any tower
+//! `Service<Request<Incoming>>`, or a hyper `service_fn`) into one per-connection tower
+//! service. [`HyperSvc`] adapts that tower service to hyper's `Service` trait, catches a
+//! panicking handler (a `500` with `connection: close`, so only that connection ends), and
+//! wraps the response body in [`HopBody`], which turns a panic while streaming the body into a
+//! body error (hyper then closes the connection).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::util::Oneshot;
+use tower::ServiceExt;
+use tower_service::Service;
+
+/// The error type boxed errors are converted into.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The connection a make-service is asked to build a service for.
+///
+/// This is hop's counterpart of `axum::serve::IncomingStream`: axum's
+/// `IntoMakeServiceWithConnectInfo<_, SocketAddr>` works with it, so the `ConnectInfo`
+/// extractor sees the peer address.
+#[derive(Debug, Clone, Copy)]
+pub struct IncomingStream<'a> {
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) remote_addr: SocketAddr,
+    pub(crate) _p: PhantomData<&'a ()>,
+}
+
+impl IncomingStream<'_> {
+    pub(crate) fn new(local_addr: SocketAddr, remote_addr: SocketAddr) -> Self {
+        Self {
+            local_addr,
+            remote_addr,
+            _p: PhantomData,
+        }
+    }
+
+    /// The address the connection was accepted on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote_addr
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::extract::connect_info::Connected<IncomingStream<'_>> for SocketAddr {
+    fn connect_info(stream: IncomingStream<'_>) -> Self {
+        stream.remote_addr
+    }
+}
+
+/// Markers that let [`IntoConnService`] have one impl per kind of app without overlap.
+pub mod marker {
+    /// A tower `Service<Request<Incoming>>`, e.g. an axum `Router`.
+    #[derive(Debug)]
+    pub enum RequestService {}
+    /// A make-service: `Service<IncomingStream>` returning a request service, e.g.
+    /// `Router::into_make_service_with_connect_info::<SocketAddr>()`.
+    #[derive(Debug)]
+    pub enum MakeService {}
+    /// A hyper `Service`, e.g. `hyper::service::service_fn(..)`.
+    #[derive(Debug)]
+    pub enum HyperService {}
+}
+
+/// A per-connection request service as hop serves it: a tower
+/// `Service<Request<Incoming>, Response = Response<B>> + Clone + Send` whose body yields `Bytes`.
+///
+/// Implemented for every such service; you never implement it yourself.
+pub trait ConnService:
+    Service<
+        Request<Incoming>,
+        Response = Response<Self::ResBody>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The response body.
+    type ResBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> ConnService for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type ResBody = B;
+}
+
+/// Anything [`serve`](crate::serve) can serve: it builds one request service per connection.
+///
+/// You do not implement this trait; it is implemented for
+/// - tower services `Service<Request<Incoming>, Response = Response<B>> + Clone`
+///   (an axum `Router`, a `tower::ServiceBuilder` stack, ...);
+/// - make-services `Service<IncomingStream<'_>, Response = S, Error = Infallible> + Clone`
+///   (axum's `IntoMakeService` and `IntoMakeServiceWithConnectInfo<_, SocketAddr>`) whose
+///   future is ready at once, as axum's are;
+/// - hyper services `hyper::service::Service<Request<Incoming>> + Clone`
+///   (`hyper::service::service_fn(..)`).
+///
+/// The `M` parameter is a [`marker`] chosen by type inference.
+pub trait IntoConnService<M>: Clone + Send + 'static {
+    /// The per-connection service.
+    type Service: ConnService;
+
+    /// Builds the service for one connection; `None` if the make-service was not ready at once.
+    fn make(&mut self, stream: IncomingStream<'_>) -> Option<Self::Service>;
+}
+
+impl<S> IntoConnService<marker::RequestService> for S
+where
+    S: ConnService,
+{
+    type Service = S;
+
+    fn make(&mut self, _stream: IncomingStream<'_>) -> Option<S> {
+        Some(self.clone())
+    }
+}
+
+impl<M, S> IntoConnService<marker::MakeService> for M
+where
+    M: for<'a> Service<IncomingStream<'a>, Response = S, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S: ConnService,
+{
+    type Service = S;
+
+    fn make(&mut self, stream: IncomingStream<'_>) -> Option<S> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => return None,
+        }
+        let mut fut = std::pin::pin!(self.call(stream));
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(svc)) => Some(svc),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => None,
+        }
+    }
+}
+
+/// A tower view of a hyper `Service` (what `hyper::service::service_fn` builds).
+#[derive(Debug, Clone)]
+pub struct FromHyper<S>(pub S);
+
+impl<S, R> Service<R> for FromHyper<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        hyper::service::Service::call(&self.0, req)
+    }
+}
+
+impl<S, B> IntoConnService<marker::HyperService> for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Service = FromHyper<S>;
+
+    fn make(&mut self, _stream: IncomingStream<'_>) -> Option<FromHyper<S>> {
+        Some(FromHyper(self.clone()))
+    }
+}
+
+/// The hyper service both backends serve: a tower service, with panics caught.
+#[derive(Debug, Clone)]
+pub(crate) struct HyperSvc<S> {
+    inner: S,
+}
+
+impl<S> HyperSvc<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for HyperSvc<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<HopBody<B>>;
+    type Error = BoxError;
+    type Future = CatchPanic<Oneshot<S, Request<Incoming>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        crate::timer::note_request();
+        CatchPanic {
+            inner: self.inner.clone().oneshot(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future; a panic in it becomes a `500` that closes the connection.
+    pub(crate) struct CatchPanic<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for CatchPanic<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<HopBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(res))) => Poll::Ready(Ok(res.map(|body| HopBody::Inner { body }))),
+            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
+            Err(panic) => {
+                tracing::error!(panic = panic_message(&panic), "handler panicked; answering 500 and closing the connection");
+                let mut res = Response::new(HopBody::Empty);
+                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                res.headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                Poll::Ready(Ok(res))
+            }
+        }
+    }
+}
+
+/// The text of a caught panic, for the log.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(non-string panic payload)"
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body: the handler's, or the empty body of a `500` after a panic.
+    ///
+    /// A panic while the handler's body is polled becomes a body error, so hyper closes the
+    /// connection instead of the panic unwinding through the event loop.
+    #[project = HopBodyProj]
+    #[allow(missing_docs)]
+    pub enum HopBody<B> {
+        /// The handler's body.
+        Inner { #[pin] body: B },
+        /// No body.
+        Empty,
+    }
+}
+
+impl<B> Body for HopBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            HopBodyProj::Inner { body } => {
+                match catch_unwind(AssertUnwindSafe(|| body.poll_frame(cx))) {
+                    Ok(p) => p.map(|f| f.map(|r| r.map_err(Into::into))),
+                    Err(panic) => {
+                        tracing::error!(
+                            panic = panic_message(&panic),
+                            "response body panicked; closing the connection"
+                        );
+                        Poll::Ready(Some(Err("response body panicked".into())))
+                    }
+                }
+            }
+            HopBodyProj::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            HopBody::Inner { body } => body.is_end_stream(),
+            HopBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            HopBody::Inner { body } => body.size_hint(),
+            HopBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

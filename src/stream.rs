@@ -1,0 +1,275 @@
+//! The socket type hyper reads and writes: `hyper::rt::Read`/`Write` straight on a
+//! non-blocking `mio::net::TcpStream`.
+//!
+//! The socket itself lives in a [`Socket`], shared (by `Arc`) between the poller's slab and the
+//! [`HopStream`] handed to hyper, so the poller keeps the socket when it drops hyper's state
+//! (idle parking) and still owns the registration after an upgrade hands the stream to another
+//! task.
+//!
+//! Two ways of being polled:
+//! - by the poller itself (the task's waker is the connection's own): readiness is tracked in
+//!   two flags, set by poller events and cleared on `WouldBlock`, so hyper's speculative read
+//!   after each response costs no system call;
+//! - by any other task (an upgraded connection driven by a tokio task): the task's waker is
+//!   stored, the operation is retried once after storing it (so no readiness edge is lost), and
+//!   the poller wakes the stored waker on the next event.
+
+use std::io::{self, IoSlice, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use hyper::rt::ReadBufCursor;
+
+use crate::wake::Key;
+
+/// A connection's socket and readiness, shared by the slab and the stream.
+#[derive(Debug)]
+pub struct Socket {
+    pub(crate) io: mio::net::TcpStream,
+    readable: AtomicBool,
+    writable: AtomicBool,
+    read_waker: Mutex<Option<Waker>>,
+    write_waker: Mutex<Option<Waker>>,
+}
+
+impl Socket {
+    pub(crate) fn new(io: mio::net::TcpStream) -> Self {
+        Socket {
+            io,
+            readable: AtomicBool::new(false),
+            writable: AtomicBool::new(true),
+            read_waker: Mutex::new(None),
+            write_waker: Mutex::new(None),
+        }
+    }
+
+    /// Records a readiness event and wakes a foreign task waiting on it.
+    pub(crate) fn on_event(&self, readable: bool, writable: bool) {
+        if readable {
+            self.readable.store(true, Ordering::Relaxed);
+            take_and_wake(&self.read_waker);
+        }
+        if writable {
+            self.writable.store(true, Ordering::Relaxed);
+            take_and_wake(&self.write_waker);
+        }
+    }
+
+    /// The last read did not end in `WouldBlock` (or an event said bytes arrived since).
+    pub(crate) fn maybe_readable(&self) -> bool {
+        self.readable.load(Ordering::Relaxed)
+    }
+
+    /// No write is waiting for the socket to drain.
+    pub(crate) fn write_idle(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
+    }
+
+    /// Wakes any foreign task (on shutdown or close) so it observes the socket's state.
+    pub(crate) fn wake_all(&self) {
+        take_and_wake(&self.read_waker);
+        take_and_wake(&self.write_waker);
+    }
+}
+
+fn take_and_wake(slot: &Mutex<Option<Waker>>) {
+    let w = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+fn store_waker(slot: &Mutex<Option<Waker>>, cx: &Context<'_>) {
+    let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match &*s {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *s = Some(cx.waker().clone()),
+    }
+}
+
+/// The stream hyper serves a connection over.
+///
+/// It is `Send`, so hyper upgrades work; after an upgrade it can be recovered with
+/// `hyper::upgrade::Upgraded::downcast::<HopStream>()`.
+#[derive(Debug)]
+pub struct HopStream {
+    socket: Arc<Socket>,
+    /// Bytes read before this stream existed, returned first.
+    prefix: Option<Bytes>,
+    /// The owning connection's waker: polls with it are the poller's own.
+    own: Waker,
+    /// Wake the owner when dropped (off when the owner itself drops the stream).
+    wake_on_drop: bool,
+}
+
+impl HopStream {
+    pub(crate) fn new(socket: Arc<Socket>, key: Key, prefix: Option<Bytes>) -> Self {
+        HopStream {
+            socket,
+            prefix: prefix.filter(|p| !p.is_empty()),
+            own: key.waker(),
+            wake_on_drop: true,
+        }
+    }
+
+    /// Drops without waking the owner: the owner is the one dropping it.
+    pub(crate) fn quiet(&mut self) {
+        self.wake_on_drop = false;
+    }
+
+    /// The shared socket.
+    pub fn socket(&self) -> &Arc<Socket> {
+        &self.socket
+    }
+
+    fn local(&self, cx: &Context<'_>) -> bool {
+        cx.waker().will_wake(&self.own)
+    }
+
+    fn read_into(&self, buf: &mut ReadBufCursor<'_>) -> io::Result<usize> {
+        // SAFETY: `read(2)` writes at most `len` initialized bytes into the cursor's unfilled
+        // part and never reads it; `advance` is called with exactly the count it wrote.
+        unsafe {
+            let dst = buf.as_mut();
+            let n = libc::read(
+                self.socket.io.as_raw_fd(),
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+            );
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            buf.advance(n);
+            Ok(n)
+        }
+    }
+}
+
+impl Drop for HopStream {
+    fn drop(&mut self) {
+        // Let the poller re-check the connection: after an upgrade this is how it learns that
+        // the last user of the socket is gone.
+        if self.wake_on_drop {
+            self.own.wake_by_ref();
+        }
+    }
+}
+
+impl hyper::rt::Read for HopStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(prefix) = &mut self.prefix {
+            // SAFETY: only initialized bytes are written into the cursor, and `advance` counts
+            // exactly them.
+            let n = unsafe {
+                let dst = buf.as_mut();
+                let n = prefix.len().min(dst.len());
+                std::ptr::copy_nonoverlapping(prefix.as_ptr(), dst.as_mut_ptr().cast(), n);
+                buf.advance(n);
+                n
+            };
+            prefix.advance(n);
+            if prefix.is_empty() {
+                self.prefix = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let local = self.local(cx);
+        let mut retried = false;
+        loop {
+            if local && !self.socket.readable.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            match self.read_into(&mut buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if local {
+                        self.socket.readable.store(false, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                    if retried {
+                        return Poll::Pending;
+                    }
+                    store_waker(&self.socket.read_waker, cx);
+                    retried = true;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl HopStream {
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let local = self.local(cx);
+        let mut retried = false;
+        loop {
+            if local && !self.socket.writable.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            match op(&self.socket.io) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if local {
+                        self.socket.writable.store(false, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                    if retried {
+                        return Poll::Pending;
+                    }
+                    store_waker(&self.socket.write_waker, cx);
+                    retried = true;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl hyper::rt::Write for HopStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |mut io| io.write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |mut io| io.write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.socket.io.shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Wakers that name a connection: (poller, slot, generation) packed into the waker's data word.
+//!
+//! A [`Key`] is a `u64`; the waker built from it carries no allocation and no reference count,
+//! so cloning and dropping it are free. Waking it from the poller's own thread pushes the key on
+//! that thread's local ready queue; waking it from any other thread pushes it on the poller's
+//! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
+//! checks the generation, so a late wake for a slot that has been reused is ignored.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{RawWaker, RawWakerVTable, Waker};
+
+/// A connection's identity: poller id (16 bits), generation (16 bits), slab slot (32 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Key(u64);
+
+impl Key {
+    pub(crate) fn new(poller: u16, slot: usize, generation: u16) -> Self {
+        debug_assert!(slot <= u32::MAX as usize);
+        Key(((poller as u64) << 48) | ((generation as u64) << 32) | slot as u64)
+    }
+
+    pub(crate) fn poller(self) -> u16 {
+        (self.0 >> 48) as u16
+    }
+
+    pub(crate) fn generation(self) -> u16 {
+        (self.0 >> 32) as u16
+    }
+
+    pub(crate) fn slot(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+
+    /// The waker that schedules this connection on its poller.
+    pub(crate) fn waker(self) -> Waker {
+        // SAFETY: the data word is a plain integer, never dereferenced; every vtable function
+        // treats it as a `Key`, and none of them owns a resource, so any copy is valid.
+        unsafe { Waker::from_raw(raw(self)) }
+    }
+}
+
+fn raw(key: Key) -> RawWaker {
+    RawWaker::new(key.0 as usize as *const (), &VTABLE)
+}
+
+static VTABLE: RawWakerVTable = RawWakerVTable::new(
+    |data| raw(Key(data as usize as u64)),
+    |data| wake(Key(data as usize as u64)),
+    |data| wake(Key(data as usize as u64)),
+    |_| {},
+);
+
+const _: () = assert!(
+    std::mem::size_of::<usize>() == 8,
+    "hop's wakers pack a 64-bit key into a pointer"
+);
+
+/// The half of a poller that other threads can reach.
+pub(crate) struct Remote {
+    queue: Mutex<Vec<Key>>,
+    notified: AtomicBool,
+    waker: mio::Waker,
+}
+
+impl Remote {
+    pub(crate) fn new(waker: mio::Waker) -> Self {
+        Remote {
+            queue: Mutex::new(Vec::new()),
+            notified: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// Queues `key` and wakes the poller unless a wake is already on its way.
+    pub(crate) fn push(&self, key: Key) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        self.notify();
+    }
+
+    /// Wakes the poller's `mio::Poll` (for shutdown, or after a push).
+    pub(crate) fn notify(&self) {
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!(error = %e, "could not wake a poller");
+            }
+        }
+    }
+
+    /// Moves every queued key into `into`; called by the poller on its waker token.
+    pub(crate) fn drain(&self, into: &mut Vec<Key>) {
+        self.notified.store(false, Ordering::Release);
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        into.append(&mut q);
+    }
+}
+
+/// Every live poller's remote half, indexed by poller id.
+static REGISTRY: RwLock<Vec<Option<Arc<Remote>>>> = RwLock::new(Vec::new());
+
+/// Registers a poller and returns its id (ids of stopped pollers are reused).
+pub(crate) fn register(remote: Arc<Remote>) -> u16 {
+    let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+    let id = match reg.iter().position(Option::is_none) {
+        Some(i) => {
+            reg[i] = Some(remote);
+            i
+        }
+        None => {
+            reg.push(Some(remote));
+            reg.len() - 1
+        }
+    };
+    assert!(id < u16::MAX as usize, "too many pollers");
+    id as u16
+}
+
+/// Removes a stopped poller; later wakes for its keys are dropped.
+pub(crate) fn unregister(id: u16) {
+    let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+    reg[id as usize] = None;
+}
+
+thread_local! {
+    /// The id of the poller running on this thread, if any.
+    static POLLER: Cell<Option<u16>> = const { Cell::new(None) };
+    /// Keys woken on this thread for this thread's poller.
+    static READY: RefCell<Vec<Key>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Marks the current thread as poller `id`'s thread.
+pub(crate) fn enter_poller(id: u16) {
+    POLLER.with(|p| p.set(Some(id)));
+}
+
+/// The id of the poller running on this thread.
+pub(crate) fn current_poller() -> Option<u16> {
+    POLLER.with(Cell::get)
+}
+
+/// Moves this thread's locally woken keys into `into`.
+pub(crate) fn take_local(into: &mut Vec<Key>) {
+    READY.with(|r| into.append(&mut r.borrow_mut()));
+}
+
+/// Queues `key` on this thread's local ready queue (the caller is its poller).
+pub(crate) fn push_local(key: Key) {
+    READY.with(|r| r.borrow_mut().push(key));
+}
+
+fn wake(key: Key) {
+    if current_poller() == Some(key.poller()) {
+        push_local(key);
+        return;
+    }
+    let reg = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(Some(remote)) = reg.get(key.poller() as usize) {
+        remote.push(key);
+    }
+}
