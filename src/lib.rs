@@ -47,5 +47,7 @@ pub use server::{
     bind, serve, Backend, Builder, Handle, IntoStdListener, Serve, Server, Stats,
     WithGracefulShutdown,
 };
-pub use service::{marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService};
+pub use service::{
+    marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService,
+};
 pub use stream::{HopStream, Socket};

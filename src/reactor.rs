@@ -48,7 +48,11 @@ impl Drop for LatchGuard {
 }
 
 /// One listener per poller: `SO_REUSEPORT` siblings when possible, duplicates otherwise.
-fn listeners(listener: std::net::TcpListener, n: usize, backlog: i32) -> io::Result<Vec<std::net::TcpListener>> {
+fn listeners(
+    listener: std::net::TcpListener,
+    n: usize,
+    backlog: i32,
+) -> io::Result<Vec<std::net::TcpListener>> {
     listener.set_nonblocking(true)?;
     let sock = socket2::SockRef::from(&listener);
     // Re-listening adjusts the backlog of a listening socket.
@@ -75,7 +79,11 @@ fn listeners(listener: std::net::TcpListener, n: usize, backlog: i32) -> io::Res
 }
 
 fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
@@ -200,9 +208,11 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
                     Token(slot) => {
                         if let Some(c) = self.conns.get(slot) {
                             let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                            let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                            c.socket.on_event(readable, writable);
-                            ready.push(c.key);
+                            let writable =
+                                ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            if c.socket.on_event(readable, writable) {
+                                ready.push(c.key);
+                            }
                         }
                     }
                 }
@@ -224,7 +234,11 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
                 if self.conns.is_empty() {
                     break;
                 }
-                if self.ctl.drain_deadline().is_some_and(|d| Instant::now() >= d) {
+                if self
+                    .ctl
+                    .drain_deadline()
+                    .is_some_and(|d| Instant::now() >= d)
+                {
                     self.force_close();
                     break;
                 }
@@ -252,7 +266,9 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
 
     fn accept(&mut self, now: Instant, ready: &mut Vec<Key>) {
         loop {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer, now, ready),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -268,7 +284,13 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
         }
     }
 
-    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr, now: Instant, ready: &mut Vec<Key>) {
+    fn admit(
+        &mut self,
+        mut stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+        ready: &mut Vec<Key>,
+    ) {
         if !self.ctl.admit(self.max_connections) {
             tracing::debug!(%peer, "max_connections reached; closing");
             return;
@@ -295,11 +317,11 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
         }
         self.generations[slot] = self.generations[slot].wrapping_add(1);
         let key = Key::new(self.id, slot, self.generations[slot]);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, Token(slot), Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             tracing::error!(error = %e, "could not register a connection");
             self.ctl.release(false);
             return;
@@ -311,7 +333,9 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
 
     fn drive(&mut self, key: Key, now: Instant) {
         let slot = key.slot();
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         if conn.key != key {
             return;
         }
@@ -325,7 +349,10 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
         if Arc::strong_count(&conn.socket) > 1 {
             // Someone else (an upgrade) still holds the socket: cut it off from this poller.
             let fd = conn.socket.io.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut mio::unix::SourceFd(&fd));
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut mio::unix::SourceFd(&fd));
             let _ = conn.socket.io.shutdown(std::net::Shutdown::Both);
             conn.socket.wake_all();
         }

@@ -35,7 +35,9 @@ impl FromStr for Backend {
         match s.trim().to_ascii_lowercase().as_str() {
             "reactor" | "hop" | "mio" => Ok(Backend::Reactor),
             "tokio" | "baseline" => Ok(Backend::Tokio),
-            other => Err(format!("unknown backend {other:?} (expected reactor or tokio)")),
+            other => Err(format!(
+                "unknown backend {other:?} (expected reactor or tokio)"
+            )),
         }
     }
 }
@@ -103,7 +105,10 @@ impl Default for Config {
 
 impl Config {
     /// The hyper `http1` builder both backends start from.
-    pub(crate) fn http1(&self, header_read_timeout: Option<Duration>) -> hyper::server::conn::http1::Builder {
+    pub(crate) fn http1(
+        &self,
+        header_read_timeout: Option<Duration>,
+    ) -> hyper::server::conn::http1::Builder {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.pipeline_flush(self.pipeline_flush)
             .header_read_timeout(header_read_timeout);
@@ -153,19 +158,30 @@ impl Control {
     }
 
     pub(crate) fn drain_deadline(&self) -> Option<Instant> {
-        *self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Starts a graceful shutdown that ends at `deadline` (an earlier deadline wins).
     pub(crate) fn shutdown(&self, deadline: Instant) {
         {
-            let mut d = self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = self
+                .drain_deadline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if d.is_none_or(|old| deadline < old) {
                 *d = Some(deadline);
             }
         }
         self.draining.store(true, Ordering::Release);
-        for f in self.on_shutdown.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for f in self
+            .on_shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             f();
         }
     }
@@ -232,7 +248,9 @@ pub struct Handle {
 
 impl fmt::Debug for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handle").field("stats", &self.stats()).finish()
+        f.debug_struct("Handle")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -249,7 +267,11 @@ impl Handle {
 
     /// The address the server listens on (once it has started).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        *self.ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .ctl
+            .local_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -538,7 +560,8 @@ pub struct WithGracefulShutdown<A, M, F> {
 
 impl<A, M, F> fmt::Debug for WithGracefulShutdown<A, M, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WithGracefulShutdown").finish_non_exhaustive()
+        f.debug_struct("WithGracefulShutdown")
+            .finish_non_exhaustive()
     }
 }
 
@@ -613,7 +636,10 @@ where
         ..
     } = serve;
     let listener = listener?;
-    let backend = cfg.backend.or_else(Backend::from_env).unwrap_or(Backend::Reactor);
+    let backend = cfg
+        .backend
+        .or_else(Backend::from_env)
+        .unwrap_or(Backend::Reactor);
     let drain_timeout = cfg.drain_timeout;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let _abort = AbortOnDrop(ctl.clone());

@@ -189,10 +189,7 @@ where
 
 impl<S, B> IntoConnService<marker::HyperService> for S
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -262,11 +259,16 @@ where
             Ok(Poll::Ready(Ok(res))) => Poll::Ready(Ok(res.map(|body| HopBody::Inner { body }))),
             Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
             Err(panic) => {
-                tracing::error!(panic = panic_message(&panic), "handler panicked; answering 500 and closing the connection");
+                tracing::error!(
+                    panic = panic_message(&panic),
+                    "handler panicked; answering 500 and closing the connection"
+                );
                 let mut res = Response::new(HopBody::Empty);
                 *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                res.headers_mut()
-                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
                 Poll::Ready(Ok(res))
             }
         }

@@ -48,16 +48,21 @@ impl Socket {
         }
     }
 
-    /// Records a readiness event and wakes a foreign task waiting on it.
-    pub(crate) fn on_event(&self, readable: bool, writable: bool) {
+    /// Records a readiness event and wakes a foreign task waiting on it. Returns whether the
+    /// connection should be driven: on readability, or on writability that a write waited for
+    /// (the send buffer draining after every response is not worth a poll).
+    pub(crate) fn on_event(&self, readable: bool, writable: bool) -> bool {
+        let mut drive = false;
         if readable {
             self.readable.store(true, Ordering::Relaxed);
             take_and_wake(&self.read_waker);
+            drive = true;
         }
         if writable {
-            self.writable.store(true, Ordering::Relaxed);
+            drive |= !self.writable.swap(true, Ordering::Relaxed);
             take_and_wake(&self.write_waker);
         }
+        drive
     }
 
     /// The last read did not end in `WouldBlock` (or an event said bytes arrived since).
@@ -136,16 +141,18 @@ impl HopStream {
         // part and never reads it; `advance` is called with exactly the count it wrote.
         unsafe {
             let dst = buf.as_mut();
-            let n = libc::read(
-                self.socket.io.as_raw_fd(),
-                dst.as_mut_ptr().cast(),
-                dst.len(),
-            );
+            let len = dst.len();
+            let n = libc::recv(self.socket.io.as_raw_fd(), dst.as_mut_ptr().cast(), len, 0);
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
             let n = n as usize;
             buf.advance(n);
+            if n > 0 && n < len {
+                // A short read drained the socket: the next read would be `WouldBlock`, and the
+                // next arrival raises a new edge. (What tokio does too.)
+                self.socket.readable.store(false, Ordering::Relaxed);
+            }
             Ok(n)
         }
     }
@@ -213,6 +220,7 @@ impl HopStream {
     fn poll_write_with(
         &self,
         cx: &mut Context<'_>,
+        len: usize,
         mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         let local = self.local(cx);
@@ -222,7 +230,13 @@ impl HopStream {
                 return Poll::Pending;
             }
             match op(&self.socket.io) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    if local && n > 0 && n < len {
+                        // A short write filled the send buffer; wait for the next edge.
+                        self.socket.writable.store(false, Ordering::Relaxed);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if local {
@@ -247,7 +261,7 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |mut io| io.write(buf))
+        self.poll_write_with(cx, buf.len(), |mut io| io.write(buf))
     }
 
     fn poll_write_vectored(
@@ -255,7 +269,8 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |mut io| io.write_vectored(bufs))
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.poll_write_with(cx, len, |mut io| io.write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

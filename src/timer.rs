@@ -194,9 +194,7 @@ impl Future for HopSleep {
             }
             _ => this
                 .fallback
-                .get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(this.deadline.into()))
-                })
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(this.deadline.into())))
                 .as_mut()
                 .poll(cx),
         }

@@ -75,7 +75,10 @@ impl Remote {
 
     /// Queues `key` and wakes the poller unless a wake is already on its way.
     pub(crate) fn push(&self, key: Key) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key);
         self.notify();
     }
 
