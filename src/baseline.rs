@@ -15,8 +15,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+use crate::app::{App, NewConn};
 use crate::server::{Config, Control};
-use crate::service::{HyperSvc, IncomingStream, IntoConnService};
+use crate::service::{HyperSvc, IncomingStream};
+use crate::tcp::ConnCore;
 
 /// Releases a connection's slot however its task ends (finished, or aborted at the deadline).
 struct ConnGuard {
@@ -31,22 +33,20 @@ impl Drop for ConnGuard {
 }
 
 /// Starts the baseline on its own runtime thread; `done` fires when it has stopped.
-pub(crate) fn start<A, M>(
+pub(crate) fn start<P: App>(
     cfg: &Config,
     listener: std::net::TcpListener,
-    app: A,
+    app: P,
     ctl: Arc<Control>,
     done: oneshot::Sender<()>,
-) -> io::Result<()>
-where
-    A: IntoConnService<M>,
-    M: 'static,
-{
+) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let _ = socket2::SockRef::from(&listener).listen(cfg.backlog);
+    let tcp = Arc::new(cfg.tcp.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.pollers)
         .thread_name("hop-tokio")
+        .on_thread_start(move || crate::hijack::set_thread_config(tcp.clone()))
         .enable_all()
         .build()?;
     let header_timeout = match (cfg.header_read_timeout, cfg.idle_timeout) {
@@ -69,16 +69,14 @@ where
     Ok(())
 }
 
-async fn accept_loop<A, M>(
+async fn accept_loop<P: App>(
     cfg: Config,
     listener: std::net::TcpListener,
-    mut app: A,
+    mut app: P,
     ctl: Arc<Control>,
     http1: Arc<hyper::server::conn::http1::Builder>,
-) -> io::Result<()>
-where
-    A: IntoConnService<M>,
-{
+) -> io::Result<()> {
+    let tcp = Arc::new(cfg.tcp.clone());
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local_addr = listener.local_addr()?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -112,9 +110,22 @@ where
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
                 }
                 let local = stream.local_addr().unwrap_or(local_addr);
-                let Some(svc) = app.make(IncomingStream::new(local, peer)) else {
-                    tracing::error!(%peer, "the make-service was not ready; closing");
-                    continue;
+                let svc = match app.accept(IncomingStream::new(local, peer)) {
+                    Some(NewConn::Http(svc)) => svc,
+                    Some(NewConn::Tcp(handler)) => {
+                        let conn = crate::tcp::Conn::new(peer, local, &tcp);
+                        let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
+                        let drain = drain_rx.clone();
+                        tasks.spawn(async move {
+                            let _guard = guard;
+                            crate::tcp::run_task(core, stream, drain).await;
+                        });
+                        continue;
+                    }
+                    None => {
+                        tracing::error!(%peer, "the make-service was not ready; closing");
+                        continue;
+                    }
                 };
                 let http1 = http1.clone();
                 let mut drain = drain_rx.clone();

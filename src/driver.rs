@@ -50,10 +50,11 @@ enum State<S: ConnService> {
 }
 
 /// What the poller should do with a connection after driving it.
-#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Keep,
     Close,
+    /// A handler hijacked the connection: it becomes a read-handler connection.
+    Hijacked(crate::hijack::Taken),
 }
 
 /// One connection in a poller's slab.
@@ -76,11 +77,6 @@ impl<S: ConnService> Conn<S> {
             no_park_at: None,
             idle_since: None,
         }
-    }
-
-    /// Whether hyper (or an upgrade) is working on this connection.
-    pub(crate) fn is_busy(&self) -> bool {
-        matches!(self.state, State::Active(_) | State::Upgraded)
     }
 
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
@@ -136,6 +132,14 @@ impl<S: ConnService> Conn<S> {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                             self.set_done();
+                            match crate::hijack::claim(self.key) {
+                                Some(Ok(taken)) => return Verdict::Hijacked(taken),
+                                Some(Err(e)) => {
+                                    tracing::warn!("hijack failed: {e}; closing");
+                                    return Verdict::Close;
+                                }
+                                None => {}
+                            }
                             if Arc::strong_count(&self.socket) > 1 {
                                 // The stream went to an upgrade; it lives on elsewhere.
                                 self.state = State::Upgraded;

@@ -33,18 +33,22 @@
 
 #![warn(missing_docs)]
 
+mod app;
 #[cfg(feature = "tokio-baseline")]
 mod baseline;
 mod driver;
+mod hijack;
 mod reactor;
 mod server;
 mod service;
 mod stream;
+pub mod tcp;
 mod timer;
 mod wake;
 
+pub use hijack::{Hijack, HijackRejection};
 pub use server::{
-    bind, serve, Backend, Builder, Handle, IntoStdListener, Serve, Server, Stats,
+    bind, serve, serve_tcp, Backend, Builder, Handle, IntoStdListener, Serve, Server, Stats,
     WithGracefulShutdown,
 };
 pub use service::{

@@ -19,10 +19,12 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::app::{App, NewConn};
 use crate::driver::{Conn, DriverConfig, Verdict};
 use crate::server::{Config, Control};
-use crate::service::{IncomingStream, IntoConnService};
+use crate::service::{ConnService, IncomingStream};
 use crate::stream::Socket;
+use crate::tcp::{ConnCore, LoopConn, TcpConfig};
 use crate::timer::{self, HopTimer};
 use crate::wake::{self, Key, Remote};
 
@@ -92,19 +94,37 @@ fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> 
     Ok(s.into())
 }
 
+/// A slab entry: an HTTP connection or a read-handler connection.
+enum Entry<S: ConnService> {
+    Http(Conn<S>),
+    Tcp(LoopConn),
+}
+
+impl<S: ConnService> Entry<S> {
+    fn socket(&self) -> &Arc<Socket> {
+        match self {
+            Entry::Http(c) => &c.socket,
+            Entry::Tcp(c) => &c.socket,
+        }
+    }
+
+    fn key(&self) -> Key {
+        match self {
+            Entry::Http(c) => c.key,
+            Entry::Tcp(c) => c.key,
+        }
+    }
+}
+
 /// Starts the pollers; `done` fires when the last one has stopped.
-pub(crate) fn start<A, M>(
+pub(crate) fn start<P: App>(
     cfg: &Config,
     listener: std::net::TcpListener,
-    app: A,
+    app: P,
     ctl: Arc<Control>,
     rt: tokio::runtime::Handle,
     done: tokio::sync::oneshot::Sender<()>,
-) -> io::Result<()>
-where
-    A: IntoConnService<M>,
-    M: 'static,
-{
+) -> io::Result<()> {
     let local_addr = listener.local_addr()?;
     let listeners = listeners(listener, cfg.pollers, cfg.backlog)?;
     let latch = Arc::new(Latch {
@@ -122,6 +142,7 @@ where
         idle_timeout: cfg.idle_timeout,
         park_after: cfg.park_after,
     });
+    let tcp = Arc::new(cfg.tcp.clone());
     let mut pollers = Vec::with_capacity(listeners.len());
     for l in listeners {
         let poll = Poll::new()?;
@@ -145,12 +166,12 @@ where
             generations: Vec::new(),
             app: app.clone(),
             driver: driver.clone(),
+            tcp: tcp.clone(),
             ctl: ctl.clone(),
             max_connections: cfg.max_connections,
             tcp_keepalive: cfg.tcp_keepalive,
             draining: false,
             accept_retry: None,
-            _marker: std::marker::PhantomData,
         };
         let rt = rt.clone();
         let guard = LatchGuard(latch.clone());
@@ -159,32 +180,33 @@ where
             .spawn(move || {
                 let _guard = guard;
                 let _rt = rt.enter();
+                crate::hijack::set_thread_config(poller.tcp.clone());
                 poller.run();
             })?;
     }
     Ok(())
 }
 
-struct Poller<A: IntoConnService<M>, M> {
+struct Poller<P: App> {
     id: u16,
     poll: Poll,
     remote: Arc<Remote>,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
-    conns: Slab<Conn<A::Service>>,
+    conns: Slab<Entry<P::Svc>>,
     generations: Vec<u16>,
-    app: A,
+    app: P,
     driver: Arc<DriverConfig>,
+    tcp: Arc<TcpConfig>,
     ctl: Arc<Control>,
     max_connections: usize,
     tcp_keepalive: Option<Duration>,
     draining: bool,
     /// When accepting failed for lack of descriptors: try again then.
     accept_retry: Option<Instant>,
-    _marker: std::marker::PhantomData<fn() -> M>,
 }
 
-impl<A: IntoConnService<M>, M> Poller<A, M> {
+impl<P: App> Poller<P> {
     fn run(mut self) {
         wake::enter_poller(self.id);
         let mut events = Events::with_capacity(1024);
@@ -210,8 +232,8 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
                             let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                             let writable =
                                 ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                            if c.socket.on_event(readable, writable) {
-                                ready.push(c.key);
+                            if c.socket().on_event(readable, writable) {
+                                ready.push(c.key());
                             }
                         }
                     }
@@ -302,10 +324,10 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
         }
         let local_addr = stream.local_addr().unwrap_or(self.local_addr);
         let app = &mut self.app;
-        let svc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            app.make(IncomingStream::new(local_addr, peer))
+        let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            app.accept(IncomingStream::new(local_addr, peer))
         }));
-        let Ok(Some(svc)) = svc else {
+        let Ok(Some(new)) = new else {
             tracing::error!(%peer, "the make-service failed or was not ready; closing");
             self.ctl.release(false);
             return;
@@ -327,36 +349,73 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
             return;
         }
         timer::reset_slot(key);
-        entry.insert(Conn::new(Arc::new(Socket::new(stream)), key, svc, now));
+        let socket = Arc::new(Socket::new(stream));
+        entry.insert(match new {
+            NewConn::Http(svc) => Entry::Http(Conn::new(socket, key, svc, now)),
+            NewConn::Tcp(handler) => {
+                let conn = crate::tcp::Conn::new(peer, local_addr, &self.tcp);
+                let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
+                Entry::Tcp(LoopConn::new(socket, key, core))
+            }
+        });
         ready.push(key);
     }
 
     fn drive(&mut self, key: Key, now: Instant) {
         let slot = key.slot();
-        let Some(conn) = self.conns.get_mut(slot) else {
+        let Some(entry) = self.conns.get_mut(slot) else {
             return;
         };
-        if conn.key != key {
+        if entry.key() != key {
             return;
         }
-        if conn.drive(&self.driver, now, self.draining) == Verdict::Close {
-            self.close(slot, false);
+        let verdict = match entry {
+            Entry::Http(conn) => conn.drive(&self.driver, now, self.draining),
+            Entry::Tcp(conn) => {
+                if conn.drive(now, self.draining) {
+                    Verdict::Close
+                } else {
+                    Verdict::Keep
+                }
+            }
+        };
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Close => self.close(slot, false),
+            Verdict::Hijacked(taken) => {
+                let socket = entry.socket().clone();
+                let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                let peer = socket.io.peer_addr().unwrap_or(unspecified);
+                let local = socket.io.local_addr().unwrap_or(self.local_addr);
+                let conn = crate::tcp::Conn::new(peer, local, &self.tcp);
+                let input = bytes::BytesMut::from(&taken.leftover[..]);
+                let core = ConnCore::new(taken.handler, conn, input, self.tcp.clone(), now);
+                *entry = Entry::Tcp(LoopConn::new(socket, key, core));
+                wake::push_local(key);
+            }
         }
     }
 
     fn close(&mut self, slot: usize, forced: bool) {
-        let conn = self.conns.remove(slot);
-        if Arc::strong_count(&conn.socket) > 1 {
+        let mut entry = self.conns.remove(slot);
+        crate::hijack::forget(entry.key());
+        if forced {
+            if let Entry::Tcp(c) = &mut entry {
+                c.abort();
+            }
+        }
+        let socket = entry.socket();
+        if Arc::strong_count(socket) > 1 {
             // Someone else (an upgrade) still holds the socket: cut it off from this poller.
-            let fd = conn.socket.io.as_raw_fd();
+            let fd = socket.io.as_raw_fd();
             let _ = self
                 .poll
                 .registry()
                 .deregister(&mut mio::unix::SourceFd(&fd));
-            let _ = conn.socket.io.shutdown(std::net::Shutdown::Both);
-            conn.socket.wake_all();
+            let _ = socket.io.shutdown(std::net::Shutdown::Both);
+            socket.wake_all();
         }
-        drop(conn);
+        drop(entry);
         self.ctl.release(forced);
     }
 
@@ -365,17 +424,18 @@ impl<A: IntoConnService<M>, M> Poller<A, M> {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        for (_, conn) in self.conns.iter_mut() {
-            conn.begin_drain();
-            ready.push(conn.key);
+        for (_, entry) in self.conns.iter_mut() {
+            if let Entry::Http(conn) = entry {
+                conn.begin_drain();
+            }
+            ready.push(entry.key());
         }
     }
 
     fn force_close(&mut self) {
         let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
         for slot in slots {
-            let busy = self.conns[slot].is_busy();
-            tracing::debug!(busy, "drain timeout: force-closing a connection");
+            tracing::debug!("drain timeout: force-closing a connection");
             self.close(slot, true);
         }
     }

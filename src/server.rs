@@ -8,7 +8,6 @@
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -16,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::service::IntoConnService;
+use crate::app::{App, HttpApp, TcpApp};
+use crate::service::{IncomingStream, IntoConnService};
+use crate::tcp::{Handler, TcpConfig};
 
 /// Which transport drives the connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +82,7 @@ pub(crate) struct Config {
     pub(crate) tcp_keepalive: Option<Duration>,
     pub(crate) park_after: Option<Duration>,
     pub(crate) compat_workers: usize,
+    pub(crate) tcp: TcpConfig,
 }
 
 impl Default for Config {
@@ -99,6 +101,7 @@ impl Default for Config {
             tcp_keepalive: None,
             park_after: Some(Duration::ZERO),
             compat_workers: 1,
+            tcp: TcpConfig::default(),
         }
     }
 }
@@ -350,6 +353,33 @@ impl Builder {
     /// [`tcp_keepalive`](Self::tcp_keepalive).
     pub fn idle_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
         self.cfg.idle_timeout = t.into();
+        self.cfg.tcp.idle_timeout = self.cfg.idle_timeout;
+        self
+    }
+
+    /// Read handlers: close a connection when no bytes arrive for this long (default off).
+    pub fn read_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.tcp.read_timeout = t.into();
+        self
+    }
+
+    /// Read handlers: most unread input held per connection; reading pauses there until the
+    /// handler consumes (default 1 MiB).
+    pub fn max_read_buffer(mut self, n: usize) -> Self {
+        self.cfg.tcp.max_input = n.max(1);
+        self
+    }
+
+    /// Read handlers: most queued output per connection; a write beyond it is refused
+    /// (default 1 MiB).
+    pub fn max_write_buffer(mut self, n: usize) -> Self {
+        self.cfg.tcp.max_output = n;
+        self
+    }
+
+    /// Read handlers: bytes asked of the socket per read (default 16 KiB).
+    pub fn read_chunk(mut self, n: usize) -> Self {
+        self.cfg.tcp.read_chunk = n.max(1);
         self
     }
 
@@ -399,11 +429,26 @@ impl Builder {
     }
 
     /// Serves `app` on `listener` with these settings.
-    pub fn serve<L, A, M>(self, listener: L, app: A) -> Serve<A, M>
+    pub fn serve<L, A, M>(self, listener: L, app: A) -> Serve<HttpApp<A, M>>
     where
         L: IntoStdListener,
         A: IntoConnService<M>,
+        M: 'static,
     {
+        self.start(listener, HttpApp::new(app))
+    }
+
+    /// Serves a raw TCP protocol: `factory` makes one [`Handler`] per connection.
+    pub fn serve_tcp<L, F, H>(self, listener: L, factory: F) -> Serve<TcpApp<F>>
+    where
+        L: IntoStdListener,
+        F: FnMut(IncomingStream<'_>) -> H + Clone + Send + 'static,
+        H: Handler,
+    {
+        self.start(listener, TcpApp::new(factory))
+    }
+
+    fn start<L: IntoStdListener, P>(self, listener: L, app: P) -> Serve<P> {
         let ctl = Arc::new(Control::default());
         let listener = listener.into_std_listener();
         if let Ok(l) = &listener {
@@ -414,7 +459,6 @@ impl Builder {
             listener,
             app,
             ctl,
-            _marker: PhantomData,
         }
     }
 }
@@ -474,38 +518,45 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 ///     hop::serve(listener, app).await
 /// }
 /// ```
-pub fn serve<L, A, M>(listener: L, app: A) -> Serve<A, M>
+pub fn serve<L, A, M>(listener: L, app: A) -> Serve<HttpApp<A, M>>
 where
     L: IntoStdListener,
     A: IntoConnService<M>,
+    M: 'static,
 {
     Builder::default().serve(listener, app)
 }
 
-/// A server ready to run: `.await` it, or [`run`](Serve::run) it.
-#[must_use = "a server does nothing until it is awaited or run"]
-pub struct Serve<A, M> {
-    cfg: Config,
-    listener: io::Result<std::net::TcpListener>,
-    app: A,
-    ctl: Arc<Control>,
-    _marker: PhantomData<fn() -> M>,
+/// Serves a raw TCP protocol with the default settings: `factory` makes one
+/// [`Handler`](crate::tcp::Handler) per connection. See [`crate::tcp`].
+pub fn serve_tcp<L, F, H>(listener: L, factory: F) -> Serve<TcpApp<F>>
+where
+    L: IntoStdListener,
+    F: FnMut(IncomingStream<'_>) -> H + Clone + Send + 'static,
+    H: Handler,
+{
+    Builder::default().serve_tcp(listener, factory)
 }
 
-impl<A, M> fmt::Debug for Serve<A, M> {
+/// A server ready to run: `.await` it, or [`run`](Serve::run) it.
+#[must_use = "a server does nothing until it is awaited or run"]
+pub struct Serve<P> {
+    cfg: Config,
+    listener: io::Result<std::net::TcpListener>,
+    app: P,
+    ctl: Arc<Control>,
+}
+
+impl<P> fmt::Debug for Serve<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve").field("cfg", &self.cfg).finish()
     }
 }
 
-impl<A, M> Serve<A, M>
-where
-    A: IntoConnService<M>,
-    M: 'static,
-{
+impl<P: App> Serve<P> {
     /// Stops accepting when `signal` completes, lets in-flight requests finish, closes idle
     /// connections, and force-closes what is left after the drain timeout.
-    pub fn with_graceful_shutdown<F>(self, signal: F) -> WithGracefulShutdown<A, M, F>
+    pub fn with_graceful_shutdown<F>(self, signal: F) -> WithGracefulShutdown<P, F>
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -538,11 +589,7 @@ where
     }
 }
 
-impl<A, M> IntoFuture for Serve<A, M>
-where
-    A: IntoConnService<M>,
-    M: 'static,
-{
+impl<P: App> IntoFuture for Serve<P> {
     type Output = io::Result<()>;
     type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
@@ -553,22 +600,21 @@ where
 
 /// A server with a graceful-shutdown signal; see [`Serve::with_graceful_shutdown`].
 #[must_use = "a server does nothing until it is awaited or run"]
-pub struct WithGracefulShutdown<A, M, F> {
-    serve: Serve<A, M>,
+pub struct WithGracefulShutdown<P, F> {
+    serve: Serve<P>,
     signal: F,
 }
 
-impl<A, M, F> fmt::Debug for WithGracefulShutdown<A, M, F> {
+impl<P, F> fmt::Debug for WithGracefulShutdown<P, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WithGracefulShutdown")
             .finish_non_exhaustive()
     }
 }
 
-impl<A, M, F> WithGracefulShutdown<A, M, F>
+impl<P, F> WithGracefulShutdown<P, F>
 where
-    A: IntoConnService<M>,
-    M: 'static,
+    P: App,
     F: Future<Output = ()> + Send + 'static,
 {
     /// A handle that reads the counters and can stop the server.
@@ -582,10 +628,9 @@ where
     }
 }
 
-impl<A, M, F> IntoFuture for WithGracefulShutdown<A, M, F>
+impl<P, F> IntoFuture for WithGracefulShutdown<P, F>
 where
-    A: IntoConnService<M>,
-    M: 'static,
+    P: App,
     F: Future<Output = ()> + Send + 'static,
 {
     type Output = io::Result<()>;
@@ -622,10 +667,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn serve_until<A, M, F>(serve: Serve<A, M>, signal: F) -> io::Result<()>
+async fn serve_until<P, F>(serve: Serve<P>, signal: F) -> io::Result<()>
 where
-    A: IntoConnService<M>,
-    M: 'static,
+    P: App,
     F: Future<Output = ()> + Send,
 {
     let Serve {
@@ -633,7 +677,6 @@ where
         listener,
         app,
         ctl,
-        ..
     } = serve;
     let listener = listener?;
     let backend = cfg

@@ -15,12 +15,13 @@
 //!   the poller wakes the stored waker on the next event.
 
 use std::io::{self, IoSlice, Write};
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use hyper::rt::ReadBufCursor;
@@ -82,6 +83,98 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// Reads into `dst`; `local` says the caller is the owning poller (see the module docs).
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &Context<'_>,
+        local: bool,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        let mut retried = false;
+        loop {
+            if local && !self.readable.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst` and reports how many;
+            // the caller counts only those as initialized.
+            let n =
+                unsafe { libc::recv(self.io.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len(), 0) };
+            if n >= 0 {
+                let n = n as usize;
+                if n > 0 && n < dst.len() {
+                    // A short read drained the socket: the next read would be `WouldBlock`, and
+                    // the next arrival raises a new edge. (What tokio does too.)
+                    self.readable.store(false, Ordering::Relaxed);
+                }
+                return Poll::Ready(Ok(n));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    if local {
+                        self.readable.store(false, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                    if retried {
+                        return Poll::Pending;
+                    }
+                    store_waker(&self.read_waker, cx);
+                    retried = true;
+                }
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes with `op` (`len` bytes offered); `local` as for [`poll_recv`](Self::poll_recv).
+    pub(crate) fn poll_send(
+        &self,
+        cx: &Context<'_>,
+        local: bool,
+        len: usize,
+        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let mut retried = false;
+        loop {
+            if local && !self.writable.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            match op(&self.io) {
+                Ok(n) => {
+                    if local && n > 0 && n < len {
+                        // A short write filled the send buffer; wait for the next edge.
+                        self.writable.store(false, Ordering::Relaxed);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if local {
+                        self.writable.store(false, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                    if retried {
+                        return Poll::Pending;
+                    }
+                    store_waker(&self.write_waker, cx);
+                    retried = true;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Shuts down the write side (a `NotConnected` peer is not an error).
+    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
+        match self.io.shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn take_and_wake(slot: &Mutex<Option<Waker>>) {
     let w = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(w) = w {
@@ -135,27 +228,6 @@ impl HopStream {
     fn local(&self, cx: &Context<'_>) -> bool {
         cx.waker().will_wake(&self.own)
     }
-
-    fn read_into(&self, buf: &mut ReadBufCursor<'_>) -> io::Result<usize> {
-        // SAFETY: `read(2)` writes at most `len` initialized bytes into the cursor's unfilled
-        // part and never reads it; `advance` is called with exactly the count it wrote.
-        unsafe {
-            let dst = buf.as_mut();
-            let len = dst.len();
-            let n = libc::recv(self.socket.io.as_raw_fd(), dst.as_mut_ptr().cast(), len, 0);
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = n as usize;
-            buf.advance(n);
-            if n > 0 && n < len {
-                // A short read drained the socket: the next read would be `WouldBlock`, and the
-                // next arrival raises a new edge. (What tokio does too.)
-                self.socket.readable.store(false, Ordering::Relaxed);
-            }
-            Ok(n)
-        }
-    }
 }
 
 impl Drop for HopStream {
@@ -191,67 +263,13 @@ impl hyper::rt::Read for HopStream {
             return Poll::Ready(Ok(()));
         }
         let local = self.local(cx);
-        let mut retried = false;
-        loop {
-            if local && !self.socket.readable.load(Ordering::Relaxed) {
-                return Poll::Pending;
-            }
-            match self.read_into(&mut buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if local {
-                        self.socket.readable.store(false, Ordering::Relaxed);
-                        return Poll::Pending;
-                    }
-                    if retried {
-                        return Poll::Pending;
-                    }
-                    store_waker(&self.socket.read_waker, cx);
-                    retried = true;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        // SAFETY: `poll_recv` initializes exactly the `n` bytes it reports, and only those are
+        // advanced over.
+        unsafe {
+            let n = ready!(self.socket.poll_recv(cx, local, buf.as_mut()))?;
+            buf.advance(n);
         }
-    }
-}
-
-impl HopStream {
-    fn poll_write_with(
-        &self,
-        cx: &mut Context<'_>,
-        len: usize,
-        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
-    ) -> Poll<io::Result<usize>> {
-        let local = self.local(cx);
-        let mut retried = false;
-        loop {
-            if local && !self.socket.writable.load(Ordering::Relaxed) {
-                return Poll::Pending;
-            }
-            match op(&self.socket.io) {
-                Ok(n) => {
-                    if local && n > 0 && n < len {
-                        // A short write filled the send buffer; wait for the next edge.
-                        self.socket.writable.store(false, Ordering::Relaxed);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if local {
-                        self.socket.writable.store(false, Ordering::Relaxed);
-                        return Poll::Pending;
-                    }
-                    if retried {
-                        return Poll::Pending;
-                    }
-                    store_waker(&self.socket.write_waker, cx);
-                    retried = true;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -261,7 +279,9 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, buf.len(), |mut io| io.write(buf))
+        let local = self.local(cx);
+        self.socket
+            .poll_send(cx, local, buf.len(), |mut io| io.write(buf))
     }
 
     fn poll_write_vectored(
@@ -269,8 +289,10 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let local = self.local(cx);
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.poll_write_with(cx, len, |mut io| io.write_vectored(bufs))
+        self.socket
+            .poll_send(cx, local, len, |mut io| io.write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -282,9 +304,6 @@ impl hyper::rt::Write for HopStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.socket.io.shutdown(Shutdown::Write) {
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
-            _ => Poll::Ready(Ok(())),
-        }
+        Poll::Ready(self.socket.shutdown_write())
     }
 }

@@ -130,6 +130,11 @@ pub(crate) fn with_current<R>(key: Key, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The connection being polled on this thread, if any.
+pub(crate) fn current_key() -> Option<Key> {
+    CURRENT.with(Cell::get)
+}
+
 /// Counts a request dispatched on the connection being polled (called by the service wrapper).
 pub(crate) fn note_request() {
     if let Some(key) = CURRENT.with(Cell::get) {

@@ -1,0 +1,201 @@
+//! Taking an HTTP connection over with a read handler, after the response (usually a `101`).
+//!
+//! Under the reactor, [`Hijack::on_read`] leaves the handler with the connection's poller; when
+//! hyper has written the response and handed the socket to the upgrade, the driver takes the
+//! socket back (`Upgraded::downcast::<HopStream>()`, leftover bytes included, which the handler
+//! sees first) and the connection stays on the loop as a read-handler connection. Elsewhere
+//! (the tokio backend, or a hijack made off a poller thread) a tokio task awaits the upgrade and
+//! runs the same handler.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use http::request::Parts;
+use http::Request;
+use hyper::upgrade::OnUpgrade;
+
+use crate::stream::HopStream;
+use crate::tcp::{Conn, ConnCore, Handler, TcpConfig};
+use crate::wake::Key;
+
+thread_local! {
+    /// Hijacks registered on this poller thread, waiting for hyper to finish the response.
+    static PENDING: RefCell<Vec<(Key, OnUpgrade, Box<dyn Handler>)>> = const { RefCell::new(Vec::new()) };
+    /// The read-handler settings of the server whose thread this is.
+    static CONFIG: RefCell<Option<Arc<TcpConfig>>> = const { RefCell::new(None) };
+}
+
+/// Records the read-handler settings for hijacks made on this thread (poller and worker
+/// threads call it at start).
+pub(crate) fn set_thread_config(cfg: Arc<TcpConfig>) {
+    CONFIG.with(|c| *c.borrow_mut() = Some(cfg));
+}
+
+fn thread_config() -> Arc<TcpConfig> {
+    CONFIG
+        .with(|c| c.borrow().clone())
+        .unwrap_or_else(|| Arc::new(TcpConfig::default()))
+}
+
+/// The right to take over an HTTP connection once its response is written.
+///
+/// ```no_run
+/// use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
+/// use bytes::BytesMut;
+/// use hop::tcp::{Conn, Handler};
+///
+/// struct Echo;
+/// impl Handler for Echo {
+///     fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+///         Ok(conn.write(&input.split())?)
+///     }
+/// }
+///
+/// async fn upgrade(hijack: hop::Hijack) -> impl IntoResponse {
+///     hijack.on_read(Echo);
+///     (StatusCode::SWITCHING_PROTOCOLS, [("connection", "upgrade"), ("upgrade", "echo")])
+/// }
+///
+/// let app: Router = Router::new().route("/echo", get(upgrade));
+/// ```
+#[derive(Debug)]
+pub struct Hijack {
+    on_upgrade: OnUpgrade,
+    key: Option<Key>,
+    cfg: Arc<TcpConfig>,
+}
+
+/// Why [`Hijack`] could not be extracted.
+#[derive(Debug, Clone, Copy)]
+pub struct HijackRejection;
+
+impl std::fmt::Display for HijackRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this request cannot be upgraded (no upgrade support, or already taken)")
+    }
+}
+
+impl std::error::Error for HijackRejection {}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for HijackRejection {
+    fn into_response(self) -> axum::response::Response {
+        (http::StatusCode::UPGRADE_REQUIRED, self.to_string()).into_response()
+    }
+}
+
+impl Hijack {
+    /// Takes the upgrade from a request (`None` if hyper offered none, or it was taken).
+    pub fn from_request<B>(req: &mut Request<B>) -> Option<Hijack> {
+        Self::from_extensions(req.extensions_mut())
+    }
+
+    fn from_extensions(ext: &mut http::Extensions) -> Option<Hijack> {
+        let on_upgrade = ext.remove::<OnUpgrade>()?;
+        let cfg = thread_config();
+        Some(Hijack {
+            on_upgrade,
+            key: crate::timer::current_key(),
+            cfg,
+        })
+    }
+
+    /// Hands the connection to `handler` once the response is written. The response must be a
+    /// `101 Switching Protocols` for the connection to be handed over.
+    pub fn on_read<H: Handler>(self, handler: H) {
+        let handler: Box<dyn Handler> = Box::new(handler);
+        if let Some(key) = self.key {
+            if crate::wake::current_poller() == Some(key.poller()) {
+                PENDING.with(|p| p.borrow_mut().push((key, self.on_upgrade, handler)));
+                return;
+            }
+        }
+        let cfg = self.cfg;
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "hijack: the connection was not upgraded");
+                    return;
+                }
+            };
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let now = Instant::now();
+            type TokioTcp = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+            match upgraded.downcast::<TokioTcp>() {
+                Ok(parts) => {
+                    let stream = parts.io.into_inner();
+                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                    let conn = Conn::new(
+                        stream.peer_addr().unwrap_or(unspecified),
+                        stream.local_addr().unwrap_or(unspecified),
+                        &cfg,
+                    );
+                    let input = BytesMut::from(&parts.read_buf[..]);
+                    let core = ConnCore::new(handler, conn, input, cfg, now);
+                    crate::tcp::run_task(core, stream, rx).await;
+                }
+                Err(upgraded) => {
+                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                    let conn = Conn::new(unspecified, unspecified, &cfg);
+                    let core = ConnCore::new(handler, conn, BytesMut::new(), cfg, now);
+                    crate::tcp::run_task(core, hyper_util::rt::TokioIo::new(upgraded), rx).await;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hijack {
+    type Rejection = HijackRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Hijack::from_extensions(&mut parts.extensions).ok_or(HijackRejection)
+    }
+}
+
+/// Forgets hijacks registered for `key` (its connection closed without an upgrade).
+pub(crate) fn forget(key: Key) {
+    PENDING.with(|p| p.borrow_mut().retain(|(k, _, _)| *k != key));
+}
+
+/// What the driver gets back when a registered hijack's upgrade has happened.
+pub(crate) struct Taken {
+    pub(crate) handler: Box<dyn Handler>,
+    pub(crate) leftover: bytes::Bytes,
+}
+
+/// Claims the hijack registered for `key` after hyper finished with an upgrade.
+pub(crate) fn claim(key: Key) -> Option<Result<Taken, &'static str>> {
+    let (_, mut on_upgrade, handler) = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let i = p.iter().position(|(k, _, _)| *k == key)?;
+        Some(p.swap_remove(i))
+    })?;
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let upgraded = match std::pin::Pin::new(&mut on_upgrade).poll(&mut cx) {
+        Poll::Ready(Ok(u)) => u,
+        Poll::Ready(Err(_)) => return Some(Err("the upgrade failed")),
+        Poll::Pending => return Some(Err("the upgrade was not ready")),
+    };
+    match upgraded.downcast::<HopStream>() {
+        Ok(parts) => {
+            let mut io = parts.io;
+            io.quiet();
+            drop(io);
+            Some(Ok(Taken {
+                handler,
+                leftover: parts.read_buf,
+            }))
+        }
+        Err(_) => Some(Err("the upgraded stream is not hop's")),
+    }
+}
+
+use std::future::Future as _;

@@ -1,0 +1,418 @@
+//! The read-handler state machine both backends drive: read into the input buffer, call the
+//! handler, flush its output, apply timeouts. The reactor polls it in place with the
+//! connection's own waker; the tokio backend polls it from one task per connection.
+
+use std::future::poll_fn;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{CloseReason, Conn, Handler, TcpConfig};
+use crate::stream::Socket;
+use crate::timer;
+use crate::wake::Key;
+
+/// The byte stream under a read handler.
+pub(crate) trait RawIo {
+    /// Reads into `dst`, returning how many bytes were initialized.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>>;
+    /// Writes from `src`.
+    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>>;
+    /// Shuts the write side down.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// Any tokio stream (the tokio backend, and upgrades driven by a task).
+pub(crate) struct TokioIo<T>(pub(crate) T);
+
+impl<T: AsyncRead + AsyncWrite + Unpin> RawIo for TokioIo<T> {
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        let mut buf = ReadBuf::uninit(dst);
+        std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, src)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// One read-handler connection: the handler, its [`Conn`], the unread input.
+pub(crate) struct ConnCore {
+    handler: Box<dyn Handler>,
+    pub(crate) conn: Conn,
+    input: BytesMut,
+    cfg: Arc<TcpConfig>,
+    opened: bool,
+    eof: bool,
+    write_shut: bool,
+    shutdown_told: bool,
+    last_read: Instant,
+    last_active: Instant,
+}
+
+impl ConnCore {
+    pub(crate) fn new(
+        handler: Box<dyn Handler>,
+        conn: Conn,
+        input: BytesMut,
+        cfg: Arc<TcpConfig>,
+        now: Instant,
+    ) -> Self {
+        ConnCore {
+            handler,
+            conn,
+            input,
+            cfg,
+            opened: false,
+            eof: false,
+            write_shut: false,
+            shutdown_told: false,
+            last_read: now,
+            last_active: now,
+        }
+    }
+
+    /// Calls a handler method; an error or a panic becomes the reason to close.
+    fn call(
+        &mut self,
+        f: impl FnOnce(&mut dyn Handler, &mut Conn, &mut BytesMut) -> io::Result<()>,
+    ) -> Result<(), CloseReason> {
+        let ConnCore {
+            handler,
+            conn,
+            input,
+            ..
+        } = self;
+        match catch_unwind(AssertUnwindSafe(|| f(&mut **handler, conn, input))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CloseReason::Error(e)),
+            Err(panic) => {
+                let msg = crate::service::panic_message(&panic).to_owned();
+                tracing::error!(panic = msg, "read handler panicked; closing its connection");
+                Err(CloseReason::Error(io::Error::other(format!(
+                    "handler panicked: {msg}"
+                ))))
+            }
+        }
+    }
+
+    /// Tells the handler the server is shutting down (once).
+    pub(crate) fn begin_shutdown(&mut self) {
+        if !self.shutdown_told {
+            self.shutdown_told = true;
+            let _ = self.call(|h, c, _| {
+                h.on_shutdown(c);
+                Ok(())
+            });
+        }
+    }
+
+    /// Tells the handler the connection is gone and refuses later handle writes.
+    pub(crate) fn finish(&mut self, reason: CloseReason) {
+        if let Some(mb) = &self.conn.mailbox {
+            let mut st = mb.lock();
+            st.closed = true;
+            st.writes.clear();
+        }
+        let handler = &mut self.handler;
+        let _ = catch_unwind(AssertUnwindSafe(|| handler.on_close(reason)));
+    }
+
+    /// When the connection's next timeout is due.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let r = self
+            .conn
+            .read_timeout
+            .filter(|_| !self.eof)
+            .map(|t| self.last_read + t);
+        let i = self.conn.idle_timeout.map(|t| self.last_active + t);
+        match (r, i) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn drain_mailbox(&mut self, cx: &Context<'_>) {
+        let Some(mb) = &self.conn.mailbox else { return };
+        let mut st = mb.lock();
+        if st.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        for b in st.writes.drain(..) {
+            self.conn.out.extend_from_slice(&b);
+        }
+        st.bytes = 0;
+        if st.close {
+            self.conn.closing = true;
+        }
+        if st.shutdown_write {
+            self.conn.shutdown_requested = true;
+        }
+    }
+
+    /// Drives the connection: `Ready` when it should close, and why.
+    pub(crate) fn poll<I: RawIo>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut I,
+        now: Instant,
+    ) -> Poll<CloseReason> {
+        match self.poll_inner(cx, io, now) {
+            Ok(()) => Poll::Pending,
+            Err(reason) => Poll::Ready(reason),
+        }
+    }
+
+    fn poll_inner<I: RawIo>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut I,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        if self
+            .conn
+            .waker
+            .as_ref()
+            .is_none_or(|w| !w.will_wake(cx.waker()))
+        {
+            self.conn.waker = Some(cx.waker().clone());
+        }
+        if !self.opened {
+            self.opened = true;
+            self.call(|h, c, _| h.on_open(c))?;
+            if !self.input.is_empty() {
+                // Bytes that came with a hijacked request.
+                self.call(|h, c, i| h.on_read(c, i))?;
+            }
+        }
+        loop {
+            self.drain_mailbox(cx);
+            // Flush queued output.
+            while !self.conn.out.is_empty() {
+                match io.poll_write(cx, &self.conn.out) {
+                    Poll::Ready(Ok(0)) => return Err(CloseReason::Peer),
+                    Poll::Ready(Ok(n)) => {
+                        self.conn.out.advance(n);
+                        self.last_active = now;
+                    }
+                    Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.conn.out.is_empty() {
+                // Give the buffer back: an idle connection holds none.
+                self.conn.out = BytesMut::new();
+                if self.conn.want_writable {
+                    self.conn.want_writable = false;
+                    self.call(|h, c, _| h.on_writable(c))?;
+                    if !self.input.is_empty() {
+                        self.call(|h, c, i| h.on_read(c, i))?;
+                    }
+                    if !self.conn.out.is_empty() {
+                        continue;
+                    }
+                }
+                if self.conn.closing {
+                    return Err(CloseReason::Local);
+                }
+                if self.conn.shutdown_requested && !self.write_shut {
+                    self.write_shut = true;
+                    if let Poll::Ready(Err(e)) = io.poll_shutdown(cx) {
+                        return Err(peer_or_error(e));
+                    }
+                }
+                if self.eof && self.write_shut {
+                    return Err(CloseReason::Peer);
+                }
+            }
+            if self.conn.closing || self.eof {
+                break;
+            }
+            // Read what is there, up to the input bound.
+            let mut got = false;
+            while self.input.len() < self.cfg.max_input {
+                let want = self
+                    .cfg
+                    .read_chunk
+                    .min(self.cfg.max_input - self.input.len());
+                self.input.reserve(want);
+                let spare = self.input.spare_capacity_mut();
+                let len = spare.len().min(want);
+                match io.poll_read(cx, &mut spare[..len]) {
+                    Poll::Ready(Ok(0)) => {
+                        self.eof = true;
+                        break;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        // SAFETY: `poll_read` initialized the first `n` spare bytes.
+                        unsafe { self.input.set_len(self.input.len() + n) };
+                        got = true;
+                        self.last_read = now;
+                        self.last_active = now;
+                    }
+                    Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if got {
+                self.call(|h, c, i| h.on_read(c, i))?;
+            }
+            if self.input.is_empty() {
+                self.input = BytesMut::new();
+            }
+            if self.eof {
+                self.call(|h, c, _| h.on_eof(c))?;
+                continue;
+            }
+            if got && !self.conn.out.is_empty() {
+                continue;
+            }
+            break;
+        }
+        if let Some(due) = self.next_deadline() {
+            if now >= due {
+                return Err(CloseReason::Timeout);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn peer_or_error(e: io::Error) -> CloseReason {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::NotConnected => CloseReason::Peer,
+        _ => CloseReason::Error(e),
+    }
+}
+
+/// Runs a read-handler connection as one tokio task (the tokio backend, and hijacks that
+/// happen off a poller).
+pub(crate) async fn run_task<T>(
+    mut core: ConnCore,
+    io: T,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut io = TokioIo(io);
+    let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let reason = loop {
+        let told = core.shutdown_told;
+        let driven = poll_fn(|cx| loop {
+            if let Poll::Ready(reason) = core.poll(cx, &mut io, Instant::now()) {
+                return Poll::Ready(reason);
+            }
+            match core.next_deadline() {
+                Some(due) => {
+                    let s =
+                        sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+                    if s.deadline() != due.into() {
+                        s.as_mut().reset(due.into());
+                    }
+                    if s.as_mut().poll(cx).is_ready() {
+                        continue;
+                    }
+                }
+                None => sleep = None,
+            }
+            return Poll::Pending;
+        });
+        tokio::select! {
+            reason = driven => break reason,
+            _ = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !told => {}
+        }
+        core.begin_shutdown();
+    };
+    let _ = poll_fn(|cx| io.poll_shutdown(cx)).await;
+    core.finish(reason);
+}
+
+/// The socket as its own poller uses it.
+struct LoopIo<'a>(&'a Socket);
+
+impl RawIo for LoopIo<'_> {
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_recv(cx, true, dst)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
+        use std::io::Write;
+        self.0
+            .poll_send(cx, true, src.len(), |mut io| io.write(src))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.0.shutdown_write())
+    }
+}
+
+/// A read-handler connection in a poller's slab.
+pub(crate) struct LoopConn {
+    pub(crate) socket: Arc<Socket>,
+    pub(crate) key: Key,
+    core: ConnCore,
+}
+
+impl LoopConn {
+    pub(crate) fn new(socket: Arc<Socket>, key: Key, core: ConnCore) -> Self {
+        LoopConn { socket, key, core }
+    }
+
+    /// Drives the connection on its poller; `true` when it has closed.
+    pub(crate) fn drive(&mut self, now: Instant, draining: bool) -> bool {
+        if draining {
+            self.core.begin_shutdown();
+        }
+        let waker = self.key.waker();
+        let mut cx = Context::from_waker(&waker);
+        match self.core.poll(&mut cx, &mut LoopIo(&self.socket), now) {
+            Poll::Ready(reason) => {
+                let reason = match reason {
+                    CloseReason::Local if draining => CloseReason::Shutdown,
+                    r => r,
+                };
+                self.core.finish(reason);
+                true
+            }
+            Poll::Pending => {
+                if let Some(due) = self.core.next_deadline() {
+                    timer::arm(self.key, due);
+                }
+                false
+            }
+        }
+    }
+
+    /// Tells the handler the connection was cut (drain timeout).
+    pub(crate) fn abort(&mut self) {
+        self.core.finish(CloseReason::Shutdown);
+    }
+}

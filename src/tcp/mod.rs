@@ -1,0 +1,369 @@
+//! Read handlers: raw TCP protocols (and hijacked HTTP connections) served on the event loop
+//! with callbacks, netpoll's `OnRequest` for Rust.
+//!
+//! A [`Handler`] is called when bytes arrive ([`Handler::on_read`] gets every unread byte and
+//! consumes what it can parse), when the connection can take more output
+//! ([`Handler::on_writable`]), at end of input, at shutdown and at close. It never blocks, and no
+//! task or thread is spent per connection under the reactor backend. Output goes into a bounded
+//! buffer that the loop flushes; a [`ConnHandle`] writes to or closes the connection from any
+//! thread. Buffers are taken when bytes arrive or output is queued and given back when they are
+//! empty, so an idle connection holds none.
+//!
+//! ```no_run
+//! use bytes::BytesMut;
+//! use hop::tcp::{Conn, Handler};
+//!
+//! struct Echo;
+//!
+//! impl Handler for Echo {
+//!     fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+//!         let n = input.len().min(conn.write_capacity());
+//!         conn.write(&input.split_to(n))?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # fn main() -> std::io::Result<()> {
+//! let listener = std::net::TcpListener::bind("127.0.0.1:5000")?;
+//! hop::tcp::serve(listener, |_conn: hop::IncomingStream<'_>| Echo).run()
+//! # }
+//! ```
+//!
+//! Under the tokio backend the same handlers run with one tokio task per connection.
+
+mod core;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+pub(crate) use self::core::{run_task, ConnCore, LoopConn};
+pub use crate::server::serve_tcp as serve;
+
+/// Buffer sizes and timeouts of read-handler connections (set on [`crate::Builder`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TcpConfig {
+    /// Bytes asked of the socket per read.
+    pub(crate) read_chunk: usize,
+    /// Most unread input held; reading pauses there until the handler consumes.
+    pub(crate) max_input: usize,
+    /// Most queued output; a write beyond it is refused.
+    pub(crate) max_output: usize,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            read_chunk: 16 * 1024,
+            max_input: 1024 * 1024,
+            max_output: 1024 * 1024,
+            read_timeout: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Why a connection closed, as told to [`Handler::on_close`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The handler or a [`ConnHandle`] closed it.
+    Local,
+    /// The peer closed it, or reset it.
+    Peer,
+    /// The read or idle timeout ran out.
+    Timeout,
+    /// The server shut down.
+    Shutdown,
+    /// An I/O error, a handler error or a handler panic.
+    Error(io::Error),
+}
+
+/// Why a write was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The outbound buffer is full; [`Handler::on_writable`] is called when it has drained.
+    Full {
+        /// Bytes the buffer could still take.
+        capacity: usize,
+    },
+    /// The connection is closed or closing.
+    Closed,
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::Full { capacity } => write!(
+                f,
+                "outbound buffer full ({capacity} bytes free); wait for on_writable"
+            ),
+            WriteError::Closed => f.write_str("connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+impl From<WriteError> for io::Error {
+    fn from(e: WriteError) -> Self {
+        let kind = match e {
+            WriteError::Full { .. } => io::ErrorKind::WouldBlock,
+            WriteError::Closed => io::ErrorKind::NotConnected,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// An event-driven connection handler. One value per connection; all methods run on the
+/// connection's poller (or its task, under the tokio backend) and must not block.
+///
+/// Returning an error, or panicking, closes this connection only.
+pub trait Handler: Send + 'static {
+    /// The connection is open (for a hijacked connection: the `101` has been written).
+    fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
+        let _ = conn;
+        Ok(())
+    }
+
+    /// Bytes arrived. `input` holds every unread byte: consume what you can parse (with
+    /// `split_to` or `advance`) and leave the rest; you are called again when more arrives.
+    fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> io::Result<()>;
+
+    /// The outbound buffer drained after a write was refused. If unread input remains,
+    /// [`on_read`](Self::on_read) is called again right after.
+    fn on_writable(&mut self, conn: &mut Conn) -> io::Result<()> {
+        let _ = conn;
+        Ok(())
+    }
+
+    /// The peer shut down its side (half-close). The default closes once output is flushed;
+    /// keep writing and close later to serve half-closed peers.
+    fn on_eof(&mut self, conn: &mut Conn) -> io::Result<()> {
+        conn.close();
+        Ok(())
+    }
+
+    /// The server is shutting down gracefully. The default closes once output is flushed.
+    fn on_shutdown(&mut self, conn: &mut Conn) {
+        conn.close();
+    }
+
+    /// The connection is gone.
+    fn on_close(&mut self, reason: CloseReason) {
+        let _ = reason;
+    }
+}
+
+/// The connection as a handler sees it: queue output, close, set timeouts, get a handle.
+pub struct Conn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) out: BytesMut,
+    pub(crate) max_output: usize,
+    pub(crate) closing: bool,
+    pub(crate) shutdown_requested: bool,
+    pub(crate) want_writable: bool,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) mailbox: Option<Arc<Mailbox>>,
+    pub(crate) waker: Option<Waker>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("peer", &self.peer)
+            .field("queued", &self.out.len())
+            .field("closing", &self.closing)
+            .finish()
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(peer: SocketAddr, local: SocketAddr, cfg: &TcpConfig) -> Self {
+        Conn {
+            peer,
+            local,
+            out: BytesMut::new(),
+            max_output: cfg.max_output,
+            closing: false,
+            shutdown_requested: false,
+            want_writable: false,
+            read_timeout: cfg.read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            mailbox: None,
+            waker: None,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Bytes the outbound buffer can take now.
+    pub fn write_capacity(&self) -> usize {
+        self.max_output.saturating_sub(self.out.len())
+    }
+
+    /// Bytes queued and not yet written to the socket.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Queues `data` whole, or refuses it whole when it does not fit (then
+    /// [`Handler::on_writable`] says when there is room).
+    pub fn write(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        if self.closing || self.shutdown_requested {
+            return Err(WriteError::Closed);
+        }
+        if data.len() > self.write_capacity() {
+            self.want_writable = true;
+            return Err(WriteError::Full {
+                capacity: self.write_capacity(),
+            });
+        }
+        self.out.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Closes the connection once queued output is written; no more input is read.
+    pub fn close(&mut self) {
+        self.closing = true;
+    }
+
+    /// Half-close: shuts down the write side once queued output is written; input is still
+    /// read.
+    pub fn shutdown_write(&mut self) {
+        self.shutdown_requested = true;
+    }
+
+    /// Closes the connection if no bytes arrive for `t` (`None`: never; default from the
+    /// server's settings).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.read_timeout = t;
+    }
+
+    /// Closes the connection if nothing is read or written for `t` (`None`: never).
+    pub fn set_idle_timeout(&mut self, t: Option<Duration>) {
+        self.idle_timeout = t;
+    }
+
+    /// A `Send + Clone` handle that writes to or closes this connection from any thread.
+    pub fn handle(&mut self) -> ConnHandle {
+        let max = self.max_output;
+        let waker = self.waker.clone();
+        let mailbox = self
+            .mailbox
+            .get_or_insert_with(|| {
+                Arc::new(Mailbox {
+                    state: Mutex::new(MailboxState {
+                        waker,
+                        max,
+                        ..MailboxState::default()
+                    }),
+                })
+            })
+            .clone();
+        ConnHandle { mailbox }
+    }
+}
+
+/// What other threads send a connection.
+#[derive(Debug, Default)]
+pub(crate) struct Mailbox {
+    pub(crate) state: Mutex<MailboxState>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct MailboxState {
+    pub(crate) writes: Vec<Bytes>,
+    pub(crate) bytes: usize,
+    pub(crate) max: usize,
+    pub(crate) close: bool,
+    pub(crate) shutdown_write: bool,
+    pub(crate) closed: bool,
+    pub(crate) waker: Option<Waker>,
+}
+
+impl Mailbox {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Writes to or closes a read-handler connection from any thread; wakes its poller.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    mailbox: Arc<Mailbox>,
+}
+
+impl ConnHandle {
+    fn send(
+        &self,
+        f: impl FnOnce(&mut MailboxState) -> Result<(), WriteError>,
+    ) -> Result<(), WriteError> {
+        let waker = {
+            let mut st = self.mailbox.lock();
+            if st.closed || st.close {
+                return Err(WriteError::Closed);
+            }
+            f(&mut st)?;
+            st.waker.clone()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues `data`; refused when the connection's outbound bound would be exceeded.
+    pub fn write(&self, data: impl Into<Bytes>) -> Result<(), WriteError> {
+        let data = data.into();
+        self.send(|st| {
+            if st.bytes + data.len() > st.max {
+                return Err(WriteError::Full {
+                    capacity: st.max.saturating_sub(st.bytes),
+                });
+            }
+            st.bytes += data.len();
+            st.writes.push(data);
+            Ok(())
+        })
+    }
+
+    /// Closes the connection once queued output is written.
+    pub fn close(&self) {
+        let _ = self.send(|st| {
+            st.close = true;
+            Ok(())
+        });
+    }
+
+    /// Shuts down the write side once queued output is written.
+    pub fn shutdown_write(&self) {
+        let _ = self.send(|st| {
+            st.shutdown_write = true;
+            Ok(())
+        });
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.mailbox.lock().closed
+    }
+}
