@@ -120,6 +120,13 @@ impl<S: ConnService> Conn<S> {
                     let polled = timer::with_current(self.key, || {
                         catch_unwind(AssertUnwindSafe(|| Pin::new(&mut **conn).poll(&mut cx)))
                     });
+                    // Send what hyper wrote during this poll in one write (pipelined responses
+                    // included). Also before an upgrade's new owner can write.
+                    if let Poll::Ready(Err(e)) = self.socket.poll_flush_pending(&cx, true) {
+                        tracing::debug!(error = %e, "write failed");
+                        self.set_done();
+                        return Verdict::Close;
+                    }
                     match polled {
                         Ok(Poll::Pending) => {
                             if !draining {
@@ -158,6 +165,11 @@ impl<S: ConnService> Conn<S> {
                     }
                 }
                 State::Upgraded => {
+                    // The 101 may still be waiting to be sent if the socket was full.
+                    let waker = self.key.waker();
+                    let _ = self
+                        .socket
+                        .poll_flush_pending(&Context::from_waker(&waker), true);
                     return if Arc::strong_count(&self.socket) > 1 {
                         Verdict::Keep
                     } else {
@@ -190,6 +202,7 @@ impl<S: ConnService> Conn<S> {
         let idle = timer::head_wait(self.key)
             && !self.socket.maybe_readable()
             && self.socket.write_idle()
+            && self.socket.nothing_pending()
             && self.no_park_at != Some(meta.requests);
         if !idle {
             self.idle_since = None;
@@ -220,6 +233,7 @@ impl<S: ConnService> Conn<S> {
         let mut io = parts.io;
         io.quiet();
         drop(io);
+        self.socket.release_buffers();
         let svc = parts.service.into_inner();
         if parts.read_buf.is_empty() {
             self.state = State::Parked { svc, since: now };

@@ -136,7 +136,9 @@ pub(crate) fn start<P: App>(
         .header_read_timeout
         .unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let mut http1 = cfg.http1(Some(header_timeout));
-    http1.timer(HopTimer);
+    // The stream coalesces writes and sends them once per drive, which does what hyper's
+    // `pipeline_flush` does (without its skipped flush before an upgrade).
+    http1.timer(HopTimer).pipeline_flush(false);
     let driver = Arc::new(DriverConfig {
         http1,
         idle_timeout: cfg.idle_timeout,
@@ -232,7 +234,7 @@ impl<P: App> Poller<P> {
                             let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                             let writable =
                                 ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                            if c.socket().on_event(readable, writable) {
+                            if c.socket().on_event(readable, writable, ev.is_read_closed()) {
                                 ready.push(c.key());
                             }
                         }

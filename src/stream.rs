@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 
 use crate::wake::Key;
@@ -34,9 +34,15 @@ pub struct Socket {
     pub(crate) io: mio::net::TcpStream,
     readable: AtomicBool,
     writable: AtomicBool,
+    read_closed: AtomicBool,
     read_waker: Mutex<Option<Waker>>,
     write_waker: Mutex<Option<Waker>>,
+    /// Output hyper wrote during this drive, sent in one write when the drive ends.
+    pending: Mutex<BytesMut>,
 }
+
+/// Above this much coalesced output, a write sends it before taking more.
+const COALESCE_MAX: usize = 64 * 1024;
 
 impl Socket {
     pub(crate) fn new(io: mio::net::TcpStream) -> Self {
@@ -44,16 +50,22 @@ impl Socket {
             io,
             readable: AtomicBool::new(false),
             writable: AtomicBool::new(true),
+            read_closed: AtomicBool::new(false),
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
+            pending: Mutex::new(BytesMut::new()),
         }
     }
 
     /// Records a readiness event and wakes a foreign task waiting on it. Returns whether the
     /// connection should be driven: on readability, or on writability that a write waited for
     /// (the send buffer draining after every response is not worth a poll).
-    pub(crate) fn on_event(&self, readable: bool, writable: bool) -> bool {
+    pub(crate) fn on_event(&self, readable: bool, writable: bool, read_closed: bool) -> bool {
         let mut drive = false;
+        if read_closed {
+            // Sticky: a short read must not hide the end of input, which raises no new edge.
+            self.read_closed.store(true, Ordering::Relaxed);
+        }
         if readable {
             self.readable.store(true, Ordering::Relaxed);
             take_and_wake(&self.read_waker);
@@ -93,7 +105,10 @@ impl Socket {
     ) -> Poll<io::Result<usize>> {
         let mut retried = false;
         loop {
-            if local && !self.readable.load(Ordering::Relaxed) {
+            if local
+                && !self.readable.load(Ordering::Relaxed)
+                && !self.read_closed.load(Ordering::Relaxed)
+            {
                 return Poll::Pending;
             }
             // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst` and reports how many;
@@ -163,6 +178,48 @@ impl Socket {
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+
+    /// Sends coalesced output; `Ready` once none is left. `release` gives the buffer back
+    /// once empty.
+    pub(crate) fn poll_flush_pending(&self, cx: &Context<'_>, local: bool) -> Poll<io::Result<()>> {
+        let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        Self::flush_locked(self, &mut out, cx, local)
+    }
+
+    fn flush_locked(
+        &self,
+        out: &mut BytesMut,
+        cx: &Context<'_>,
+        local: bool,
+    ) -> Poll<io::Result<()>> {
+        while !out.is_empty() {
+            let n = ready!(self.poll_send(cx, local, out.len(), |mut io| io.write(out)))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(n);
+        }
+        if out.capacity() > 2 * COALESCE_MAX {
+            *out = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Nothing coalesced is waiting to be sent.
+    pub(crate) fn nothing_pending(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Frees the coalescing buffer (the connection is parking).
+    pub(crate) fn release_buffers(&self) {
+        let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if out.is_empty() {
+            *out = BytesMut::new();
         }
     }
 
@@ -273,15 +330,56 @@ impl hyper::rt::Read for HopStream {
     }
 }
 
+impl HopStream {
+    /// Coalesces `len` bytes appended by `append` (the poller's own polls), or writes them after
+    /// anything already coalesced (any other task).
+    fn poll_coalesce(
+        &self,
+        cx: &mut Context<'_>,
+        len: usize,
+        append: impl FnOnce(&mut BytesMut),
+        direct: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let local = self.local(cx);
+        let mut out = self
+            .socket
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !local {
+            ready!(self.socket.flush_locked(&mut out, cx, false))?;
+            drop(out);
+            return self.socket.poll_send(cx, false, len, direct);
+        }
+        if out.len() >= COALESCE_MAX {
+            if let Poll::Ready(Err(e)) = self.socket.flush_locked(&mut out, cx, true) {
+                return Poll::Ready(Err(e));
+            }
+            if out.len() >= COALESCE_MAX {
+                return Poll::Pending;
+            }
+        }
+        append(&mut out);
+        Poll::Ready(Ok(len))
+    }
+}
+
+/// Writes from the poller are coalesced and sent once per drive (see
+/// [`crate::driver`]); `poll_flush` leaves that to the end of the drive, so pipelined responses
+/// share one write. Writes from any other task (after an upgrade) go straight out, after what
+/// was coalesced.
 impl hyper::rt::Write for HopStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let local = self.local(cx);
-        self.socket
-            .poll_send(cx, local, buf.len(), |mut io| io.write(buf))
+        self.poll_coalesce(
+            cx,
+            buf.len(),
+            |out| out.extend_from_slice(buf),
+            |mut io| io.write(buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -289,21 +387,35 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let local = self.local(cx);
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.socket
-            .poll_send(cx, local, len, |mut io| io.write_vectored(bufs))
+        self.poll_coalesce(
+            cx,
+            len,
+            |out| {
+                out.reserve(len);
+                for b in bufs {
+                    out.extend_from_slice(b);
+                }
+            },
+            |mut io| io.write_vectored(bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
         true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.local(cx) {
+            // The driver sends coalesced output when this drive ends.
+            return Poll::Ready(Ok(()));
+        }
+        self.socket.poll_flush_pending(cx, false)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let local = self.local(cx);
+        ready!(self.socket.poll_flush_pending(cx, local))?;
         Poll::Ready(self.socket.shutdown_write())
     }
 }

@@ -365,6 +365,8 @@ impl RawIo for LoopIo<'_> {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
         use std::io::Write;
+        // What hyper coalesced (a hijack's 101) goes first.
+        std::task::ready!(self.0.poll_flush_pending(cx, true))?;
         self.0
             .poll_send(cx, true, src.len(), |mut io| io.write(src))
     }
