@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{App, NewConn};
+use crate::hijack::ServerContext;
 use crate::server::{Config, Control};
 use crate::service::{HyperSvc, IncomingStream};
 use crate::tcp::ConnCore;
@@ -42,11 +43,17 @@ pub(crate) fn start<P: App>(
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let _ = socket2::SockRef::from(&listener).listen(cfg.backlog);
-    let tcp = Arc::new(cfg.tcp.clone());
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let ctx = ServerContext {
+        tcp: Arc::new(cfg.tcp.clone()),
+        shutdown: Some(drain_rx),
+        tasks: Arc::new(watch::Sender::new(0)),
+    };
+    let thread_ctx = ctx.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.pollers)
         .thread_name("hop-tokio")
-        .on_thread_start(move || crate::hijack::set_thread_config(tcp.clone()))
+        .on_thread_start(move || crate::hijack::set_thread_context(thread_ctx.clone()))
         .enable_all()
         .build()?;
     let header_timeout = match (cfg.header_read_timeout, cfg.idle_timeout) {
@@ -59,7 +66,15 @@ pub(crate) fn start<P: App>(
     std::thread::Builder::new()
         .name("hop-tokio-main".into())
         .spawn(move || {
-            let res = rt.block_on(accept_loop(cfg, listener, app, ctl, Arc::new(http1)));
+            let res = rt.block_on(accept_loop(
+                cfg,
+                listener,
+                app,
+                ctl,
+                Arc::new(http1),
+                ctx,
+                drain_tx,
+            ));
             if let Err(e) = res {
                 tracing::error!(error = %e, "tokio backend failed");
             }
@@ -75,8 +90,11 @@ async fn accept_loop<P: App>(
     mut app: P,
     ctl: Arc<Control>,
     http1: Arc<hyper::server::conn::http1::Builder>,
+    ctx: ServerContext,
+    drain_tx: watch::Sender<bool>,
 ) -> io::Result<()> {
-    let tcp = Arc::new(cfg.tcp.clone());
+    let tcp = ctx.tcp.clone();
+    let drain_rx = drain_tx.subscribe();
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local_addr = listener.local_addr()?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -84,7 +102,6 @@ async fn accept_loop<P: App>(
         let s = shutdown.clone();
         ctl.on_shutdown(Box::new(move || s.notify_one()));
     }
-    let (drain_tx, drain_rx) = watch::channel(false);
     let forcing = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
     loop {
@@ -153,8 +170,11 @@ async fn accept_loop<P: App>(
     drop(listener);
     let _ = drain_tx.send(true);
     let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
+    let mut hijacked = ctx.tasks.subscribe();
     let drained = tokio::time::timeout_at(deadline.into(), async {
         while tasks.join_next().await.is_some() {}
+        // Hijacked connections (WebSockets, read handlers) finish their close handshakes too.
+        let _ = hijacked.wait_for(|n| *n == 0).await;
     })
     .await;
     if drained.is_err() {

@@ -25,20 +25,50 @@ use crate::wake::Key;
 thread_local! {
     /// Hijacks registered on this poller thread, waiting for hyper to finish the response.
     static PENDING: RefCell<Vec<(Key, OnUpgrade, Box<dyn Handler>)>> = const { RefCell::new(Vec::new()) };
-    /// The read-handler settings of the server whose thread this is.
-    static CONFIG: RefCell<Option<Arc<TcpConfig>>> = const { RefCell::new(None) };
+    /// The server whose thread this is: settings, and (tokio backend) its shutdown signal.
+    static CONTEXT: RefCell<Option<ServerContext>> = const { RefCell::new(None) };
 }
 
-/// Records the read-handler settings for hijacks made on this thread (poller and worker
-/// threads call it at start).
-pub(crate) fn set_thread_config(cfg: Arc<TcpConfig>) {
-    CONFIG.with(|c| *c.borrow_mut() = Some(cfg));
+/// What a hijack needs to know about the server it happens in.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerContext {
+    pub(crate) tcp: Arc<TcpConfig>,
+    /// Turns `true` when a graceful shutdown starts (tokio backend).
+    pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Hijacked connections running as tasks (tokio backend), which the drain waits for.
+    pub(crate) tasks: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
-fn thread_config() -> Arc<TcpConfig> {
-    CONFIG
+/// Records the server context for hijacks made on this thread (poller and worker threads
+/// call it at start).
+pub(crate) fn set_thread_context(ctx: ServerContext) {
+    CONTEXT.with(|c| *c.borrow_mut() = Some(ctx));
+}
+
+fn thread_context() -> ServerContext {
+    CONTEXT
         .with(|c| c.borrow().clone())
-        .unwrap_or_else(|| Arc::new(TcpConfig::default()))
+        .unwrap_or_else(|| ServerContext {
+            tcp: Arc::new(TcpConfig::default()),
+            shutdown: None,
+            tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
+}
+
+/// Counts a hijacked task until it ends.
+struct TaskGuard(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl TaskGuard {
+    fn new(tasks: Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        tasks.send_modify(|n| *n += 1);
+        TaskGuard(tasks)
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// The right to take over an HTTP connection once its response is written.
@@ -66,7 +96,7 @@ fn thread_config() -> Arc<TcpConfig> {
 pub struct Hijack {
     on_upgrade: OnUpgrade,
     key: Option<Key>,
-    cfg: Arc<TcpConfig>,
+    ctx: ServerContext,
 }
 
 /// Why [`Hijack`] could not be extracted.
@@ -95,13 +125,15 @@ impl Hijack {
     }
 
     fn from_extensions(ext: &mut http::Extensions) -> Option<Hijack> {
-        let on_upgrade = ext.remove::<OnUpgrade>()?;
-        let cfg = thread_config();
-        Some(Hijack {
+        ext.remove::<OnUpgrade>().map(Hijack::from_on_upgrade)
+    }
+
+    pub(crate) fn from_on_upgrade(on_upgrade: OnUpgrade) -> Hijack {
+        Hijack {
             on_upgrade,
             key: crate::timer::current_key(),
-            cfg,
-        })
+            ctx: thread_context(),
+        }
     }
 
     /// Hands the connection to `handler` once the response is written. The response must be a
@@ -114,9 +146,15 @@ impl Hijack {
                 return;
             }
         }
-        let cfg = self.cfg;
+        let ServerContext {
+            tcp: cfg,
+            shutdown,
+            tasks,
+        } = self.ctx;
         let on_upgrade = self.on_upgrade;
+        let guard = TaskGuard::new(tasks);
         tokio::spawn(async move {
+            let _guard = guard;
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
@@ -124,7 +162,8 @@ impl Hijack {
                     return;
                 }
             };
-            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let (_tx, never) = tokio::sync::watch::channel(false);
+            let rx = shutdown.unwrap_or(never);
             let now = Instant::now();
             type TokioTcp = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
             match upgraded.downcast::<TokioTcp>() {

@@ -45,6 +45,7 @@ mod stream;
 pub mod tcp;
 mod timer;
 mod wake;
+pub mod ws;
 
 pub use hijack::{Hijack, HijackRejection};
 pub use server::{

@@ -182,7 +182,11 @@ pub(crate) fn start<P: App>(
             .spawn(move || {
                 let _guard = guard;
                 let _rt = rt.enter();
-                crate::hijack::set_thread_config(poller.tcp.clone());
+                crate::hijack::set_thread_context(crate::hijack::ServerContext {
+                    tcp: poller.tcp.clone(),
+                    shutdown: None,
+                    tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+                });
                 poller.run();
             })?;
     }

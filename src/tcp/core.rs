@@ -251,11 +251,11 @@ impl ConnCore {
             }
             // Read what is there, up to the input bound.
             let mut got = false;
-            while self.input.len() < self.cfg.max_input {
+            while self.input.len() < self.conn.max_input {
                 let want = self
                     .cfg
                     .read_chunk
-                    .min(self.cfg.max_input - self.input.len());
+                    .min(self.conn.max_input - self.input.len());
                 self.input.reserve(want);
                 let spare = self.input.spare_capacity_mut();
                 let len = spare.len().min(want);

@@ -169,6 +169,7 @@ pub struct Conn {
     pub(crate) local: SocketAddr,
     pub(crate) out: BytesMut,
     pub(crate) max_output: usize,
+    pub(crate) max_input: usize,
     pub(crate) closing: bool,
     pub(crate) shutdown_requested: bool,
     pub(crate) want_writable: bool,
@@ -195,6 +196,7 @@ impl Conn {
             local,
             out: BytesMut::new(),
             max_output: cfg.max_output,
+            max_input: cfg.max_input,
             closing: false,
             shutdown_requested: false,
             want_writable: false,
@@ -239,6 +241,17 @@ impl Conn {
         }
         self.out.extend_from_slice(data);
         Ok(())
+    }
+
+    /// Raises or lowers this connection's unread-input bound (a protocol whose frames can be
+    /// larger than the server's `max_read_buffer` sets it to its largest frame).
+    pub fn set_max_read_buffer(&mut self, n: usize) {
+        self.max_input = n.max(1);
+    }
+
+    /// Raises or lowers this connection's outbound bound.
+    pub fn set_max_write_buffer(&mut self, n: usize) {
+        self.max_output = n;
     }
 
     /// Closes the connection once queued output is written; no more input is read.
