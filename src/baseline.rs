@@ -1,5 +1,5 @@
 //! The tokio baseline: the same `serve` on a tokio multi-thread runtime plus hyper, one task per
-//! connection, configured like the reactor (`TCP_NODELAY`, `pipeline_flush`, the same timeouts
+//! connection, configured like the reactor (`TCP_NODELAY`, the same timeouts
 //! and limits, as many workers as the reactor has pollers). It is what hop is measured against,
 //! so it is tuned as well as tokio allows, not a strawman.
 //!

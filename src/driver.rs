@@ -37,6 +37,8 @@ type HyperConn<S> = http1::UpgradeableConnection<HopStream, HyperSvc<S>>;
 /// Settings the driver needs, shared by a poller's connections.
 pub(crate) struct DriverConfig {
     pub(crate) http1: http1::Builder,
+    /// Coalesce hyper's writes and send them once per drive (`pipeline_flush`).
+    pub(crate) coalesce: bool,
     pub(crate) idle_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     pub(crate) park_after: Option<Duration>,
@@ -129,6 +131,9 @@ impl<S: ConnService> Conn<S> {
                     }
                     match polled {
                         Ok(Poll::Pending) => {
+                            if let Some(handler) = crate::sse::take_over(self.key) {
+                                return self.take_over(handler);
+                            }
                             if !draining {
                                 self.maybe_park(cfg, now);
                             }
@@ -181,6 +186,26 @@ impl<S: ConnService> Conn<S> {
         }
     }
 
+    /// Takes the socket back from hyper after it wrote a response head whose body the
+    /// connection's new read handler will write (an SSE subscriber).
+    fn take_over(&mut self, handler: Box<dyn crate::tcp::Handler>) -> Verdict {
+        let State::Active(conn) = std::mem::replace(&mut self.state, State::Done) else {
+            return Verdict::Close;
+        };
+        match conn.into_parts() {
+            Some(parts) => {
+                let mut io = parts.io;
+                io.quiet();
+                drop(io);
+                Verdict::Hijacked(crate::hijack::Taken {
+                    handler,
+                    leftover: parts.read_buf,
+                })
+            }
+            None => Verdict::Close,
+        }
+    }
+
     /// Drops hyper's state, even if dropping it panics.
     fn set_done(&mut self) {
         let old = std::mem::replace(&mut self.state, State::Done);
@@ -188,7 +213,7 @@ impl<S: ConnService> Conn<S> {
     }
 
     fn activate(&mut self, cfg: &DriverConfig, svc: S, prefix: Option<Bytes>) {
-        let io = HopStream::new(self.socket.clone(), self.key, prefix);
+        let io = HopStream::new(self.socket.clone(), self.key, prefix, cfg.coalesce);
         let conn = cfg
             .http1
             .serve_connection(io, HyperSvc::new(svc))

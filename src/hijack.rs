@@ -22,9 +22,12 @@ use crate::stream::HopStream;
 use crate::tcp::{Conn, ConnCore, Handler, TcpConfig};
 use crate::wake::Key;
 
+/// A hijack waiting for its upgrade: the connection, hyper's upgrade, the handler.
+type Pending = (Key, OnUpgrade, Box<dyn Handler>);
+
 thread_local! {
     /// Hijacks registered on this poller thread, waiting for hyper to finish the response.
-    static PENDING: RefCell<Vec<(Key, OnUpgrade, Box<dyn Handler>)>> = const { RefCell::new(Vec::new()) };
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
     /// The server whose thread this is: settings, and (tokio backend) its shutdown signal.
     static CONTEXT: RefCell<Option<ServerContext>> = const { RefCell::new(None) };
 }

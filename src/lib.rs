@@ -41,6 +41,7 @@ mod hijack;
 mod reactor;
 mod server;
 mod service;
+pub mod sse;
 mod stream;
 pub mod tcp;
 mod timer;

@@ -97,7 +97,8 @@ fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> 
 /// A slab entry: an HTTP connection or a read-handler connection.
 enum Entry<S: ConnService> {
     Http(Conn<S>),
-    Tcp(LoopConn),
+    /// Boxed: a read-handler connection is larger than a parked HTTP one.
+    Tcp(Box<LoopConn>),
 }
 
 impl<S: ConnService> Entry<S> {
@@ -136,11 +137,10 @@ pub(crate) fn start<P: App>(
         .header_read_timeout
         .unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let mut http1 = cfg.http1(Some(header_timeout));
-    // The stream coalesces writes and sends them once per drive, which does what hyper's
-    // `pipeline_flush` does (without its skipped flush before an upgrade).
-    http1.timer(HopTimer).pipeline_flush(false);
+    http1.timer(HopTimer);
     let driver = Arc::new(DriverConfig {
         http1,
+        coalesce: cfg.pipeline_flush,
         idle_timeout: cfg.idle_timeout,
         park_after: cfg.park_after,
     });
@@ -361,7 +361,7 @@ impl<P: App> Poller<P> {
             NewConn::Tcp(handler) => {
                 let conn = crate::tcp::Conn::new(peer, local_addr, &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
-                Entry::Tcp(LoopConn::new(socket, key, core))
+                Entry::Tcp(Box::new(LoopConn::new(socket, key, core)))
             }
         });
         ready.push(key);
@@ -396,7 +396,7 @@ impl<P: App> Poller<P> {
                 let conn = crate::tcp::Conn::new(peer, local, &self.tcp);
                 let input = bytes::BytesMut::from(&taken.leftover[..]);
                 let core = ConnCore::new(taken.handler, conn, input, self.tcp.clone(), now);
-                *entry = Entry::Tcp(LoopConn::new(socket, key, core));
+                *entry = Entry::Tcp(Box::new(LoopConn::new(socket, key, core)));
                 wake::push_local(key);
             }
         }
@@ -405,6 +405,7 @@ impl<P: App> Poller<P> {
     fn close(&mut self, slot: usize, forced: bool) {
         let mut entry = self.conns.remove(slot);
         crate::hijack::forget(entry.key());
+        crate::sse::forget(entry.key());
         if forced {
             if let Entry::Tcp(c) = &mut entry {
                 c.abort();

@@ -113,7 +113,10 @@ impl Config {
         header_read_timeout: Option<Duration>,
     ) -> hyper::server::conn::http1::Builder {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.pipeline_flush(self.pipeline_flush)
+        // hyper's own `pipeline_flush` mode is never used: it skips flushing while request
+        // bytes are buffered (so a 400/431 or a 101 can be lost) and removes write
+        // backpressure. The reactor coalesces writes itself (see `stream`).
+        b.pipeline_flush(false)
             .header_read_timeout(header_read_timeout);
         if let Some(n) = self.max_buf_size {
             b.max_buf_size(n);
@@ -395,7 +398,9 @@ impl Builder {
         self
     }
 
-    /// Let pipelined responses share one write (default on).
+    /// Reactor: let pipelined responses share one write, sent once per drive (default on).
+    /// The tokio backend flushes after each response either way: hyper's own pipeline-flush
+    /// mode loses error responses and write backpressure.
     pub fn pipeline_flush(mut self, on: bool) -> Self {
         self.cfg.pipeline_flush = on;
         self

@@ -260,15 +260,23 @@ pub struct HopStream {
     own: Waker,
     /// Wake the owner when dropped (off when the owner itself drops the stream).
     wake_on_drop: bool,
+    /// Leave flushing to the end of the drive (`pipeline_flush`).
+    coalesce: bool,
 }
 
 impl HopStream {
-    pub(crate) fn new(socket: Arc<Socket>, key: Key, prefix: Option<Bytes>) -> Self {
+    pub(crate) fn new(
+        socket: Arc<Socket>,
+        key: Key,
+        prefix: Option<Bytes>,
+        coalesce: bool,
+    ) -> Self {
         HopStream {
             socket,
             prefix: prefix.filter(|p| !p.is_empty()),
             own: key.waker(),
             wake_on_drop: true,
+            coalesce,
         }
     }
 
@@ -406,11 +414,12 @@ impl hyper::rt::Write for HopStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.local(cx) {
+        let local = self.local(cx);
+        if local && self.coalesce {
             // The driver sends coalesced output when this drive ends.
             return Poll::Ready(Ok(()));
         }
-        self.socket.poll_flush_pending(cx, false)
+        self.socket.poll_flush_pending(cx, local)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

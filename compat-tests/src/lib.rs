@@ -1,1 +1,638 @@
+//! Shared helpers for hop's compatibility tests.
+//!
+//! Every test runs against both backends: [`backend_tests!`] turns one `async fn name(backend)`
+//! into `name_reactor` and `name_tokio` tests. The helpers here start a real server on a real
+//! loopback socket ([`start`], [`start_with_shutdown`]), talk raw HTTP/1.x bytes to it
+//! ([`RawConn`], [`exchange`]), parse responses off the wire ([`parse_response`]), and read
+//! this process's resident memory ([`rss_bytes`]).
 
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+pub use hop::Backend;
+
+#[doc(hidden)]
+pub use paste;
+
+/// How long a single test may run before it is failed (instead of hanging CI).
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a helper waits for bytes the server should send (generous: loaded 2-core CI).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Defines each `async fn name(backend) { .. }` as a helper and generates two tests,
+/// `name_reactor` and `name_tokio`, that run it on a 2-worker multi-thread tokio runtime with
+/// [`hop::Backend::Reactor`] and [`hop::Backend::Tokio`].
+///
+/// Attributes before `async fn` apply to both tests; `reactor { #[..] }` and `tokio { #[..] }`
+/// blocks (in that order) add attributes to one of them only, e.g.
+/// `reactor { #[ignore = "hop bug: .."] }`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($(
+        $(#[$meta:meta])*
+        $(reactor { $(#[$rmeta:meta])* })?
+        $(tokio { $(#[$tmeta:meta])* })?
+        async fn $name:ident($backend:ident) $body:block
+    )*) => {$(
+        #[allow(clippy::needless_pass_by_value)]
+        async fn $name($backend: $crate::Backend) $body
+
+        $crate::paste::paste! {
+            $(#[$meta])*
+            $($(#[$rmeta])*)?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn [<$name _reactor>]() {
+                $crate::run_test($name($crate::Backend::Reactor)).await
+            }
+
+            $(#[$meta])*
+            $($(#[$tmeta])*)?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn [<$name _tokio>]() {
+                $crate::run_test($name($crate::Backend::Tokio)).await
+            }
+        }
+    )*};
+}
+
+/// Runs a test body with tracing set up (`RUST_LOG` to see it) and an overall timeout.
+pub async fn run_test(body: impl Future<Output = ()>) {
+    init_tracing();
+    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
+        panic!("test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+/// Installs a `tracing` subscriber once (filtered by `RUST_LOG`, silent by default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A server started by [`start`] on a loopback port.
+pub struct TestServer {
+    /// Which backend it runs on.
+    pub backend: Backend,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its handle: counters and shutdown.
+    pub handle: hop::Handle,
+    /// The spawned serve future; resolves when the server has stopped.
+    pub task: JoinHandle<io::Result<()>>,
+}
+
+impl TestServer {
+    /// `http://127.0.0.1:port{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (up to `within`) for the serve future to resolve and checks it returned `Ok`.
+    pub async fn join(self, within: Duration) {
+        match tokio::time::timeout(within, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("[{}] serve future failed: {e}", self.backend),
+            Ok(Err(e)) => panic!("[{}] serve task panicked: {e}", self.backend),
+            Err(_) => panic!(
+                "[{}] serve future did not resolve within {within:?}",
+                self.backend
+            ),
+        }
+    }
+}
+
+fn bind_loopback() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+}
+
+/// The builder every test starts from: the given backend and 2 pollers.
+pub fn builder(backend: Backend) -> hop::Builder {
+    hop::Server::builder().backend(backend).pollers(2)
+}
+
+/// Starts `app` on `backend` (2 pollers) after letting `configure` adjust the builder, and
+/// spawns the serve future on the current tokio runtime.
+pub fn start<A, M>(
+    backend: Backend,
+    app: A,
+    configure: impl FnOnce(hop::Builder) -> hop::Builder,
+) -> TestServer
+where
+    A: hop::IntoConnService<M>,
+    M: 'static,
+{
+    let listener = bind_loopback();
+    let addr = listener.local_addr().expect("local_addr");
+    let serve = configure(builder(backend)).serve(listener, app);
+    let handle = serve.handle();
+    assert_eq!(handle.local_addr(), Some(addr));
+    let task = tokio::spawn(serve.into_future());
+    TestServer {
+        backend,
+        addr,
+        handle,
+        task,
+    }
+}
+
+/// Like [`start`], with a graceful-shutdown signal: sending on (or dropping) the returned
+/// sender starts the shutdown.
+pub fn start_with_shutdown<A, M>(
+    backend: Backend,
+    app: A,
+    configure: impl FnOnce(hop::Builder) -> hop::Builder,
+) -> (TestServer, tokio::sync::oneshot::Sender<()>)
+where
+    A: hop::IntoConnService<M>,
+    M: 'static,
+{
+    let listener = bind_loopback();
+    let addr = listener.local_addr().expect("local_addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = configure(builder(backend))
+        .serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+    let handle = serve.handle();
+    let task = tokio::spawn(serve.into_future());
+    (
+        TestServer {
+            backend,
+            addr,
+            handle,
+            task,
+        },
+        tx,
+    )
+}
+
+/// A reqwest client that ignores proxy settings from the environment.
+pub fn reqwest_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client")
+}
+
+/// A hyper-util (legacy) HTTP/1 client with connection pooling.
+pub fn hyper_client<B>(
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// How the server ended a connection we were reading from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// A clean close (FIN): `read` returned 0.
+    Eof,
+    /// The connection was reset (or another read error).
+    Reset,
+    /// Nothing more arrived, and the connection stayed open, for the whole wait.
+    TimedOut,
+}
+
+impl End {
+    /// Whether the server closed the connection (cleanly or not).
+    pub fn closed(self) -> bool {
+        matches!(self, End::Eof | End::Reset)
+    }
+}
+
+/// A response parsed off the wire.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    pub version: String,
+    /// The status code.
+    pub status: u16,
+    /// Headers in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as UTF-8 (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Whether the response asks to close the connection (`connection: close`).
+    pub fn connection_close(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses one response from the front of `buf`.
+///
+/// `head_request`: the request was `HEAD`, so there is no body whatever the headers say.
+/// `eof`: the peer has closed, so a response without length ends at the end of `buf`.
+/// Returns `Ok(None)` while more bytes are needed, `Ok(Some((response, bytes used)))` once a
+/// whole response is there, and `Err` for bytes that are not a valid response.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    eof: bool,
+) -> Result<Option<(RawResponse, usize)>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err("response head larger than 64 KiB".into());
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|e| format!("head: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default().to_string();
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("bad status line {status_line:?}"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = Vec::new();
+    for line in lines {
+        let (n, v) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut res = RawResponse {
+        version,
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let body_start = head_end + 4;
+    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(Some((res, body_start)));
+    }
+    let chunked = res
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        let mut pos = body_start;
+        let mut body = Vec::new();
+        loop {
+            let Some(line_end) = find(&buf[pos..], b"\r\n") else {
+                return Ok(None);
+            };
+            let line = std::str::from_utf8(&buf[pos..pos + line_end])
+                .map_err(|e| format!("chunk size: {e}"))?;
+            let size_str = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_str, 16)
+                .map_err(|e| format!("chunk size {line:?}: {e}"))?;
+            pos += line_end + 2;
+            if size == 0 {
+                // Trailers, then an empty line.
+                loop {
+                    let Some(end) = find(&buf[pos..], b"\r\n") else {
+                        return Ok(None);
+                    };
+                    pos += end + 2;
+                    if end == 0 {
+                        res.body = body;
+                        return Ok(Some((res, pos)));
+                    }
+                }
+            }
+            if buf.len() < pos + size + 2 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&buf[pos..pos + size]);
+            if &buf[pos + size..pos + size + 2] != b"\r\n" {
+                return Err("chunk not followed by CRLF".into());
+            }
+            pos += size + 2;
+        }
+    }
+    if let Some(len) = res.header("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|e| format!("content-length {len:?}: {e}"))?;
+        if buf.len() < body_start + len {
+            return Ok(None);
+        }
+        res.body = buf[body_start..body_start + len].to_vec();
+        return Ok(Some((res, body_start + len)));
+    }
+    // No length: the body runs to the end of the connection.
+    if eof {
+        res.body = buf[body_start..].to_vec();
+        Ok(Some((res, buf.len())))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Parses every complete response in `buf` (none of them to `HEAD` requests).
+pub fn parse_all(buf: &[u8]) -> Result<Vec<RawResponse>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        match parse_response(&buf[pos..], false, true)? {
+            Some((res, used)) => {
+                out.push(res);
+                pos += used;
+            }
+            None => return Err(format!("{} trailing bytes", buf.len() - pos)),
+        }
+    }
+    Ok(out)
+}
+
+/// A raw client connection: writes exact bytes, reads and parses responses.
+pub struct RawConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl RawConn {
+    /// Connects to `addr` (panics if the connection cannot be made).
+    pub async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        stream.set_nodelay(true).ok();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Wraps an already connected stream.
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        stream.set_nodelay(true).ok();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Our end's address (the peer address the server sees).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local_addr")
+    }
+
+    /// Writes all of `bytes`.
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) -> io::Result<()> {
+        self.stream.write_all(bytes.as_ref()).await?;
+        self.stream.flush().await
+    }
+
+    /// Half-closes our side for writing.
+    pub async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.stream.shutdown().await
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    async fn fill(&mut self, within: Duration) -> Result<usize, End> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        match tokio::time::timeout(within, self.stream.read(&mut chunk)).await {
+            Err(_) => Err(End::TimedOut),
+            Ok(Err(_)) => {
+                self.eof = true;
+                Err(End::Reset)
+            }
+            Ok(Ok(0)) => {
+                self.eof = true;
+                Ok(0)
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Reads the next response (`head_request`: it answers a `HEAD`), or says how the
+    /// connection ended first.
+    pub async fn try_read_response(
+        &mut self,
+        head_request: bool,
+        within: Duration,
+    ) -> Result<RawResponse, End> {
+        let deadline = Instant::now() + within;
+        loop {
+            match parse_response(&self.buf, head_request, self.eof) {
+                Ok(Some((res, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(res);
+                }
+                Ok(None) => {}
+                Err(e) => panic!(
+                    "unparseable response ({e}): {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+            if self.eof {
+                return Err(End::Eof);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fill(left).await {
+                Ok(_) => {}
+                Err(End::Reset) if !self.buf.is_empty() => {}
+                Err(end) => return Err(end),
+            }
+        }
+    }
+
+    /// Reads the next response; panics if none arrives within [`IO_TIMEOUT`].
+    pub async fn read_response(&mut self) -> RawResponse {
+        match self.try_read_response(false, IO_TIMEOUT).await {
+            Ok(res) => res,
+            Err(end) => panic!(
+                "expected a response, got {end:?} after {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Reads the next response to a `HEAD` request.
+    pub async fn read_head_response(&mut self) -> RawResponse {
+        match self.try_read_response(true, IO_TIMEOUT).await {
+            Ok(res) => res,
+            Err(end) => panic!(
+                "expected a response, got {end:?} after {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Sends `request` and reads one response.
+    pub async fn roundtrip(&mut self, request: impl AsRef<[u8]>) -> RawResponse {
+        self.send(request).await.expect("send request");
+        self.read_response().await
+    }
+
+    /// Waits up to `within` for the server to close the connection; returns how it ended and
+    /// any bytes that arrived meanwhile (plus what was already buffered and unparsed).
+    pub async fn wait_close(&mut self, within: Duration) -> (End, Vec<u8>) {
+        let deadline = Instant::now() + within;
+        let end = loop {
+            if self.eof {
+                break End::Eof;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fill(left).await {
+                Ok(0) => break End::Eof,
+                Ok(_) => {}
+                Err(end) => break end,
+            }
+        };
+        (end, std::mem::take(&mut self.buf))
+    }
+
+    /// Bytes received but not yet parsed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads raw bytes, up to `max`, without parsing (for streaming tests); `Ok(0)` at EOF.
+    pub async fn read_raw(&mut self, max: usize, within: Duration) -> Result<Vec<u8>, End> {
+        if !self.buf.is_empty() {
+            let n = max.min(self.buf.len());
+            return Ok(self.buf.drain(..n).collect());
+        }
+        let mut chunk = vec![0u8; max];
+        match tokio::time::timeout(within, self.stream.read(&mut chunk)).await {
+            Err(_) => Err(End::TimedOut),
+            Ok(Err(_)) => Err(End::Reset),
+            Ok(Ok(n)) => {
+                chunk.truncate(n);
+                Ok(chunk)
+            }
+        }
+    }
+}
+
+/// Connects, writes `request` (ignoring write errors: the server may close early), and reads
+/// until the server closes or nothing arrives for `within`. Returns the bytes and how it ended.
+pub async fn exchange(addr: SocketAddr, request: &[u8], within: Duration) -> (Vec<u8>, End) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let request = request.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&request).await;
+        let _ = wr.flush().await;
+        // Keep the write half open (no FIN) until the reader is done.
+        wr
+    });
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = loop {
+        match tokio::time::timeout(within, rd.read(&mut chunk)).await {
+            Err(_) => break End::TimedOut,
+            Ok(Err(_)) => break End::Reset,
+            Ok(Ok(0)) => break End::Eof,
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+        }
+    };
+    drop(writer.await);
+    (out, end)
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` runs out; returns whether it held.
+pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// This process's resident set size in bytes (`VmRSS` in `/proc/self/status`), if known.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A `GET path` request with `Host` and the given extra header lines (each ending in CRLF).
+pub fn get_req(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n")
+}
+
+/// Counts what a lazily produced response body has produced, and whether it was dropped.
+#[derive(Debug, Default)]
+pub struct StreamProbe {
+    /// Bytes handed to the server so far.
+    pub produced: std::sync::atomic::AtomicU64,
+    /// Set when the body stream is dropped (finished, or abandoned by the server).
+    pub dropped: std::sync::atomic::AtomicBool,
+}
+
+struct ProbeGuard(std::sync::Arc<StreamProbe>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0
+            .dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body of `total` bytes produced lazily, `chunk` bytes at a time, each chunk only
+/// when the server asks for it; `probe` records progress. Byte `i` of the body is `i % 251`.
+pub fn lazy_body(total: u64, chunk: usize, probe: std::sync::Arc<StreamProbe>) -> axum::body::Body {
+    use std::sync::atomic::Ordering;
+    let guard = ProbeGuard(probe);
+    let stream = futures_util::stream::unfold((0u64, guard), move |(sent, guard)| async move {
+        if sent >= total {
+            return None;
+        }
+        let n = (total - sent).min(chunk as u64);
+        let data: Vec<u8> = (sent..sent + n).map(|i| (i % 251) as u8).collect();
+        guard.0.produced.fetch_add(n, Ordering::SeqCst);
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(data)),
+            (sent + n, guard),
+        ))
+    });
+    axum::body::Body::from_stream(stream)
+}

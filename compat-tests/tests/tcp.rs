@@ -275,14 +275,10 @@ backend_tests! {
             .route("/", get(|| async { "plain" }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut builder = hop::Server::builder().backend(backend).pollers(2);
-        if backend == Backend::Tokio {
-            // hyper's own `pipeline_flush` skips flushing the 101 when bytes follow the upgrade
-            // request in its read buffer, and the head is lost; the reactor coalesces writes
-            // itself and is not affected. See the README's "Differences".
-            builder = builder.pipeline_flush(false);
-        }
-        let serve = builder.serve(listener, app);
+        let serve = hop::Server::builder()
+            .backend(backend)
+            .pollers(2)
+            .serve(listener, app);
         let handle = serve.handle();
         tokio::spawn(serve.into_future());
 

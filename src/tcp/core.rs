@@ -147,10 +147,7 @@ impl ConnCore {
             .filter(|_| !self.eof)
             .map(|t| self.last_read + t);
         let i = self.conn.idle_timeout.map(|t| self.last_active + t);
-        match (r, i) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [r, i, self.conn.timer].into_iter().flatten().min()
     }
 
     fn drain_mailbox(&mut self, cx: &Context<'_>) {
@@ -290,10 +287,22 @@ impl ConnCore {
             }
             break;
         }
-        if let Some(due) = self.next_deadline() {
-            if now >= due {
-                return Err(CloseReason::Timeout);
+        if self.conn.timer.is_some_and(|t| now >= t) {
+            self.conn.timer = None;
+            self.call(|h, c, _| h.on_timer(c))?;
+            if !self.conn.out.is_empty() || self.conn.closing {
+                return self.poll_inner(cx, io, now);
             }
+        }
+        let timeouts = [
+            self.conn
+                .read_timeout
+                .filter(|_| !self.eof)
+                .map(|t| self.last_read + t),
+            self.conn.idle_timeout.map(|t| self.last_active + t),
+        ];
+        if timeouts.into_iter().flatten().any(|due| now >= due) {
+            return Err(CloseReason::Timeout);
         }
         Ok(())
     }

@@ -152,6 +152,12 @@ pub trait Handler: Send + 'static {
         Ok(())
     }
 
+    /// The timer set with [`Conn::set_timer`] is due.
+    fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
+        let _ = conn;
+        Ok(())
+    }
+
     /// The server is shutting down gracefully. The default closes once output is flushed.
     fn on_shutdown(&mut self, conn: &mut Conn) {
         conn.close();
@@ -175,6 +181,7 @@ pub struct Conn {
     pub(crate) want_writable: bool,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
     pub(crate) waker: Option<Waker>,
 }
@@ -202,6 +209,7 @@ impl Conn {
             want_writable: false,
             read_timeout: cfg.read_timeout,
             idle_timeout: cfg.idle_timeout,
+            timer: None,
             mailbox: None,
             waker: None,
         }
@@ -269,6 +277,12 @@ impl Conn {
     /// server's settings).
     pub fn set_read_timeout(&mut self, t: Option<Duration>) {
         self.read_timeout = t;
+    }
+
+    /// Calls [`Handler::on_timer`] once, `after` from now (`None` cancels). Timers run on the
+    /// poller's timer (a tokio timer under the tokio backend).
+    pub fn set_timer(&mut self, after: Option<Duration>) {
+        self.timer = after.map(|d| std::time::Instant::now() + d);
     }
 
     /// Closes the connection if nothing is read or written for `t` (`None`: never).

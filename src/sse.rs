@@ -1,0 +1,560 @@
+//! Server-Sent Events: a [`Hub`] of subscribers that live on their poller with no task and no
+//! buffer while idle.
+//!
+//! [`Hub::subscribe`] answers `200 text/event-stream`. Under the reactor, once hyper has written
+//! that head the driver takes the socket back from hyper (as a hijack does) and the subscriber
+//! becomes a read-handler connection: events are written straight into its bounded outbound
+//! buffer, keep-alive comments come from the poller's timer. Under the tokio backend a
+//! subscriber is an ordinary streaming body fed by a channel (a task per connection there).
+//!
+//! A subscriber whose queue is full (a slow reader) is dropped and counted
+//! ([`Hub::dropped`]); one that disconnects is removed at once.
+//!
+//! ```no_run
+//! use axum::{extract::{Request, State}, routing::{get, post}, Router};
+//! use hop::sse::{Event, Hub};
+//!
+//! let hub = Hub::new();
+//! let app: Router = Router::new()
+//!     .route("/sse", get(|State(hub): State<Hub>, req: Request| async move {
+//!         hub.subscribe(&req).into_response()
+//!     }))
+//!     .route("/sse/broadcast", post(|State(hub): State<Hub>, body: String| async move {
+//!         hub.send(&Event::new(body));
+//!     }))
+//!     .with_state(hub);
+//! ```
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Request, Response, Version};
+use http_body::{Body, Frame};
+
+use crate::tcp::{CloseReason, Conn, ConnHandle, Handler, WriteError};
+use crate::wake::Key;
+
+/// One event.
+#[derive(Debug, Clone, Default)]
+pub struct Event {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+    retry: Option<Duration>,
+}
+
+impl Event {
+    /// An event carrying `data` (several lines are sent as several `data:` fields).
+    pub fn new(data: impl Into<String>) -> Self {
+        Event {
+            data: data.into(),
+            ..Event::default()
+        }
+    }
+
+    /// Sets the event id (what a reconnecting client sends back as `Last-Event-ID`).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the event type.
+    pub fn event(mut self, name: impl Into<String>) -> Self {
+        self.event = Some(name.into());
+        self
+    }
+
+    /// Sets the client's reconnection delay.
+    pub fn retry(mut self, after: Duration) -> Self {
+        self.retry = Some(after);
+        self
+    }
+
+    fn encode(&self) -> String {
+        let mut s = String::with_capacity(self.data.len() + 32);
+        if let Some(id) = &self.id {
+            let _ = writeln!(s, "id: {}", id.replace(['\r', '\n'], ""));
+        }
+        if let Some(e) = &self.event {
+            let _ = writeln!(s, "event: {}", e.replace(['\r', '\n'], ""));
+        }
+        if let Some(r) = self.retry {
+            let _ = writeln!(s, "retry: {}", r.as_millis());
+        }
+        for line in self.data.split('\n') {
+            let _ = writeln!(s, "data: {}", line.strip_suffix('\r').unwrap_or(line));
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// Frames `payload` as an HTTP/1.1 chunk (or not at all for HTTP/1.0, close-delimited).
+fn frame(payload: &[u8], chunked: bool) -> Bytes {
+    if !chunked {
+        return Bytes::copy_from_slice(payload);
+    }
+    let mut b = BytesMut::with_capacity(payload.len() + 12);
+    let _ = std::fmt::Write::write_fmt(&mut Hex(&mut b), format_args!("{:x}\r\n", payload.len()));
+    b.extend_from_slice(payload);
+    b.extend_from_slice(b"\r\n");
+    b.freeze()
+}
+
+struct Hex<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for Hex<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Settings of a hub.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// How often an idle subscriber gets a keep-alive comment (default 15 s).
+    pub keep_alive: Duration,
+    /// Most bytes queued for one subscriber; a subscriber over it is dropped (default 256 KiB).
+    pub max_queue: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            keep_alive: Duration::from_secs(15),
+            max_queue: 256 * 1024,
+        }
+    }
+}
+
+enum Sink {
+    /// A subscriber on a poller.
+    Loop { handle: ConnHandle, chunked: bool },
+    /// A subscriber served as a streaming body (tokio backend).
+    Channel {
+        tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+        queued: Arc<AtomicUsize>,
+        chunked: bool,
+    },
+}
+
+struct HubInner {
+    cfg: HubConfig,
+    subs: Mutex<HashMap<u64, Sink>>,
+    next_id: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A set of SSE subscribers: `Clone + Send`, cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("subscribers", &self.len())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+/// The outcome of offering bytes to one subscriber.
+enum Offer {
+    Queued,
+    Gone,
+    Slow,
+}
+
+impl Hub {
+    /// A hub with the default settings.
+    pub fn new() -> Self {
+        Hub::with_config(HubConfig::default())
+    }
+
+    /// A hub with the given settings.
+    pub fn with_config(cfg: HubConfig) -> Self {
+        Hub {
+            inner: Arc::new(HubInner {
+                cfg,
+                subs: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                dropped: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Sink>> {
+        self.inner.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribers connected now.
+    pub fn len(&self) -> usize {
+        self.subs().len()
+    }
+
+    /// Whether there are no subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Subscribers dropped because they did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Starts a subscription for `req`; answer the request with
+    /// [`Subscription::into_response`].
+    pub fn subscribe<B>(&self, req: &Request<B>) -> Subscription {
+        let last_event_id = req
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Subscription {
+            hub: self.clone(),
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            last_event_id,
+            chunked: req.version() >= Version::HTTP_11,
+            backlog: Vec::new(),
+        }
+    }
+
+    fn offer(sink: &Sink, event: &[u8], max: usize) -> Offer {
+        match sink {
+            Sink::Loop { handle, chunked } => match handle.write(frame(event, *chunked)) {
+                Ok(()) => Offer::Queued,
+                Err(WriteError::Full { .. }) => Offer::Slow,
+                Err(_) => Offer::Gone,
+            },
+            Sink::Channel {
+                tx,
+                queued,
+                chunked,
+            } => {
+                let bytes = frame(event, *chunked);
+                if queued.load(Ordering::Relaxed) + bytes.len() > max {
+                    return Offer::Slow;
+                }
+                queued.fetch_add(bytes.len(), Ordering::Relaxed);
+                match tx.send(bytes) {
+                    Ok(()) => Offer::Queued,
+                    Err(_) => Offer::Gone,
+                }
+            }
+        }
+    }
+
+    fn settle(&self, id: u64, offer: Offer, subs: &mut HashMap<u64, Sink>) -> bool {
+        match offer {
+            Offer::Queued => true,
+            Offer::Gone => {
+                subs.remove(&id);
+                false
+            }
+            Offer::Slow => {
+                tracing::debug!(id, "dropping a slow SSE subscriber");
+                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(Sink::Loop { handle, .. }) = subs.remove(&id) {
+                    handle.close();
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends `event` to every subscriber; returns how many it was queued for.
+    pub fn send(&self, event: &Event) -> usize {
+        let text = event.encode();
+        let max = self.inner.cfg.max_queue;
+        let mut subs = self.subs();
+        let ids: Vec<u64> = subs.keys().copied().collect();
+        let mut n = 0;
+        for id in ids {
+            let offer = Self::offer(&subs[&id], text.as_bytes(), max);
+            n += self.settle(id, offer, &mut subs) as usize;
+        }
+        n
+    }
+
+    /// Sends `event` to subscriber `id`; `false` if it is gone or was dropped.
+    pub fn send_to(&self, id: u64, event: &Event) -> bool {
+        let text = event.encode();
+        let mut subs = self.subs();
+        let Some(sink) = subs.get(&id) else {
+            return false;
+        };
+        let offer = Self::offer(sink, text.as_bytes(), self.inner.cfg.max_queue);
+        self.settle(id, offer, &mut subs)
+    }
+
+    fn remove(&self, id: u64) {
+        self.subs().remove(&id);
+    }
+}
+
+/// A subscription being set up: replay missed events with [`send`](Self::send), then answer
+/// with [`into_response`](Self::into_response).
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    id: u64,
+    last_event_id: Option<String>,
+    chunked: bool,
+    backlog: Vec<Bytes>,
+}
+
+impl Subscription {
+    /// This subscriber's id, for [`Hub::send_to`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The `Last-Event-ID` the client sent when reconnecting.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_event_id.as_deref()
+    }
+
+    /// Queues an event for this subscriber only, sent first (e.g. those it missed).
+    pub fn send(&mut self, event: &Event) {
+        self.backlog
+            .push(frame(event.encode().as_bytes(), self.chunked));
+    }
+
+    /// The `200 text/event-stream` response; the subscriber joins the hub when it is sent.
+    pub fn into_response(self) -> Response<SseBody> {
+        let key = crate::timer::current_key()
+            .filter(|k| crate::wake::current_poller() == Some(k.poller()));
+        let body = match key {
+            Some(key) => {
+                TAKEOVERS.with(|t| {
+                    t.borrow_mut().push(Takeover {
+                        key,
+                        ready: false,
+                        handler: Box::new(Subscriber {
+                            hub: self.hub.clone(),
+                            id: self.id,
+                            chunked: self.chunked,
+                            backlog: self.backlog,
+                        }),
+                    })
+                });
+                SseInner::Takeover { key }
+            }
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let queued = Arc::new(AtomicUsize::new(0));
+                for b in self.backlog {
+                    queued.fetch_add(b.len(), Ordering::Relaxed);
+                    let _ = tx.send(b);
+                }
+                self.hub.subs().insert(
+                    self.id,
+                    Sink::Channel {
+                        tx,
+                        queued: queued.clone(),
+                        chunked: self.chunked,
+                    },
+                );
+                let period = self.hub.inner.cfg.keep_alive;
+                SseInner::Channel {
+                    rx,
+                    queued,
+                    keep_alive: tokio::time::interval_at(
+                        tokio::time::Instant::now() + period,
+                        period,
+                    ),
+                    _leave: Leave {
+                        hub: self.hub,
+                        id: self.id,
+                    },
+                }
+            }
+        };
+        let mut res = Response::new(SseBody { inner: body });
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        res
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Subscription {
+    fn into_response(self) -> axum::response::Response {
+        Subscription::into_response(self).map(axum::body::Body::new)
+    }
+}
+
+/// Removes a channel subscriber when its body is dropped (the client went away).
+struct Leave {
+    hub: Hub,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.hub.remove(self.id);
+    }
+}
+
+/// The body of an SSE response.
+pub struct SseBody {
+    inner: SseInner,
+}
+
+enum SseInner {
+    /// Never polled to the end: the driver takes the connection over once the head is out.
+    Takeover { key: Key },
+    /// Events from the hub, as a streaming body (tokio backend).
+    Channel {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+        queued: Arc<AtomicUsize>,
+        keep_alive: tokio::time::Interval,
+        _leave: Leave,
+    },
+}
+
+impl std::fmt::Debug for SseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SseBody")
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match &mut self.inner {
+            SseInner::Takeover { key } => {
+                // hyper has written the head: the driver may take the connection now.
+                let key = *key;
+                TAKEOVERS.with(|t| {
+                    if let Some(e) = t.borrow_mut().iter_mut().find(|e| e.key == key) {
+                        e.ready = true;
+                    }
+                });
+                Poll::Pending
+            }
+            SseInner::Channel {
+                rx,
+                queued,
+                keep_alive,
+                ..
+            } => {
+                if let Poll::Ready(msg) = rx.poll_recv(cx) {
+                    return Poll::Ready(msg.map(|b| {
+                        queued.fetch_sub(b.len(), Ordering::Relaxed);
+                        Ok(Frame::data(b))
+                    }));
+                }
+                if keep_alive.poll_tick(cx).is_ready() {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b":\n\n")))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+struct Takeover {
+    key: Key,
+    ready: bool,
+    handler: Box<dyn Handler>,
+}
+
+thread_local! {
+    static TAKEOVERS: RefCell<Vec<Takeover>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The read handler an SSE subscriber becomes on the reactor (if hyper's head is out).
+pub(crate) fn take_over(key: Key) -> Option<Box<dyn Handler>> {
+    TAKEOVERS.with(|t| {
+        let mut t = t.borrow_mut();
+        let i = t.iter().position(|e| e.key == key && e.ready)?;
+        Some(t.swap_remove(i).handler)
+    })
+}
+
+/// Forgets a takeover whose connection closed first.
+pub(crate) fn forget(key: Key) {
+    TAKEOVERS.with(|t| t.borrow_mut().retain(|e| e.key != key));
+}
+
+/// An SSE subscriber on a poller.
+struct Subscriber {
+    hub: Hub,
+    id: u64,
+    chunked: bool,
+    backlog: Vec<Bytes>,
+}
+
+impl Handler for Subscriber {
+    fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
+        conn.set_max_write_buffer(self.hub.inner.cfg.max_queue);
+        conn.set_idle_timeout(None);
+        conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
+        for b in self.backlog.drain(..) {
+            conn.write(&b)?;
+        }
+        let handle = conn.handle();
+        self.hub.subs().insert(
+            self.id,
+            Sink::Loop {
+                handle,
+                chunked: self.chunked,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_read(&mut self, _conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
+        // Subscribers have nothing to say; ignore whatever they send.
+        input.clear();
+        Ok(())
+    }
+
+    fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
+        if conn.queued() == 0 {
+            conn.write(&frame(b":\n\n", self.chunked))?;
+        }
+        conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
+        Ok(())
+    }
+
+    fn on_shutdown(&mut self, conn: &mut Conn) {
+        // End the stream properly: the last chunk, then close.
+        self.hub.remove(self.id);
+        if self.chunked {
+            let _ = conn.write(b"0\r\n\r\n");
+        }
+        conn.close();
+    }
+
+    fn on_close(&mut self, _reason: CloseReason) {
+        self.hub.remove(self.id);
+    }
+}
