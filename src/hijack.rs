@@ -58,6 +58,22 @@ fn thread_context() -> ServerContext {
         })
 }
 
+/// Resolves when this thread's server starts a graceful shutdown (tokio backend); never for a
+/// thread without one.
+pub(crate) async fn shutdown_signal(ctx: Option<tokio::sync::watch::Receiver<bool>>) {
+    match ctx {
+        Some(mut rx) => {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The shutdown signal of this thread's server, if it has one.
+pub(crate) fn thread_shutdown() -> Option<tokio::sync::watch::Receiver<bool>> {
+    thread_context().shutdown
+}
+
 /// Counts a hijacked task until it ends.
 struct TaskGuard(Arc<tokio::sync::watch::Sender<usize>>);
 

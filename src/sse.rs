@@ -11,7 +11,7 @@
 //! ([`Hub::dropped`]); one that disconnects is removed at once.
 //!
 //! ```no_run
-//! use axum::{extract::{Request, State}, routing::{get, post}, Router};
+//! use axum::{extract::{Request, State}, response::IntoResponse, routing::{get, post}, Router};
 //! use hop::sse::{Event, Hub};
 //!
 //! let hub = Hub::new();
@@ -219,8 +219,8 @@ impl Hub {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    /// Starts a subscription for `req`; answer the request with
-    /// [`Subscription::into_response`].
+    /// Starts a subscription for `req`; answer the request with [`Subscription::response`]
+    /// (or, in axum, return the subscription: it is `IntoResponse`).
     pub fn subscribe<B>(&self, req: &Request<B>) -> Subscription {
         let last_event_id = req
             .headers()
@@ -310,7 +310,7 @@ impl Hub {
 }
 
 /// A subscription being set up: replay missed events with [`send`](Self::send), then answer
-/// with [`into_response`](Self::into_response).
+/// with [`response`](Self::response) (or axum's `IntoResponse`).
 #[derive(Debug)]
 pub struct Subscription {
     hub: Hub,
@@ -338,7 +338,7 @@ impl Subscription {
     }
 
     /// The `200 text/event-stream` response; the subscriber joins the hub when it is sent.
-    pub fn into_response(self) -> Response<SseBody> {
+    pub fn response(self) -> Response<SseBody> {
         let key = crate::timer::current_key()
             .filter(|k| crate::wake::current_poller() == Some(k.poller()));
         let body = match key {
@@ -380,6 +380,9 @@ impl Subscription {
                         tokio::time::Instant::now() + period,
                         period,
                     ),
+                    shutdown: Box::pin(crate::hijack::shutdown_signal(
+                        crate::hijack::thread_shutdown(),
+                    )),
                     _leave: Leave {
                         hub: self.hub,
                         id: self.id,
@@ -394,6 +397,8 @@ impl Subscription {
             HeaderValue::from_static("text/event-stream"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // A subscription is the connection's last response.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         res
     }
 }
@@ -401,7 +406,7 @@ impl Subscription {
 #[cfg(feature = "axum")]
 impl axum::response::IntoResponse for Subscription {
     fn into_response(self) -> axum::response::Response {
-        Subscription::into_response(self).map(axum::body::Body::new)
+        self.response().map(axum::body::Body::new)
     }
 }
 
@@ -430,6 +435,8 @@ enum SseInner {
         rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
         queued: Arc<AtomicUsize>,
         keep_alive: tokio::time::Interval,
+        /// Ends the stream when the server shuts down gracefully.
+        shutdown: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         _leave: Leave,
     },
 }
@@ -463,8 +470,13 @@ impl Body for SseBody {
                 rx,
                 queued,
                 keep_alive,
+                shutdown,
                 ..
             } => {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    // The server is draining: end the stream (the last chunk is written).
+                    return Poll::Ready(None);
+                }
                 if let Poll::Ready(msg) = rx.poll_recv(cx) {
                     return Poll::Ready(msg.map(|b| {
                         queued.fetch_sub(b.len(), Ordering::Relaxed);

@@ -160,6 +160,7 @@ impl ConnCore {
             self.conn.out.extend_from_slice(&b);
         }
         st.bytes = 0;
+        st.out_len = self.conn.out.len();
         if st.close {
             self.conn.closing = true;
         }
@@ -176,7 +177,15 @@ impl ConnCore {
         now: Instant,
     ) -> Poll<CloseReason> {
         match self.poll_inner(cx, io, now) {
-            Ok(()) => Poll::Pending,
+            Ok(()) => {
+                // Tell handles how much is still queued here, for their bound.
+                if let Some(mb) = &self.conn.mailbox {
+                    let mut st = mb.lock();
+                    st.out_len = self.conn.out.len();
+                    st.max = self.conn.max_output;
+                }
+                Poll::Pending
+            }
             Err(reason) => Poll::Ready(reason),
         }
     }

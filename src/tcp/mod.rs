@@ -320,6 +320,8 @@ pub(crate) struct Mailbox {
 pub(crate) struct MailboxState {
     pub(crate) writes: Vec<Bytes>,
     pub(crate) bytes: usize,
+    /// Bytes queued on the connection's side, not yet written to the socket.
+    pub(crate) out_len: usize,
     pub(crate) max: usize,
     pub(crate) close: bool,
     pub(crate) shutdown_write: bool,
@@ -362,9 +364,10 @@ impl ConnHandle {
     pub fn write(&self, data: impl Into<Bytes>) -> Result<(), WriteError> {
         let data = data.into();
         self.send(|st| {
-            if st.bytes + data.len() > st.max {
+            let queued = st.bytes + st.out_len;
+            if queued + data.len() > st.max {
                 return Err(WriteError::Full {
-                    capacity: st.max.saturating_sub(st.bytes),
+                    capacity: st.max.saturating_sub(queued),
                 });
             }
             st.bytes += data.len();

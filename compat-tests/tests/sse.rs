@@ -1,0 +1,186 @@
+//! `hop::sse` on both backends, read through a real SSE parser (eventsource-stream).
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use compat_tests::backend_tests;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use hop::sse::{Event, Hub, HubConfig};
+use hop::Backend;
+use tokio::io::AsyncReadExt;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn subscribe(State(hub): State<Hub>, req: Request) -> axum::response::Response {
+    let mut sub = hub.subscribe(&req);
+    if let Some(last) = sub.last_event_id() {
+        // Hand the client what it missed since `last`.
+        let missed = Event::new(format!("since {last}")).event("replay");
+        sub.send(&missed);
+    }
+    sub.into_response()
+}
+
+fn start(backend: Backend, cfg: HubConfig) -> (SocketAddr, hop::Handle, Hub) {
+    let hub = Hub::with_config(cfg);
+    let app = Router::new()
+        .route("/sse", get(subscribe))
+        .route("/", get(|| async { "ok" }))
+        .with_state(hub.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = hop::Server::builder()
+        .backend(backend)
+        .pollers(2)
+        .serve(listener, app);
+    let handle = serve.handle();
+    tokio::spawn(serve.into_future());
+    (addr, handle, hub)
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+backend_tests! {
+    async fn broadcast_reaches_subscribers(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+            assert_eq!(res.status(), 200);
+            assert_eq!(res.headers()["content-type"], "text/event-stream");
+            streams.push(res.bytes_stream().eventsource());
+        }
+        wait_for("3 subscribers", || hub.len() == 3).await;
+        assert_eq!(hub.send(&Event::new("line one\nline two").id("7").event("greeting")), 3);
+        for s in &mut streams {
+            let ev = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(ev.event, "greeting");
+            assert_eq!(ev.id, "7");
+            assert_eq!(ev.data, "line one\nline two");
+        }
+        // Plain requests still work beside the subscribers.
+        assert_eq!(reqwest::get(format!("http://{addr}/")).await.unwrap().text().await.unwrap(), "ok");
+        handle.shutdown();
+    }
+
+    async fn send_to_one_and_last_event_id(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let client = reqwest::Client::new();
+        let res = client
+            .get(format!("http://{addr}/sse"))
+            .header("last-event-id", "41")
+            .send()
+            .await
+            .unwrap();
+        let mut s = res.bytes_stream().eventsource();
+        let ev = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!((ev.event.as_str(), ev.data.as_str()), ("replay", "since 41"));
+        wait_for("1 subscriber", || hub.len() == 1).await;
+        // Only this subscriber exists; send_to by a wrong id fails, the right one works.
+        assert!(!hub.send_to(9999, &Event::new("nobody")));
+        assert_eq!(hub.send(&Event::new("everyone")), 1);
+        let ev = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(ev.data, "everyone");
+        handle.shutdown();
+    }
+
+    async fn keep_alive_comments(backend) {
+        let cfg = HubConfig { keep_alive: Duration::from_millis(100), ..HubConfig::default() };
+        let (addr, handle, _hub) = start(backend, cfg);
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains(":\n\n") {
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        handle.shutdown();
+    }
+
+    async fn disconnected_subscribers_are_removed(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+        wait_for("a subscriber", || hub.len() == 1).await;
+        drop(res);
+        // Under the tokio backend the body notices on the next write; nudge it.
+        wait_for("the subscriber to leave", || {
+            hub.send(&Event::new("ping"));
+            hub.is_empty()
+        })
+        .await;
+        handle.shutdown();
+    }
+
+    async fn slow_subscriber_is_dropped(backend) {
+        let cfg = HubConfig { max_queue: 256 * 1024, ..HubConfig::default() };
+        let (addr, handle, hub) = start(backend, cfg);
+        // A subscriber that never reads.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        slow.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // And one that keeps up: each event is sent once it has read the previous one.
+        let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+        let mut fast = res.bytes_stream().eventsource();
+        wait_for("2 subscribers", || hub.len() == 2).await;
+        let big = "x".repeat(32 * 1024);
+        let mut sent = 0;
+        while hub.dropped() == 0 {
+            assert!(sent < 2000, "the slow subscriber was never dropped");
+            hub.send(&Event::new(big.clone()));
+            sent += 1;
+            match tokio::time::timeout(WAIT, fast.next()).await {
+                Ok(Some(Ok(ev))) => assert_eq!(ev.data.len(), big.len()),
+                other => panic!("the fast subscriber failed after {sent}: {other:?}"),
+            }
+        }
+        assert_eq!(hub.len(), 1, "only the slow subscriber goes");
+        // The slow one was closed: after draining what was queued, its stream ends.
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(WAIT, async {
+            loop {
+                match slow.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the slow subscriber's connection was not closed");
+        handle.shutdown();
+    }
+
+    async fn shutdown_ends_streams(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+        wait_for("a subscriber", || hub.len() == 1).await;
+        handle.shutdown();
+        // The stream ends (cleanly or by close) well within the drain timeout.
+        let mut body = res.bytes_stream();
+        let ended = tokio::time::timeout(WAIT, async {
+            while let Some(chunk) = body.next().await {
+                if chunk.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the SSE stream did not end on shutdown");
+    }
+}
