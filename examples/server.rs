@@ -1,17 +1,131 @@
-//! The demo server: `cargo run --release --example server -- --backend reactor --addr 127.0.0.1:1826`.
+//! The demo server:
+//! `cargo run --release --example server -- --backend reactor|tokio --addr 127.0.0.1:1826`.
 //!
-//! Routes: `/` (this list), `/plaintext`, `/json`.
+//! Routes: `/` (an HTML overview whose script uses `/ws` and `/sse`), `/plaintext`, `/json`,
+//! `/ws` (hop::ws echo), `/ws-frames` (the same, until a frame-level API exists), `/ws-axum`
+//! (axum's `WebSocketUpgrade`), `/ws-tungstenite` (a classic tokio-tungstenite loop), `/sse`
+//! (the hub, ticking once a second), `POST /sse/broadcast`, `/file` (tower-http `ServeFile`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::{routing::get, Json, Router};
+use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, get_service, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use hop::sse::{Event, Hub};
+use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 
-const ROUTES: &str = "hop demo server\n\nGET /           this list\nGET /plaintext  Hello, World!\nGET /json       {\"message\":\"Hello, World!\"}\n";
+const INDEX: &str = include_str!("assets/index.html");
 
 fn usage() -> ! {
-    eprintln!("usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never]");
+    eprintln!(
+        "usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never]"
+    );
     std::process::exit(2)
+}
+
+/// hop::ws echo: text and binary back as they came.
+struct Echo;
+
+impl WsHandler for Echo {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+async fn ws_hop(upgrade: WsUpgrade) -> Response {
+    upgrade.on_upgrade(Echo)
+}
+
+async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            let reply = match msg {
+                AxumMessage::Text(t) => AxumMessage::Text(t),
+                AxumMessage::Binary(b) => AxumMessage::Binary(b),
+                AxumMessage::Close(_) => break,
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// The classic way: hyper's upgrade, then a tokio-tungstenite stream and a read loop.
+async fn ws_tungstenite(headers: HeaderMap, mut req: Request) -> Response {
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return (StatusCode::BAD_REQUEST, "not a websocket handshake").into_response();
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, "upgrade".to_string()),
+            (header::UPGRADE, "websocket".to_string()),
+            (header::SEC_WEBSOCKET_ACCEPT, accept),
+        ],
+    )
+        .into_response()
+}
+
+async fn sse(State(hub): State<Hub>, req: Request) -> Response {
+    let mut sub = hub.subscribe(&req);
+    if let Some(last) = sub.last_event_id() {
+        let note = format!("welcome back; you last saw event {last}");
+        sub.send(&Event::new(note).event("resume"));
+    }
+    sub.into_response()
+}
+
+async fn broadcast(State(hub): State<Hub>, body: String) -> String {
+    let n = hub.send(&Event::new(body).event("broadcast"));
+    format!("sent to {n} subscribers\n")
+}
+
+fn app(hub: Hub) -> Router {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    Router::new()
+        .route("/", get(|| async { Html(INDEX) }))
+        .route("/plaintext", get(|| async { "Hello, World!" }))
+        .route(
+            "/json",
+            get(|| async { Json(serde_json::json!({ "message": "Hello, World!" })) }),
+        )
+        .route("/ws", get(ws_hop))
+        .route("/ws-frames", get(ws_hop))
+        .route("/ws-axum", get(ws_axum))
+        .route("/ws-tungstenite", get(ws_tungstenite))
+        .route("/sse", get(sse))
+        .route("/sse/broadcast", post(broadcast))
+        .route_service(
+            "/file",
+            get_service(tower_http::services::ServeFile::new(file)),
+        )
+        .with_state(hub)
 }
 
 fn main() -> std::io::Result<()> {
@@ -44,38 +158,38 @@ fn main() -> std::io::Result<()> {
                     )),
                 })
             }
-            "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    let app = Router::new()
-        .route("/", get(|| async { ROUTES }))
-        .route("/plaintext", get(|| async { "Hello, World!" }))
-        .route(
-            "/json",
-            get(|| async { Json(serde_json::json!({ "message": "Hello, World!" })) }),
-        );
-    let mut builder = hop::Server::builder();
-    if let Some(b) = backend.or_else(hop::Backend::from_env) {
-        builder = builder.backend(b);
-    }
+    let backend = backend
+        .or_else(hop::Backend::from_env)
+        .unwrap_or(hop::Backend::Reactor);
+    let mut builder = hop::Server::builder().backend(backend);
     if let Some(n) = pollers {
         builder = builder.pollers(n);
     }
     if let Some(p) = park {
         builder = builder.park_idle_after(p);
     }
+
+    // The hub ticks once a second.
+    let hub = Hub::new();
+    let ticker = hub.clone();
+    std::thread::Builder::new()
+        .name("sse-ticker".into())
+        .spawn(move || {
+            for n in 1u64.. {
+                std::thread::sleep(Duration::from_secs(1));
+                ticker.send(&Event::new(format!("tick {n}")).id(n.to_string()));
+            }
+        })?;
+
     let listener = hop::bind(addr)?;
-    println!(
-        "hop demo on http://{addr} (backend: {})",
-        backend
-            .or_else(hop::Backend::from_env)
-            .unwrap_or(hop::Backend::Reactor)
-    );
+    println!("hop demo on http://{addr} (backend: {backend})");
     builder
         .serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app(hub).into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

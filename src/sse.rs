@@ -369,7 +369,8 @@ impl Subscription {
                     Sink::Channel {
                         tx,
                         queued: queued.clone(),
-                        chunked: self.chunked,
+                        // hyper frames the body itself.
+                        chunked: false,
                     },
                 );
                 let period = self.hub.inner.cfg.keep_alive;
@@ -530,7 +531,7 @@ impl Handler for Subscriber {
         conn.set_idle_timeout(None);
         conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
         for b in self.backlog.drain(..) {
-            conn.write(&b)?;
+            conn.write(&frame(&b, self.chunked))?;
         }
         let handle = conn.handle();
         self.hub.subs().insert(

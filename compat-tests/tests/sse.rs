@@ -77,6 +77,22 @@ backend_tests! {
         handle.shutdown();
     }
 
+    async fn wire_format_is_exact(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+        wait_for("a subscriber", || hub.len() == 1).await;
+        hub.send(&Event::new("a\nb").id("1").event("e"));
+        let mut body = res.bytes_stream();
+        let mut got = Vec::new();
+        let want = b"id: 1\nevent: e\ndata: a\ndata: b\n\n";
+        while got.len() < want.len() {
+            let chunk = tokio::time::timeout(WAIT, body.next()).await.unwrap().unwrap().unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+        handle.shutdown();
+    }
+
     async fn send_to_one_and_last_event_id(backend) {
         let (addr, handle, hub) = start(backend, HubConfig::default());
         let client = reqwest::Client::new();

@@ -1,0 +1,155 @@
+//! The demo page in a real browser: headless Chromium (driven through ChromeDriver's WebDriver
+//! API) loads `/`, and the page's WebSocket echo and EventSource both succeed, on both backends.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
+//! test fails under CI (`CI` set) and is skipped with a message elsewhere.
+
+use std::future::IntoFuture;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use compat_tests::backend_tests;
+use hop::sse::{Event, Hub};
+use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
+use hop::Backend;
+use serde_json::{json, Value};
+
+const INDEX: &str = include_str!("../../examples/assets/index.html");
+
+struct Echo;
+
+impl WsHandler for Echo {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tool(name: &str) -> Option<String> {
+    ["/usr/bin/", "/usr/local/bin/"]
+        .iter()
+        .map(|d| format!("{d}{name}"))
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+async fn webdriver(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Value,
+) -> Value {
+    let res = client
+        .request(method, url)
+        .json(&body)
+        .send()
+        .await
+        .expect("webdriver request");
+    res.json().await.expect("webdriver json")
+}
+
+backend_tests! {
+    async fn demo_page_in_headless_chromium(backend) {
+        let (Some(chromium), Some(chromedriver)) = (tool("chromium"), tool("chromedriver")) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "chromium and chromium-driver are required under CI (.ci/run installs them)"
+            );
+            eprintln!("skipping the browser test: install chromium and chromium-driver to run it");
+            return;
+        };
+
+        // The page and the routes it uses, as in examples/server.rs.
+        let hub = Hub::new();
+        let app = Router::new()
+            .route("/", get(|| async { Html(INDEX) }))
+            .route("/ws", get(|up: WsUpgrade| async move { up.on_upgrade(Echo) }))
+            .route(
+                "/sse",
+                get(|State(hub): State<Hub>, req: Request| async move {
+                    hub.subscribe(&req).into_response()
+                }),
+            )
+            .with_state(hub.clone());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve = hop::Server::builder().backend(backend).pollers(2).serve(listener, app);
+        let handle = serve.handle();
+        tokio::spawn(serve.into_future());
+        let ticker = hub.clone();
+        let ticks = tokio::spawn(async move {
+            for n in 1u64.. {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                ticker.send(&Event::new(format!("tick {n}")).id(n.to_string()));
+            }
+        });
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let _driver = Driver(
+            Command::new(chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver"),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        while client.get(format!("{base}/status")).send().await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = std::env::temp_dir().join(format!("hop-chromium-{}-{port}", std::process::id()));
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "pageLoadStrategy": "eager",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                         format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let session = webdriver(&client, reqwest::Method::POST, format!("{base}/session"), caps).await;
+        let id = session["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {session}"))
+            .to_owned();
+        let sess = format!("{base}/session/{id}");
+        webdriver(&client, reqwest::Method::POST, format!("{sess}/url"), json!({"url": format!("http://{addr}/")})).await;
+
+        let script = json!({"script": "return [document.body.getAttribute('data-ws'), \
+            document.body.getAttribute('data-sse'), \
+            document.getElementById('ws-status').textContent, \
+            document.getElementById('sse-status').textContent];", "args": []});
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let last = loop {
+            let v = webdriver(&client, reqwest::Method::POST, format!("{sess}/execute/sync"), script.clone()).await;
+            let done = v["value"][0] == "ok" && v["value"][1] == "ok";
+            if done || Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let _ = client.delete(&sess).send().await;
+        ticks.abort();
+        handle.shutdown();
+        let _ = std::fs::remove_dir_all(&profile);
+        assert_eq!(last["value"][0], "ok", "WebSocket echo failed in the browser: {last}");
+        assert_eq!(last["value"][1], "ok", "EventSource failed in the browser: {last}");
+        assert_eq!(last["value"][2], "echo: hello from the browser", "{last}");
+        assert!(last["value"][3].as_str().unwrap_or("").contains(": tick "), "{last}");
+    }
+}
