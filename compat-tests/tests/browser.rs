@@ -15,7 +15,6 @@ use axum::Router;
 use compat_tests::backend_tests;
 use hop::sse::{Event, Hub};
 use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
-use hop::Backend;
 use serde_json::{json, Value};
 
 const INDEX: &str = include_str!("../../examples/assets/index.html");

@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of hop's reactor and tokio backends (run through benches/compare.sh).
+
+Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
+CPU 1. Each measurement is preceded by a warm-up; backends alternate (reactor, tokio, reactor,
+tokio, ...); each cell is the median of the runs with the min-max spread. Prints a markdown
+table on stdout; progress goes to stderr.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+REL = os.path.join(TARGET, "release")
+SERVER = os.path.join(REL, "examples", "server")
+ECHO = os.path.join(REL, "examples", "echo")
+LOAD = os.path.join(REL, "hop-load")
+WRK_DIR = os.path.join(ROOT, "benches", "wrk")
+BACKENDS = ["reactor", "tokio"]
+SERVER_CPU, LOAD_CPU = "0", "1"
+HZ = os.sysconf("SC_CLK_TCK")
+
+STARTED = []
+PORT = [18300]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def next_port():
+    PORT[0] += 1
+    return PORT[0]
+
+
+class Server:
+    def __init__(self, binary, backend):
+        self.port = next_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        env = dict(os.environ, RUST_LOG="warn")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, binary, "--backend", backend, "--addr", self.addr,
+             "--pollers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        STARTED.append(self.proc)
+        self.pid = self.proc.pid
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{binary} --backend {backend} exited at start")
+                time.sleep(0.025)
+        raise RuntimeError(f"{binary} did not listen on {self.addr}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cleanup():
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wrk(url, conns, secs, script, extra=()):
+    cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "5s",
+           "-s", os.path.join(WRK_DIR, script), url]
+    if extra:
+        cmd += ["--", *extra]
+    for _ in range(2):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        for line in p.stdout.splitlines():
+            if line.startswith("JSON "):
+                return json.loads(line[5:])
+        log(f"wrk printed no result (rc {p.returncode}): {p.stdout[-300:]} {p.stderr[-300:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"wrk failed against {url}")
+
+
+def hop_load(args, timeout=120):
+    cmd = ["taskset", "-c", LOAD_CPU, LOAD, *map(str, args), "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"hop-load {' '.join(map(str, args))}: {p.stderr.strip()[-500:]}")
+    v = json.loads(lines[-1])
+    if "error" in v and args[0] != "sse":
+        raise RuntimeError(f"hop-load {args[0]}: {v['error']}")
+    return v
+
+
+class Cell:
+    """Values of one metric for one backend over the runs."""
+
+    def __init__(self):
+        self.v = []
+
+    def add(self, x):
+        if x is not None:
+            self.v.append(x)
+
+    def median(self):
+        return statistics.median(self.v) if self.v else None
+
+
+def fmt(x, digits=None):
+    if x is None:
+        return "n/a"
+    if digits is None:
+        digits = 0 if abs(x) >= 100 else (1 if abs(x) >= 10 else 2)
+    return f"{x:,.{digits}f}"
+
+
+def cell_str(c, digits=None):
+    if not c.v:
+        return "n/a"
+    if len(c.v) == 1:
+        return fmt(c.v[0], digits)
+    return f"{fmt(c.median(), digits)} ({fmt(min(c.v), digits)}–{fmt(max(c.v), digits)})"
+
+
+def ratio(a, b):
+    ma, mb = a.median(), b.median()
+    if ma is None or mb is None or mb == 0:
+        return "n/a"
+    return f"{ma / mb:.2f}"
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+        self.num = 0
+
+    def add(self, what, metric, cells, digits=None, note=""):
+        r, t = cells["reactor"], cells["tokio"]
+        self.rows.append((self.num, what, metric, cell_str(r, digits), cell_str(t, digits), ratio(r, t),
+                          note))
+
+    def na(self, what, metric, note):
+        self.rows.append((self.num, what, metric, "n/a", "n/a", "n/a", note))
+
+    def render(self):
+        out = ["| # | measurement | metric | reactor | tokio | reactor/tokio |",
+               "|---|---|---|---|---|---|"]
+        for num, what, metric, r, t, q, note in sorted(self.rows, key=lambda x: x[0]):
+            label = what + (f" ({note})" if note else "")
+            out.append(f"| {num} | {label} | {metric} | {r} | {t} | {q} |")
+        return "\n".join(out)
+
+
+def cells(*names):
+    return {n: {b: Cell() for b in BACKENDS} for n in names}
+
+
+def interleave(runs):
+    """(run, backend) pairs: reactor, tokio, reactor, tokio, ..."""
+    for i in range(runs):
+        for b in BACKENDS:
+            yield i, b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-8)")
+    ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
+    ap.add_argument("--json-out", default="", help="also write every raw result here")
+    a = ap.parse_args()
+    quick = a.quick
+    secs = 2 if quick else 10
+    warm = 1 if quick else 3
+    echo_secs = 1 if quick else 5
+    runs = max(3, a.runs)
+    idle_runs = 1 if quick else 3
+    only = {int(x) for x in a.only.split(",") if x}
+    want = lambda n: not only or n in only
+    raw = []
+    table = Table()
+    t_start = time.time()
+
+    servers = {b: Server(SERVER, b) for b in BACKENDS}
+    try:
+        # 1. plaintext keep-alive
+        plain = cells("rps", "p50", "p99", "cpu")
+        if want(1) or want(4):
+            for i, b in interleave(runs):
+                s = servers[b]
+                url = f"http://{s.addr}/plaintext"
+                wrk(url, 100, warm, "report.lua")
+                t0 = cpu_ticks(s.pid)
+                r = wrk(url, 100, secs, "report.lua")
+                dt = cpu_ticks(s.pid) - t0
+                raw.append({"row": 1, "backend": b, **r, "cpu_ticks": dt})
+                n = r["requests"]
+                plain["rps"][b].add(n / (r["duration_us"] / 1e6))
+                plain["p50"][b].add(r["p50_us"] / 1000)
+                plain["p99"][b].add(r["p99_us"] / 1000)
+                plain["cpu"][b].add(dt / HZ * 1e6 / max(n, 1))
+                log(f"1 plaintext {b} run {i + 1}: {n / (r['duration_us'] / 1e6):,.0f} req/s")
+            w = "plaintext keep-alive, wrk 100 conns"
+            table.num = 1
+            table.add(w, "req/s", plain["rps"])
+            table.add(w, "p50 ms", plain["p50"], 2)
+            table.add(w, "p99 ms", plain["p99"], 2)
+            table.add(w, "server CPU µs/req", plain["cpu"], 2)
+
+        # 2. pipelined
+        if want(2):
+            pipe = cells("rps", "cpu")
+            for i, b in interleave(runs):
+                s = servers[b]
+                url = f"http://{s.addr}/plaintext"
+                wrk(url, 100, warm, "pipeline.lua", ["16"])
+                t0 = cpu_ticks(s.pid)
+                r = wrk(url, 100, secs, "pipeline.lua", ["16"])
+                dt = cpu_ticks(s.pid) - t0
+                raw.append({"row": 2, "backend": b, **r, "cpu_ticks": dt})
+                n = r["requests"]
+                pipe["rps"][b].add(n / (r["duration_us"] / 1e6))
+                pipe["cpu"][b].add(dt / HZ * 1e6 / max(n, 1))
+                log(f"2 pipelined {b} run {i + 1}: {n / (r['duration_us'] / 1e6):,.0f} req/s")
+            w = "pipelined depth 16, wrk 100 conns"
+            table.num = 2
+            table.add(w, "req/s", pipe["rps"])
+            table.add(w, "server CPU µs/req", pipe["cpu"], 2)
+
+        # 3. connection churn
+        if want(3):
+            ch = cells("cps", "p99", "cpu")
+            for i, b in interleave(runs):
+                s = servers[b]
+                hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr])
+                r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
+                              "--server-pid", s.pid])
+                raw.append({"row": 3, "backend": b, **r})
+                ch["cps"][b].add(r["conn_per_s"])
+                ch["p99"][b].add(r["latency"].get("p99_us", 0) / 1000)
+                cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
+                ch["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
+                log(f"3 churn {b} run {i + 1}: {r['conn_per_s']:,.0f} conn/s "
+                    f"({r['errors']} errors)")
+            w = "connection churn, Connection: close, 32 workers"
+            table.num = 3
+            table.add(w, "connections/s", ch["cps"])
+            table.add(w, "p99 ms (connect to close)", ch["p99"], 2)
+            table.add(w, "server CPU µs/conn", ch["cpu"], 1)
+
+        # 4. fixed-rate latency (coordinated omission corrected)
+        if want(4):
+            maxima = [plain["rps"][b].median() for b in BACKENDS]
+            target = int(os.environ.get("RATE") or 0)
+            if not target:
+                low = min(m for m in maxima if m) if all(maxima) else 20000
+                target = max(1000, min(20000, int(low * 0.5) // 1000 * 1000))
+            fr = cells("p50", "p99", "p999", "ach")
+            for i, b in interleave(runs):
+                s = servers[b]
+                hop_load(["rate", "--rps", target, "-d", warm, "-c", 50, "--addr", s.addr])
+                r = hop_load(["rate", "--rps", target, "-d", secs, "-c", 50, "--addr", s.addr,
+                              "--server-pid", s.pid])
+                raw.append({"row": 4, "backend": b, **r})
+                lat = r["latency"]
+                fr["p50"][b].add(lat.get("p50_us", 0) / 1000)
+                fr["p99"][b].add(lat.get("p99_us", 0) / 1000)
+                fr["p999"][b].add(lat.get("p999_us", 0) / 1000)
+                fr["ach"][b].add(r["achieved_rps"])
+                log(f"4 rate {b} run {i + 1}: p99 {lat.get('p99_us', 0) / 1000:.2f} ms")
+            w = f"fixed rate {target:,} req/s, 50 conns, CO-corrected"
+            table.num = 4
+            table.add(w, "p50 ms", fr["p50"], 2)
+            table.add(w, "p99 ms", fr["p99"], 2)
+            table.add(w, "p99.9 ms", fr["p999"], 2)
+            table.add(w, "achieved req/s", fr["ach"])
+
+        # 6. WebSocket echo, 7. SSE fan-out (on the long-lived servers)
+        ws_rows, sse_rows = [], []
+        if want(6):
+            probe = hop_load(["ws-echo", "-c", 1, "-d", "0.2", "--addr", servers["reactor"].addr])
+            if not probe.get("available", True) or probe.get("connections", 0) == 0:
+                ws_rows.append(("na", probe.get("first_error") or "no /ws route"))
+            else:
+                we = cells("mps", "p99")
+                for i, b in interleave(runs):
+                    s = servers[b]
+                    hop_load(["ws-echo", "-c", 100, "-d", warm, "--addr", s.addr])
+                    r = hop_load(["ws-echo", "-c", 100, "-d", secs, "--addr", s.addr])
+                    raw.append({"row": 6, "backend": b, **r})
+                    we["mps"][b].add(r.get("msg_per_s"))
+                    we["p99"][b].add(r.get("latency", {}).get("p99_us", 0) / 1000)
+                    log(f"6 ws-echo {b} run {i + 1}: {r.get('msg_per_s')} msg/s")
+                ws_rows.append(("ok", we))
+        if want(7):
+            pub = os.environ.get("SSE_PUBLISH", "/sse/broadcast")
+            args = ["sse", "-n", 1000, "--rounds", 3, "--wait", "3s"]
+            if pub:
+                args += ["--publish", pub]
+            probe = hop_load(["sse", "-n", 1, "--rounds", 1, "--wait", "3s",
+                              "--addr", servers["reactor"].addr] + (["--publish", pub] if pub else []))
+            if "error" in probe or not probe.get("available", True) or probe.get("subscribers", 0) == 0:
+                sse_rows.append(("na", probe.get("first_error") or "no /sse route"))
+            else:
+                se = cells("ms")
+                for i, b in interleave(runs):
+                    s = servers[b]
+                    r = hop_load(args + ["--addr", s.addr, "--server-pid", s.pid])
+                    raw.append({"row": 7, "backend": b, **r})
+                    se["ms"][b].add(r.get("fanout_median_ms"))
+                    log(f"7 sse {b} run {i + 1}: {r.get('fanout_median_ms')} ms")
+                sse_rows.append(("ok", se))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+    # 5. idle connections: a fresh server for each measurement.
+    chart_pts = {b: {} for b in BACKENDS}
+    if want(5):
+        for kind, label in [("http", "HTTP keep-alive"), ("ws", "WebSocket"), ("sse", "SSE")]:
+            idle = cells("kb", "thr")
+            absent = None
+            for i, b in interleave(idle_runs):
+                s = Server(SERVER, b)
+                try:
+                    r = hop_load(["idle", "--kind", kind, "-n", 10000, "--addr", s.addr,
+                                  "--server-pid", s.pid])
+                finally:
+                    s.stop()
+                raw.append({"row": 5, "backend": b, **r})
+                if not r.get("available", True):
+                    absent = r.get("first_error")
+                    break
+                if r["failed"]:
+                    log(f"5 idle {kind} {b}: {r['failed']} failed ({r['first_error']})")
+                idle["kb"][b].add(r["rss_per_conn_bytes"] / 1024)
+                idle["thr"][b].add(r["threads_after"])
+                if kind == "http":
+                    chart_pts[b].setdefault(10000, []).append(r["rss_growth_kb"] / 1024)
+                log(f"5 idle {kind} {b}: {r['rss_per_conn_bytes']:.0f} B/conn, "
+                    f"{r['threads_after']} threads")
+            w = f"10,000 idle {label}"
+            table.num = 5
+            if absent:
+                table.na(w, "server RSS KB/conn; threads", absent)
+            else:
+                table.add(w, "server RSS growth KB/conn", idle["kb"], 2)
+                table.add(w, "server threads", idle["thr"], 0)
+        # Memory against idle HTTP connections for the chart: 1k and 5k (10k from above).
+        for n in (1000, 5000):
+            for _, b in interleave(idle_runs):
+                s = Server(SERVER, b)
+                try:
+                    r = hop_load(["idle", "--kind", "http", "-n", n, "--addr", s.addr,
+                                  "--server-pid", s.pid])
+                finally:
+                    s.stop()
+                chart_pts[b].setdefault(n, []).append(r["rss_growth_kb"] / 1024)
+        series = []
+        for b in BACKENDS:
+            pts = ",".join(f"{n}:{statistics.median(v):.2f}"
+                           for n, v in sorted(chart_pts[b].items()))
+            series += ["--series", f"{b}={pts}"]
+        subprocess.run([LOAD, "chart", "--out", a.svg,
+                        "--title", "hop: server memory with idle HTTP keep-alive connections",
+                        "--xlabel", "idle connections (each did one request)",
+                        "--ylabel", "server RSS growth (MiB)", *series], check=True)
+        log(f"chart: {a.svg} {series}")
+
+    for status, v in ws_rows:
+        w = "WebSocket echo, 100 conns"
+        table.num = 6
+        if status == "na":
+            table.na(w, "messages/s; p99", v)
+        else:
+            table.add(w, "messages/s", v["mps"])
+            table.add(w, "p99 ms", v["p99"], 2)
+    for status, v in sse_rows:
+        w = "SSE fan-out, 1,000 subscribers"
+        table.num = 7
+        if status == "na":
+            table.na(w, "ms for one event to reach all", v)
+        else:
+            table.add(w, "ms for one event to reach all", v["ms"], 2)
+
+    # 8. TCP echo (the seed tcp-echo-servers table).
+    echo_rows = []
+    if want(8):
+        conns = 1000
+        ss = {b: Server(ECHO, b) for b in BACKENDS}
+        try:
+            for reqs in (0, 50, 5, 1):
+                m = {k: {b: Cell() for b in BACKENDS} for k in
+                     ("rps", "cps", "avg", "min", "max", "p95", "p99", "rss", "usr", "sys")}
+                for i, b in interleave(runs):
+                    s = ss[b]
+                    hop_load(["echo", "-c", conns, "-r", reqs, "-d", "0.5", "--addr", s.addr])
+                    r = hop_load(["echo", "-c", conns, "-r", reqs, "-d", echo_secs,
+                                  "--addr", s.addr, "--server-pid", s.pid])
+                    raw.append({"row": 8, "backend": b, **r})
+                    lat = r["latency"]
+                    for k, x in (("rps", r["req_per_s"]), ("cps", r["conn_per_s"]),
+                                 ("avg", lat.get("avg_us")), ("min", lat.get("min_us")),
+                                 ("max", lat.get("max_us")), ("p95", lat.get("p95_us")),
+                                 ("p99", lat.get("p99_us")),
+                                 ("rss", r.get("server_max_rss_kb")),
+                                 ("usr", r.get("server_cpu_user_s")),
+                                 ("sys", r.get("server_cpu_sys_s"))):
+                        m[k][b].add(x)
+                    log(f"8 echo -r {reqs} {b} run {i + 1}: {r['req_per_s']:,.0f} req/s")
+                echo_rows.append((reqs, m))
+        finally:
+            for s in ss.values():
+                s.stop()
+
+    # Output.
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"### hop: reactor vs tokio backend ({'quick' if quick else 'full'} run)\n")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; "
+          f"{os.cpu_count()} cores; Linux {platform.release()}; server on CPU {SERVER_CPU} "
+          f"(1 poller / 1 worker), load on CPU {LOAD_CPU}; {secs} s per measurement after a "
+          f"{warm} s warm-up; median of {runs} interleaved runs (min–max)"
+          f"{'' if idle_runs > 1 else '; idle rows: one run each'}.\n")
+    print(table.render())
+    if echo_rows:
+        print(f"\n#### 8. TCP echo (examples/echo; `hop-load echo -c {conns} -r R -d {echo_secs}s "
+              f"--size 64`; median of {runs})\n")
+        print("| -r | backend | req/s | conn/s | avg | min | max | p95 | p99 | max rss KB | "
+              "cpu user s | cpu system s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+        def us(x):
+            if x is None:
+                return "n/a"
+            return f"{x / 1000:.2f}ms" if x >= 1000 else f"{x:.0f}µs"
+
+        for reqs, m in echo_rows:
+            for b in BACKENDS:
+                med = {k: m[k][b].median() for k in m}
+                print(f"| {reqs or '∞'} | {b} | {fmt(med['rps'], 0)} | {fmt(med['cps'], 0)} | "
+                      f"{us(med['avg'])} | {us(med['min'])} | {us(med['max'])} | "
+                      f"{us(med['p95'])} | {us(med['p99'])} | {fmt(med['rss'], 0)} | "
+                      f"{fmt(med['usr'], 2)} | {fmt(med['sys'], 2)} |")
+            print(f"| {reqs or '∞'} | reactor/tokio | {ratio(m['rps']['reactor'], m['rps']['tokio'])} | "
+                  f"{ratio(m['cps']['reactor'], m['cps']['tokio'])} | "
+                  f"{ratio(m['avg']['reactor'], m['avg']['tokio'])} | | | | "
+                  f"{ratio(m['p99']['reactor'], m['p99']['tokio'])} | "
+                  f"{ratio(m['rss']['reactor'], m['rss']['tokio'])} | | |")
+    log(f"total {time.time() - t_start:.0f} s")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(raw, f)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        cleanup()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: hop's reactor backend against its tokio backend, same machine, same run.
+#
+#   benches/compare.sh [--quick] [--runs N] [--only 1,2,8] [--json-out FILE]
+#
+# Builds the examples and hop-load in release mode, then runs benches/compare.py, which prints a
+# markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+ CPUs; as
+# root it installs wrk with apt-get when missing. --quick takes under 3 minutes once built.
+# SSE_PUBLISH=/path (default /sse/broadcast; empty: wait for the server's own events) is POSTed to
+# publish the SSE fan-out row's events; RATE=N fixes the
+# rate of the fixed-rate row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+if ! command -v wrk >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+    else
+        echo "compare.sh: wrk is missing; install it (Debian/Ubuntu: sudo apt-get install -y wrk)" >&2
+        exit 1
+    fi
+fi
+for tool in taskset python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "compare.sh: $tool is missing" >&2; exit 1; }
+done
+if [ "$(nproc --all)" -lt 2 ]; then
+    echo "compare.sh: needs 2 CPUs (server on CPU 0, load on CPU 1)" >&2
+    exit 1
+fi
+
+cargo build --release --quiet --examples -p hop
+cargo build --release --quiet -p hop-load
+exec python3 benches/compare.py "$@"
