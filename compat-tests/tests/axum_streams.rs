@@ -2,7 +2,6 @@
 //! connection for the WebSocket, a streaming body for SSE), with real clients.
 
 use std::convert::Infallible;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -47,15 +46,8 @@ async fn sse() -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>
 
 fn start(backend: Backend) -> (SocketAddr, hop::Handle) {
     let app = Router::new().route("/ws", get(ws)).route("/sse", get(sse));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve = hop::Server::builder()
-        .backend(backend)
-        .pollers(2)
-        .serve(listener, app);
-    let handle = serve.handle();
-    tokio::spawn(serve.into_future());
-    (addr, handle)
+    let srv = compat_tests::start(backend, app, |b| b);
+    (srv.addr, srv.handle)
 }
 
 backend_tests! {

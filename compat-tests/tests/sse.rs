@@ -1,6 +1,5 @@
 //! `hop::sse` on both backends, read through a real SSE parser (eventsource-stream).
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,15 +32,8 @@ fn start(backend: Backend, cfg: HubConfig) -> (SocketAddr, hop::Handle, Hub) {
         .route("/sse", get(subscribe))
         .route("/", get(|| async { "ok" }))
         .with_state(hub.clone());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve = hop::Server::builder()
-        .backend(backend)
-        .pollers(2)
-        .serve(listener, app);
-    let handle = serve.handle();
-    tokio::spawn(serve.into_future());
-    (addr, handle, hub)
+    let srv = compat_tests::start(backend, app, |b| b);
+    (srv.addr, srv.handle, hub)
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

@@ -1,7 +1,6 @@
 //! `hop::ws` on both backends, with a real WebSocket client (tokio-tungstenite) and raw frames
 //! over a raw socket for what a well-behaved client never sends.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -32,17 +31,9 @@ async fn ws(upgrade: WsUpgrade) -> axum::response::Response {
 
 fn start(backend: Backend) -> (SocketAddr, hop::Handle) {
     let app = Router::new().route("/ws", get(ws));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve = hop::Server::builder()
-        .backend(backend)
-        .pollers(2)
-        // 64 MiB of output may be queued for the 16 MiB echo.
-        .max_write_buffer(64 << 20)
-        .serve(listener, app);
-    let handle = serve.handle();
-    tokio::spawn(serve.into_future());
-    (addr, handle)
+    // 64 MiB of output may be queued for the 16 MiB echo.
+    let srv = compat_tests::start(backend, app, |b| b.max_write_buffer(64 << 20));
+    (srv.addr, srv.handle)
 }
 
 type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
