@@ -169,7 +169,8 @@ fn message_parts(msg: Message) -> (OpCode, Bytes) {
     }
 }
 
-fn format_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+/// A server frame's header (unmasked, final) for `len` payload bytes: the buffer and its length.
+fn frame_header(opcode: OpCode, len: usize) -> ([u8; 14], usize) {
     let header = FrameHeader {
         opcode,
         ..FrameHeader::default()
@@ -177,18 +178,22 @@ fn format_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
     let mut head = [0u8; 14];
     let mut cur = Cursor::new(&mut head[..]);
     header
-        .format(payload.len() as u64, &mut cur)
+        .format(len as u64, &mut cur)
         .expect("a frame header fits 14 bytes");
     let n = cur.position() as usize;
+    (head, n)
+}
+
+fn format_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+    let (head, n) = frame_header(opcode, payload.len());
     out.reserve(n + payload.len());
     out.extend_from_slice(&head[..n]);
     out.extend_from_slice(payload);
 }
 
 fn write_frame(conn: &mut Conn, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
-    let mut out = BytesMut::new();
-    format_frame(&mut out, opcode, payload);
-    conn.write(&out)?;
+    let (head, n) = frame_header(opcode, payload.len());
+    conn.write_parts(&[&head[..n], payload])?;
     Ok(())
 }
 
@@ -206,9 +211,7 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     *close_sent = true;
     let payload = close_payload(code, reason);
     // If even a close frame does not fit, the peer is not reading: just close.
-    let mut out = BytesMut::new();
-    format_frame(&mut out, OpCode::Control(Control::Close), &payload);
-    if conn.write(&out).is_err() {
+    if write_frame(conn, OpCode::Control(Control::Close), &payload).is_err() {
         conn.close();
     }
 }

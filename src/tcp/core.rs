@@ -156,7 +156,8 @@ impl ConnCore {
         if st.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
             st.waker = Some(cx.waker().clone());
         }
-        for b in st.writes.drain(..) {
+        // Taken, not drained: an idle connection keeps no mailbox allocation.
+        for b in std::mem::take(&mut st.writes) {
             self.conn.out.extend_from_slice(&b);
         }
         st.bytes = 0;

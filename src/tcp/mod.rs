@@ -238,17 +238,7 @@ impl Conn {
     /// Queues `data` whole, or refuses it whole when it does not fit (then
     /// [`Handler::on_writable`] says when there is room).
     pub fn write(&mut self, data: &[u8]) -> Result<(), WriteError> {
-        if self.closing || self.shutdown_requested {
-            return Err(WriteError::Closed);
-        }
-        if data.len() > self.write_capacity() {
-            self.want_writable = true;
-            return Err(WriteError::Full {
-                capacity: self.write_capacity(),
-            });
-        }
-        self.out.extend_from_slice(data);
-        Ok(())
+        self.write_parts(&[data])
     }
 
     /// Raises or lowers this connection's unread-input bound (a protocol whose frames can be
@@ -260,6 +250,26 @@ impl Conn {
     /// Raises or lowers this connection's outbound bound.
     pub fn set_max_write_buffer(&mut self, n: usize) {
         self.max_output = n;
+    }
+
+    /// Queues `parts` back to back, whole, or refuses them whole (one bound check, no
+    /// intermediate buffer: a protocol's header and payload, say).
+    pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), WriteError> {
+        if self.closing || self.shutdown_requested {
+            return Err(WriteError::Closed);
+        }
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.write_capacity() {
+            self.want_writable = true;
+            return Err(WriteError::Full {
+                capacity: self.write_capacity(),
+            });
+        }
+        self.out.reserve(len);
+        for p in parts {
+            self.out.extend_from_slice(p);
+        }
+        Ok(())
     }
 
     /// Closes the connection once queued output is written; no more input is read.
