@@ -42,13 +42,45 @@ pub(crate) struct DriverConfig {
     pub(crate) idle_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     pub(crate) park_after: Option<Duration>,
+    /// Where parks are counted.
+    pub(crate) ctl: std::sync::Arc<crate::server::Control>,
 }
 
 enum State<S: ConnService> {
     Parked { svc: S, since: Instant },
-    Active(Box<HyperConn<S>>),
+    Active(Box<HyperConn<S>>, Hot),
     Upgraded,
     Done,
+}
+
+thread_local! {
+    /// Connections of this poller holding hyper's state.
+    static HOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Over this many connections holding hyper's state on a poller, an idle one parks at once
+/// instead of waiting for `park_after`: busy keep-alive connections stay hot while they are
+/// few, and memory stays flat when there are many.
+const HOT_LIMIT: usize = 128;
+
+/// Counts a connection holding hyper's state for as long as it lives.
+struct Hot;
+
+impl Hot {
+    fn new() -> Self {
+        HOT.with(|h| h.set(h.get() + 1));
+        Hot
+    }
+
+    fn crowded() -> bool {
+        HOT.with(|h| h.get() > HOT_LIMIT)
+    }
+}
+
+impl Drop for Hot {
+    fn drop(&mut self) {
+        HOT.with(|h| h.set(h.get().saturating_sub(1)));
+    }
 }
 
 /// What the poller should do with a connection after driving it.
@@ -84,7 +116,7 @@ impl<S: ConnService> Conn<S> {
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
     /// connection closes on its next drive.
     pub(crate) fn begin_drain(&mut self) {
-        if let State::Active(conn) = &mut self.state {
+        if let State::Active(conn, _) = &mut self.state {
             Pin::new(&mut **conn).graceful_shutdown();
         }
     }
@@ -116,7 +148,7 @@ impl<S: ConnService> Conn<S> {
                     }
                     return Verdict::Keep;
                 }
-                State::Active(conn) => {
+                State::Active(conn, _) => {
                     let waker = self.key.waker();
                     let mut cx = Context::from_waker(&waker);
                     let polled = timer::with_current(self.key, || {
@@ -189,7 +221,7 @@ impl<S: ConnService> Conn<S> {
     /// Takes the socket back from hyper after it wrote a response head whose body the
     /// connection's new read handler will write (an SSE subscriber).
     fn take_over(&mut self, handler: Box<dyn crate::tcp::Handler>) -> Verdict {
-        let State::Active(conn) = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Active(conn, _) = std::mem::replace(&mut self.state, State::Done) else {
             return Verdict::Close;
         };
         match conn.into_parts() {
@@ -218,7 +250,7 @@ impl<S: ConnService> Conn<S> {
             .http1
             .serve_connection(io, HyperSvc::new(svc))
             .with_upgrades();
-        self.state = State::Active(Box::new(conn));
+        self.state = State::Active(Box::new(conn), Hot::new());
     }
 
     fn maybe_park(&mut self, cfg: &DriverConfig, now: Instant) {
@@ -240,7 +272,7 @@ impl<S: ConnService> Conn<S> {
                 now
             }
         };
-        if now < since + after {
+        if now < since + after && !Hot::crowded() {
             timer::arm(self.key, since + after);
             return;
         }
@@ -248,7 +280,7 @@ impl<S: ConnService> Conn<S> {
     }
 
     fn park(&mut self, cfg: &DriverConfig, now: Instant, requests: u64) {
-        let State::Active(conn) = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Active(conn, _) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
         self.idle_since = None;
@@ -261,6 +293,9 @@ impl<S: ConnService> Conn<S> {
         self.socket.release_buffers();
         let svc = parts.service.into_inner();
         if parts.read_buf.is_empty() {
+            cfg.ctl
+                .parked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.state = State::Parked { svc, since: now };
             if let Some(idle) = cfg.idle_timeout {
                 timer::arm(self.key, now + idle);

@@ -143,6 +143,7 @@ pub(crate) fn start<P: App>(
         coalesce: cfg.pipeline_flush,
         idle_timeout: cfg.idle_timeout,
         park_after: cfg.park_after,
+        ctl: ctl.clone(),
     });
     let tcp = Arc::new(cfg.tcp.clone());
     let mut pollers = Vec::with_capacity(listeners.len());

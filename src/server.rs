@@ -99,7 +99,7 @@ impl Default for Config {
             pipeline_flush: true,
             drain_timeout: Duration::from_secs(30),
             tcp_keepalive: None,
-            park_after: Some(Duration::ZERO),
+            park_after: Some(Duration::from_millis(250)),
             compat_workers: 1,
             tcp: TcpConfig::default(),
         }
@@ -142,6 +142,8 @@ pub struct Stats {
     pub drained: u64,
     /// Connections force-closed when the drain timeout ran out.
     pub forced: u64,
+    /// Reactor: times an idle keep-alive connection was parked down to its socket.
+    pub parked: u64,
 }
 
 /// State shared by the front, the backend threads and every [`Handle`].
@@ -155,6 +157,7 @@ pub(crate) struct Control {
     pub(crate) rejected: AtomicU64,
     pub(crate) drained: AtomicU64,
     pub(crate) forced: AtomicU64,
+    pub(crate) parked: AtomicU64,
     local_addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -208,6 +211,7 @@ impl Control {
             rejected: self.rejected.load(Ordering::Relaxed),
             drained: self.drained.load(Ordering::Relaxed),
             forced: self.forced.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
         }
     }
 
@@ -420,7 +424,12 @@ impl Builder {
     }
 
     /// Reactor only: how long an idle keep-alive connection keeps hyper's state before it is
-    /// parked down to its socket (default 0: at once; `None`: never park).
+    /// parked down to its socket (default 250 ms; `Duration::ZERO`: at once; `None`: never).
+    ///
+    /// Parking at once costs a fresh hyper connection per request on a busy keep-alive
+    /// connection (about a third more user-space instructions per request, measured with
+    /// callgrind); a short delay keeps busy connections hot and still parks idle ones. When
+    /// more than 128 connections of a poller hold hyper's state, idle ones park at once.
     pub fn park_idle_after(mut self, t: impl Into<Option<Duration>>) -> Self {
         self.cfg.park_after = t.into();
         self

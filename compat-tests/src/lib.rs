@@ -118,8 +118,14 @@ fn bind_loopback() -> std::net::TcpListener {
 }
 
 /// The builder every test starts from: the given backend and 2 pollers.
+///
+/// The reactor parks idle connections at once here (its default waits 250 ms), so every
+/// request boundary in the suite goes through parking and unparking.
 pub fn builder(backend: Backend) -> hop::Builder {
-    hop::Server::builder().backend(backend).pollers(2)
+    hop::Server::builder()
+        .backend(backend)
+        .pollers(2)
+        .park_idle_after(Duration::ZERO)
 }
 
 /// Starts `app` on `backend` (2 pollers) after letting `configure` adjust the builder, and

@@ -1,0 +1,116 @@
+//! Idle parking loses nothing. The suite's builder parks at once (`park_idle_after(ZERO)`), so
+//! here every pause between bytes gives the reactor a chance to drop hyper's state: requests
+//! split across reads, pipelined requests after a park, a request head cut at the moment the
+//! previous response is done, and an upgrade on a parked connection. The tokio backend runs the
+//! same cases for parity.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::routing::{get, post};
+use axum::Router;
+use compat_tests::{backend_tests, RawConn};
+use futures_util::{SinkExt, StreamExt};
+use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
+
+struct Echo;
+
+impl WsHandler for Echo {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+fn app() -> Router {
+    Router::new()
+        .route(
+            "/n/{n}",
+            get(|Path(n): Path<u32>| async move { format!("n={n}") }),
+        )
+        .route("/echo", post(|body: Bytes| async move { body }))
+        .route(
+            "/ws",
+            get(|up: WsUpgrade| async move { up.on_upgrade(Echo) }),
+        )
+}
+
+const PAUSE: Duration = Duration::from_millis(60);
+
+/// The reactor did park (so the case tested what it means to); the tokio backend never does.
+fn assert_parked(srv: &compat_tests::TestServer) {
+    let parked = srv.handle.stats().parked;
+    match srv.backend {
+        hop::Backend::Reactor => assert!(parked >= 1, "the reactor never parked"),
+        hop::Backend::Tokio => assert_eq!(parked, 0),
+    }
+}
+
+backend_tests! {
+    async fn request_split_across_reads(backend) {
+        let srv = compat_tests::start(backend, app(), |b| b);
+        let mut c = RawConn::connect(srv.addr).await;
+        let first = c.roundtrip("GET /n/1 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(first.body, b"n=1");
+        for part in [&b"POST /echo HT"[..], b"TP/1.1\r\nhost: x\r\ncontent-le", b"ngth: 11\r\n\r\nhello", b" world"] {
+            tokio::time::sleep(PAUSE).await;
+            c.send(part).await.unwrap();
+        }
+        let res = c.read_response().await;
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body, b"hello world");
+        assert_parked(&srv);
+    }
+
+    async fn pipelined_after_a_park(backend) {
+        let srv = compat_tests::start(backend, app(), |b| b);
+        let mut c = RawConn::connect(srv.addr).await;
+        assert_eq!(c.roundtrip("GET /n/0 HTTP/1.1\r\nhost: x\r\n\r\n").await.body, b"n=0");
+        tokio::time::sleep(PAUSE).await;
+        let burst: String = (1..=20).map(|i| format!("GET /n/{i} HTTP/1.1\r\nhost: x\r\n\r\n")).collect();
+        c.send(burst).await.unwrap();
+        for i in 1..=20 {
+            assert_eq!(c.read_response().await.body, format!("n={i}").as_bytes());
+        }
+        assert_parked(&srv);
+    }
+
+    async fn next_head_cut_when_the_response_is_done(backend) {
+        let srv = compat_tests::start(backend, app(), |b| b);
+        let mut c = RawConn::connect(srv.addr).await;
+        // The first request and the start of the second arrive together: hyper answers the
+        // first and is left holding part of the second's head when it goes idle.
+        c.send("GET /n/1 HTTP/1.1\r\nhost: x\r\n\r\nGET /n/2 HTTP/1.1\r\nho").await.unwrap();
+        assert_eq!(c.read_response().await.body, b"n=1");
+        tokio::time::sleep(PAUSE).await;
+        c.send("st: x\r\n\r\n").await.unwrap();
+        assert_eq!(c.read_response().await.body, b"n=2");
+        tokio::time::sleep(PAUSE).await;
+        assert_eq!(c.roundtrip("GET /n/3 HTTP/1.1\r\nhost: x\r\n\r\n").await.body, b"n=3");
+        assert_parked(&srv);
+    }
+
+    async fn upgrade_on_a_parked_connection(backend) {
+        let srv = compat_tests::start(backend, app(), |b| b);
+        // One plain request first, then a pause, then the upgrade on the same connection.
+        let mut stream = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /n/7 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let mut got = Vec::new();
+            while !String::from_utf8_lossy(&got).contains("n=7") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        tokio::time::sleep(PAUSE).await;
+        let url = format!("ws://{}/ws", srv.addr);
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text("after a park")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, tokio_tungstenite::tungstenite::Message::text("after a park"));
+        assert_parked(&srv);
+    }
+}
