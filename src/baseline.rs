@@ -126,7 +126,7 @@ async fn accept_loop<P: App>(
                     let ka = socket2::TcpKeepalive::new().with_time(t);
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
                 }
-                let local = stream.local_addr().unwrap_or(local_addr);
+                let local = crate::service::local_addr_of(local_addr, || stream.local_addr());
                 let svc = match app.accept(IncomingStream::new(local, peer)) {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {

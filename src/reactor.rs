@@ -329,7 +329,7 @@ impl<P: App> Poller<P> {
             let ka = socket2::TcpKeepalive::new().with_time(t);
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
         }
-        let local_addr = stream.local_addr().unwrap_or(self.local_addr);
+        let local_addr = crate::service::local_addr_of(self.local_addr, || stream.local_addr());
         let app = &mut self.app;
         let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             app.accept(IncomingStream::new(local_addr, peer))

@@ -39,6 +39,19 @@ pub struct IncomingStream<'a> {
     pub(crate) _p: PhantomData<&'a ()>,
 }
 
+/// A connection's local address: the listener's, unless it listens on a wildcard address
+/// (then the connection's own, one `getsockname` per connection).
+pub(crate) fn local_addr_of(
+    listener: SocketAddr,
+    conn: impl FnOnce() -> std::io::Result<SocketAddr>,
+) -> SocketAddr {
+    if listener.ip().is_unspecified() {
+        conn().unwrap_or(listener)
+    } else {
+        listener
+    }
+}
+
 impl IncomingStream<'_> {
     pub(crate) fn new(local_addr: SocketAddr, remote_addr: SocketAddr) -> Self {
         Self {

@@ -48,7 +48,9 @@ impl Socket {
     pub(crate) fn new(io: mio::net::TcpStream) -> Self {
         Socket {
             io,
-            readable: AtomicBool::new(false),
+            // Optimistic: a new connection's first request has often arrived by the time it is
+            // accepted; reading at once saves a round through epoll.
+            readable: AtomicBool::new(true),
             writable: AtomicBool::new(true),
             read_closed: AtomicBool::new(false),
             read_waker: Mutex::new(None),
