@@ -229,7 +229,7 @@ impl ConnCore {
             }
             if self.conn.out.is_empty() {
                 // Give the buffer back: an idle connection holds none.
-                self.conn.out = BytesMut::new();
+                give_back(std::mem::take(&mut self.conn.out));
                 if self.conn.want_writable {
                     self.conn.want_writable = false;
                     self.call(|h, c, _| h.on_writable(c))?;
@@ -263,6 +263,9 @@ impl ConnCore {
                     .cfg
                     .read_chunk
                     .min(self.conn.max_input - self.input.len());
+                if self.input.capacity() == 0 {
+                    self.input = take(want);
+                }
                 self.input.reserve(want);
                 let spare = self.input.spare_capacity_mut();
                 let len = spare.len().min(want);
@@ -286,7 +289,7 @@ impl ConnCore {
                 self.call(|h, c, i| h.on_read(c, i))?;
             }
             if self.input.is_empty() {
-                self.input = BytesMut::new();
+                give_back(std::mem::take(&mut self.input));
             }
             if self.eof {
                 self.call(|h, c, _| h.on_eof(c))?;
@@ -315,6 +318,43 @@ impl ConnCore {
             return Err(CloseReason::Timeout);
         }
         Ok(())
+    }
+}
+
+thread_local! {
+    /// Empty buffers this thread's connections gave back, lent to the next that needs one, so
+    /// a busy connection does not allocate per message and an idle one holds none.
+    static POOL: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread.
+const POOL_MAX: usize = 64;
+/// Buffers larger than this go back to the allocator.
+const POOL_BUF_MAX: usize = 256 * 1024;
+
+/// A buffer with room for at least `want` bytes: a pooled one if there is one.
+pub(crate) fn take(want: usize) -> BytesMut {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.last() {
+            Some(b) if b.capacity() >= want => p.pop(),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|| BytesMut::with_capacity(want))
+}
+
+/// Returns an emptied buffer to the pool (or the allocator).
+fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    let cap = buf.capacity();
+    if (4096..=POOL_BUF_MAX).contains(&cap) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(buf);
+            }
+        });
     }
 }
 

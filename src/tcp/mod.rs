@@ -265,6 +265,9 @@ impl Conn {
                 capacity: self.write_capacity(),
             });
         }
+        if self.out.capacity() == 0 {
+            self.out = self::core::take(len.max(4096));
+        }
         self.out.reserve(len);
         for p in parts {
             self.out.extend_from_slice(p);
