@@ -179,11 +179,19 @@ impl ConnCore {
     ) -> Poll<CloseReason> {
         match self.poll_inner(cx, io, now) {
             Ok(()) => {
-                // Tell handles how much is still queued here, for their bound.
+                // Tell handles how much is still queued here (for their bound) and whom to wake
+                // (a handle may have been made during this poll).
                 if let Some(mb) = &self.conn.mailbox {
                     let mut st = mb.lock();
                     st.out_len = self.conn.out.len();
                     st.max = self.conn.max_output;
+                    if st.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                        st.waker = Some(cx.waker().clone());
+                        if !st.writes.is_empty() || st.close || st.shutdown_write {
+                            // Sent before there was anyone to wake.
+                            cx.waker().wake_by_ref();
+                        }
+                    }
                 }
                 Poll::Pending
             }
@@ -197,14 +205,6 @@ impl ConnCore {
         io: &mut I,
         now: Instant,
     ) -> Result<(), CloseReason> {
-        if self
-            .conn
-            .waker
-            .as_ref()
-            .is_none_or(|w| !w.will_wake(cx.waker()))
-        {
-            self.conn.waker = Some(cx.waker().clone());
-        }
         if !self.opened {
             self.opened = true;
             self.call(|h, c, _| h.on_open(c))?;
@@ -328,7 +328,7 @@ thread_local! {
 }
 
 /// Buffers kept per thread.
-const POOL_MAX: usize = 64;
+const POOL_MAX: usize = 16;
 /// Buffers larger than this go back to the allocator.
 const POOL_BUF_MAX: usize = 256 * 1024;
 

@@ -183,7 +183,6 @@ pub struct Conn {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
-    pub(crate) waker: Option<Waker>,
 }
 
 impl fmt::Debug for Conn {
@@ -211,7 +210,6 @@ impl Conn {
             idle_timeout: cfg.idle_timeout,
             timer: None,
             mailbox: None,
-            waker: None,
         }
     }
 
@@ -306,13 +304,11 @@ impl Conn {
     /// A `Send + Clone` handle that writes to or closes this connection from any thread.
     pub fn handle(&mut self) -> ConnHandle {
         let max = self.max_output;
-        let waker = self.waker.clone();
         let mailbox = self
             .mailbox
             .get_or_insert_with(|| {
                 Arc::new(Mailbox {
                     state: Mutex::new(MailboxState {
-                        waker,
                         max,
                         ..MailboxState::default()
                     }),
