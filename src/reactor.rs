@@ -219,6 +219,7 @@ impl<P: App> Poller<P> {
         let mut events = Events::with_capacity(1024);
         let mut ready: Vec<Key> = Vec::new();
         let mut batch: Vec<Key> = Vec::new();
+        let mut deliveries: Vec<(Key, bytes::Bytes)> = Vec::new();
         loop {
             wake::take_local(&mut ready);
             let timeout = self.timeout(!ready.is_empty());
@@ -233,7 +234,10 @@ impl<P: App> Poller<P> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now, &mut ready),
-                    WAKER => self.remote.drain(&mut ready),
+                    WAKER => {
+                        self.remote.drain(&mut ready);
+                        self.remote.drain_deliveries(&mut deliveries);
+                    }
                     Token(slot) => {
                         if let Some(c) = self.conns.get(slot) {
                             let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
@@ -249,6 +253,16 @@ impl<P: App> Poller<P> {
             if self.accept_retry.is_some_and(|t| t <= now) {
                 self.accept_retry = None;
                 self.accept(now, &mut ready);
+            }
+            for (key, bytes) in std::mem::take(&mut deliveries) {
+                if let Some(Entry::Tcp(conn)) = self.conns.get_mut(key.slot()) {
+                    if conn.key == key {
+                        conn.deliver(bytes);
+                        // Written out at once: a fan-out to many connections holds one
+                        // outbound buffer at a time, not one per connection.
+                        self.drive(key, now);
+                    }
+                }
             }
             timer::fire(now, &mut ready);
             wake::take_local(&mut ready);

@@ -39,7 +39,7 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response, Version};
 use http_body::{Body, Frame};
 
-use crate::tcp::{CloseReason, Conn, ConnHandle, Handler, WriteError};
+use crate::tcp::{CloseReason, Conn, Handler, WriteError};
 use crate::wake::Key;
 
 /// One event.
@@ -118,6 +118,31 @@ impl std::fmt::Write for Hex<'_> {
     }
 }
 
+/// An event encoded once, framed as a chunk at most once: each subscriber gets a cheap clone.
+struct Framed {
+    plain: Bytes,
+    chunked: std::cell::OnceCell<Bytes>,
+}
+
+impl Framed {
+    fn new(event: &Event) -> Self {
+        Framed {
+            plain: Bytes::from(event.encode()),
+            chunked: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn get(&self, chunked: bool) -> Bytes {
+        if chunked {
+            self.chunked
+                .get_or_init(|| frame(&self.plain, true))
+                .clone()
+        } else {
+            self.plain.clone()
+        }
+    }
+}
+
 /// Settings of a hub.
 #[derive(Debug, Clone, Copy)]
 pub struct HubConfig {
@@ -137,8 +162,8 @@ impl Default for HubConfig {
 }
 
 enum Sink {
-    /// A subscriber on a poller.
-    Loop { handle: ConnHandle, chunked: bool },
+    /// A subscriber on a poller: events are handed to its connection there.
+    Loop { key: Key, chunked: bool },
     /// A subscriber served as a streaming body (tokio backend).
     Channel {
         tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
@@ -236,19 +261,22 @@ impl Hub {
         }
     }
 
-    fn offer(sink: &Sink, event: &[u8], max: usize) -> Offer {
+    fn offer(sink: &Sink, event: &Framed, max: usize) -> Offer {
         match sink {
-            Sink::Loop { handle, chunked } => match handle.write(frame(event, *chunked)) {
-                Ok(()) => Offer::Queued,
-                Err(WriteError::Full { .. }) => Offer::Slow,
-                Err(_) => Offer::Gone,
-            },
+            // A slow subscriber is found, dropped and counted on its poller.
+            Sink::Loop { key, chunked } => {
+                if crate::wake::deliver(*key, event.get(*chunked)) {
+                    Offer::Queued
+                } else {
+                    Offer::Gone
+                }
+            }
             Sink::Channel {
                 tx,
                 queued,
                 chunked,
             } => {
-                let bytes = frame(event, *chunked);
+                let bytes = event.get(*chunked);
                 if queued.load(Ordering::Relaxed) + bytes.len() > max {
                     return Offer::Slow;
                 }
@@ -271,9 +299,7 @@ impl Hub {
             Offer::Slow => {
                 tracing::debug!(id, "dropping a slow SSE subscriber");
                 self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                if let Some(Sink::Loop { handle, .. }) = subs.remove(&id) {
-                    handle.close();
-                }
+                subs.remove(&id);
                 false
             }
         }
@@ -281,13 +307,13 @@ impl Hub {
 
     /// Sends `event` to every subscriber; returns how many it was queued for.
     pub fn send(&self, event: &Event) -> usize {
-        let text = event.encode();
+        let event = Framed::new(event);
         let max = self.inner.cfg.max_queue;
         let mut subs = self.subs();
         let ids: Vec<u64> = subs.keys().copied().collect();
         let mut n = 0;
         for id in ids {
-            let offer = Self::offer(&subs[&id], text.as_bytes(), max);
+            let offer = Self::offer(&subs[&id], &event, max);
             n += self.settle(id, offer, &mut subs) as usize;
         }
         n
@@ -295,12 +321,12 @@ impl Hub {
 
     /// Sends `event` to subscriber `id`; `false` if it is gone or was dropped.
     pub fn send_to(&self, id: u64, event: &Event) -> bool {
-        let text = event.encode();
+        let event = Framed::new(event);
         let mut subs = self.subs();
         let Some(sink) = subs.get(&id) else {
             return false;
         };
-        let offer = Self::offer(sink, text.as_bytes(), self.inner.cfg.max_queue);
+        let offer = Self::offer(sink, &event, self.inner.cfg.max_queue);
         self.settle(id, offer, &mut subs)
     }
 
@@ -533,15 +559,33 @@ impl Handler for Subscriber {
         for b in self.backlog.drain(..) {
             conn.write(&frame(&b, self.chunked))?;
         }
-        let handle = conn.handle();
+        // Called on the subscriber's poller, inside its drive: the current key is its own.
+        let Some(key) = crate::timer::current_key() else {
+            return Err(io::Error::other(
+                "an SSE subscriber must open on its poller",
+            ));
+        };
         self.hub.subs().insert(
             self.id,
             Sink::Loop {
-                handle,
+                key,
                 chunked: self.chunked,
             },
         );
         Ok(())
+    }
+
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
+        match conn.write(&bytes) {
+            Ok(()) => {}
+            Err(WriteError::Full { .. }) => {
+                tracing::debug!(id = self.id, "dropping a slow SSE subscriber");
+                self.hub.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                self.hub.remove(self.id);
+                conn.close();
+            }
+            Err(_) => {}
+        }
     }
 
     fn on_read(&mut self, _conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {

@@ -60,6 +60,8 @@ const _: () = assert!(
 /// The half of a poller that other threads can reach.
 pub(crate) struct Remote {
     queue: Mutex<Vec<Key>>,
+    /// Bytes for read-handler connections of this poller (`deliver`).
+    deliveries: Mutex<Vec<(Key, bytes::Bytes)>>,
     notified: AtomicBool,
     waker: mio::Waker,
 }
@@ -68,6 +70,7 @@ impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
             queue: Mutex::new(Vec::new()),
+            deliveries: Mutex::new(Vec::new()),
             notified: AtomicBool::new(false),
             waker,
         }
@@ -88,6 +91,17 @@ impl Remote {
             if let Err(e) = self.waker.wake() {
                 tracing::warn!(error = %e, "could not wake a poller");
             }
+        }
+    }
+
+    /// Moves every queued delivery into `into`; called by the poller on its waker token.
+    /// (Taken whole, so a burst's queue is freed once handled.)
+    pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
+        let mut q = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        if into.is_empty() {
+            *into = std::mem::take(&mut *q);
+        } else {
+            into.append(&mut q);
         }
     }
 
@@ -150,6 +164,24 @@ pub(crate) fn take_local(into: &mut Vec<Key>) {
 /// Queues `key` on this thread's local ready queue (the caller is its poller).
 pub(crate) fn push_local(key: Key) {
     READY.with(|r| r.borrow_mut().push(key));
+}
+
+/// Hands `bytes` to the read-handler connection `key` on its poller
+/// (`Handler::on_deliver`); `false` if that poller is gone.
+pub(crate) fn deliver(key: Key, bytes: bytes::Bytes) -> bool {
+    let reg = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+    match reg.get(key.poller() as usize) {
+        Some(Some(remote)) => {
+            remote
+                .deliveries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((key, bytes));
+            remote.notify();
+            true
+        }
+        _ => false,
+    }
 }
 
 fn wake(key: Key) {

@@ -454,7 +454,10 @@ impl LoopConn {
         }
         let waker = self.key.waker();
         let mut cx = Context::from_waker(&waker);
-        match self.core.poll(&mut cx, &mut LoopIo(&self.socket), now) {
+        let key = self.key;
+        let (core, socket) = (&mut self.core, &self.socket);
+        let polled = timer::with_current(key, || core.poll(&mut cx, &mut LoopIo(socket), now));
+        match polled {
             Poll::Ready(reason) => {
                 let reason = match reason {
                     CloseReason::Local if draining => CloseReason::Shutdown,
@@ -470,6 +473,16 @@ impl LoopConn {
                 false
             }
         }
+    }
+
+    /// Hands delivered bytes to the handler (the caller drives the connection next).
+    pub(crate) fn deliver(&mut self, bytes: bytes::Bytes) {
+        let _ = timer::with_current(self.key, || {
+            self.core.call(|h, c, _| {
+                h.on_deliver(c, bytes);
+                Ok(())
+            })
+        });
     }
 
     /// Tells the handler the connection was cut (drain timeout).

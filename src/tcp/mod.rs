@@ -158,6 +158,15 @@ pub trait Handler: Send + 'static {
         Ok(())
     }
 
+    /// Bytes handed to this connection by hop itself (the SSE hub's fan-out), on the
+    /// connection's poller. The default queues them, closing the connection if they do not fit.
+    #[doc(hidden)]
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: bytes::Bytes) {
+        if conn.write(&bytes).is_err() {
+            conn.close();
+        }
+    }
+
     /// The server is shutting down gracefully. The default closes once output is flushed.
     fn on_shutdown(&mut self, conn: &mut Conn) {
         conn.close();
@@ -264,7 +273,7 @@ impl Conn {
             });
         }
         if self.out.capacity() == 0 {
-            self.out = self::core::take(len.max(4096));
+            self.out = self::core::take(len);
         }
         self.out.reserve(len);
         for p in parts {
