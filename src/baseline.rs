@@ -7,6 +7,7 @@
 //! idle timeout is hyper's header timer set to the smaller of the two timeouts.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,7 +131,7 @@ async fn accept_loop<P: App>(
                 let svc = match app.accept(IncomingStream::new(local, peer)) {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {
-                        let conn = crate::tcp::Conn::new(peer, local, &tcp);
+                        let conn = crate::tcp::Conn::new(Some(stream.as_raw_fd()), &tcp);
                         let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
                         let drain = drain_rx.clone();
                         tasks.spawn(async move {

@@ -8,7 +8,7 @@
 //! runs the same handler.
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -188,19 +188,13 @@ impl Hijack {
             match upgraded.downcast::<TokioTcp>() {
                 Ok(parts) => {
                     let stream = parts.io.into_inner();
-                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                    let conn = Conn::new(
-                        stream.peer_addr().unwrap_or(unspecified),
-                        stream.local_addr().unwrap_or(unspecified),
-                        &cfg,
-                    );
+                    let conn = Conn::new(Some(stream.as_raw_fd()), &cfg);
                     let input = BytesMut::from(&parts.read_buf[..]);
                     let core = ConnCore::new(handler, conn, input, cfg, now);
                     crate::tcp::run_task(core, stream, rx).await;
                 }
                 Err(upgraded) => {
-                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                    let conn = Conn::new(unspecified, unspecified, &cfg);
+                    let conn = Conn::new(None, &cfg);
                     let core = ConnCore::new(handler, conn, BytesMut::new(), cfg, now);
                     crate::tcp::run_task(core, hyper_util::rt::TokioIo::new(upgraded), rx).await;
                 }

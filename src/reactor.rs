@@ -374,7 +374,7 @@ impl<P: App> Poller<P> {
         entry.insert(match new {
             NewConn::Http(svc) => Entry::Http(Conn::new(socket, key, svc, now)),
             NewConn::Tcp(handler) => {
-                let conn = crate::tcp::Conn::new(peer, local_addr, &self.tcp);
+                let conn = crate::tcp::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
                 Entry::Tcp(Box::new(LoopConn::new(socket, key, core)))
             }
@@ -405,10 +405,7 @@ impl<P: App> Poller<P> {
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
                 let socket = entry.socket().clone();
-                let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                let peer = socket.io.peer_addr().unwrap_or(unspecified);
-                let local = socket.io.local_addr().unwrap_or(self.local_addr);
-                let conn = crate::tcp::Conn::new(peer, local, &self.tcp);
+                let conn = crate::tcp::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
                 let input = bytes::BytesMut::from(&taken.leftover[..]);
                 let core = ConnCore::new(taken.handler, conn, input, self.tcp.clone(), now);
                 *entry = Entry::Tcp(Box::new(LoopConn::new(socket, key, core)));

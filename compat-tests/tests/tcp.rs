@@ -189,6 +189,35 @@ backend_tests! {
         handle.shutdown();
     }
 
+    async fn conn_knows_its_addresses(backend) {
+        struct Addrs;
+        impl Handler for Addrs {
+            fn on_open(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+                let line = format!("{} {}", conn.peer_addr()?, conn.local_addr()?);
+                conn.write(line.as_bytes())?;
+                conn.close();
+                Ok(())
+            }
+            fn on_read(&mut self, _: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+                input.clear();
+                Ok(())
+            }
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve = hop::Server::builder()
+            .backend(backend)
+            .pollers(2)
+            .serve_tcp(listener, |_: hop::IncomingStream<'_>| Addrs);
+        let handle = serve.handle();
+        tokio::spawn(serve.into_future());
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let me = s.local_addr().unwrap();
+        let got = String::from_utf8(read_to_end_timeout(&mut s).await).unwrap();
+        assert_eq!(got, format!("{me} {addr}"));
+        handle.shutdown();
+    }
+
     async fn server_closes_and_client_closes(backend) {
         let srv = start(backend, |b| b);
         // The server closes (after flushing "bye").

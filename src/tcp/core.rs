@@ -62,7 +62,8 @@ pub(crate) struct ConnCore {
     handler: Box<dyn Handler>,
     pub(crate) conn: Conn,
     input: BytesMut,
-    cfg: Arc<TcpConfig>,
+    /// Bytes asked of the socket per read (`TcpConfig::read_chunk`).
+    read_chunk: u32,
     opened: bool,
     eof: bool,
     write_shut: bool,
@@ -83,7 +84,7 @@ impl ConnCore {
             handler,
             conn,
             input,
-            cfg,
+            read_chunk: cfg.read_chunk.min(u32::MAX as usize) as u32,
             opened: false,
             eof: false,
             write_shut: false,
@@ -259,10 +260,7 @@ impl ConnCore {
             // Read what is there, up to the input bound.
             let mut got = false;
             while self.input.len() < self.conn.max_input {
-                let want = self
-                    .cfg
-                    .read_chunk
-                    .min(self.conn.max_input - self.input.len());
+                let want = (self.read_chunk as usize).min(self.conn.max_input - self.input.len());
                 if self.input.capacity() == 0 {
                     self.input = take(want);
                 }

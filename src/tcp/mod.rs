@@ -36,6 +36,7 @@ mod core;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::Duration;
@@ -180,8 +181,9 @@ pub trait Handler: Send + 'static {
 
 /// The connection as a handler sees it: queue output, close, set timeouts, get a handle.
 pub struct Conn {
-    pub(crate) peer: SocketAddr,
-    pub(crate) local: SocketAddr,
+    /// The socket, for its addresses (asked of the kernel when wanted, not stored: an idle
+    /// connection's state stays small). `None` for a stream that is not a TCP socket.
+    pub(crate) fd: Option<RawFd>,
     pub(crate) out: BytesMut,
     pub(crate) max_output: usize,
     pub(crate) max_input: usize,
@@ -197,7 +199,7 @@ pub struct Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
-            .field("peer", &self.peer)
+            .field("fd", &self.fd)
             .field("queued", &self.out.len())
             .field("closing", &self.closing)
             .finish()
@@ -205,10 +207,9 @@ impl fmt::Debug for Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(peer: SocketAddr, local: SocketAddr, cfg: &TcpConfig) -> Self {
+    pub(crate) fn new(fd: Option<RawFd>, cfg: &TcpConfig) -> Self {
         Conn {
-            peer,
-            local,
+            fd,
             out: BytesMut::new(),
             max_output: cfg.max_output,
             max_input: cfg.max_input,
@@ -222,14 +223,31 @@ impl Conn {
         }
     }
 
-    /// The peer's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+    fn addr(&self, peer: bool) -> io::Result<SocketAddr> {
+        let fd = self
+            .fd
+            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not a TCP socket"))?;
+        // SAFETY: the connection owns the socket for as long as this `Conn` exists (the
+        // poller's slab or the connection's task holds both), so the descriptor is open.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let addr = if peer {
+            sock.peer_addr()?
+        } else {
+            sock.local_addr()?
+        };
+        addr.as_socket()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not an IP socket"))
     }
 
-    /// The local address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
+    /// The peer's address (asked of the kernel).
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.addr(true)
+    }
+
+    /// The local address (asked of the kernel).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.addr(false)
     }
 
     /// Bytes the outbound buffer can take now.
