@@ -72,17 +72,28 @@ struct Server {
     log: Log,
 }
 
-fn start(backend: Backend, configure: impl FnOnce(hop::Builder) -> hop::Builder) -> Server {
+/// Starts a read-handler server whose `factory` makes each connection's handler.
+fn start_with<H: Handler>(
+    backend: Backend,
+    configure: impl FnOnce(hop::Builder) -> hop::Builder,
+    factory: impl FnMut(hop::IncomingStream<'_>) -> H + Clone + Send + 'static,
+) -> (SocketAddr, hop::Handle) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let log: Log = Arc::default();
-    let l = log.clone();
-    let serve = configure(hop::Server::builder().backend(backend).pollers(2))
-        .serve_tcp(listener, move |_: hop::IncomingStream<'_>| Echo {
-            log: l.clone(),
-        });
+    let serve =
+        configure(hop::Server::builder().backend(backend).pollers(2)).serve_tcp(listener, factory);
     let handle = serve.handle();
     tokio::spawn(serve.into_future());
+    (addr, handle)
+}
+
+/// Starts the echo server, its handlers logging why they closed.
+fn start(backend: Backend, configure: impl FnOnce(hop::Builder) -> hop::Builder) -> Server {
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let (addr, handle) = start_with(backend, configure, move |_: hop::IncomingStream<'_>| Echo {
+        log: l.clone(),
+    });
     Server { addr, handle, log }
 }
 
@@ -174,14 +185,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = hop::Server::builder()
-            .backend(backend)
-            .pollers(2)
-            .serve_tcp(listener, |_: hop::IncomingStream<'_>| Pusher);
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let (addr, handle) = start_with(backend, |b| b, |_: hop::IncomingStream<'_>| Pusher);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let got = String::from_utf8(read_to_end_timeout(&mut s).await).unwrap();
         let want: String = (0..100).map(|i| format!("{i};")).collect();
@@ -203,14 +207,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = hop::Server::builder()
-            .backend(backend)
-            .pollers(2)
-            .serve_tcp(listener, |_: hop::IncomingStream<'_>| Addrs);
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let (addr, handle) = start_with(backend, |b| b, |_: hop::IncomingStream<'_>| Addrs);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let me = s.local_addr().unwrap();
         let got = String::from_utf8(read_to_end_timeout(&mut s).await).unwrap();
@@ -302,14 +299,8 @@ backend_tests! {
         let app = Router::new()
             .route("/echo", get(upgrade))
             .route("/", get(|| async { "plain" }));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = hop::Server::builder()
-            .backend(backend)
-            .pollers(2)
-            .serve(listener, app);
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let srv = compat_tests::start(backend, app, |b| b);
+        let (addr, handle) = (srv.addr, srv.handle);
 
         let mut s = TcpStream::connect(addr).await.unwrap();
         // The upgrade request and the first protocol bytes in one write.
