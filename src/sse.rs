@@ -377,7 +377,7 @@ impl Subscription {
                             hub: self.hub.clone(),
                             id: self.id,
                             chunked: self.chunked,
-                            backlog: self.backlog,
+                            backlog: self.backlog.into_boxed_slice(),
                         }),
                     })
                 });
@@ -548,7 +548,8 @@ struct Subscriber {
     hub: Hub,
     id: u64,
     chunked: bool,
-    backlog: Vec<Bytes>,
+    /// Events queued before the takeover (a boxed slice: no room kept once sent).
+    backlog: Box<[Bytes]>,
 }
 
 impl Handler for Subscriber {
@@ -556,8 +557,8 @@ impl Handler for Subscriber {
         conn.set_max_write_buffer(self.hub.inner.cfg.max_queue);
         conn.set_idle_timeout(None);
         conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
-        for b in self.backlog.drain(..) {
-            conn.write(&frame(&b, self.chunked))?;
+        for b in std::mem::take(&mut self.backlog).iter() {
+            conn.write(&frame(b, self.chunked))?;
         }
         // Called on the subscriber's poller, inside its drive: the current key is its own.
         let Some(key) = crate::timer::current_key() else {

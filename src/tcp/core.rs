@@ -140,15 +140,21 @@ impl ConnCore {
         let _ = catch_unwind(AssertUnwindSafe(|| handler.on_close(reason)));
     }
 
-    /// When the connection's next timeout is due.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let r = self
+    /// When the read and idle timeouts run out (those that are set).
+    fn timeouts(&self) -> impl Iterator<Item = Instant> {
+        let read = self
             .conn
             .read_timeout
+            .get()
             .filter(|_| !self.eof)
             .map(|t| self.last_read + t);
-        let i = self.conn.idle_timeout.map(|t| self.last_active + t);
-        [r, i, self.conn.timer].into_iter().flatten().min()
+        let idle = self.conn.idle_timeout.get().map(|t| self.last_active + t);
+        [read, idle].into_iter().flatten()
+    }
+
+    /// When the connection next needs a poll for time: a timeout or its timer.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.timeouts().chain(self.conn.timer).min()
     }
 
     fn drain_mailbox(&mut self, cx: &Context<'_>) {
@@ -305,14 +311,7 @@ impl ConnCore {
                 return self.poll_inner(cx, io, now);
             }
         }
-        let timeouts = [
-            self.conn
-                .read_timeout
-                .filter(|_| !self.eof)
-                .map(|t| self.last_read + t),
-            self.conn.idle_timeout.map(|t| self.last_active + t),
-        ];
-        if timeouts.into_iter().flatten().any(|due| now >= due) {
+        if self.timeouts().any(|due| now >= due) {
             return Err(CloseReason::Timeout);
         }
         Ok(())

@@ -190,8 +190,8 @@ pub struct Conn {
     pub(crate) closing: bool,
     pub(crate) shutdown_requested: bool,
     pub(crate) want_writable: bool,
-    pub(crate) read_timeout: Option<Duration>,
-    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) read_timeout: Millis,
+    pub(crate) idle_timeout: Millis,
     pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
 }
@@ -216,8 +216,8 @@ impl Conn {
             closing: false,
             shutdown_requested: false,
             want_writable: false,
-            read_timeout: cfg.read_timeout,
-            idle_timeout: cfg.idle_timeout,
+            read_timeout: Millis::new(cfg.read_timeout),
+            idle_timeout: Millis::new(cfg.idle_timeout),
             timer: None,
             mailbox: None,
         }
@@ -314,7 +314,7 @@ impl Conn {
     /// Closes the connection if no bytes arrive for `t` (`None`: never; default from the
     /// server's settings).
     pub fn set_read_timeout(&mut self, t: Option<Duration>) {
-        self.read_timeout = t;
+        self.read_timeout = Millis::new(t);
     }
 
     /// Calls [`Handler::on_timer`] once, `after` from now (`None` cancels). Timers run on the
@@ -325,7 +325,7 @@ impl Conn {
 
     /// Closes the connection if nothing is read or written for `t` (`None`: never).
     pub fn set_idle_timeout(&mut self, t: Option<Duration>) {
-        self.idle_timeout = t;
+        self.idle_timeout = Millis::new(t);
     }
 
     /// A `Send + Clone` handle that writes to or closes this connection from any thread.
@@ -343,6 +343,23 @@ impl Conn {
             })
             .clone();
         ConnHandle { mailbox }
+    }
+}
+
+/// A connection's timeout in 4 bytes (an idle connection's state stays small): whole
+/// milliseconds, rounded up, at most about 49 days; 0 is none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Millis(u32);
+
+impl Millis {
+    pub(crate) fn new(t: Option<Duration>) -> Self {
+        Millis(t.map_or(0, |d| {
+            d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32
+        }))
+    }
+
+    pub(crate) fn get(self) -> Option<Duration> {
+        (self.0 != 0).then(|| Duration::from_millis(self.0.into()))
     }
 }
 
