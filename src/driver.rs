@@ -226,9 +226,7 @@ impl<S: ConnService> Conn<S> {
         };
         match conn.into_parts() {
             Some(parts) => {
-                let mut io = parts.io;
-                io.quiet();
-                drop(io);
+                parts.io.release();
                 Verdict::Hijacked(crate::hijack::Taken {
                     handler,
                     leftover: parts.read_buf,
@@ -256,7 +254,7 @@ impl<S: ConnService> Conn<S> {
     fn maybe_park(&mut self, cfg: &DriverConfig, now: Instant) {
         let Some(after) = cfg.park_after else { return };
         let meta = timer::slot_meta(self.key);
-        let idle = timer::head_wait(self.key)
+        let idle = meta.head_wait
             && !self.socket.maybe_readable()
             && self.socket.write_idle()
             && self.socket.nothing_pending()
@@ -287,9 +285,7 @@ impl<S: ConnService> Conn<S> {
         let Some(parts) = conn.into_parts() else {
             return;
         };
-        let mut io = parts.io;
-        io.quiet();
-        drop(io);
+        parts.io.release();
         self.socket.release_buffers();
         let svc = parts.service.into_inner();
         if parts.read_buf.is_empty() {

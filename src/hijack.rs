@@ -238,9 +238,7 @@ pub(crate) fn claim(key: Key) -> Option<Result<Taken, &'static str>> {
     };
     match upgraded.downcast::<HopStream>() {
         Ok(parts) => {
-            let mut io = parts.io;
-            io.quiet();
-            drop(io);
+            parts.io.release();
             Some(Ok(Taken {
                 handler,
                 leftover: parts.read_buf,

@@ -282,8 +282,8 @@ impl HopStream {
         }
     }
 
-    /// Drops without waking the owner: the owner is the one dropping it.
-    pub(crate) fn quiet(&mut self) {
+    /// Drops the stream without waking the owner: the owner is the one taking the socket back.
+    pub(crate) fn release(mut self) {
         self.wake_on_drop = false;
     }
 

@@ -28,7 +28,7 @@ pub(crate) struct SlotMeta {
     /// The earliest armed deadline for this slot.
     armed: Option<Instant>,
     /// hyper holds a header-read sleep: it is waiting for a request head.
-    head_wait: bool,
+    pub(crate) head_wait: bool,
     /// Requests dispatched to the service on this connection.
     pub(crate) requests: u64,
 }
@@ -140,11 +140,6 @@ pub(crate) fn note_request() {
     if let Some(key) = CURRENT.with(Cell::get) {
         with_slot(key, |m| m.requests += 1);
     }
-}
-
-/// Whether hyper is waiting for a request head on `key`'s connection.
-pub(crate) fn head_wait(key: Key) -> bool {
-    with_slot(key, |m| m.head_wait).unwrap_or(false)
 }
 
 /// hyper's timer on the poller: see the module docs.

@@ -169,15 +169,22 @@ pub(crate) fn push_local(key: Key) {
 /// Hands `bytes` to the read-handler connection `key` on its poller
 /// (`Handler::on_deliver`); `false` if that poller is gone.
 pub(crate) fn deliver(key: Key, bytes: bytes::Bytes) -> bool {
+    with_remote(key, |remote| {
+        remote
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, bytes));
+        remote.notify();
+    })
+}
+
+/// Runs `f` with the remote half of `key`'s poller; `false` if that poller is gone.
+fn with_remote(key: Key, f: impl FnOnce(&Remote)) -> bool {
     let reg = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     match reg.get(key.poller() as usize) {
         Some(Some(remote)) => {
-            remote
-                .deliveries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((key, bytes));
-            remote.notify();
+            f(remote);
             true
         }
         _ => false,
@@ -189,8 +196,5 @@ fn wake(key: Key) {
         push_local(key);
         return;
     }
-    let reg = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
-    if let Some(Some(remote)) = reg.get(key.poller() as usize) {
-        remote.push(key);
-    }
+    with_remote(key, |remote| remote.push(key));
 }
