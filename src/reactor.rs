@@ -329,7 +329,7 @@ impl<P: App> Poller<P> {
 
     fn admit(
         &mut self,
-        mut stream: mio::net::TcpStream,
+        stream: mio::net::TcpStream,
         peer: SocketAddr,
         now: Instant,
         ready: &mut Vec<Key>,
@@ -360,15 +360,7 @@ impl<P: App> Poller<P> {
         }
         self.generations[slot] = self.generations[slot].wrapping_add(1);
         let key = Key::new(self.id, slot, self.generations[slot]);
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(slot),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            tracing::error!(error = %e, "could not register a connection");
-            self.ctl.release(false);
-            return;
-        }
+        // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
         timer::reset_slot(key);
         let socket = Arc::new(Socket::new(stream));
         entry.insert(match new {
@@ -401,7 +393,20 @@ impl<P: App> Poller<P> {
             }
         };
         match verdict {
-            Verdict::Keep => {}
+            Verdict::Keep => {
+                let socket = entry.socket();
+                if socket.needs_registration() {
+                    let fd = socket.io.as_raw_fd();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut mio::unix::SourceFd(&fd),
+                        Token(slot),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        tracing::error!(error = %e, "could not register a connection; closing");
+                        self.close(slot, false);
+                    }
+                }
+            }
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
                 let socket = entry.socket().clone();
@@ -416,6 +421,7 @@ impl<P: App> Poller<P> {
 
     fn close(&mut self, slot: usize, forced: bool) {
         let mut entry = self.conns.remove(slot);
+        timer::forget_slot(entry.key());
         crate::hijack::forget(entry.key());
         crate::sse::forget(entry.key());
         if forced {

@@ -35,6 +35,8 @@ pub struct Socket {
     readable: AtomicBool,
     writable: AtomicBool,
     read_closed: AtomicBool,
+    /// Registered with the poller's `mio::Poll` (see [`Socket::needs_registration`]).
+    registered: AtomicBool,
     read_waker: Mutex<Option<Waker>>,
     write_waker: Mutex<Option<Waker>>,
     /// Output hyper wrote during this drive, sent in one write when the drive ends.
@@ -53,6 +55,7 @@ impl Socket {
             readable: AtomicBool::new(true),
             writable: AtomicBool::new(true),
             read_closed: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
             pending: Mutex::new(BytesMut::new()),
@@ -78,6 +81,15 @@ impl Socket {
             take_and_wake(&self.write_waker);
         }
         drive
+    }
+
+    /// Whether the poller still has to register the socket, marking it registered. A
+    /// connection is registered lazily, after its first drive, and only if it outlives it: a
+    /// `Connection: close` request answered from the optimistic first read never costs an
+    /// `epoll_ctl`. Registering late loses no edge, since epoll reports a socket that is
+    /// already ready when it is added.
+    pub(crate) fn needs_registration(&self) -> bool {
+        !self.registered.swap(true, Ordering::Relaxed)
     }
 
     /// The last read did not end in `WouldBlock` (or an event said bytes arrived since).

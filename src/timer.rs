@@ -4,7 +4,10 @@
 //! entry that matters (`SlotMeta::armed`): arming an earlier deadline pushes a new entry, a later
 //! one waits for the armed entry to fire and re-arms then, so a keep-alive connection costs at
 //! most one heap operation per timeout period, not one per request. When an entry fires, the
-//! connection is simply polled again and re-checks its own deadlines.
+//! connection is simply polled again and re-checks its own deadlines. Entries that no longer
+//! matter (their connection closed, or an earlier deadline replaced them) are counted and swept
+//! out once they are half the heap: under connection churn every connection arms hyper's 30 s
+//! header timeout, and without the sweep the heap would hold 30 s worth of dead connections.
 //!
 //! [`HopTimer`] is given to hyper so that `header_read_timeout` works. Its [`HopSleep`] also
 //! tells the driver when hyper is waiting for a new request head (the sleep exists exactly
@@ -37,6 +40,33 @@ pub(crate) struct SlotMeta {
 struct Local {
     heap: BinaryHeap<Reverse<(Instant, Key)>>,
     slots: Vec<SlotMeta>,
+    /// Entries in `heap` that no longer matter, counted when they were replaced or forgotten.
+    stale: usize,
+}
+
+/// Sweep stale entries once there are at least this many, and they are half the heap.
+const SWEEP_MIN: usize = 1024;
+
+impl Local {
+    /// Whether `(t, key)` is the entry its slot is waiting for.
+    fn live(&self, t: Instant, key: Key) -> bool {
+        self.slots
+            .get(key.slot())
+            .is_some_and(|m| m.generation == key.generation() && m.armed == Some(t))
+    }
+
+    fn one_more_stale(&mut self) {
+        self.stale += 1;
+        if self.stale >= SWEEP_MIN && self.stale * 2 >= self.heap.len() {
+            let mut heap = std::mem::take(&mut self.heap);
+            heap.retain(|Reverse((t, key))| self.live(*t, *key));
+            if heap.capacity() > 4 * heap.len().max(SWEEP_MIN) {
+                heap.shrink_to_fit();
+            }
+            self.heap = heap;
+            self.stale = 0;
+        }
+    }
 }
 
 thread_local! {
@@ -60,6 +90,20 @@ pub(crate) fn reset_slot(key: Key) {
     });
 }
 
+/// Forgets a closing connection's armed deadline.
+pub(crate) fn forget_slot(key: Key) {
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        let was_armed = match l.slots.get_mut(key.slot()) {
+            Some(m) if m.generation == key.generation() => m.armed.take().is_some(),
+            _ => false,
+        };
+        if was_armed {
+            l.one_more_stale();
+        }
+    });
+}
+
 fn with_slot<R>(key: Key, f: impl FnOnce(&mut SlotMeta) -> R) -> Option<R> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
@@ -79,17 +123,20 @@ pub(crate) fn slot_meta(key: Key) -> SlotMeta {
 pub(crate) fn arm(key: Key, at: Instant) {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        let Local { heap, slots } = &mut *l;
-        if let Some(m) = slots.get_mut(key.slot()) {
+        let mut replaced = false;
+        if let Some(m) = l.slots.get_mut(key.slot()) {
             if m.generation != key.generation() {
                 return;
             }
             if m.armed.is_some_and(|t| t <= at) {
                 return;
             }
-            m.armed = Some(at);
+            replaced = m.armed.replace(at).is_some();
         }
-        heap.push(Reverse((at, key)));
+        l.heap.push(Reverse((at, key)));
+        if replaced {
+            l.one_more_stale();
+        }
     });
 }
 
@@ -102,17 +149,16 @@ pub(crate) fn next_deadline() -> Option<Instant> {
 pub(crate) fn fire(now: Instant, into: &mut Vec<Key>) {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        let Local { heap, slots } = &mut *l;
-        while let Some(Reverse((t, key))) = heap.peek().copied() {
+        while let Some(Reverse((t, key))) = l.heap.peek().copied() {
             if t > now {
                 break;
             }
-            heap.pop();
-            if let Some(m) = slots.get_mut(key.slot()) {
-                if m.generation == key.generation() && m.armed == Some(t) {
-                    m.armed = None;
-                    into.push(key);
-                }
+            l.heap.pop();
+            if l.live(t, key) {
+                l.slots[key.slot()].armed = None;
+                into.push(key);
+            } else {
+                l.stale = l.stale.saturating_sub(1);
             }
         }
     });
@@ -210,5 +256,51 @@ impl Drop for HopSleep {
                 with_slot(key, |m| m.head_wait = false);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heap_len() -> usize {
+        LOCAL.with(|l| l.borrow().heap.len())
+    }
+
+    #[test]
+    fn forgotten_and_replaced_deadlines_are_swept() {
+        let far = Instant::now() + Duration::from_secs(30);
+        let n = 4 * SWEEP_MIN;
+        for slot in 0..n {
+            let key = Key::new(0, slot, 1);
+            reset_slot(key);
+            arm(key, far);
+            // A later deadline waits for the armed one; an earlier one replaces it.
+            arm(key, far + Duration::from_secs(1));
+            for earlier in 1..=4 {
+                arm(key, far - Duration::from_secs(earlier));
+            }
+        }
+        // Unswept, 5 entries per slot; swept, at most as many stale entries as live ones.
+        assert!(
+            heap_len() <= 2 * n + SWEEP_MIN,
+            "replaced entries pile up: {}",
+            heap_len()
+        );
+        for slot in 0..n - 10 {
+            forget_slot(Key::new(0, slot, 1));
+        }
+        assert!(
+            heap_len() <= 10 + 2 * SWEEP_MIN,
+            "dead entries pile up: {}",
+            heap_len()
+        );
+        // The live ones still fire, once each.
+        let mut due = Vec::new();
+        fire(far + Duration::from_secs(5), &mut due);
+        let mut slots: Vec<usize> = due.iter().map(|k| k.slot()).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (n - 10..n).collect::<Vec<_>>());
+        assert_eq!(heap_len(), 0);
     }
 }

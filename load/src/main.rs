@@ -24,8 +24,9 @@ modes:
            fixed-rate HTTP latency, corrected for coordinated omission
   churn    -c C -d DUR --addr A [--path /plaintext] [--server-pid PID]
            a new connection per request (Connection: close): connections/s
-  ws-echo  -c C -d DUR --addr A [--path /ws] [--size BYTES] [--server-pid PID]
-           WebSocket echo: messages/s and latency
+  ws-echo  -c C -d DUR --addr A [--path /ws] [--size BYTES] [--client raw|tungstenite]
+           [--server-pid PID]
+           WebSocket echo: messages/s and latency (raw: pre-built frames, the lighter client)
   sse      -n N --addr A [--path /sse] [--publish PATH] [--rounds K] [--wait DUR]
            SSE fan-out: time for one event to reach all N subscribers
   users    --host A --users U --duration DUR --message TEXT --interval DUR
@@ -167,6 +168,11 @@ async fn run(a: &Args) -> Result<Value, String> {
                 addr: a.addr("addr", "127.0.0.1:1826")?,
                 path: a.get("path").unwrap_or("/ws").to_string(),
                 size: a.num("size", Some(64))?,
+                raw: match a.get("client").unwrap_or("raw") {
+                    "raw" => true,
+                    "tungstenite" => false,
+                    c => return Err(format!("--client {c:?}: raw or tungstenite")),
+                },
                 server_pid: a.pid()?,
             })
             .await

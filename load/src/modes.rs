@@ -47,6 +47,10 @@ pub enum Kind {
     Sse,
     /// Raw TCP, after one echoed line.
     Tcp,
+    /// WebSocket spoken by hand (`ws-echo --client raw`): after the handshake, one pre-built
+    /// masked frame out and the echo's bytes counted back, so the load generator costs little
+    /// more than its system calls.
+    WsRaw,
 }
 
 impl std::str::FromStr for Kind {
@@ -66,7 +70,7 @@ impl Kind {
     fn default_path(self) -> &'static str {
         match self {
             Kind::Http => "/plaintext",
-            Kind::Ws => "/ws",
+            Kind::Ws | Kind::WsRaw => "/ws",
             Kind::Sse => "/sse",
             Kind::Tcp => "",
         }
@@ -148,6 +152,24 @@ pub async fn open_one(
             }
             Ok(Held::Sse(s, buf))
         }
+        Kind::WsRaw => {
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await?;
+            let mut buf = Vec::new();
+            let h = read_head(&mut s, &mut buf).await?;
+            if h.status != 101 {
+                return Err(OpenError::Absent(h.status));
+            }
+            if !buf.is_empty() {
+                return Err(io::Error::other("bytes after the 101").into());
+            }
+            RawEcho::new(5).roundtrip(&mut s).await?;
+            Ok(Held::Tcp(s))
+        }
         Kind::Ws => {
             let url = format!("ws://{addr}{path}");
             let (mut ws, _) =
@@ -169,6 +191,67 @@ pub async fn open_one(
             }
             Ok(Held::Ws(Box::new(ws)))
         }
+    }
+}
+
+/// One text message of a fixed size, echoed: the client side of `ws-echo --client raw`.
+struct RawEcho {
+    /// The masked client frame, built once.
+    frame: Vec<u8>,
+    /// The echo's length on the wire (an unmasked server frame).
+    echo_len: usize,
+    /// The echo's frame head.
+    echo_head: Vec<u8>,
+    /// Where the echo is read to.
+    buf: Vec<u8>,
+    size: usize,
+}
+
+impl RawEcho {
+    fn new(size: usize) -> RawEcho {
+        const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![0x81]; // FIN + text
+        let mut echo_len = 2 + size;
+        match size {
+            0..=125 => frame.push(0x80 | size as u8),
+            126..=0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(size as u16).to_be_bytes());
+                echo_len += 2;
+            }
+            _ => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(size as u64).to_be_bytes());
+                echo_len += 8;
+            }
+        }
+        let mut echo_head = frame.clone();
+        echo_head[1] &= 0x7f; // not masked
+        frame.extend_from_slice(&MASK);
+        frame.extend((0..size).map(|i| b'x' ^ MASK[i % 4]));
+        RawEcho {
+            frame,
+            echo_len,
+            echo_head,
+            buf: vec![0; echo_len],
+            size,
+        }
+    }
+
+    /// Sends the message and reads its echo, which must be the same text, unmasked.
+    async fn roundtrip(&mut self, s: &mut TcpStream) -> io::Result<()> {
+        s.write_all(&self.frame).await?;
+        s.read_exact(&mut self.buf).await?;
+        // The socket is empty now (the server sends nothing unasked): forget that it was
+        // readable, so the next read waits for epoll instead of first failing a `recv`.
+        let _ = s.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        let (head, payload) = self.buf.split_at(self.echo_len - self.size);
+        if head != self.echo_head || payload.iter().any(|&b| b != b'x') {
+            return Err(io::Error::other("the echo is not the message sent"));
+        }
+        Ok(())
     }
 }
 
@@ -627,6 +710,9 @@ pub struct WsEchoOpts {
     pub addr: SocketAddr,
     pub path: String,
     pub size: usize,
+    /// The client: `raw` (default; pre-built frames, see [`Kind::WsRaw`]) or `tungstenite`
+    /// (tokio-tungstenite, which costs the load generator more per message than most servers).
+    pub raw: bool,
     pub server_pid: Option<u32>,
 }
 
@@ -635,14 +721,20 @@ pub struct WsEchoOpts {
 pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
     check_capacity(o.c, o.addr)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let (opened, failed, absent, first_error) =
-        open_many(Kind::Ws, o.c, o.addr, &o.path, 256, move |_, held| {
+    let (opened, failed, absent, first_error) = open_many(
+        if o.raw { Kind::WsRaw } else { Kind::Ws },
+        o.c,
+        o.addr,
+        &o.path,
+        256,
+        move |_, held| {
             let tx = tx.clone();
             async move {
                 let _ = tx.send(held);
             }
-        })
-        .await;
+        },
+    )
+    .await;
     if opened == 0 {
         return Ok(json!({
             "mode": "ws-echo",
@@ -659,21 +751,36 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
     let deadline = tokio::time::Instant::from_std(start + o.duration);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..opened {
-        let Some(Held::Ws(mut ws)) = rx.recv().await else {
+        let Some(held) = rx.recv().await else {
             break;
         };
         let (msgs, errors, hist) = (msgs.clone(), errors.clone(), hist.clone());
-        let payload = "x".repeat(o.size.max(1));
+        let size = o.size.max(1);
         tasks.spawn(async move {
             let mut h = histogram();
+            let mut raw = RawEcho::new(size);
+            let payload = "x".repeat(size);
+            let (mut sock, mut ws) = match held {
+                Held::Tcp(s) => (Some(s), None),
+                Held::Ws(ws) => (None, Some(ws)),
+                Held::Sse(..) => return,
+            };
             loop {
                 let t = Instant::now();
                 let rt = async {
+                    if let Some(s) = &mut sock {
+                        return raw.roundtrip(s).await.map_err(tungstenite::Error::Io);
+                    }
+                    let ws = ws.as_mut().expect("a tungstenite client");
                     ws.send(Message::text(payload.clone())).await?;
                     loop {
                         match ws.next().await {
                             Some(Ok(m)) if m.is_text() || m.is_binary() => {
-                                return Ok::<usize, tungstenite::Error>(m.len())
+                                return if m.len() == size {
+                                    Ok(())
+                                } else {
+                                    Err(tungstenite::Error::Io(io::Error::other("bad echo")))
+                                };
                             }
                             Some(Ok(_)) => continue,
                             Some(Err(e)) => return Err(e),
@@ -683,11 +790,11 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
                 };
                 match timeout_at(deadline, rt).await {
                     Err(_) => break,
-                    Ok(Ok(n)) if n == payload.len() => {
+                    Ok(Ok(())) => {
                         record(&mut h, t.elapsed());
                         msgs.fetch_add(1, Relaxed);
                     }
-                    Ok(_) => {
+                    Ok(Err(_)) => {
                         errors.fetch_add(1, Relaxed);
                         break;
                     }
@@ -702,6 +809,7 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
     let n = msgs.load(Relaxed);
     let mut v = json!({
         "mode": "ws-echo",
+        "client": if o.raw { "raw" } else { "tungstenite" },
         "available": true,
         "connections": opened,
         "failed": failed,
