@@ -309,43 +309,51 @@ async fn users_mode_sends_on_its_interval() {
 
 #[tokio::test]
 async fn ws_echo_counts_messages() {
-    let (l, addr) = listener().await;
-    let served = Arc::new(AtomicU64::new(0));
-    let s2 = served.clone();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            let served = s2.clone();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() || m.is_binary() {
-                        served.fetch_add(1, Relaxed);
-                        if ws.send(m).await.is_err() {
-                            break;
+    // Both clients; the raw one with a frame that needs the 16-bit length.
+    for (raw, size) in [(true, 200), (false, 32)] {
+        let (l, addr) = listener().await;
+        let served = Arc::new(AtomicU64::new(0));
+        let s2 = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let served = s2.clone();
+                tokio::spawn(async move {
+                    let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_text() || m.is_binary() {
+                            served.fetch_add(1, Relaxed);
+                            if ws.send(m).await.is_err() {
+                                break;
+                            }
                         }
                     }
-                }
-            });
-        }
-    });
-    let v = ws_echo(WsEchoOpts {
-        c: 4,
-        duration: Duration::from_millis(500),
-        addr,
-        path: "/ws".into(),
-        size: 32,
-        server_pid: None,
-    })
-    .await
-    .unwrap();
-    let n = us(&v, "messages");
-    assert!(n > 100, "{v}");
-    // The server also echoed the handshake message of each connection and at most one in
-    // flight at the deadline.
-    let s = served.load(Relaxed);
-    assert!(s >= n + 4 && s <= n + 8, "server {s}, client {n}");
-    assert_eq!(us(&v["latency"], "count"), n);
+                });
+            }
+        });
+        let v = ws_echo(WsEchoOpts {
+            c: 4,
+            duration: Duration::from_millis(500),
+            addr,
+            path: "/ws".into(),
+            size,
+            raw,
+            server_pid: None,
+        })
+        .await
+        .unwrap();
+        let n = us(&v, "messages");
+        assert!(n > 100, "{v}");
+        assert_eq!(us(&v, "errors"), 0, "{v}");
+        // The server also echoed the handshake message of each connection and at most one in
+        // flight at the deadline.
+        let s = served.load(Relaxed);
+        assert!(
+            s >= n + 4 && s <= n + 8,
+            "raw {raw}: server {s}, client {n}"
+        );
+        assert_eq!(us(&v["latency"], "count"), n);
+    }
 }
 
 #[tokio::test]
