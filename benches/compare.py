@@ -80,6 +80,55 @@ def cleanup():
             p.kill()
 
 
+class CpuCap:
+    """A cgroup whose processes get at most `fraction` of one CPU (a CFS quota per 10 ms).
+
+    Capping the server makes it, not the single-core load generator, set the pace; the row then
+    measures what the server can do with the CPU it has. Needs root and a cgroup v1 `cpu`
+    hierarchy or cgroup v2 with the cpu controller; `ok` is False otherwise."""
+
+    PERIOD_US = 10000
+
+    def __init__(self, fraction):
+        self.ok, self.dir, self.why = False, None, ""
+        quota = int(self.PERIOD_US * fraction)
+        v1, v2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"
+        try:
+            if os.path.isfile(os.path.join(v1, "cpu.cfs_quota_us")):
+                self.dir = os.path.join(v1, "hop-bench")
+                os.makedirs(self.dir, exist_ok=True)
+                self._write("cpu.cfs_period_us", self.PERIOD_US)
+                self._write("cpu.cfs_quota_us", quota)
+            elif os.path.isfile(os.path.join(v2, "cgroup.controllers")):
+                with open(os.path.join(v2, "cgroup.subtree_control"), "a") as f:
+                    f.write("+cpu")
+                self.dir = os.path.join(v2, "hop-bench")
+                os.makedirs(self.dir, exist_ok=True)
+                self._write("cpu.max", f"{quota} {self.PERIOD_US}")
+            else:
+                self.why = "no cgroup cpu controller"
+                return
+            self.ok = True
+        except OSError as e:
+            self.why = f"cgroup: {e}"
+
+    def _write(self, name, value):
+        with open(os.path.join(self.dir, name), "w") as f:
+            f.write(str(value))
+
+    def add(self, pid):
+        self._write("cgroup.procs", pid)
+
+
+def steal_ticks(cpu):
+    """Ticks the hypervisor took from `cpu` (the steal column of /proc/stat)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                return int(line.split()[8])
+    return 0
+
+
 def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -269,6 +318,33 @@ def main():
             table.add(w, "connections/s", ch["cps"])
             table.add(w, "p99 ms (connect to close)", ch["p99"], 2)
             table.add(w, "server CPU µs/conn", ch["cpu"], 1)
+            # The same with the server capped at half a CPU: uncapped, the load generator's CPU
+            # (which also does the kernel's work for every handshake on loopback) runs out first.
+            cap = CpuCap(0.5)
+            w = "connection churn, server capped at 0.5 CPU (cgroup quota)"
+            if not cap.ok:
+                table.na(w, "connections/s", cap.why)
+            else:
+                capped = {b: Server(SERVER, b) for b in BACKENDS}
+                try:
+                    for s in capped.values():
+                        cap.add(s.pid)
+                    cc = cells("cps", "cpu")
+                    for i, b in interleave(runs):
+                        s = capped[b]
+                        hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr])
+                        r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
+                                      "--server-pid", s.pid])
+                        raw.append({"row": "3-capped", "backend": b, **r})
+                        cc["cps"][b].add(r["conn_per_s"])
+                        cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
+                        cc["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
+                        log(f"3 churn capped {b} run {i + 1}: {r['conn_per_s']:,.0f} conn/s")
+                finally:
+                    for s in capped.values():
+                        s.stop()
+                table.add(w, "connections/s", cc["cps"])
+                table.add(w, "server CPU µs/conn", cc["cpu"], 1)
 
         # 4. fixed-rate latency (coordinated omission corrected)
         if want(4):
@@ -277,15 +353,19 @@ def main():
             if not target:
                 low = min(m for m in maxima if m) if all(maxima) else 20000
                 target = max(1000, min(20000, int(low * 0.5) // 1000 * 1000))
-            fr = cells("p50", "p99", "p999", "ach")
+            fr = cells("p50", "p95", "p99", "p999", "ach", "steal")
             for i, b in interleave(runs):
                 s = servers[b]
                 hop_load(["rate", "--rps", target, "-d", warm, "-c", 50, "--addr", s.addr])
+                st0, t0 = steal_ticks(SERVER_CPU), time.time()
                 r = hop_load(["rate", "--rps", target, "-d", secs, "-c", 50, "--addr", s.addr,
                               "--server-pid", s.pid])
-                raw.append({"row": 4, "backend": b, **r})
+                stolen = (steal_ticks(SERVER_CPU) - st0) / HZ / (time.time() - t0) * 100
+                raw.append({"row": 4, "backend": b, **r, "steal_pct": stolen})
                 lat = r["latency"]
+                fr["steal"][b].add(stolen)
                 fr["p50"][b].add(lat.get("p50_us", 0) / 1000)
+                fr["p95"][b].add(lat.get("p95_us", 0) / 1000)
                 fr["p99"][b].add(lat.get("p99_us", 0) / 1000)
                 fr["p999"][b].add(lat.get("p999_us", 0) / 1000)
                 fr["ach"][b].add(r["achieved_rps"])
@@ -293,9 +373,12 @@ def main():
             w = f"fixed rate {target:,} req/s, 50 conns, CO-corrected"
             table.num = 4
             table.add(w, "p50 ms", fr["p50"], 2)
+            table.add(w, "p95 ms", fr["p95"], 2)
             table.add(w, "p99 ms", fr["p99"], 2)
             table.add(w, "p99.9 ms", fr["p999"], 2)
             table.add(w, "achieved req/s", fr["ach"])
+            table.add(w, "CPU time stolen from the server's CPU by the hypervisor, %",
+                      fr["steal"], 1)
 
         # 6. WebSocket echo, 7. SSE fan-out (on the long-lived servers)
         ws_rows, sse_rows = [], []
@@ -304,18 +387,24 @@ def main():
             if not probe.get("available", True) or probe.get("connections", 0) == 0:
                 ws_rows.append(("na", probe.get("first_error") or "no /ws route"))
             else:
-                we = cells("mps", "p99")
-                for i, b in interleave(runs):
-                    s = servers[b]
-                    # The reference is tokio-tungstenite on tokio (issue 6), not hop::ws there.
-                    path = "/ws" if b == "reactor" else "/ws-tungstenite"
-                    hop_load(["ws-echo", "-c", 100, "-d", warm, "--addr", s.addr, "--path", path])
-                    r = hop_load(["ws-echo", "-c", 100, "-d", secs, "--addr", s.addr, "--path", path])
-                    raw.append({"row": 6, "backend": b, **r})
-                    we["mps"][b].add(r.get("msg_per_s"))
-                    we["p99"][b].add(r.get("latency", {}).get("p99_us", 0) / 1000)
-                    log(f"6 ws-echo {b} run {i + 1}: {r.get('msg_per_s')} msg/s")
-                ws_rows.append(("ok", we))
+                # Ping-pong, then 16 messages in flight per connection (sent in one write).
+                for burst in (1, 16):
+                    we = cells("mps", "p99", "cpu")
+                    for i, b in interleave(runs):
+                        s = servers[b]
+                        # The reference is tokio-tungstenite on tokio (issue 6), not hop::ws there.
+                        path = "/ws" if b == "reactor" else "/ws-tungstenite"
+                        args = ["ws-echo", "-c", 100, "--burst", burst, "--addr", s.addr,
+                                "--path", path]
+                        hop_load(args + ["-d", warm])
+                        r = hop_load(args + ["-d", secs, "--server-pid", s.pid])
+                        raw.append({"row": 6, "backend": b, **r})
+                        we["mps"][b].add(r.get("msg_per_s"))
+                        cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
+                        we["cpu"][b].add(cpu * 1e6 / max(r.get("messages", 0), 1))
+                        we["p99"][b].add(r.get("latency", {}).get("p99_us", 0) / 1000)
+                        log(f"6 ws-echo burst {burst} {b} run {i + 1}: {r.get('msg_per_s')} msg/s")
+                    ws_rows.append(("ok", (burst, we)))
         if want(7):
             pub = os.environ.get("SSE_PUBLISH", "/sse/broadcast")
             args = ["sse", "-n", 1000, "--rounds", 3, "--wait", "3s"]
@@ -392,13 +481,17 @@ def main():
         log(f"chart: {a.svg} {series}")
 
     for status, v in ws_rows:
-        w = "WebSocket echo, 100 conns (reactor: hop::ws /ws; tokio: tokio-tungstenite /ws-tungstenite)"
+        w = ("WebSocket echo, 100 conns, 64-byte text, raw-frame client (reactor: hop::ws /ws; "
+             "tokio: tokio-tungstenite /ws-tungstenite)")
         table.num = 6
         if status == "na":
             table.na(w, "messages/s; p99", v)
-        else:
-            table.add(w, "messages/s", v["mps"])
-            table.add(w, "p99 ms", v["p99"], 2)
+            continue
+        burst, v = v
+        w += ", ping-pong" if burst == 1 else f", {burst} messages in flight per connection"
+        table.add(w, "messages/s", v["mps"])
+        table.add(w, "p99 ms" + (" (one burst)" if burst > 1 else ""), v["p99"], 2)
+        table.add(w, "server CPU µs/message", v["cpu"], 2)
     for status, v in sse_rows:
         w = "SSE fan-out, 1,000 subscribers"
         table.num = 7

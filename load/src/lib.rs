@@ -6,6 +6,7 @@
 
 pub mod chart;
 pub mod modes;
+pub mod paced;
 pub mod util;
 
 pub use modes::*;

@@ -25,8 +25,9 @@ modes:
   churn    -c C -d DUR --addr A [--path /plaintext] [--server-pid PID]
            a new connection per request (Connection: close): connections/s
   ws-echo  -c C -d DUR --addr A [--path /ws] [--size BYTES] [--client raw|tungstenite]
-           [--server-pid PID]
-           WebSocket echo: messages/s and latency (raw: pre-built frames, the lighter client)
+           [--burst K] [--server-pid PID]
+           WebSocket echo: messages/s and latency (raw: pre-built frames, the lighter client;
+           K messages in flight per connection, sent in one write, raw only)
   sse      -n N --addr A [--path /sse] [--publish PATH] [--rounds K] [--wait DUR]
            SSE fan-out: time for one event to reach all N subscribers
   users    --host A --users U --duration DUR --message TEXT --interval DUR
@@ -173,6 +174,7 @@ async fn run(a: &Args) -> Result<Value, String> {
                     "tungstenite" => false,
                     c => return Err(format!("--client {c:?}: raw or tungstenite")),
                 },
+                burst: a.num("burst", Some(1))?,
                 server_pid: a.pid()?,
             })
             .await

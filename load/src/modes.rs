@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{sleep, sleep_until, timeout, timeout_at};
+use tokio::time::{sleep, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -167,7 +167,7 @@ pub async fn open_one(
             if !buf.is_empty() {
                 return Err(io::Error::other("bytes after the 101").into());
             }
-            RawEcho::new(5).roundtrip(&mut s).await?;
+            RawEcho::new(5, 1).roundtrip(&mut s).await?;
             Ok(Held::Tcp(s))
         }
         Kind::Ws => {
@@ -194,21 +194,22 @@ pub async fn open_one(
     }
 }
 
-/// One text message of a fixed size, echoed: the client side of `ws-echo --client raw`.
+/// `burst` text messages of a fixed size, sent in one write and echoed: the client side of
+/// `ws-echo --client raw`.
 struct RawEcho {
-    /// The masked client frame, built once.
-    frame: Vec<u8>,
+    /// The masked client frames, built once.
+    frames: Vec<u8>,
     /// The echo's length on the wire (an unmasked server frame).
     echo_len: usize,
     /// The echo's frame head.
     echo_head: Vec<u8>,
-    /// Where the echo is read to.
+    /// Where the echoes are read to.
     buf: Vec<u8>,
     size: usize,
 }
 
 impl RawEcho {
-    fn new(size: usize) -> RawEcho {
+    fn new(size: usize, burst: usize) -> RawEcho {
         const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
         let mut frame = vec![0x81]; // FIN + text
         let mut echo_len = 2 + size;
@@ -230,26 +231,28 @@ impl RawEcho {
         frame.extend_from_slice(&MASK);
         frame.extend((0..size).map(|i| b'x' ^ MASK[i % 4]));
         RawEcho {
-            frame,
+            frames: frame.repeat(burst.max(1)),
             echo_len,
             echo_head,
-            buf: vec![0; echo_len],
+            buf: vec![0; echo_len * burst.max(1)],
             size,
         }
     }
 
-    /// Sends the message and reads its echo, which must be the same text, unmasked.
+    /// Sends the messages and reads their echoes, which must be the same texts, unmasked.
     async fn roundtrip(&mut self, s: &mut TcpStream) -> io::Result<()> {
-        s.write_all(&self.frame).await?;
+        s.write_all(&self.frames).await?;
         s.read_exact(&mut self.buf).await?;
         // The socket is empty now (the server sends nothing unasked): forget that it was
         // readable, so the next read waits for epoll instead of first failing a `recv`.
         let _ = s.try_io(tokio::io::Interest::READABLE, || {
             Err::<(), _>(io::ErrorKind::WouldBlock.into())
         });
-        let (head, payload) = self.buf.split_at(self.echo_len - self.size);
-        if head != self.echo_head || payload.iter().any(|&b| b != b'x') {
-            return Err(io::Error::other("the echo is not the message sent"));
+        for echo in self.buf.chunks(self.echo_len) {
+            let (head, payload) = echo.split_at(self.echo_len - self.size);
+            if head != self.echo_head || payload.iter().any(|&b| b != b'x') {
+                return Err(io::Error::other("the echo is not the message sent"));
+            }
         }
         Ok(())
     }
@@ -501,18 +504,6 @@ pub async fn echo(o: EchoOpts) -> Result<Value, String> {
     Ok(v)
 }
 
-/// Waits until `t`: a timer sleep to within a millisecond (tokio's timer resolution), then
-/// yields until the time has come, so requests leave on their timetable.
-async fn pace(t: Instant) {
-    let now = Instant::now();
-    if t > now + Duration::from_millis(2) {
-        sleep_until(tokio::time::Instant::from_std(t - Duration::from_millis(1))).await;
-    }
-    while Instant::now() < t {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// `rate`: options.
 #[derive(Clone, Debug)]
 pub struct RateOpts {
@@ -526,103 +517,34 @@ pub struct RateOpts {
 }
 
 /// `rate`: a fixed request rate on `c` keep-alive connections, each on its own timetable
-/// (request k of connection i is due at `start + (i/c + k) * c/rps`). Latency is measured from
-/// the time a request was due, not the time it was sent, which corrects for coordinated
-/// omission: a stalled response delays the requests queued behind it, and their wait counts.
-/// `service` is the uncorrected time from send to response, for comparison.
+/// (request k of connection i is due at `start + (i/c + k) * c/rps`), sent and read by a
+/// busy-polling thread ([`crate::paced`]). Latency is measured from the time a request was
+/// due, not the time it was sent, which corrects for coordinated omission: a stalled response
+/// delays the requests queued behind it, and their wait counts. `service` is the uncorrected
+/// time from send to response, for comparison.
 pub async fn rate_mode(o: RateOpts) -> Result<Value, String> {
     if o.rps <= 0.0 || o.c == 0 {
         return Err("rate: --rps and -c must be positive".into());
     }
     check_capacity(o.c, o.addr)?;
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let missed = Arc::new(AtomicU64::new(0));
-    let corrected = Arc::new(Mutex::new(histogram()));
-    let service = Arc::new(Mutex::new(histogram()));
-    let interval = Duration::from_secs_f64(o.c as f64 / o.rps);
     let mon = Monitor::start(o.server_pid);
-    // Connections open before the clock starts.
-    let mut streams = Vec::with_capacity(o.c);
-    for i in 0..o.c {
-        streams.push(
-            connect(o.addr, i)
-                .await
-                .map_err(|e| format!("connect {}: {e}", o.addr))?,
-        );
-    }
-    let start = Instant::now() + Duration::from_millis(10);
-    let deadline = start + o.duration;
-    // Responses still due after this are abandoned (and their requests counted as missed).
-    let hard = tokio::time::Instant::from_std(deadline + Duration::from_secs(2));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, mut s) in streams.into_iter().enumerate() {
-        let (ok, errors, missed) = (ok.clone(), errors.clone(), missed.clone());
-        let (corrected, service) = (corrected.clone(), service.clone());
-        let o = o.clone();
-        tasks.spawn(async move {
-            let req = get_request(&o.path, o.addr, false);
-            let mut buf = Vec::new();
-            let mut hc = histogram();
-            let mut hs = histogram();
-            let phase = interval.mul_f64(i as f64 / o.c as f64);
-            let mut k = 0u32;
-            loop {
-                let due = start + phase + interval * k;
-                k += 1;
-                if due >= deadline {
-                    break;
-                }
-                if tokio::time::Instant::now() >= hard {
-                    missed.fetch_add(1, Relaxed);
-                    continue;
-                }
-                pace(due).await;
-                let sent = Instant::now();
-                match timeout_at(hard, http_roundtrip(&mut s, &mut buf, &req)).await {
-                    Ok(Ok(h)) if h.status < 400 => {
-                        let now = Instant::now();
-                        record(&mut hc, now - due);
-                        record(&mut hs, now - sent);
-                        ok.fetch_add(1, Relaxed);
-                        if h.close {
-                            match connect(o.addr, i + k as usize * o.c).await {
-                                Ok(n) => s = n,
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    Ok(_) => {
-                        errors.fetch_add(1, Relaxed);
-                        buf.clear();
-                        match connect(o.addr, i + k as usize * o.c).await {
-                            Ok(n) => s = n,
-                            Err(_) => break,
-                        }
-                    }
-                    Err(_) => {
-                        missed.fetch_add(1, Relaxed);
-                    }
-                }
-            }
-            merge(&corrected, &hc);
-            merge(&service, &hs);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+    let (addr, path, rps, c, duration) = (o.addr, o.path.clone(), o.rps, o.c, o.duration);
+    let r = tokio::task::spawn_blocking(move || crate::paced::run(addr, &path, rps, c, duration))
+        .await
+        .map_err(|e| format!("rate: {e}"))?
+        .map_err(|e| format!("rate against {}: {e}", o.addr))?;
     let server = mon.finish();
-    let n = ok.load(Relaxed);
     let mut v = json!({
         "mode": "rate",
         "target_rps": o.rps,
         "connections": o.c,
         "secs": o.duration.as_secs_f64(),
-        "requests": n,
-        "errors": errors.load(Relaxed),
-        "missed": missed.load(Relaxed),
-        "achieved_rps": rate(n, o.duration),
-        "latency": summary(&corrected.lock().unwrap()),
-        "service": summary(&service.lock().unwrap()),
+        "requests": r.ok,
+        "errors": r.errors,
+        "missed": r.missed,
+        "achieved_rps": rate(r.ok, o.duration),
+        "latency": summary(&r.corrected),
+        "service": summary(&r.service),
     });
     extend(&mut v, server);
     Ok(v)
@@ -713,12 +635,17 @@ pub struct WsEchoOpts {
     /// The client: `raw` (default; pre-built frames, see [`Kind::WsRaw`]) or `tungstenite`
     /// (tokio-tungstenite, which costs the load generator more per message than most servers).
     pub raw: bool,
+    /// Messages in flight per connection, sent in one write (`raw` only; 1: ping-pong).
+    pub burst: usize,
     pub server_pid: Option<u32>,
 }
 
 /// `ws-echo`: `c` WebSocket connections, each sending a `size`-byte text message and waiting
 /// for its echo, for `duration`. `available: false` when the route is absent.
 pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
+    if o.burst > 1 && !o.raw {
+        return Err("ws-echo: --burst needs --client raw".into());
+    }
     check_capacity(o.c, o.addr)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (opened, failed, absent, first_error) = open_many(
@@ -756,9 +683,10 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
         };
         let (msgs, errors, hist) = (msgs.clone(), errors.clone(), hist.clone());
         let size = o.size.max(1);
+        let burst = o.burst.max(1) as u64;
         tasks.spawn(async move {
             let mut h = histogram();
-            let mut raw = RawEcho::new(size);
+            let mut raw = RawEcho::new(size, burst as usize);
             let payload = "x".repeat(size);
             let (mut sock, mut ws) = match held {
                 Held::Tcp(s) => (Some(s), None),
@@ -792,7 +720,7 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
                     Err(_) => break,
                     Ok(Ok(())) => {
                         record(&mut h, t.elapsed());
-                        msgs.fetch_add(1, Relaxed);
+                        msgs.fetch_add(burst, Relaxed);
                     }
                     Ok(Err(_)) => {
                         errors.fetch_add(1, Relaxed);
@@ -810,6 +738,7 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
     let mut v = json!({
         "mode": "ws-echo",
         "client": if o.raw { "raw" } else { "tungstenite" },
+        "burst": o.burst.max(1),
         "available": true,
         "connections": opened,
         "failed": failed,

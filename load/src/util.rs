@@ -288,7 +288,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_head(raw: &[u8]) -> io::Result<Head> {
+/// Parses a response head (without its final blank line).
+pub fn parse_head(raw: &[u8]) -> io::Result<Head> {
     let text = std::str::from_utf8(raw).map_err(|_| io::Error::other("non-UTF-8 head"))?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");

@@ -310,7 +310,7 @@ async fn users_mode_sends_on_its_interval() {
 #[tokio::test]
 async fn ws_echo_counts_messages() {
     // Both clients; the raw one with a frame that needs the 16-bit length.
-    for (raw, size) in [(true, 200), (false, 32)] {
+    for (raw, size, burst) in [(true, 200, 1u64), (true, 20, 4), (false, 32, 1)] {
         let (l, addr) = listener().await;
         let served = Arc::new(AtomicU64::new(0));
         let s2 = served.clone();
@@ -338,6 +338,7 @@ async fn ws_echo_counts_messages() {
             path: "/ws".into(),
             size,
             raw,
+            burst: burst as usize,
             server_pid: None,
         })
         .await
@@ -345,14 +346,15 @@ async fn ws_echo_counts_messages() {
         let n = us(&v, "messages");
         assert!(n > 100, "{v}");
         assert_eq!(us(&v, "errors"), 0, "{v}");
-        // The server also echoed the handshake message of each connection and at most one in
-        // flight at the deadline.
+        // The server also echoed the handshake message of each connection and at most one
+        // burst in flight at the deadline.
         let s = served.load(Relaxed);
+        assert_eq!(n % burst, 0, "{v}");
         assert!(
-            s >= n + 4 && s <= n + 8,
+            s >= n + 4 && s <= n + 4 + 4 * burst,
             "raw {raw}: server {s}, client {n}"
         );
-        assert_eq!(us(&v["latency"], "count"), n);
+        assert_eq!(us(&v["latency"], "count") * burst, n);
     }
 }
 
