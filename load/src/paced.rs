@@ -81,6 +81,7 @@ pub fn run(
         let now = Instant::now();
         if now >= hard {
             for (i, conn) in conns.iter().enumerate() {
+                out.missed += u64::from(conn.inflight.is_some());
                 let mut k = conn.k;
                 while due(i, k) < deadline {
                     out.missed += 1;
