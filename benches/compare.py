@@ -2,7 +2,8 @@
 """Side-by-side benchmark of hop's reactor and tokio backends (run through benches/compare.sh).
 
 Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
-CPU 1. Each measurement is preceded by a warm-up; backends alternate (reactor, tokio, reactor,
+CPU 1 (one churn row caps the server at half a CPU with a cgroup quota; row 9 counts
+instructions under callgrind). Each measurement is preceded by a warm-up; backends alternate (reactor, tokio, reactor,
 tokio, ...); each cell is the median of the runs with the min-max spread. Prints a markdown
 table on stdout; progress goes to stderr.
 """
@@ -12,11 +13,13 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +121,46 @@ class CpuCap:
 
     def add(self, pid):
         self._write("cgroup.procs", pid)
+
+
+def callgrind_per_request(backend):
+    """Instructions the server executes in user space per keep-alive request (callgrind).
+
+    The server starts uninstrumented; instrumentation is switched on after a warm-up, and the
+    counts are dumped when it exits."""
+    port = next_port()
+    addr = f"127.0.0.1:{port}"
+    out = os.path.join(tempfile.mkdtemp(prefix="hop-cg-"), "callgrind.out")
+    proc = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", "--instr-atstart=no",
+         f"--callgrind-out-file={out}", SERVER, "--backend", backend, "--addr", addr,
+         "--pollers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    STARTED.append(proc)
+    try:
+        for _ in range(600):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        url = f"http://{addr}/plaintext"
+        wrk(url, 10, 2, "report.lua")
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True,
+                       check=True, timeout=30)
+        r = wrk(url, 10, 8, "report.lua")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        total = 0
+        with open(out) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = int(line.split()[1])
+        return total / max(r["requests"], 1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def steal_ticks(cpu):
@@ -236,7 +279,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-8)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-9)")
     ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
     ap.add_argument("--json-out", default="", help="also write every raw result here")
     a = ap.parse_args()
@@ -530,6 +573,20 @@ def main():
         finally:
             for s in ss.values():
                 s.stop()
+
+    # 9. User-space instructions per keep-alive request under callgrind: repeatable where CPU
+    # time on a shared VM is not (the kernel's share is not counted).
+    if want(9):
+        table.num = 9
+        w = "plaintext keep-alive, wrk 10 conns, under callgrind"
+        if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+            table.na(w, "user-space instructions/req", "valgrind not installed")
+        else:
+            ir = cells("ir")
+            for b in BACKENDS:
+                ir["ir"][b].add(callgrind_per_request(b))
+                log(f"9 callgrind {b}: {ir['ir'][b].v[-1]:,.0f} instructions/req")
+            table.add(w, "user-space instructions/req", ir["ir"])
 
     # Output.
     cpu = "?"
