@@ -48,6 +48,7 @@ fn app() -> Router {
                 format!("cl={cl} te={te} len={}", body.len())
             }),
         )
+        .route("/big", get(|| async { "x".repeat(TEN_MB) }))
         .route("/204", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/304",
@@ -174,6 +175,33 @@ backend_tests! {
         let (end, rest) = conn.wait_close(IO_TIMEOUT).await;
         assert!(end.closed(), "connection not closed after Connection: close: {end:?}");
         assert!(rest.is_empty());
+    }
+
+    // The reactor registers a connection with epoll only after its first drive (lazy
+    // registration); these two make that first drive come up empty, or block on writing.
+    async fn first_request_after_a_pause(backend) {
+        let srv = start(backend, app(), |b| b);
+        let mut conn = RawConn::connect(srv.addr).await;
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let res = conn.roundtrip(get_req("/echo/7", "Connection: close\r\n")).await;
+        assert_eq!(res.text(), "echo 7");
+        let (end, rest) = conn.wait_close(IO_TIMEOUT).await;
+        assert!(end.closed(), "not closed after Connection: close: {end:?}");
+        assert!(rest.is_empty());
+    }
+
+    async fn large_first_response_then_close(backend) {
+        let srv = start(backend, app(), |b| b);
+        let mut conn = RawConn::connect(srv.addr).await;
+        conn.send(get_req("/big", "Connection: close\r\n")).await.unwrap();
+        // The response fills the socket's buffers long before it is all written.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let res = conn.read_response().await;
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body.len(), TEN_MB);
+        assert!(res.body.iter().all(|&b| b == b'x'));
+        let (end, _) = conn.wait_close(IO_TIMEOUT).await;
+        assert!(end.closed(), "not closed after Connection: close: {end:?}");
     }
 
     async fn pipelined_100_requests(backend) {
