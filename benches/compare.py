@@ -193,6 +193,21 @@ def wrk(url, conns, secs, script, extra=()):
     raise RuntimeError(f"wrk failed against {url}")
 
 
+def wrk_runs(servers, runs, warm, secs, script, extra=(), row=0, raw=None):
+    """Interleaved wrk runs on /plaintext, 100 connections: yields (backend, result, server CPU
+    ticks during the run), each after a warm-up."""
+    for i, b in interleave(runs):
+        s = servers[b]
+        url = f"http://{s.addr}/plaintext"
+        wrk(url, 100, warm, script, extra)
+        t0 = cpu_ticks(s.pid)
+        r = wrk(url, 100, secs, script, extra)
+        dt = cpu_ticks(s.pid) - t0
+        raw.append({"row": row, "backend": b, **r, "cpu_ticks": dt})
+        log(f"{row} {script} {b} run {i + 1}: {r['requests'] / (r['duration_us'] / 1e6):,.0f} req/s")
+        yield b, r, dt
+
+
 def hop_load(args, timeout=120):
     cmd = ["taskset", "-c", LOAD_CPU, LOAD, *map(str, args), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -300,20 +315,12 @@ def main():
         # 1. plaintext keep-alive
         plain = cells("rps", "p50", "p99", "cpu")
         if want(1) or want(4):
-            for i, b in interleave(runs):
-                s = servers[b]
-                url = f"http://{s.addr}/plaintext"
-                wrk(url, 100, warm, "report.lua")
-                t0 = cpu_ticks(s.pid)
-                r = wrk(url, 100, secs, "report.lua")
-                dt = cpu_ticks(s.pid) - t0
-                raw.append({"row": 1, "backend": b, **r, "cpu_ticks": dt})
+            for b, r, dt in wrk_runs(servers, runs, warm, secs, "report.lua", row=1, raw=raw):
                 n = r["requests"]
                 plain["rps"][b].add(n / (r["duration_us"] / 1e6))
                 plain["p50"][b].add(r["p50_us"] / 1000)
                 plain["p99"][b].add(r["p99_us"] / 1000)
                 plain["cpu"][b].add(dt / HZ * 1e6 / max(n, 1))
-                log(f"1 plaintext {b} run {i + 1}: {n / (r['duration_us'] / 1e6):,.0f} req/s")
             w = "plaintext keep-alive, wrk 100 conns"
             table.num = 1
             table.add(w, "req/s", plain["rps"])
@@ -324,18 +331,11 @@ def main():
         # 2. pipelined
         if want(2):
             pipe = cells("rps", "cpu")
-            for i, b in interleave(runs):
-                s = servers[b]
-                url = f"http://{s.addr}/plaintext"
-                wrk(url, 100, warm, "pipeline.lua", ["16"])
-                t0 = cpu_ticks(s.pid)
-                r = wrk(url, 100, secs, "pipeline.lua", ["16"])
-                dt = cpu_ticks(s.pid) - t0
-                raw.append({"row": 2, "backend": b, **r, "cpu_ticks": dt})
+            for b, r, dt in wrk_runs(servers, runs, warm, secs, "pipeline.lua", ["16"], row=2,
+                                     raw=raw):
                 n = r["requests"]
                 pipe["rps"][b].add(n / (r["duration_us"] / 1e6))
                 pipe["cpu"][b].add(dt / HZ * 1e6 / max(n, 1))
-                log(f"2 pipelined {b} run {i + 1}: {n / (r['duration_us'] / 1e6):,.0f} req/s")
             w = "pipelined depth 16, wrk 100 conns"
             table.num = 2
             table.add(w, "req/s", pipe["rps"])

@@ -21,10 +21,6 @@ use crate::util::*;
 /// How long one connection may take to open (connect and handshake).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn merge(into: &Mutex<Histogram<u64>>, h: &Histogram<u64>) {
-    let _ = into.lock().unwrap().add(h);
-}
-
 fn rate(n: u64, d: Duration) -> f64 {
     let r = n as f64 / d.as_secs_f64().max(1e-9);
     (r * 100.0).round() / 100.0
@@ -33,6 +29,80 @@ fn rate(n: u64, d: Duration) -> f64 {
 fn extend(v: &mut Value, more: Value) {
     if let (Some(a), Value::Object(b)) = (v.as_object_mut(), more) {
         a.extend(b);
+    }
+}
+
+/// What the workers of a timed mode count, together.
+struct Tally {
+    /// Completed units: requests, connections or messages.
+    done: AtomicU64,
+    /// Connections opened (`echo`).
+    connects: AtomicU64,
+    errors: AtomicU64,
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            done: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            hist: Mutex::new(histogram()),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.done.fetch_add(n, Relaxed);
+    }
+
+    fn error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+    }
+
+    /// Adds a worker's latencies (each worker records into its own histogram).
+    fn merge(&self, h: &Histogram<u64>) {
+        let _ = self.hist.lock().unwrap().add(h);
+    }
+
+    fn latency(&self) -> Value {
+        summary(&self.hist.lock().unwrap())
+    }
+}
+
+/// A timed run's outcome: the counts, how long it took and the server's figures.
+struct Run {
+    tally: Arc<Tally>,
+    secs: Duration,
+    server: Value,
+}
+
+/// Runs `n` workers until `duration` has passed, sampling the server meanwhile; worker `w` is
+/// `worker(w, tally, deadline)`.
+async fn run_workers<F, Fut>(
+    n: usize,
+    duration: Duration,
+    server_pid: Option<u32>,
+    mut worker: F,
+) -> Run
+where
+    F: FnMut(usize, Arc<Tally>, tokio::time::Instant) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tally = Arc::new(Tally::new());
+    let mon = Monitor::start(server_pid);
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + duration);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..n {
+        tasks.spawn(worker(w, tally.clone(), deadline));
+    }
+    while tasks.join_next().await.is_some() {}
+    let secs = start.elapsed();
+    Run {
+        tally,
+        secs,
+        server: mon.finish(),
     }
 }
 
@@ -430,19 +500,10 @@ pub struct EchoOpts {
 /// `r` requests, for `duration`.
 pub async fn echo(o: EchoOpts) -> Result<Value, String> {
     check_capacity(o.c, o.addr)?;
-    let reqs = Arc::new(AtomicU64::new(0));
-    let conns = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(histogram()));
-    let mon = Monitor::start(o.server_pid);
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::from_std(start + o.duration);
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..o.c {
-        let (reqs, conns, errors, hist) =
-            (reqs.clone(), conns.clone(), errors.clone(), hist.clone());
-        let o = o.clone();
-        tasks.spawn(async move {
+    let opts = o.clone();
+    let run = run_workers(o.c, o.duration, o.server_pid, move |w, tally, deadline| {
+        let o = opts.clone();
+        async move {
             let msg = vec![b'x'; o.size.max(1)];
             let mut back = vec![0u8; msg.len()];
             let mut h = histogram();
@@ -451,14 +512,14 @@ pub async fn echo(o: EchoOpts) -> Result<Value, String> {
                 let mut s = match timeout_at(deadline, connect(o.addr, k)).await {
                     Err(_) => break,
                     Ok(Err(_)) => {
-                        errors.fetch_add(1, Relaxed);
+                        tally.error();
                         sleep(Duration::from_millis(1)).await;
                         continue;
                     }
                     Ok(Ok(s)) => s,
                 };
                 k += o.c;
-                conns.fetch_add(1, Relaxed);
+                tally.connects.fetch_add(1, Relaxed);
                 let mut done = 0;
                 while o.r == 0 || done < o.r {
                     let t = Instant::now();
@@ -469,38 +530,37 @@ pub async fn echo(o: EchoOpts) -> Result<Value, String> {
                     match timeout_at(deadline, rt).await {
                         Err(_) => break 'outer,
                         Ok(Err(_)) => {
-                            errors.fetch_add(1, Relaxed);
+                            tally.error();
                             break;
                         }
                         Ok(Ok(_)) => {
                             record(&mut h, t.elapsed());
-                            reqs.fetch_add(1, Relaxed);
+                            tally.add(1);
                             done += 1;
                         }
                     }
                 }
             }
-            merge(&hist, &h);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let secs = start.elapsed();
-    let server = mon.finish();
-    let (r, c) = (reqs.load(Relaxed), conns.load(Relaxed));
+            tally.merge(&h);
+        }
+    })
+    .await;
+    let t = &run.tally;
+    let (r, c) = (t.done.load(Relaxed), t.connects.load(Relaxed));
     let mut v = json!({
         "mode": "echo",
         "connections": o.c,
         "requests_per_connection": o.r,
         "size": o.size,
-        "secs": secs.as_secs_f64(),
+        "secs": run.secs.as_secs_f64(),
         "requests": r,
         "connects": c,
-        "errors": errors.load(Relaxed),
-        "req_per_s": rate(r, secs),
-        "conn_per_s": rate(c, secs),
-        "latency": summary(&hist.lock().unwrap()),
+        "errors": t.errors.load(Relaxed),
+        "req_per_s": rate(r, run.secs),
+        "conn_per_s": rate(c, run.secs),
+        "latency": t.latency(),
     });
-    extend(&mut v, server);
+    extend(&mut v, run.server);
     Ok(v)
 }
 
@@ -564,17 +624,10 @@ pub struct ChurnOpts {
 /// `Connection: close`, reading the response to the server's close, and starting again.
 pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
     check_capacity(o.c, o.addr)?;
-    let conns = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(histogram()));
-    let mon = Monitor::start(o.server_pid);
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::from_std(start + o.duration);
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..o.c {
-        let (conns, errors, hist) = (conns.clone(), errors.clone(), hist.clone());
-        let o = o.clone();
-        tasks.spawn(async move {
+    let opts = o.clone();
+    let run = run_workers(o.c, o.duration, o.server_pid, move |w, tally, deadline| {
+        let o = opts.clone();
+        async move {
             let req = get_request(&o.path, o.addr, true);
             let mut h = histogram();
             let mut buf = Vec::new();
@@ -596,31 +649,29 @@ pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
                     Err(_) => break,
                     Ok(Ok(s)) if s < 400 => {
                         record(&mut h, t.elapsed());
-                        conns.fetch_add(1, Relaxed);
+                        tally.add(1);
                     }
                     Ok(_) => {
-                        errors.fetch_add(1, Relaxed);
+                        tally.error();
                         sleep(Duration::from_millis(1)).await;
                     }
                 }
             }
-            merge(&hist, &h);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let secs = start.elapsed();
-    let server = mon.finish();
-    let n = conns.load(Relaxed);
+            tally.merge(&h);
+        }
+    })
+    .await;
+    let n = run.tally.done.load(Relaxed);
     let mut v = json!({
         "mode": "churn",
         "workers": o.c,
-        "secs": secs.as_secs_f64(),
+        "secs": run.secs.as_secs_f64(),
         "connections": n,
-        "errors": errors.load(Relaxed),
-        "conn_per_s": rate(n, secs),
-        "latency": summary(&hist.lock().unwrap()),
+        "errors": run.tally.errors.load(Relaxed),
+        "conn_per_s": rate(n, run.secs),
+        "latency": run.tally.latency(),
     });
-    extend(&mut v, server);
+    extend(&mut v, run.server);
     Ok(v)
 }
 
@@ -670,85 +721,85 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
             "first_error": first_error,
         }));
     }
-    let msgs = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(histogram()));
-    let mon = Monitor::start(o.server_pid);
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::from_std(start + o.duration);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..opened {
-        let Some(held) = rx.recv().await else {
-            break;
-        };
-        let (msgs, errors, hist) = (msgs.clone(), errors.clone(), hist.clone());
-        let size = o.size.max(1);
-        let burst = o.burst.max(1) as u64;
-        tasks.spawn(async move {
-            let mut h = histogram();
-            let mut raw = RawEcho::new(size, burst as usize);
-            let payload = "x".repeat(size);
-            let (mut sock, mut ws) = match held {
-                Held::Tcp(s) => (Some(s), None),
-                Held::Ws(ws) => (None, Some(ws)),
-                Held::Sse(..) => return,
-            };
-            loop {
-                let t = Instant::now();
-                let rt = async {
-                    if let Some(s) = &mut sock {
-                        return raw.roundtrip(s).await.map_err(tungstenite::Error::Io);
-                    }
-                    let ws = ws.as_mut().expect("a tungstenite client");
-                    ws.send(Message::text(payload.clone())).await?;
-                    loop {
-                        match ws.next().await {
-                            Some(Ok(m)) if m.is_text() || m.is_binary() => {
-                                return if m.len() == size {
-                                    Ok(())
-                                } else {
-                                    Err(tungstenite::Error::Io(io::Error::other("bad echo")))
-                                };
+    let mut helds = Vec::with_capacity(opened);
+    while helds.len() < opened {
+        match rx.recv().await {
+            Some(held) => helds.push(held),
+            None => break,
+        }
+    }
+    let mut helds = helds.into_iter();
+    let (size, burst) = (o.size.max(1), o.burst.max(1));
+    let run = run_workers(
+        helds.len(),
+        o.duration,
+        o.server_pid,
+        move |_, tally, deadline| {
+            let held = helds.next().expect("one connection per worker");
+            async move {
+                let mut h = histogram();
+                let mut raw = RawEcho::new(size, burst);
+                let payload = "x".repeat(size);
+                let (mut sock, mut ws) = match held {
+                    Held::Tcp(s) => (Some(s), None),
+                    Held::Ws(ws) => (None, Some(ws)),
+                    Held::Sse(..) => return,
+                };
+                loop {
+                    let t = Instant::now();
+                    let rt = async {
+                        if let Some(s) = &mut sock {
+                            return raw.roundtrip(s).await.map_err(tungstenite::Error::Io);
+                        }
+                        let ws = ws.as_mut().expect("a tungstenite client");
+                        ws.send(Message::text(payload.clone())).await?;
+                        loop {
+                            match ws.next().await {
+                                Some(Ok(m)) if m.is_text() || m.is_binary() => {
+                                    return if m.len() == size {
+                                        Ok(())
+                                    } else {
+                                        Err(tungstenite::Error::Io(io::Error::other("bad echo")))
+                                    };
+                                }
+                                Some(Ok(_)) => continue,
+                                Some(Err(e)) => return Err(e),
+                                None => return Err(tungstenite::Error::ConnectionClosed),
                             }
-                            Some(Ok(_)) => continue,
-                            Some(Err(e)) => return Err(e),
-                            None => return Err(tungstenite::Error::ConnectionClosed),
+                        }
+                    };
+                    match timeout_at(deadline, rt).await {
+                        Err(_) => break,
+                        Ok(Ok(())) => {
+                            record(&mut h, t.elapsed());
+                            tally.add(burst as u64);
+                        }
+                        Ok(Err(_)) => {
+                            tally.error();
+                            break;
                         }
                     }
-                };
-                match timeout_at(deadline, rt).await {
-                    Err(_) => break,
-                    Ok(Ok(())) => {
-                        record(&mut h, t.elapsed());
-                        msgs.fetch_add(burst, Relaxed);
-                    }
-                    Ok(Err(_)) => {
-                        errors.fetch_add(1, Relaxed);
-                        break;
-                    }
                 }
+                tally.merge(&h);
             }
-            merge(&hist, &h);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let secs = start.elapsed();
-    let server = mon.finish();
-    let n = msgs.load(Relaxed);
+        },
+    )
+    .await;
+    let n = run.tally.done.load(Relaxed);
     let mut v = json!({
         "mode": "ws-echo",
         "client": if o.raw { "raw" } else { "tungstenite" },
-        "burst": o.burst.max(1),
+        "burst": burst,
         "available": true,
         "connections": opened,
         "failed": failed,
-        "secs": secs.as_secs_f64(),
+        "secs": run.secs.as_secs_f64(),
         "messages": n,
-        "errors": errors.load(Relaxed),
-        "msg_per_s": rate(n, secs),
-        "latency": summary(&hist.lock().unwrap()),
+        "errors": run.tally.errors.load(Relaxed),
+        "msg_per_s": rate(n, run.secs),
+        "latency": run.tally.latency(),
     });
-    extend(&mut v, server);
+    extend(&mut v, run.server);
     Ok(v)
 }
 
