@@ -47,10 +47,24 @@ pub(crate) struct DriverConfig {
 }
 
 enum State<S: ConnService> {
-    Parked { svc: S, since: Instant },
-    Active(Box<HyperConn<S>>, Hot),
+    Parked {
+        svc: S,
+        since: Instant,
+    },
+    /// Boxed, with what parking tracks, so that a parked connection's slab entry stays small.
+    Active(Box<Live<S>>),
     Upgraded,
     Done,
+}
+
+/// A connection holding hyper's state.
+struct Live<S: ConnService> {
+    conn: HyperConn<S>,
+    _hot: Hot,
+    /// The request count at which parking found a partial request head.
+    no_park_at: Option<u64>,
+    /// When the connection was first seen idle, and the request count then.
+    idle_since: Option<(Instant, u64)>,
 }
 
 thread_local! {
@@ -96,10 +110,6 @@ pub(crate) struct Conn<S: ConnService> {
     pub(crate) socket: Arc<Socket>,
     pub(crate) key: Key,
     state: State<S>,
-    /// The request count at which parking found a partial request head.
-    no_park_at: Option<u64>,
-    /// When the connection was first seen idle, and the request count then.
-    idle_since: Option<(Instant, u64)>,
 }
 
 impl<S: ConnService> Conn<S> {
@@ -108,16 +118,14 @@ impl<S: ConnService> Conn<S> {
             socket,
             key,
             state: State::Parked { svc, since: now },
-            no_park_at: None,
-            idle_since: None,
         }
     }
 
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
     /// connection closes on its next drive.
     pub(crate) fn begin_drain(&mut self) {
-        if let State::Active(conn, _) = &mut self.state {
-            Pin::new(&mut **conn).graceful_shutdown();
+        if let State::Active(live) = &mut self.state {
+            Pin::new(&mut live.conn).graceful_shutdown();
         }
     }
 
@@ -135,7 +143,7 @@ impl<S: ConnService> Conn<S> {
                         else {
                             unreachable!()
                         };
-                        self.activate(cfg, svc, None);
+                        self.activate(cfg, svc, None, None);
                         continue;
                     }
                     if let Some(idle) = cfg.idle_timeout {
@@ -148,11 +156,11 @@ impl<S: ConnService> Conn<S> {
                     }
                     return Verdict::Keep;
                 }
-                State::Active(conn, _) => {
+                State::Active(live) => {
                     let waker = self.key.waker();
                     let mut cx = Context::from_waker(&waker);
                     let polled = timer::with_current(self.key, || {
-                        catch_unwind(AssertUnwindSafe(|| Pin::new(&mut **conn).poll(&mut cx)))
+                        catch_unwind(AssertUnwindSafe(|| Pin::new(&mut live.conn).poll(&mut cx)))
                     });
                     // Send what hyper wrote during this poll in one write (pipelined responses
                     // included). Also before an upgrade's new owner can write.
@@ -221,10 +229,10 @@ impl<S: ConnService> Conn<S> {
     /// Takes the socket back from hyper after it wrote a response head whose body the
     /// connection's new read handler will write (an SSE subscriber).
     fn take_over(&mut self, handler: Box<dyn crate::tcp::Handler>) -> Verdict {
-        let State::Active(conn, _) = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
             return Verdict::Close;
         };
-        match conn.into_parts() {
+        match live.conn.into_parts() {
             Some(parts) => {
                 parts.io.release();
                 Verdict::Hijacked(crate::hijack::Taken {
@@ -242,31 +250,45 @@ impl<S: ConnService> Conn<S> {
         let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
     }
 
-    fn activate(&mut self, cfg: &DriverConfig, svc: S, prefix: Option<Bytes>) {
+    fn activate(
+        &mut self,
+        cfg: &DriverConfig,
+        svc: S,
+        prefix: Option<Bytes>,
+        no_park_at: Option<u64>,
+    ) {
         let io = HopStream::new(self.socket.clone(), self.key, prefix, cfg.coalesce);
         let conn = cfg
             .http1
             .serve_connection(io, HyperSvc::new(svc))
             .with_upgrades();
-        self.state = State::Active(Box::new(conn), Hot::new());
+        self.state = State::Active(Box::new(Live {
+            conn,
+            _hot: Hot::new(),
+            no_park_at,
+            idle_since: None,
+        }));
     }
 
     fn maybe_park(&mut self, cfg: &DriverConfig, now: Instant) {
         let Some(after) = cfg.park_after else { return };
+        let State::Active(live) = &mut self.state else {
+            return;
+        };
         let meta = timer::slot_meta(self.key);
         let idle = meta.head_wait
             && !self.socket.maybe_readable()
             && self.socket.write_idle()
             && self.socket.nothing_pending()
-            && self.no_park_at != Some(meta.requests);
+            && live.no_park_at != Some(meta.requests);
         if !idle {
-            self.idle_since = None;
+            live.idle_since = None;
             return;
         }
-        let since = match self.idle_since {
+        let since = match live.idle_since {
             Some((t, n)) if n == meta.requests => t,
             _ => {
-                self.idle_since = Some((now, meta.requests));
+                live.idle_since = Some((now, meta.requests));
                 now
             }
         };
@@ -278,11 +300,10 @@ impl<S: ConnService> Conn<S> {
     }
 
     fn park(&mut self, cfg: &DriverConfig, now: Instant, requests: u64) {
-        let State::Active(conn, _) = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
-        self.idle_since = None;
-        let Some(parts) = conn.into_parts() else {
+        let Some(parts) = live.conn.into_parts() else {
             return;
         };
         parts.io.release();
@@ -298,8 +319,7 @@ impl<S: ConnService> Conn<S> {
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.
-            self.no_park_at = Some(requests);
-            self.activate(cfg, svc, Some(parts.read_buf));
+            self.activate(cfg, svc, Some(parts.read_buf), Some(requests));
             crate::wake::push_local(self.key);
         }
     }

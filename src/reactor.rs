@@ -410,6 +410,8 @@ impl<P: App> Poller<P> {
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
                 let socket = entry.socket().clone();
+                // The coalescing buffer was hyper's; a read handler writes from its own.
+                socket.release_buffers();
                 let conn = crate::tcp::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
                 let input = bytes::BytesMut::from(&taken.leftover[..]);
                 let core = ConnCore::new(taken.handler, conn, input, self.tcp.clone(), now);

@@ -229,7 +229,8 @@ impl Socket {
             .is_empty()
     }
 
-    /// Frees the coalescing buffer (the connection is parking).
+    /// Frees the coalescing buffer if it is empty (the connection is parking, or a read handler
+    /// is taking the socket over).
     pub(crate) fn release_buffers(&self) {
         let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if out.is_empty() {

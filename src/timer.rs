@@ -161,6 +161,10 @@ pub(crate) fn fire(now: Instant, into: &mut Vec<Key>) {
                 l.stale = l.stale.saturating_sub(1);
             }
         }
+        // A burst of deadlines (many connections' first requests) leaves a large heap behind.
+        if l.heap.capacity() > 4 * l.heap.len().max(SWEEP_MIN) {
+            l.heap.shrink_to_fit();
+        }
     });
 }
 

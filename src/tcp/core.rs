@@ -421,8 +421,11 @@ impl RawIo for LoopIo<'_> {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
         use std::io::Write;
-        // What hyper coalesced (a hijack's 101) goes first.
-        std::task::ready!(self.0.poll_flush_pending(cx, true))?;
+        // What hyper coalesced (a hijack's 101 the socket had no room for) goes first.
+        if !self.0.nothing_pending() {
+            std::task::ready!(self.0.poll_flush_pending(cx, true))?;
+            self.0.release_buffers();
+        }
         self.0
             .poll_send(cx, true, src.len(), |mut io| io.write(src))
     }
