@@ -122,6 +122,15 @@ class CpuCap:
     def add(self, pid):
         self._write("cgroup.procs", pid)
 
+    def remove(self):
+        """Removes the group (once its processes have exited)."""
+        for _ in range(20):
+            try:
+                os.rmdir(self.dir)
+                return
+            except OSError:
+                time.sleep(0.05)
+
 
 def callgrind_per_request(backend):
     """Instructions the server executes in user space per keep-alive request (callgrind).
@@ -386,6 +395,7 @@ def main():
                 finally:
                     for s in capped.values():
                         s.stop()
+                    cap.remove()
                 table.add(w, "connections/s", cc["cps"])
                 table.add(w, "server CPU µs/conn", cc["cpu"], 1)
 
