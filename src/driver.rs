@@ -6,7 +6,8 @@
 //!   connections start here, and a keep-alive connection returns here when it is idle at a
 //!   request boundary.
 //! - `Active`: a boxed `hyper::server::conn::http1::UpgradeableConnection` over a
-//!   [`HopStream`], polled whenever its socket is ready or its waker fires.
+//!   [`HopStream`], with what parking tracks about it, polled whenever its socket is ready or
+//!   its waker fires.
 //! - `Upgraded`: hyper handed the stream to an upgrade (a WebSocket task, say); the poller keeps
 //!   the registration and wakes that task on readiness until the stream is dropped.
 //!

@@ -3,10 +3,11 @@
 //!
 //! A poller accepts on its listener (its own `SO_REUSEPORT` socket when the listener given to
 //! `serve` has `SO_REUSEPORT` set, as [`crate::bind`] does; otherwise a duplicate of the one
-//! listener, all pollers accepting from the same queue), registers each socket edge-triggered
-//! under its slab slot, and drives connections ([`crate::driver::Conn`]) when their socket is
-//! ready, their waker fires or their timer is due. Each poller thread enters the tokio runtime
-//! given to it, so handlers can use tokio's APIs; nothing of tokio is on the I/O path.
+//! listener, all pollers accepting from the same queue), drives each new connection at once (its
+//! first request has often arrived), registers its socket edge-triggered under its slab slot if
+//! it outlives that first drive, and drives connections ([`crate::driver::Conn`]) when their
+//! socket is ready, their waker fires or their timer is due. Each poller thread enters the tokio
+//! runtime given to it, so handlers can use tokio's APIs; nothing of tokio is on the I/O path.
 
 use std::io;
 use std::net::SocketAddr;
