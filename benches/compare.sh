@@ -5,7 +5,7 @@
 #
 # Builds the examples and hop-load in release mode, then runs benches/compare.py, which prints a
 # markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+ CPUs; as
-# root it installs wrk with apt-get when missing. --quick takes under 3 minutes once built. The
+# root it installs wrk with apt-get when missing. --quick takes about 4 minutes once built. The
 # capped churn row needs root and a cgroup cpu controller; row 9 needs valgrind (n/a without).
 # SSE_PUBLISH=/path (default /sse/broadcast; empty: wait for the server's own events) is POSTed to
 # publish the SSE fan-out row's events; RATE=N fixes the rate of the fixed-rate row.
