@@ -132,11 +132,12 @@ class CpuCap:
                 time.sleep(0.05)
 
 
-def callgrind_per_request(backend):
-    """Instructions the server executes in user space per keep-alive request (callgrind).
+def callgrind_per_unit(backend, warm_up, measure):
+    """Instructions the server executes in user space per unit of work (callgrind).
 
-    The server starts uninstrumented; instrumentation is switched on after a warm-up, and the
-    counts are dumped when it exits."""
+    The server starts uninstrumented; `warm_up(addr)` runs, instrumentation is switched on,
+    `measure(addr)` runs and returns how many units it completed, and the counts are dumped
+    when the server exits."""
     port = next_port()
     addr = f"127.0.0.1:{port}"
     out = os.path.join(tempfile.mkdtemp(prefix="hop-cg-"), "callgrind.out")
@@ -153,11 +154,10 @@ def callgrind_per_request(backend):
                 break
             except OSError:
                 time.sleep(0.05)
-        url = f"http://{addr}/plaintext"
-        wrk(url, 10, 2, "report.lua")
+        warm_up(addr)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True,
                        check=True, timeout=30)
-        r = wrk(url, 10, 8, "report.lua")
+        units = measure(addr)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
         total = 0
@@ -165,11 +165,29 @@ def callgrind_per_request(backend):
             for line in f:
                 if line.startswith(("summary:", "totals:")):
                     total = int(line.split()[1])
-        return total / max(r["requests"], 1)
+        return total / max(units, 1)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def callgrind_per_request(backend):
+    """User-space instructions per keep-alive request on /plaintext (wrk, 10 connections)."""
+    url = lambda addr: f"http://{addr}/plaintext"
+    return callgrind_per_unit(backend, lambda addr: wrk(url(addr), 10, 2, "report.lua"),
+                              lambda addr: wrk(url(addr), 10, 8, "report.lua")["requests"])
+
+
+def callgrind_per_message(backend):
+    """User-space instructions per echoed WebSocket message (100 connections, ping-pong; the
+    measured part includes their 100 handshakes). The reactor serves hop::ws, tokio the
+    tokio-tungstenite loop, as in row 6."""
+    path = "/ws" if backend == "reactor" else "/ws-tungstenite"
+    run = lambda addr, secs: hop_load(["ws-echo", "-c", 100, "-d", secs, "--addr", addr,
+                                       "--path", path])
+    return callgrind_per_unit(backend, lambda addr: run(addr, 1),
+                              lambda addr: run(addr, 6)["messages"])
 
 
 def steal_ticks(cpu):
@@ -584,19 +602,24 @@ def main():
             for s in ss.values():
                 s.stop()
 
-    # 9. User-space instructions per keep-alive request under callgrind: repeatable where CPU
-    # time on a shared VM is not (the kernel's share is not counted).
+    # 9. User-space instructions per keep-alive request and per echoed WebSocket message under
+    # callgrind: repeatable where CPU time on a shared VM is not (the kernel's share is not
+    # counted).
     if want(9):
         table.num = 9
-        w = "plaintext keep-alive, wrk 10 conns, under callgrind"
+        w = "under callgrind: plaintext keep-alive (wrk 10 conns); WebSocket ping-pong (100 conns)"
         if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
-            table.na(w, "user-space instructions/req", "valgrind not installed")
+            table.na(w, "user-space instructions", "valgrind not installed")
         else:
-            ir = cells("ir")
+            ir = cells("req", "msg")
             for b in BACKENDS:
-                ir["ir"][b].add(callgrind_per_request(b))
-                log(f"9 callgrind {b}: {ir['ir'][b].v[-1]:,.0f} instructions/req")
-            table.add(w, "user-space instructions/req", ir["ir"])
+                ir["req"][b].add(callgrind_per_request(b))
+                ir["msg"][b].add(callgrind_per_message(b))
+                log(f"9 callgrind {b}: {ir['req'][b].v[-1]:,.0f} instructions/req, "
+                    f"{ir['msg'][b].v[-1]:,.0f} instructions/message")
+            table.add(w, "user-space instructions/request", ir["req"])
+            table.add(w, "user-space instructions/WebSocket message (tokio: tokio-tungstenite)",
+                      ir["msg"])
 
     # Output.
     cpu = "?"
