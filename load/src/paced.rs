@@ -115,7 +115,11 @@ pub fn run(
         if !active {
             break;
         }
-        poll.poll(&mut events, Some(Duration::ZERO))?;
+        if let Err(e) = poll.poll(&mut events, Some(Duration::ZERO)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
         for ev in events.iter() {
             let i = ev.token().0;
             let conn = &mut conns[i];
