@@ -144,12 +144,20 @@ where
     let serve = configure(builder(backend)).serve(listener, app);
     let handle = serve.handle();
     assert_eq!(handle.local_addr(), Some(addr));
-    let task = tokio::spawn(serve.into_future());
+    spawn(backend, addr, handle, serve)
+}
+
+/// Spawns a configured serve future (with or without graceful shutdown) on the current runtime.
+fn spawn<F>(backend: Backend, addr: SocketAddr, handle: hop::Handle, serve: F) -> TestServer
+where
+    F: IntoFuture<Output = io::Result<()>>,
+    F::IntoFuture: Send + 'static,
+{
     TestServer {
         backend,
         addr,
         handle,
-        task,
+        task: tokio::spawn(serve.into_future()),
     }
 }
 
@@ -173,16 +181,7 @@ where
             let _ = rx.await;
         });
     let handle = serve.handle();
-    let task = tokio::spawn(serve.into_future());
-    (
-        TestServer {
-            backend,
-            addr,
-            handle,
-            task,
-        },
-        tx,
-    )
+    (spawn(backend, addr, handle, serve), tx)
 }
 
 /// A reqwest client that ignores proxy settings from the environment.
