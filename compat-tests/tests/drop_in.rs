@@ -10,6 +10,15 @@ fn app() -> Router {
     Router::new().route("/", get(|| async { "Hello, World!" }))
 }
 
+async fn get_text(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_listener_router_and_graceful_shutdown() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -22,13 +31,7 @@ async fn tokio_listener_router_and_graceful_shutdown() {
             })
             .await
     });
-    let body = reqwest::get(format!("http://{addr}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(body, "Hello, World!");
+    assert_eq!(get_text(addr).await, "Hello, World!");
     tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(20), server)
         .await
@@ -44,13 +47,7 @@ async fn into_make_service_on_a_tokio_listener() {
     let serve = hop::serve(listener, app().into_make_service());
     let handle = serve.handle();
     tokio::spawn(std::future::IntoFuture::into_future(serve));
-    let body = reqwest::get(format!("http://{addr}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(body, "Hello, World!");
+    assert_eq!(get_text(addr).await, "Hello, World!");
     handle.shutdown();
 }
 

@@ -148,7 +148,7 @@ backend_tests! {
         let probe = Arc::new(StreamProbe::default());
         let (tx, mut events) = mpsc::unbounded_channel();
         let srv = start(backend, disconnect_app(probe, tx), |b| b);
-        send_partial_upload_and_drop(srv.addr).await;
+        drop(send_partial_upload(srv.addr).await);
         // The server still answers, on new connections and right away.
         for _ in 0..3 {
             let mut conn = RawConn::connect(srv.addr).await;
@@ -164,7 +164,7 @@ backend_tests! {
         let probe = Arc::new(StreamProbe::default());
         let (tx, mut events) = mpsc::unbounded_channel();
         let srv = start(backend, disconnect_app(probe, tx), |b| b);
-        send_partial_upload_and_drop(srv.addr).await;
+        drop(send_partial_upload(srv.addr).await);
         // The handler's body read ends in an error (never a complete body, never a hang).
         let outcome = loop {
             let ev = tokio::time::timeout(IO_TIMEOUT, events.recv())
@@ -176,14 +176,7 @@ backend_tests! {
             }
         };
         assert!(outcome.starts_with("error after"), "{outcome}");
-        let handle = srv.handle.clone();
-        assert!(
-            wait_until(IO_TIMEOUT, || handle.stats().active == 0).await,
-            "connection not released: {:?}",
-            handle.stats()
-        );
-        let mut conn = RawConn::connect(srv.addr).await;
-        assert_eq!(conn.roundtrip(get_req("/ok", "")).await.text(), "ok");
+        assert_released_and_serving(&srv).await;
     }
 
     async fn client_closes_mid_request_after_handler_read(backend) {
@@ -192,11 +185,7 @@ backend_tests! {
         let (tx, mut events) = mpsc::unbounded_channel();
         let srv = start(backend, disconnect_app(probe, tx), |b| b);
         {
-            let mut conn = RawConn::connect(srv.addr).await;
-            conn.send("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048576\r\n\r\n")
-                .await
-                .unwrap();
-            conn.send(vec![b'x'; 10_000]).await.unwrap();
+            let _conn = send_partial_upload(srv.addr).await;
             loop {
                 let ev = tokio::time::timeout(IO_TIMEOUT, events.recv())
                     .await
@@ -213,14 +202,7 @@ backend_tests! {
             .expect("the handler never saw the disconnect")
             .unwrap();
         assert!(outcome.starts_with("error after"), "{outcome}");
-        let handle = srv.handle.clone();
-        assert!(
-            wait_until(IO_TIMEOUT, || handle.stats().active == 0).await,
-            "connection not released: {:?}",
-            handle.stats()
-        );
-        let mut conn = RawConn::connect(srv.addr).await;
-        assert_eq!(conn.roundtrip(get_req("/ok", "")).await.text(), "ok");
+        assert_released_and_serving(&srv).await;
     }
 
     async fn client_closes_mid_response(backend) {
@@ -255,13 +237,26 @@ backend_tests! {
     }
 }
 
-/// POSTs a head announcing 1 MiB and 10 KB of body, then closes at once.
-async fn send_partial_upload_and_drop(addr: std::net::SocketAddr) {
+/// POSTs a head announcing 1 MiB and 10 KB of body; the caller closes the connection.
+async fn send_partial_upload(addr: std::net::SocketAddr) -> RawConn {
     let mut conn = RawConn::connect(addr).await;
     conn.send("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048576\r\n\r\n")
         .await
         .unwrap();
     conn.send(vec![b'x'; 10_000]).await.unwrap();
+    conn
+}
+
+/// The server let go of the client's connection and still answers on a new one.
+async fn assert_released_and_serving(srv: &compat_tests::TestServer) {
+    let handle = srv.handle.clone();
+    assert!(
+        wait_until(IO_TIMEOUT, || handle.stats().active == 0).await,
+        "connection not released: {:?}",
+        handle.stats()
+    );
+    let mut conn = RawConn::connect(srv.addr).await;
+    assert_eq!(conn.roundtrip(get_req("/ok", "")).await.text(), "ok");
 }
 
 /// GETs `/big`, reads 1 MiB of it and closes.
