@@ -54,7 +54,11 @@ enum State<S: ConnService> {
     },
     /// Boxed, with what parking tracks, so that a parked connection's slab entry stays small.
     Active(Box<Live<S>>),
-    Upgraded,
+    /// `io`: the socket's [`Socket::foreign_io`] count when last looked at, `since` then.
+    Upgraded {
+        io: u32,
+        since: Instant,
+    },
     Done,
 }
 
@@ -175,10 +179,10 @@ impl<S: ConnService> Conn<S> {
                             if let Some(handler) = crate::sse::take_over(self.key) {
                                 return self.take_over(handler);
                             }
-                            if !draining {
-                                self.maybe_park(cfg, now);
+                            if draining {
+                                return Verdict::Keep;
                             }
-                            return Verdict::Keep;
+                            return self.on_idle(cfg, now);
                         }
                         Ok(Poll::Ready(res)) => {
                             if let Err(e) = res {
@@ -195,14 +199,17 @@ impl<S: ConnService> Conn<S> {
                             }
                             if Arc::strong_count(&self.socket) > 1 {
                                 // The stream went to an upgrade; it lives on elsewhere.
-                                self.state = State::Upgraded;
-                                return Verdict::Keep;
+                                self.state = State::Upgraded {
+                                    io: self.socket.foreign_io(),
+                                    since: now,
+                                };
+                                continue;
                             }
                             return Verdict::Close;
                         }
                         Err(panic) => {
                             tracing::error!(
-                                panic = crate::service::panic_message(&panic),
+                                panic = crate::service::panic_message(&*panic),
                                 "connection panicked; closing it"
                             );
                             self.set_done();
@@ -210,17 +217,33 @@ impl<S: ConnService> Conn<S> {
                         }
                     }
                 }
-                State::Upgraded => {
+                State::Upgraded { io, since } => {
                     // The 101 may still be waiting to be sent if the socket was full.
                     let waker = self.key.waker();
                     let _ = self
                         .socket
                         .poll_flush_pending(&Context::from_waker(&waker), true);
-                    return if Arc::strong_count(&self.socket) > 1 {
-                        Verdict::Keep
-                    } else {
-                        Verdict::Close
-                    };
+                    if Arc::strong_count(&self.socket) == 1 {
+                        // The upgrade's owner dropped the stream (`HopStream` lets go of the
+                        // socket before it wakes this connection).
+                        return Verdict::Close;
+                    }
+                    // The idle timeout holds for upgraded connections too: bytes moved by their
+                    // owner count as activity.
+                    let seen = self.socket.foreign_io();
+                    if seen != *io {
+                        *io = seen;
+                        *since = now;
+                    }
+                    if let Some(idle) = cfg.idle_timeout {
+                        let due = *since + idle;
+                        if now >= due {
+                            tracing::debug!("closing an upgraded connection idle for {idle:?}");
+                            return Verdict::Close;
+                        }
+                        timer::arm(self.key, due);
+                    }
+                    return Verdict::Keep;
                 }
                 State::Done => return Verdict::Close,
             }
@@ -271,10 +294,12 @@ impl<S: ConnService> Conn<S> {
         }));
     }
 
-    fn maybe_park(&mut self, cfg: &DriverConfig, now: Instant) {
-        let Some(after) = cfg.park_after else { return };
+    /// After a poll that left hyper waiting: parks the connection, or closes it at the idle
+    /// timeout, once it has been idle at a request boundary long enough. Both hold with parking
+    /// off (`park_after` `None`), when the idle timeout is the only one.
+    fn on_idle(&mut self, cfg: &DriverConfig, now: Instant) -> Verdict {
         let State::Active(live) = &mut self.state else {
-            return;
+            return Verdict::Keep;
         };
         let meta = timer::slot_meta(self.key);
         let idle = meta.head_wait
@@ -284,7 +309,7 @@ impl<S: ConnService> Conn<S> {
             && live.no_park_at != Some(meta.requests);
         if !idle {
             live.idle_since = None;
-            return;
+            return Verdict::Keep;
         }
         let since = match live.idle_since {
             Some((t, n)) if n == meta.requests => t,
@@ -293,14 +318,26 @@ impl<S: ConnService> Conn<S> {
                 now
             }
         };
-        if now < since + after && !Hot::crowded() {
+        if let Some(after) = cfg.park_after {
+            if now >= since + after || Hot::crowded() {
+                self.park(cfg, since, meta.requests);
+                return Verdict::Keep;
+            }
             timer::arm(self.key, since + after);
-            return;
         }
-        self.park(cfg, now, meta.requests);
+        if let Some(idle) = cfg.idle_timeout {
+            let due = since + idle;
+            if now >= due {
+                tracing::debug!("closing a connection idle for {idle:?}");
+                return Verdict::Close;
+            }
+            timer::arm(self.key, due);
+        }
+        Verdict::Keep
     }
 
-    fn park(&mut self, cfg: &DriverConfig, now: Instant, requests: u64) {
+    /// Parks the connection, idle since `since`.
+    fn park(&mut self, cfg: &DriverConfig, since: Instant, requests: u64) {
         let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
@@ -314,9 +351,9 @@ impl<S: ConnService> Conn<S> {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.state = State::Parked { svc, since: now };
+            self.state = State::Parked { svc, since };
             if let Some(idle) = cfg.idle_timeout {
-                timer::arm(self.key, now + idle);
+                timer::arm(self.key, since + idle);
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.

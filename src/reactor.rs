@@ -12,6 +12,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -176,6 +177,8 @@ pub(crate) fn start<P: App>(
             tcp_keepalive: cfg.tcp_keepalive,
             draining: false,
             accept_retry: None,
+            accept_warned: None,
+            accept_quiet: 0,
         };
         let rt = rt.clone();
         let guard = LatchGuard(latch.clone());
@@ -195,6 +198,23 @@ pub(crate) fn start<P: App>(
     Ok(())
 }
 
+/// A poller's working buffers, kept across turns.
+struct Turn {
+    events: Events,
+    ready: Vec<Key>,
+    batch: Vec<Key>,
+    deliveries: Vec<(Key, bytes::Bytes)>,
+}
+
+/// Unregisters a poller's wake queue however its thread ends.
+struct Unregister(u16);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        wake::unregister(self.0);
+    }
+}
+
 struct Poller<P: App> {
     id: u16,
     poll: Poll,
@@ -212,83 +232,113 @@ struct Poller<P: App> {
     draining: bool,
     /// When accepting failed for lack of descriptors: try again then.
     accept_retry: Option<Instant>,
+    /// When an accept failure was last logged at `WARN` (later ones within
+    /// [`ACCEPT_WARN_EVERY`] are logged at `DEBUG`), and how many were not.
+    accept_warned: Option<Instant>,
+    accept_quiet: u64,
 }
+
+/// At most one `WARN` per poller this often while accepting keeps failing (out of descriptors).
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl<P: App> Poller<P> {
     fn run(mut self) {
         wake::enter_poller(self.id);
-        let mut events = Events::with_capacity(1024);
-        let mut ready: Vec<Key> = Vec::new();
-        let mut batch: Vec<Key> = Vec::new();
-        let mut deliveries: Vec<(Key, bytes::Bytes)> = Vec::new();
+        let _unregister = Unregister(self.id);
+        let mut turn = Turn {
+            events: Events::with_capacity(1024),
+            ready: Vec::new(),
+            batch: Vec::new(),
+            deliveries: Vec::new(),
+        };
+        // A poller never dies: a panic that escapes a turn (every call into user code has a
+        // guard of its own, so this is a last resort) is logged and counted, and the loop goes on.
         loop {
-            wake::take_local(&mut ready);
-            let timeout = self.timeout(!ready.is_empty());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!(error = %e, "poll failed");
-                    std::thread::sleep(Duration::from_millis(10));
+            match catch_unwind(AssertUnwindSafe(|| self.turn(&mut turn))) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(panic) => {
+                    self.ctl.contained_panic("a poller turn", &*panic);
+                    turn.batch.clear();
                 }
-                continue;
             }
-            let now = Instant::now();
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(now, &mut ready),
-                    WAKER => {
-                        self.remote.drain(&mut ready);
-                        self.remote.drain_deliveries(&mut deliveries);
-                    }
-                    Token(slot) => {
-                        if let Some(c) = self.conns.get(slot) {
-                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                            let writable =
-                                ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                            if c.socket().on_event(readable, writable, ev.is_read_closed()) {
-                                ready.push(c.key());
-                            }
+        }
+    }
+
+    /// One round of the loop: poll, accept, deliver, fire timers, drive what is ready.
+    /// `true` when the poller has finished draining.
+    fn turn(&mut self, t: &mut Turn) -> bool {
+        let Turn {
+            events,
+            ready,
+            batch,
+            deliveries,
+        } = t;
+        wake::take_local(ready);
+        let timeout = self.timeout(!ready.is_empty());
+        if let Err(e) = self.poll.poll(events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "poll failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return false;
+        }
+        let now = Instant::now();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(now, ready),
+                WAKER => {
+                    self.remote.drain(ready);
+                    self.remote.drain_deliveries(deliveries);
+                }
+                Token(slot) => {
+                    if let Some(c) = self.conns.get(slot) {
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                        if c.socket().on_event(readable, writable, ev.is_read_closed()) {
+                            ready.push(c.key());
                         }
                     }
                 }
             }
-            if self.accept_retry.is_some_and(|t| t <= now) {
-                self.accept_retry = None;
-                self.accept(now, &mut ready);
-            }
-            for (key, bytes) in std::mem::take(&mut deliveries) {
-                if let Some(Entry::Tcp(conn)) = self.conns.get_mut(key.slot()) {
-                    if conn.key == key {
-                        conn.deliver(bytes);
-                        // Written out at once: a fan-out to many connections holds one
-                        // outbound buffer at a time, not one per connection.
-                        self.drive(key, now);
-                    }
-                }
-            }
-            timer::fire(now, &mut ready);
-            wake::take_local(&mut ready);
-            if self.ctl.draining() && !self.draining {
-                self.begin_drain(&mut ready);
-            }
-            std::mem::swap(&mut ready, &mut batch);
-            for key in batch.drain(..) {
-                self.drive(key, now);
-            }
-            if self.draining {
-                if self.conns.is_empty() {
-                    break;
-                }
-                if self
-                    .ctl
-                    .drain_deadline()
-                    .is_some_and(|d| Instant::now() >= d)
-                {
-                    self.force_close();
-                    break;
+        }
+        if self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_retry = None;
+            self.accept(now, ready);
+        }
+        for (key, bytes) in std::mem::take(deliveries) {
+            if let Some(Entry::Tcp(conn)) = self.conns.get_mut(key.slot()) {
+                if conn.key == key {
+                    conn.deliver(bytes);
+                    // Written out at once: a fan-out to many connections holds one
+                    // outbound buffer at a time, not one per connection.
+                    self.drive_contained(key, now);
                 }
             }
         }
-        wake::unregister(self.id);
+        timer::fire(now, ready);
+        wake::take_local(ready);
+        if self.ctl.draining() && !self.draining {
+            self.begin_drain(ready);
+        }
+        std::mem::swap(ready, batch);
+        for key in batch.drain(..) {
+            self.drive_contained(key, now);
+        }
+        if self.draining {
+            if self.conns.is_empty() {
+                return true;
+            }
+            if self
+                .ctl
+                .drain_deadline()
+                .is_some_and(|d| Instant::now() >= d)
+            {
+                self.force_close();
+                return true;
+            }
+        }
+        false
     }
 
     fn timeout(&self, ready: bool) -> Option<Duration> {
@@ -319,8 +369,23 @@ impl<P: App> Poller<P> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    // Out of descriptors, most likely: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                    // Out of descriptors, most likely: back off instead of spinning, and say so
+                    // now and then rather than every 50 ms.
+                    if self
+                        .accept_warned
+                        .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+                    {
+                        tracing::warn!(
+                            error = %e,
+                            failures_not_logged = self.accept_quiet,
+                            "accept failed; retrying every 50 ms"
+                        );
+                        self.accept_warned = Some(now);
+                        self.accept_quiet = 0;
+                    } else {
+                        tracing::debug!(error = %e, "accept failed; retrying in 50 ms");
+                        self.accept_quiet += 1;
+                    }
                     self.accept_retry = Some(now + Duration::from_millis(50));
                     return;
                 }
@@ -375,6 +440,18 @@ impl<P: App> Poller<P> {
         ready.push(key);
     }
 
+    /// Drives a connection; a panic that escapes it (hop's own code, or user code that hop
+    /// does not call under a guard of its own) closes that connection only.
+    fn drive_contained(&mut self, key: Key, now: Instant) {
+        let driven = catch_unwind(AssertUnwindSafe(|| self.drive(key, now)));
+        if let Err(panic) = driven {
+            self.ctl.contained_panic("driving a connection", &*panic);
+            if self.conns.get(key.slot()).is_some_and(|e| e.key() == key) {
+                self.close(key.slot(), false);
+            }
+        }
+    }
+
     fn drive(&mut self, key: Key, now: Instant) {
         let slot = key.slot();
         let Some(entry) = self.conns.get_mut(slot) else {
@@ -422,28 +499,35 @@ impl<P: App> Poller<P> {
         }
     }
 
+    /// Removes a connection and drops it. Dropping runs user code (a service, a handler, a
+    /// body, a pending hijack's handler); a panic there is contained, logged and counted, and
+    /// the slot is released all the same.
     fn close(&mut self, slot: usize, forced: bool) {
         let mut entry = self.conns.remove(slot);
-        timer::forget_slot(entry.key());
-        crate::hijack::forget(entry.key());
-        crate::sse::forget(entry.key());
-        if forced {
-            if let Entry::Tcp(c) = &mut entry {
-                c.abort();
+        let key = entry.key();
+        timer::forget_slot(key);
+        let registry = self.poll.registry();
+        let dropped = catch_unwind(AssertUnwindSafe(move || {
+            crate::hijack::forget(key);
+            crate::sse::forget(key);
+            if forced {
+                if let Entry::Tcp(c) = &mut entry {
+                    c.abort();
+                }
             }
+            let socket = entry.socket();
+            if Arc::strong_count(socket) > 1 {
+                // Someone else (an upgrade) still holds the socket: cut it off from this poller.
+                let fd = socket.io.as_raw_fd();
+                let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
+                let _ = socket.io.shutdown(std::net::Shutdown::Both);
+                socket.wake_all();
+            }
+            drop(entry);
+        }));
+        if let Err(panic) = dropped {
+            self.ctl.contained_panic("dropping a connection", &*panic);
         }
-        let socket = entry.socket();
-        if Arc::strong_count(socket) > 1 {
-            // Someone else (an upgrade) still holds the socket: cut it off from this poller.
-            let fd = socket.io.as_raw_fd();
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut mio::unix::SourceFd(&fd));
-            let _ = socket.io.shutdown(std::net::Shutdown::Both);
-            socket.wake_all();
-        }
-        drop(entry);
         self.ctl.release(forced);
     }
 

@@ -144,6 +144,9 @@ pub struct Stats {
     pub forced: u64,
     /// Reactor: times an idle keep-alive connection was parked down to its socket.
     pub parked: u64,
+    /// Panics in user code (a handler, a service, a body, or a `Drop` of one of them) that
+    /// closed their connection; the server went on serving.
+    pub panics: u64,
 }
 
 /// State shared by the front, the backend threads and every [`Handle`].
@@ -158,6 +161,7 @@ pub(crate) struct Control {
     pub(crate) drained: AtomicU64,
     pub(crate) forced: AtomicU64,
     pub(crate) parked: AtomicU64,
+    pub(crate) panics: AtomicU64,
     local_addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -212,6 +216,7 @@ impl Control {
             drained: self.drained.load(Ordering::Relaxed),
             forced: self.forced.load(Ordering::Relaxed),
             parked: self.parked.load(Ordering::Relaxed),
+            panics: self.panics.load(Ordering::Relaxed),
         }
     }
 
@@ -224,6 +229,15 @@ impl Control {
             return false;
         }
         true
+    }
+
+    /// Logs and counts a panic that was contained (`what` says where it happened).
+    pub(crate) fn contained_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = crate::service::panic_message(panic),
+            "{what} panicked; contained"
+        );
     }
 
     /// Releases a connection slot: counted as forced when the drain timeout closed it, as
@@ -377,10 +391,21 @@ impl Builder {
         self
     }
 
-    /// Read handlers: most queued output per connection; a write beyond it is refused
-    /// (default 1 MiB).
+    /// Read handlers: the high-water mark of queued output per connection (default 1 MiB).
+    /// A write is refused only while what is already queued is at or above it; a single write
+    /// larger than the mark is taken whole when the queue is below it (see
+    /// [`tcp::Conn::write`](crate::tcp::Conn::write)).
     pub fn max_write_buffer(mut self, n: usize) -> Self {
         self.cfg.tcp.max_output = n;
+        self
+    }
+
+    /// Read handlers: how long a connection that is closing may take to send what it has
+    /// queued (and, for a WebSocket, to answer a close the server started) before unsent
+    /// output is discarded and the socket is closed, with a reset if output was left (default
+    /// 10 s). A peer that stops reading cannot hold a closing connection open.
+    pub fn close_timeout(mut self, t: Duration) -> Self {
+        self.cfg.tcp.close_timeout = t;
         self
     }
 

@@ -273,7 +273,7 @@ where
             Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
             Err(panic) => {
                 tracing::error!(
-                    panic = panic_message(&panic),
+                    panic = panic_message(&*panic),
                     "handler panicked; answering 500 and closing the connection"
                 );
                 let mut res = Response::new(HopBody::Empty);
@@ -289,7 +289,7 @@ where
 }
 
 /// The text of a caught panic, for the log.
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -332,7 +332,7 @@ where
                     Ok(p) => p.map(|f| f.map(|r| r.map_err(Into::into))),
                     Err(panic) => {
                         tracing::error!(
-                            panic = panic_message(&panic),
+                            panic = panic_message(&*panic),
                             "response body panicked; closing the connection"
                         );
                         Poll::Ready(Some(Err("response body panicked".into())))

@@ -148,7 +148,9 @@ impl Framed {
 pub struct HubConfig {
     /// How often an idle subscriber gets a keep-alive comment (default 15 s).
     pub keep_alive: Duration,
-    /// Most bytes queued for one subscriber; a subscriber over it is dropped (default 256 KiB).
+    /// The high-water mark of bytes queued for one subscriber, counted both on their way to
+    /// its poller and in its outbound queue there: an event for a subscriber at or above it
+    /// drops that subscriber, whose connection is closed (default 256 KiB).
     pub max_queue: usize,
 }
 
@@ -162,8 +164,13 @@ impl Default for HubConfig {
 }
 
 enum Sink {
-    /// A subscriber on a poller: events are handed to its connection there.
-    Loop { key: Key, chunked: bool },
+    /// A subscriber on a poller: events are handed to its connection there. `inflight`:
+    /// bytes handed to its poller and not yet taken by it.
+    Loop {
+        key: Key,
+        chunked: bool,
+        inflight: Arc<AtomicUsize>,
+    },
     /// A subscriber served as a streaming body (tokio backend).
     Channel {
         tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
@@ -263,9 +270,21 @@ impl Hub {
 
     fn offer(sink: &Sink, event: &Framed, max: usize) -> Offer {
         match sink {
-            // A slow subscriber is found, dropped and counted on its poller.
-            Sink::Loop { key, chunked } => {
-                if crate::wake::deliver(*key, event.get(*chunked)) {
+            // The subscriber's limit holds where its events are queued: bytes on their way to a
+            // busy or stalled poller count against it, as its outbound queue does there.
+            Sink::Loop {
+                key,
+                chunked,
+                inflight,
+            } => {
+                if crate::tcp::over_mark(inflight.load(Ordering::Acquire), max) {
+                    // Tell the connection to close (an empty delivery): nothing more is sent.
+                    crate::wake::deliver(*key, Bytes::new());
+                    return Offer::Slow;
+                }
+                let bytes = event.get(*chunked);
+                inflight.fetch_add(bytes.len(), Ordering::AcqRel);
+                if crate::wake::deliver(*key, bytes) {
                     Offer::Queued
                 } else {
                     Offer::Gone
@@ -276,10 +295,10 @@ impl Hub {
                 queued,
                 chunked,
             } => {
-                let bytes = event.get(*chunked);
-                if queued.load(Ordering::Relaxed) + bytes.len() > max {
+                if crate::tcp::over_mark(queued.load(Ordering::Relaxed), max) {
                     return Offer::Slow;
                 }
+                let bytes = event.get(*chunked);
                 queued.fetch_add(bytes.len(), Ordering::Relaxed);
                 match tx.send(bytes) {
                     Ok(()) => Offer::Queued,
@@ -378,6 +397,7 @@ impl Subscription {
                             id: self.id,
                             chunked: self.chunked,
                             backlog: self.backlog.into_boxed_slice(),
+                            inflight: Arc::new(AtomicUsize::new(0)),
                         }),
                     })
                 });
@@ -550,6 +570,8 @@ struct Subscriber {
     chunked: bool,
     /// Events queued before the takeover (a boxed slice: no room kept once sent).
     backlog: Box<[Bytes]>,
+    /// Shared with the hub's `Sink::Loop`: bytes delivered to this poller, not yet taken.
+    inflight: Arc<AtomicUsize>,
 }
 
 impl Handler for Subscriber {
@@ -571,12 +593,19 @@ impl Handler for Subscriber {
             Sink::Loop {
                 key,
                 chunked: self.chunked,
+                inflight: self.inflight.clone(),
             },
         );
         Ok(())
     }
 
     fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
+        if bytes.is_empty() {
+            // The hub dropped this subscriber: too much was on its way here.
+            conn.close();
+            return;
+        }
+        self.inflight.fetch_sub(bytes.len(), Ordering::AcqRel);
         match conn.write(&bytes) {
             Ok(()) => {}
             Err(WriteError::Full { .. }) => {

@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 
@@ -41,6 +41,9 @@ pub struct Socket {
     write_waker: Mutex<Option<Waker>>,
     /// Output hyper wrote during this drive, sent in one write when the drive ends.
     pending: Mutex<BytesMut>,
+    /// Reads and writes that moved bytes for a task other than the poller (an upgraded
+    /// connection): the poller's idle timeout for such a connection watches it change.
+    foreign_io: AtomicU32,
 }
 
 /// Above this much coalesced output, a write sends it before taking more.
@@ -59,6 +62,7 @@ impl Socket {
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
             pending: Mutex::new(BytesMut::new()),
+            foreign_io: AtomicU32::new(0),
         }
     }
 
@@ -102,6 +106,12 @@ impl Socket {
         self.writable.load(Ordering::Relaxed)
     }
 
+    /// How many reads and writes have moved bytes for tasks other than the poller; changes
+    /// whenever an upgraded connection is active.
+    pub(crate) fn foreign_io(&self) -> u32 {
+        self.foreign_io.load(Ordering::Relaxed)
+    }
+
     /// Wakes any foreign task (on shutdown or close) so it observes the socket's state.
     pub(crate) fn wake_all(&self) {
         take_and_wake(&self.read_waker);
@@ -135,6 +145,9 @@ impl Socket {
                     // A short read drained the socket: the next read would be `WouldBlock`, and
                     // the next arrival raises a new edge. (What tokio does too.)
                     self.readable.store(false, Ordering::Relaxed);
+                }
+                if !local {
+                    self.foreign_io.fetch_add(1, Ordering::Relaxed);
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -175,6 +188,9 @@ impl Socket {
                     if local && n > 0 && n < len {
                         // A short write filled the send buffer; wait for the next edge.
                         self.writable.store(false, Ordering::Relaxed);
+                    }
+                    if !local {
+                        self.foreign_io.fetch_add(1, Ordering::Relaxed);
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -268,7 +284,9 @@ fn store_waker(slot: &Mutex<Option<Waker>>, cx: &Context<'_>) {
 /// `hyper::upgrade::Upgraded::downcast::<HopStream>()`.
 #[derive(Debug)]
 pub struct HopStream {
-    socket: Arc<Socket>,
+    /// Always `Some` until the stream is dropped: `Drop` lets go of it *before* waking the
+    /// owner, which then sees the socket's last other user gone.
+    socket: Option<Arc<Socket>>,
     /// Bytes read before this stream existed, returned first.
     prefix: Option<Bytes>,
     /// The owning connection's waker: polls with it are the poller's own.
@@ -287,7 +305,7 @@ impl HopStream {
         coalesce: bool,
     ) -> Self {
         HopStream {
-            socket,
+            socket: Some(socket),
             prefix: prefix.filter(|p| !p.is_empty()),
             own: key.waker(),
             wake_on_drop: true,
@@ -302,7 +320,9 @@ impl HopStream {
 
     /// The shared socket.
     pub fn socket(&self) -> &Arc<Socket> {
-        &self.socket
+        self.socket
+            .as_ref()
+            .expect("a HopStream holds its socket until dropped")
     }
 
     fn local(&self, cx: &Context<'_>) -> bool {
@@ -313,7 +333,9 @@ impl HopStream {
 impl Drop for HopStream {
     fn drop(&mut self) {
         // Let the poller re-check the connection: after an upgrade this is how it learns that
-        // the last user of the socket is gone.
+        // the last user of the socket is gone. The socket is let go first, so that the poller,
+        // on whatever thread, cannot look before it is gone.
+        drop(self.socket.take());
         if self.wake_on_drop {
             self.own.wake_by_ref();
         }
@@ -346,7 +368,7 @@ impl hyper::rt::Read for HopStream {
         // SAFETY: `poll_recv` initializes exactly the `n` bytes it reports, and only those are
         // advanced over.
         unsafe {
-            let n = ready!(self.socket.poll_recv(cx, local, buf.as_mut()))?;
+            let n = ready!(self.socket().poll_recv(cx, local, buf.as_mut()))?;
             buf.advance(n);
         }
         Poll::Ready(Ok(()))
@@ -354,36 +376,44 @@ impl hyper::rt::Read for HopStream {
 }
 
 impl HopStream {
-    /// Coalesces `len` bytes appended by `append` (the poller's own polls), or writes them after
-    /// anything already coalesced (any other task).
+    /// Coalesces up to `len` bytes, of which `append` copies the first `n` it is given (the
+    /// poller's own polls), or writes them after anything already coalesced (any other task).
+    ///
+    /// The coalescing buffer never grows past [`COALESCE_MAX`]: a write that would take it
+    /// further first sends what is there, then either goes straight to the socket (nothing is
+    /// ahead of it and it is large: a big body is written from hyper's buffer, never copied) or
+    /// takes only what fits, which hyper's write loop handles as any short write.
     fn poll_coalesce(
         &self,
         cx: &mut Context<'_>,
         len: usize,
-        append: impl FnOnce(&mut BytesMut),
+        append: impl FnOnce(&mut BytesMut, usize),
         direct: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         let local = self.local(cx);
-        let mut out = self
-            .socket
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let socket = self.socket();
+        let mut out = socket.pending.lock().unwrap_or_else(|e| e.into_inner());
         if !local {
-            ready!(self.socket.flush_locked(&mut out, cx, false))?;
+            ready!(socket.flush_locked(&mut out, cx, false))?;
             drop(out);
-            return self.socket.poll_send(cx, false, len, direct);
+            return socket.poll_send(cx, false, len, direct);
         }
-        if out.len() >= COALESCE_MAX {
-            if let Poll::Ready(Err(e)) = self.socket.flush_locked(&mut out, cx, true) {
+        if out.len() + len > COALESCE_MAX {
+            if let Poll::Ready(Err(e)) = socket.flush_locked(&mut out, cx, true) {
                 return Poll::Ready(Err(e));
             }
-            if out.len() >= COALESCE_MAX {
-                return Poll::Pending;
+            if out.is_empty() && len >= COALESCE_MAX {
+                drop(out);
+                return socket.poll_send(cx, true, len, direct);
             }
         }
-        append(&mut out);
-        Poll::Ready(Ok(len))
+        let room = COALESCE_MAX.saturating_sub(out.len());
+        if room == 0 {
+            return Poll::Pending;
+        }
+        let n = len.min(room);
+        append(&mut out, n);
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -400,7 +430,7 @@ impl hyper::rt::Write for HopStream {
         self.poll_coalesce(
             cx,
             buf.len(),
-            |out| out.extend_from_slice(buf),
+            |out, n| out.extend_from_slice(&buf[..n]),
             |mut io| io.write(buf),
         )
     }
@@ -414,10 +444,15 @@ impl hyper::rt::Write for HopStream {
         self.poll_coalesce(
             cx,
             len,
-            |out| {
-                out.reserve(len);
+            |out, mut n| {
+                out.reserve(n);
                 for b in bufs {
-                    out.extend_from_slice(b);
+                    let take = b.len().min(n);
+                    out.extend_from_slice(&b[..take]);
+                    n -= take;
+                    if n == 0 {
+                        break;
+                    }
                 }
             },
             |mut io| io.write_vectored(bufs),
@@ -434,12 +469,12 @@ impl hyper::rt::Write for HopStream {
             // The driver sends coalesced output when this drive ends.
             return Poll::Ready(Ok(()));
         }
-        self.socket.poll_flush_pending(cx, local)
+        self.socket().poll_flush_pending(cx, local)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let local = self.local(cx);
-        ready!(self.socket.poll_flush_pending(cx, local))?;
-        Poll::Ready(self.socket.shutdown_write())
+        ready!(self.socket().poll_flush_pending(cx, local))?;
+        Poll::Ready(self.socket().shutdown_write())
     }
 }

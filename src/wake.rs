@@ -7,6 +7,7 @@
 //! checks the generation, so a late wake for a slot that has been reused is ignored.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{RawWaker, RawWakerVTable, Waker};
@@ -58,30 +59,45 @@ const _: () = assert!(
 );
 
 /// The half of a poller that other threads can reach.
+///
+/// Its wake queue holds each key at most once until the poller drains it, so however often
+/// other threads wake a connection while its poller is busy, the queue is bounded by the
+/// number of distinct connections woken, and each is driven once.
 pub(crate) struct Remote {
-    queue: Mutex<Vec<Key>>,
+    queue: Mutex<WakeQueue>,
     /// Bytes for read-handler connections of this poller (`deliver`).
     deliveries: Mutex<Vec<(Key, bytes::Bytes)>>,
     notified: AtomicBool,
     waker: mio::Waker,
 }
 
+/// Keys woken from other threads, in order, without duplicates.
+#[derive(Default)]
+struct WakeQueue {
+    keys: Vec<Key>,
+    queued: HashSet<Key>,
+}
+
 impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(WakeQueue::default()),
             deliveries: Mutex::new(Vec::new()),
             notified: AtomicBool::new(false),
             waker,
         }
     }
 
-    /// Queues `key` and wakes the poller unless a wake is already on its way.
+    /// Queues `key` (unless it is queued already) and wakes the poller unless a wake is
+    /// already on its way.
     pub(crate) fn push(&self, key: Key) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(key);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if !q.queued.insert(key) {
+                return;
+            }
+            q.keys.push(key);
+        }
         self.notify();
     }
 
@@ -109,7 +125,12 @@ impl Remote {
     pub(crate) fn drain(&self, into: &mut Vec<Key>) {
         self.notified.store(false, Ordering::Release);
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        into.append(&mut q);
+        into.append(&mut q.keys);
+        q.queued.clear();
+        if q.queued.capacity() > 1024 {
+            // A burst is over: give its table back.
+            q.queued = HashSet::new();
+        }
     }
 }
 

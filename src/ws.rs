@@ -209,6 +209,9 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
         return;
     }
     *close_sent = true;
+    // The peer has the close timeout to answer (RFC 6455 7.1.1: the server closes the TCP
+    // connection once the handshake is done, or after a while if it is not).
+    conn.start_close_clock(std::time::Instant::now());
     let payload = close_payload(code, reason);
     // If even a close frame does not fit, the peer is not reading: just close.
     if write_frame(conn, OpCode::Control(Control::Close), &payload).is_err() {
@@ -247,6 +250,13 @@ impl<H: WsHandler> WsProtocol<H> {
                 input.clear();
                 return Ok(());
             }
+            if crate::tcp::over_mark(conn.queued(), conn.max_output) {
+                // Backpressure: the peer is not reading what it is sent, so its messages wait
+                // (in the input buffer, then in the socket) until the outbound queue drains
+                // below its mark; on_writable brings us back here.
+                conn.want_writable = true;
+                return Ok(());
+            }
             let mut cur = Cursor::new(&input[..]);
             let (header, len) = match FrameHeader::parse(&mut cur) {
                 Ok(Some(h)) => h,
@@ -267,8 +277,9 @@ impl<H: WsHandler> WsProtocol<H> {
                 return Err(Fail(CloseCode::Size, "message too large"));
             }
             if input.len() < head_len + len {
-                // Wait for the rest; make room for it once.
-                input.reserve(head_len + len - input.len());
+                // Wait for the rest. The input buffer grows with what arrives, in the read
+                // loop's chunks, never by what a header claims: a header that declares 16 MiB
+                // costs nothing until 16 MiB are sent.
                 return Ok(());
             }
             if header.rsv1 || header.rsv2 || header.rsv3 {

@@ -109,7 +109,7 @@ impl ConnCore {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(CloseReason::Error(e)),
             Err(panic) => {
-                let msg = crate::service::panic_message(&panic).to_owned();
+                let msg = crate::service::panic_message(&*panic).to_owned();
                 tracing::error!(panic = msg, "read handler panicked; closing its connection");
                 Err(CloseReason::Error(io::Error::other(format!(
                     "handler panicked: {msg}"
@@ -149,7 +149,7 @@ impl ConnCore {
             .filter(|_| !self.eof)
             .map(|t| self.last_read + t);
         let idle = self.conn.idle_timeout.get().map(|t| self.last_active + t);
-        [read, idle].into_iter().flatten()
+        [read, idle, self.conn.close_by].into_iter().flatten()
     }
 
     /// When the connection next needs a poll for time: a timeout or its timer.
@@ -260,7 +260,11 @@ impl ConnCore {
                     return Err(CloseReason::Peer);
                 }
             }
-            if self.conn.closing || self.eof {
+            if self.conn.closing {
+                self.conn.start_close_clock(now);
+                break;
+            }
+            if self.eof {
                 break;
             }
             // Read what is there, up to the input bound.
@@ -299,7 +303,11 @@ impl ConnCore {
                 self.call(|h, c, _| h.on_eof(c))?;
                 continue;
             }
-            if got && !self.conn.out.is_empty() {
+            // What the handler did with the input is acted on now: output to flush, or a
+            // close or half-close it asked for (with nothing queued, a close completes at once).
+            if got
+                && (!self.conn.out.is_empty() || self.conn.closing || self.conn.shutdown_requested)
+            {
                 continue;
             }
             break;
@@ -312,9 +320,23 @@ impl ConnCore {
             }
         }
         if self.timeouts().any(|due| now >= due) {
+            if !self.conn.out.is_empty() {
+                // Output the peer did not take: discard it, and have the kernel discard its
+                // copy too (a reset), rather than keep either for a peer that is not reading.
+                self.reset_on_close();
+            }
             return Err(CloseReason::Timeout);
         }
         Ok(())
+    }
+
+    /// Makes the socket's close a reset (`SO_LINGER` 0): unsent bytes are dropped at once.
+    fn reset_on_close(&self) {
+        let Some(fd) = self.conn.fd else { return };
+        // SAFETY: the connection owns the socket for as long as its core exists (the poller's
+        // slab or the connection's task holds both), so the descriptor is open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 

@@ -53,10 +53,13 @@ pub(crate) struct TcpConfig {
     pub(crate) read_chunk: usize,
     /// Most unread input held; reading pauses there until the handler consumes.
     pub(crate) max_input: usize,
-    /// Most queued output; a write beyond it is refused.
+    /// The high-water mark of queued output: writes are refused while the queue is at or
+    /// above it.
     pub(crate) max_output: usize,
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
+    /// How long a closing connection may take to flush (see [`crate::Builder::close_timeout`]).
+    pub(crate) close_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -67,6 +70,7 @@ impl Default for TcpConfig {
             max_output: 1024 * 1024,
             read_timeout: None,
             idle_timeout: Some(Duration::from_secs(60)),
+            close_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -87,11 +91,18 @@ pub enum CloseReason {
     Error(io::Error),
 }
 
+/// Whether `queued` bytes of output have reached the high-water mark `max`: at or above it
+/// (and never for an empty queue, so a zero mark still lets one write through at a time).
+pub(crate) fn over_mark(queued: usize, max: usize) -> bool {
+    queued > 0 && queued >= max
+}
+
 /// Why a write was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WriteError {
-    /// The outbound buffer is full; [`Handler::on_writable`] is called when it has drained.
+    /// The outbound queue is at or above its high-water mark; [`Handler::on_writable`] is
+    /// called when it has drained.
     Full {
         /// Bytes the buffer could still take.
         capacity: usize,
@@ -192,6 +203,9 @@ pub struct Conn {
     pub(crate) want_writable: bool,
     pub(crate) read_timeout: Millis,
     pub(crate) idle_timeout: Millis,
+    pub(crate) close_timeout: Millis,
+    /// Once the connection is closing: when it is closed whatever is left unsent.
+    pub(crate) close_by: Option<std::time::Instant>,
     pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
 }
@@ -218,8 +232,18 @@ impl Conn {
             want_writable: false,
             read_timeout: Millis::new(cfg.read_timeout),
             idle_timeout: Millis::new(cfg.idle_timeout),
+            close_timeout: Millis::new(Some(cfg.close_timeout)),
+            close_by: None,
             timer: None,
             mailbox: None,
+        }
+    }
+
+    /// Starts the close clock (once): from now the connection has the close timeout to finish
+    /// closing (flush its output; for a WebSocket, hear the peer's close).
+    pub(crate) fn start_close_clock(&mut self, now: std::time::Instant) {
+        if self.close_by.is_none() {
+            self.close_by = self.close_timeout.get().map(|t| now + t);
         }
     }
 
@@ -250,7 +274,8 @@ impl Conn {
         self.addr(false)
     }
 
-    /// Bytes the outbound buffer can take now.
+    /// Bytes that can be queued before the outbound queue reaches its high-water mark (a
+    /// handler that wants to stay under the mark, an echo say, writes at most this much).
     pub fn write_capacity(&self) -> usize {
         self.max_output.saturating_sub(self.out.len())
     }
@@ -260,8 +285,11 @@ impl Conn {
         self.out.len()
     }
 
-    /// Queues `data` whole, or refuses it whole when it does not fit (then
-    /// [`Handler::on_writable`] says when there is room).
+    /// Queues `data` whole, or refuses it whole while the queue is at or above its high-water
+    /// mark ([`crate::Builder::max_write_buffer`]; then [`Handler::on_writable`] says when it has
+    /// drained). The mark bounds what piles up, not a single write: a write larger than the
+    /// mark is taken whole when the queue is below it, so a message is never refused for its
+    /// size alone, and the queue holds at most the mark plus one write.
     pub fn write(&mut self, data: &[u8]) -> Result<(), WriteError> {
         self.write_parts(&[data])
     }
@@ -272,24 +300,22 @@ impl Conn {
         self.max_input = n.max(1);
     }
 
-    /// Raises or lowers this connection's outbound bound.
+    /// Raises or lowers this connection's outbound high-water mark.
     pub fn set_max_write_buffer(&mut self, n: usize) {
         self.max_output = n;
     }
 
-    /// Queues `parts` back to back, whole, or refuses them whole (one bound check, no
-    /// intermediate buffer: a protocol's header and payload, say).
+    /// Queues `parts` back to back, whole, or refuses them whole, as [`write`](Self::write)
+    /// does (one check, no intermediate buffer: a protocol's header and payload, say).
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), WriteError> {
         if self.closing || self.shutdown_requested {
             return Err(WriteError::Closed);
         }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len > self.write_capacity() {
+        if over_mark(self.out.len(), self.max_output) {
             self.want_writable = true;
-            return Err(WriteError::Full {
-                capacity: self.write_capacity(),
-            });
+            return Err(WriteError::Full { capacity: 0 });
         }
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.out.capacity() == 0 {
             self.out = self::core::take(len);
         }
@@ -300,7 +326,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Closes the connection once queued output is written; no more input is read.
+    /// Closes the connection once queued output is written; no more input is read. If the
+    /// peer does not take the output within the close timeout
+    /// ([`crate::Builder::close_timeout`]), it is discarded and the connection reset.
     pub fn close(&mut self) {
         self.closing = true;
     }
@@ -413,15 +441,13 @@ impl ConnHandle {
         Ok(())
     }
 
-    /// Queues `data`; refused when the connection's outbound bound would be exceeded.
+    /// Queues `data` whole; refused while what is queued for the connection (here and on
+    /// its side) is at or above its high-water mark, as [`Conn::write`] is.
     pub fn write(&self, data: impl Into<Bytes>) -> Result<(), WriteError> {
         let data = data.into();
         self.send(|st| {
-            let queued = st.bytes + st.out_len;
-            if queued + data.len() > st.max {
-                return Err(WriteError::Full {
-                    capacity: st.max.saturating_sub(queued),
-                });
+            if over_mark(st.bytes + st.out_len, st.max) {
+                return Err(WriteError::Full { capacity: 0 });
             }
             st.bytes += data.len();
             st.writes.push(data);
