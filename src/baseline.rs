@@ -108,7 +108,13 @@ async fn accept_loop<P: App>(
     loop {
         tokio::select! {
             _ = shutdown.notified() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = res {
+                    if e.is_panic() {
+                        ctl.contained_panic("a connection task", &*e.into_panic());
+                    }
+                }
+            }
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
@@ -128,7 +134,18 @@ async fn accept_loop<P: App>(
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
                 }
                 let local = crate::service::local_addr_of(local_addr, || stream.local_addr());
-                let svc = match app.accept(IncomingStream::new(local, peer)) {
+                // The make-service is user code: a panic in it costs this connection only.
+                let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    app.accept(IncomingStream::new(local, peer))
+                }));
+                let accepted = match accepted {
+                    Ok(a) => a,
+                    Err(panic) => {
+                        ctl.contained_panic("the make-service", &*panic);
+                        continue;
+                    }
+                };
+                let svc = match accepted {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {
                         let conn = crate::tcp::Conn::new(Some(stream.as_raw_fd()), &tcp);
@@ -181,6 +198,10 @@ async fn accept_loop<P: App>(
     if drained.is_err() {
         forcing.store(true, Ordering::Release);
         tasks.shutdown().await;
+        // Hijacked connections still running are cut when the runtime stops; their HTTP tasks
+        // released them already, so they are counted here.
+        let cut = *hijacked.borrow();
+        ctl.forced.fetch_add(cut as u64, Ordering::Relaxed);
     }
     Ok(())
 }

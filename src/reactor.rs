@@ -414,10 +414,18 @@ impl<P: App> Poller<P> {
         let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             app.accept(IncomingStream::new(local_addr, peer))
         }));
-        let Ok(Some(new)) = new else {
-            tracing::error!(%peer, "the make-service failed or was not ready; closing");
-            self.ctl.release(false);
-            return;
+        let new = match new {
+            Ok(Some(new)) => new,
+            Ok(None) => {
+                tracing::error!(%peer, "the make-service was not ready; closing");
+                self.ctl.release(false);
+                return;
+            }
+            Err(panic) => {
+                self.ctl.contained_panic("the make-service", &*panic);
+                self.ctl.release(false);
+                return;
+            }
         };
         let entry = self.conns.vacant_entry();
         let slot = entry.key();

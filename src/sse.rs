@@ -296,6 +296,9 @@ impl Hub {
                 chunked,
             } => {
                 if crate::tcp::over_mark(queued.load(Ordering::Relaxed), max) {
+                    // An empty chunk tells the body to fail, so that hyper closes the
+                    // connection at once instead of flushing to a peer that is not reading.
+                    let _ = tx.send(Bytes::new());
                     return Offer::Slow;
                 }
                 let bytes = event.get(*chunked);
@@ -526,6 +529,9 @@ impl Body for SseBody {
                 }
                 if let Poll::Ready(msg) = rx.poll_recv(cx) {
                     return Poll::Ready(msg.map(|b| {
+                        if b.is_empty() {
+                            return Err(io::Error::other("SSE subscriber too slow; dropped"));
+                        }
                         queued.fetch_sub(b.len(), Ordering::Relaxed);
                         Ok(Frame::data(b))
                     }));
