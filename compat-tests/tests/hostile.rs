@@ -450,7 +450,9 @@ impl ChildServer {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix(ADDR_PREFIX) {
+                // libtest prints `test name ... ` before it, on the same line.
+                if let Some(i) = line.find(ADDR_PREFIX) {
+                    let a = line[i + ADDR_PREFIX.len()..].trim();
                     let _ = tx.send(a.parse::<SocketAddr>().expect("child address"));
                 }
             }
@@ -664,4 +666,96 @@ backend_tests! {
             assert_eq!(conn.roundtrip(get_req("/", "")).await.text(), "hello");
         }
     }
+
+    async fn emfile_flood_does_not_spin(backend) {
+        // The server runs in a child with RLIMIT_NOFILE 64; we hold 200 connections to it,
+        // each with a request sent, so it runs out of descriptors with more waiting.
+        let child = ChildServer::spawn("emfile", backend);
+        let addr = child.addr;
+        assert!(serves_again(addr, IO_TIMEOUT).await, "[{backend}] child does not serve");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base_fds = child.fds();
+
+        let mut flood = Vec::new();
+        for _ in 0..FLOOD {
+            let mut s = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .expect("connect timed out")
+                .expect("connect");
+            s.write_all(get_req("/", "").as_bytes()).await.expect("write");
+            flood.push(s);
+        }
+        // Let the server take what it can, then watch it for 2 s.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let flood_fds = child.fds();
+        let (cpu0, t0) = (child.cpu(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (cpu, wall) = (child.cpu() - cpu0, t0.elapsed());
+        let share = cpu.as_secs_f64() / wall.as_secs_f64();
+        let flood_fds_after = child.fds();
+
+        drop(flood);
+        let t_release = Instant::now();
+        assert!(serves_again(addr, Duration::from_secs(30)).await, "[{backend}] not serving after the flood");
+        let served_after = t_release.elapsed();
+        let back = wait_until(Duration::from_secs(30), || child.fds() <= base_fds).await;
+        let end_fds = child.fds();
+        eprintln!(
+            "[{backend}] EMFILE: limit {CHILD_NOFILE}, {FLOOD} connections held; fds: baseline {base_fds}, \
+             during the flood {flood_fds} / {flood_fds_after}, after release {end_fds}; \
+             CPU during 2 s of flood {:.0} ms over {:.2} s = {:.1}% of one CPU; \
+             served again {:.2} s after release",
+            cpu.as_secs_f64() * 1000.0,
+            wall.as_secs_f64(),
+            share * 100.0,
+            served_after.as_secs_f64()
+        );
+        assert!(flood_fds_after as u64 >= CHILD_NOFILE - 8, "[{backend}] the flood did not exhaust descriptors: {flood_fds_after}");
+        assert!(share < 0.30, "[{backend}] server spins at EMFILE: {:.1}% of a CPU", share * 100.0);
+        assert!(back, "[{backend}] descriptors not back to {base_fds}: {end_fds}");
+        child.stop();
+    }
+
+    async fn churn_soak_fds_and_rss(backend) {
+        // 5,000 warm-up and then 100,000 `Connection: close` requests, 4 at a time, against a
+        // default hop server in a child process (so that its memory and descriptors are its own).
+        let child = ChildServer::spawn("plain", backend);
+        let addr = child.addr;
+        let t = Instant::now();
+        churn(addr, WARMUP, CHURN_WORKERS).await;
+        let warm_time = t.elapsed();
+        let settled = |child: &ChildServer, fds: usize| child.fds() <= fds;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (base_fds, base_rss) = (child.fds(), child.rss());
+
+        let t = Instant::now();
+        churn(addr, SOAK, CHURN_WORKERS).await;
+        let soak_time = t.elapsed();
+        let back = wait_until(Duration::from_secs(30), || settled(&child, base_fds)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (end_fds, end_rss) = (child.fds(), child.rss());
+        let growth = end_rss as i64 - base_rss as i64;
+        eprintln!(
+            "[{backend}] churn: warm-up {WARMUP} in {:.1} s, soak {SOAK} in {:.1} s ({:.0}/s); \
+             fds {base_fds} -> {end_fds}; RSS {} KB -> {} KB ({:+} KB)",
+            warm_time.as_secs_f64(),
+            soak_time.as_secs_f64(),
+            SOAK as f64 / soak_time.as_secs_f64(),
+            base_rss / 1024,
+            end_rss / 1024,
+            growth / 1024
+        );
+        assert!(back, "[{backend}] descriptors not back to {base_fds}: {end_fds}");
+        assert!(growth < RSS_BOUND, "[{backend}] RSS grew by {growth} bytes over {SOAK} connections");
+        assert!(serves_again(addr, IO_TIMEOUT).await);
+        child.stop();
+    }
 }
+
+/// Connections held open against the `emfile` child (limit [`CHILD_NOFILE`]).
+const FLOOD: usize = 200;
+const WARMUP: usize = 5_000;
+const SOAK: usize = 100_000;
+const CHURN_WORKERS: usize = 4;
+/// RSS growth allowed over the soak: 8 MB.
+const RSS_BOUND: i64 = 8 * 1024 * 1024;
