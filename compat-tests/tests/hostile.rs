@@ -740,14 +740,13 @@ backend_tests! {
         let t = Instant::now();
         churn(addr, WARMUP, CHURN_WORKERS).await;
         let warm_time = t.elapsed();
-        let settled = |child: &ChildServer, fds: usize| child.fds() <= fds;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (base_fds, base_rss) = (child.fds(), child.rss());
 
         let t = Instant::now();
         churn(addr, SOAK, CHURN_WORKERS).await;
         let soak_time = t.elapsed();
-        let back = wait_until(Duration::from_secs(30), || settled(&child, base_fds)).await;
+        let back = wait_until(Duration::from_secs(30), || child.fds() <= base_fds).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (end_fds, end_rss) = (child.fds(), child.rss());
         let growth = end_rss as i64 - base_rss as i64;
