@@ -9,7 +9,12 @@
 //!   [`HopStream`], with what parking tracks about it, polled whenever its socket is ready or
 //!   its waker fires.
 //! - `Upgraded`: hyper handed the stream to an upgrade (a WebSocket task, say); the poller keeps
-//!   the registration and wakes that task on readiness until the stream is dropped.
+//!   the registration and wakes that task on readiness until the stream is dropped (the
+//!   [`HopStream`] lets go of the socket before it wakes the connection, so the poller never
+//!   sees it still held), or until no bytes have moved for the idle timeout.
+//!
+//! Timeouts: a new connection that sends nothing is closed at the header timeout; one idle at a
+//! request boundary, parked or not, at the idle timeout.
 //!
 //! Parking: hyper holds a header-read sleep exactly while it waits for a request head (see
 //! [`crate::timer`]). When that is so, the last read ended in `WouldBlock` and no write is
@@ -41,6 +46,8 @@ pub(crate) struct DriverConfig {
     /// Coalesce hyper's writes and send them once per drive (`pipeline_flush`).
     pub(crate) coalesce: bool,
     pub(crate) idle_timeout: Option<Duration>,
+    /// `header_read_timeout`: also how long a new connection may send nothing at all.
+    pub(crate) header_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     pub(crate) park_after: Option<Duration>,
     /// Where parks are counted.
@@ -48,9 +55,12 @@ pub(crate) struct DriverConfig {
 }
 
 enum State<S: ConnService> {
+    /// `fresh`: no request has been dispatched on this connection yet; it is waiting for its
+    /// first request head, which the header timeout bounds, not the idle timeout.
     Parked {
         svc: S,
         since: Instant,
+        fresh: bool,
     },
     /// Boxed, with what parking tracks, so that a parked connection's slab entry stays small.
     Active(Box<Live<S>>),
@@ -122,7 +132,11 @@ impl<S: ConnService> Conn<S> {
         Conn {
             socket,
             key,
-            state: State::Parked { svc, since: now },
+            state: State::Parked {
+                svc,
+                since: now,
+                fresh: true,
+            },
         }
     }
 
@@ -138,7 +152,7 @@ impl<S: ConnService> Conn<S> {
     pub(crate) fn drive(&mut self, cfg: &DriverConfig, now: Instant, draining: bool) -> Verdict {
         loop {
             match &mut self.state {
-                State::Parked { since, .. } => {
+                State::Parked { since, fresh, .. } => {
                     if draining {
                         return Verdict::Close;
                     }
@@ -151,10 +165,15 @@ impl<S: ConnService> Conn<S> {
                         self.activate(cfg, svc, None, None);
                         continue;
                     }
-                    if let Some(idle) = cfg.idle_timeout {
-                        let due = *since + idle;
+                    let limit = if *fresh {
+                        cfg.header_timeout
+                    } else {
+                        cfg.idle_timeout
+                    };
+                    if let Some(limit) = limit {
+                        let due = *since + limit;
                         if now >= due {
-                            tracing::debug!("closing a connection idle for {idle:?}");
+                            tracing::debug!("closing a connection idle for {limit:?}");
                             return Verdict::Close;
                         }
                         timer::arm(self.key, due);
@@ -351,9 +370,15 @@ impl<S: ConnService> Conn<S> {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.state = State::Parked { svc, since };
-            if let Some(idle) = cfg.idle_timeout {
-                timer::arm(self.key, since + idle);
+            let fresh = requests == 0;
+            self.state = State::Parked { svc, since, fresh };
+            let limit = if fresh {
+                cfg.header_timeout
+            } else {
+                cfg.idle_timeout
+            };
+            if let Some(limit) = limit {
+                timer::arm(self.key, since + limit);
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.

@@ -144,6 +144,7 @@ pub(crate) fn start<P: App>(
         http1,
         coalesce: cfg.pipeline_flush,
         idle_timeout: cfg.idle_timeout,
+        header_timeout: cfg.header_read_timeout,
         park_after: cfg.park_after,
         ctl: ctl.clone(),
     });
