@@ -27,7 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 /// Cases per property (per backend).
-const CASES: u32 = 48;
+const CASES: u32 = 64;
 
 /// hop's default limits (`WsConfig::default()` in src/ws.rs).
 const MAX_FRAME: u64 = 16 << 20;
@@ -60,10 +60,11 @@ fn config() -> Config {
     }
 }
 
-/// Runs `check` on `CASES` values of `strategy` against one server, off the runtime's workers.
-async fn run_property<S, F, Fut>(srv: &TestServer, strategy: S, check: F)
+/// Runs `check` on `CASES` values of the strategy `make` makes, against one server, off the
+/// runtime's workers.
+async fn run_property<S, F, Fut>(srv: &TestServer, make: fn() -> S, check: F)
 where
-    S: Strategy + Send + 'static,
+    S: Strategy + 'static,
     S::Value: std::fmt::Debug,
     F: Fn(SocketAddr, S::Value) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), TestCaseError>>,
@@ -73,7 +74,7 @@ where
     let result = tokio::task::spawn_blocking(move || {
         let mut runner = TestRunner::new(config());
         runner
-            .run(&strategy, |value| {
+            .run(&make(), |value| {
                 rt.block_on(async {
                     check(addr, value).await?;
                     // Whatever the case did, the server still serves a new connection.
@@ -615,10 +616,475 @@ async fn check_valid(addr: SocketAddr, case: ValidCase) -> Result<(), TestCaseEr
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Strategies: protocol violations.
+
+/// One violation of RFC 6455 by the client, sent after a valid prefix.
+#[derive(Debug, Clone)]
+enum Violation {
+    /// 5.1: a client frame without a mask.
+    Unmasked { opcode: u8, payload: Vec<u8> },
+    /// 5.2: RSV1..3 set with no extension negotiated.
+    ReservedBits {
+        rsv: u8,
+        opcode: u8,
+        payload: Vec<u8>,
+    },
+    /// 5.2: opcodes 0x3..0x7 and 0xB..0xF; the declared payload is never sent.
+    ReservedOpcode { opcode: u8, fin: bool, len: u64 },
+    /// 5.5: a control frame with FIN clear.
+    FragmentedControl { opcode: u8, payload: Vec<u8> },
+    /// 5.5: a control frame with more than 125 bytes of payload.
+    LongControl { opcode: u8, payload: Vec<u8> },
+    /// 5.4: a continuation frame with no message open.
+    ContinuationWithoutStart { fin: bool, payload: Vec<u8> },
+    /// 5.4: a new text or binary frame while a fragmented message is open.
+    DataInsideFragmented {
+        first_opcode: u8,
+        first: Vec<u8>,
+        second_opcode: u8,
+        second_fin: bool,
+        second: Vec<u8>,
+    },
+    /// 7.4: a close code no endpoint may send (1005, 1006, 1015, < 1000, > 4999, reserved).
+    BadCloseCode { code: u16, reason: Vec<u8> },
+    /// 5.5.1: a close payload of one byte.
+    OneByteClose(u8),
+    /// 8.1: a text message that is not UTF-8 (cut into fragments anywhere).
+    BadUtf8Text { data: Vec<u8>, cuts: Vec<usize> },
+    /// 5.5.1 and 8.1: a close reason that is not UTF-8.
+    BadUtf8Reason { code: u16, reason: Vec<u8> },
+    /// 10.4: a frame over the default limits (16 MiB a frame, 64 MiB a message), declared in
+    /// the header only, as the first frame of a message or as a continuation.
+    TooLarge {
+        opcode: u8,
+        fin: bool,
+        continuation: bool,
+        len: u64,
+    },
+}
+
+/// Byte sequences that are never valid UTF-8 wherever they stand before a character
+/// boundary (overlong, surrogate, beyond U+10FFFF, lone continuation, truncated, 0xFF).
+const NOT_UTF8: &[&[u8]] = &[
+    &[0xff],
+    &[0xfe],
+    &[0x80],
+    &[0xbf, 0x41],
+    &[0xc0, 0x80],
+    &[0xc1, 0xbf],
+    &[0xe0, 0x80, 0x80],
+    &[0xed, 0xa0, 0x80],
+    &[0xed, 0xbf, 0xbf],
+    &[0xf4, 0x90, 0x80, 0x80],
+    &[0xf5, 0x80, 0x80, 0x80],
+    &[0xf8, 0x88, 0x80, 0x80, 0x80],
+    &[0xe2, 0x82],
+    &[0xf0, 0x9f, 0x98],
+    &[0xc3],
+];
+
+/// Valid text with an invalid sequence inserted at a character boundary.
+fn not_utf8(max_chars: usize) -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::collection::vec(any::<char>(), 0..max_chars).prop_map(String::from_iter),
+        prop::sample::select(NOT_UTF8),
+        any::<Index>(),
+    )
+        .prop_map(|(s, bad, at)| {
+            let boundaries: Vec<usize> =
+                s.char_indices().map(|(i, _)| i).chain([s.len()]).collect();
+            let at = boundaries[at.index(boundaries.len())];
+            let mut out = s.as_bytes()[..at].to_vec();
+            out.extend_from_slice(bad);
+            out.extend_from_slice(&s.as_bytes()[at..]);
+            out
+        })
+}
+
+fn bad_close_code() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        prop::sample::select(vec![
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535
+        ]),
+        0u16..1000,
+        1016u16..3000,
+        5000u16..=u16::MAX,
+    ]
+}
+
+fn data_opcode() -> impl Strategy<Value = u8> {
+    prop::sample::select(vec![TEXT, BINARY])
+}
+
+fn control_opcode() -> impl Strategy<Value = u8> {
+    prop::sample::select(vec![CLOSE, PING, PONG])
+}
+
+fn any_valid_opcode() -> impl Strategy<Value = u8> {
+    prop::sample::select(vec![TEXT, BINARY, PING, PONG, CLOSE])
+}
+
+fn violation() -> impl Strategy<Value = Violation> {
+    let small = || prop::collection::vec(any::<u8>(), 0..200);
+    prop_oneof![
+        (any_valid_opcode(), control_payload())
+            .prop_map(|(opcode, payload)| Violation::Unmasked { opcode, payload }),
+        (1u8..=7, any_valid_opcode(), control_payload()).prop_map(|(rsv, opcode, payload)| {
+            Violation::ReservedBits {
+                rsv,
+                opcode,
+                payload,
+            }
+        }),
+        (
+            prop_oneof![3u8..=7, 11u8..=15],
+            any::<bool>(),
+            prop_oneof![0u64..126, 126u64..70_000]
+        )
+            .prop_map(|(opcode, fin, len)| Violation::ReservedOpcode { opcode, fin, len }),
+        (control_opcode(), control_payload())
+            .prop_map(|(opcode, payload)| Violation::FragmentedControl { opcode, payload }),
+        (
+            control_opcode(),
+            prop::collection::vec(any::<u8>(), 126..1000)
+        )
+            .prop_map(|(opcode, payload)| Violation::LongControl { opcode, payload }),
+        (any::<bool>(), small())
+            .prop_map(|(fin, payload)| Violation::ContinuationWithoutStart { fin, payload }),
+        (
+            data_opcode(),
+            small(),
+            data_opcode(),
+            any::<bool>(),
+            small()
+        )
+            .prop_map(|(first_opcode, first, second_opcode, second_fin, second)| {
+                Violation::DataInsideFragmented {
+                    first_opcode,
+                    first,
+                    second_opcode,
+                    second_fin,
+                    second,
+                }
+            }),
+        (bad_close_code(), close_reason())
+            .prop_map(|(code, reason)| Violation::BadCloseCode { code, reason }),
+        any::<u8>().prop_map(Violation::OneByteClose),
+        (not_utf8(200), prop::collection::vec(0usize..1000, 0..4))
+            .prop_map(|(data, cuts)| Violation::BadUtf8Text { data, cuts }),
+        (valid_close_code(), not_utf8(30))
+            .prop_map(|(code, reason)| Violation::BadUtf8Reason { code, reason }),
+        (
+            prop_oneof![
+                data_opcode(),
+                // Over the limits, a control frame is a size error before it is a long one.
+                control_opcode()
+            ],
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![
+                MAX_FRAME + 1..=MAX_MESSAGE,
+                MAX_MESSAGE + 1..=i64::MAX as u64
+            ],
+        )
+            .prop_map(|(opcode, fin, continuation, len)| Violation::TooLarge {
+                opcode,
+                fin,
+                continuation: continuation && opcode != CLOSE && opcode < CLOSE,
+                len,
+            }),
+    ]
+}
+
+impl Violation {
+    /// The frames that commit the violation, and the close code that answers it.
+    fn lay_out(&self, mask: [u8; 4]) -> (Vec<ClientFrame>, u16) {
+        let frame =
+            |fin, opcode, payload: &Vec<u8>| ClientFrame::new(fin, opcode, payload.clone(), mask);
+        match self {
+            Violation::Unmasked { opcode, payload } => {
+                let mut f = frame(true, *opcode, payload);
+                f.mask = None;
+                (vec![f], 1002)
+            }
+            Violation::ReservedBits {
+                rsv,
+                opcode,
+                payload,
+            } => {
+                let mut f = frame(true, *opcode, payload);
+                f.rsv = *rsv;
+                (vec![f], 1002)
+            }
+            Violation::ReservedOpcode { opcode, fin, len } => {
+                let mut f = frame(*fin, *opcode, &Vec::new());
+                f.declared_len = Some(*len);
+                (vec![f], 1002)
+            }
+            Violation::FragmentedControl { opcode, payload } => {
+                (vec![frame(false, *opcode, payload)], 1002)
+            }
+            Violation::LongControl { opcode, payload } => {
+                (vec![frame(true, *opcode, payload)], 1002)
+            }
+            Violation::ContinuationWithoutStart { fin, payload } => {
+                (vec![frame(*fin, CONT, payload)], 1002)
+            }
+            Violation::DataInsideFragmented {
+                first_opcode,
+                first,
+                second_opcode,
+                second_fin,
+                second,
+            } => (
+                vec![
+                    frame(false, *first_opcode, first),
+                    frame(*second_fin, *second_opcode, second),
+                ],
+                1002,
+            ),
+            Violation::BadCloseCode { code, reason } => (
+                vec![frame(true, CLOSE, &close_payload(*code, reason))],
+                1002,
+            ),
+            Violation::OneByteClose(b) => (vec![frame(true, CLOSE, &vec![*b])], 1002),
+            Violation::BadUtf8Text { data, cuts } => {
+                let mut points: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+                points.sort_unstable();
+                points.push(data.len());
+                let last = points.len() - 1;
+                let mut from = 0;
+                let mut frames = Vec::new();
+                for (i, to) in points.into_iter().enumerate() {
+                    let opcode = if i == 0 { TEXT } else { CONT };
+                    frames.push(frame(i == last, opcode, &data[from..to].to_vec()));
+                    from = to;
+                }
+                (frames, 1007)
+            }
+            Violation::BadUtf8Reason { code, reason } => (
+                vec![frame(true, CLOSE, &close_payload(*code, reason))],
+                1007,
+            ),
+            Violation::TooLarge {
+                opcode,
+                fin,
+                continuation,
+                len,
+            } => {
+                let mut frames = Vec::new();
+                let mut opcode = *opcode;
+                if *continuation {
+                    frames.push(frame(false, opcode, &b"start".to_vec()));
+                    opcode = CONT;
+                }
+                let mut f = frame(*fin, opcode, &Vec::new());
+                f.declared_len = Some(*len);
+                frames.push(f);
+                (frames, 1009)
+            }
+        }
+    }
+}
+
+/// One of each violation the tests name, with fixed values.
+fn named_violations() -> Vec<Violation> {
+    use Violation::*;
+    let mut v = vec![
+        Unmasked {
+            opcode: TEXT,
+            payload: b"no mask".to_vec(),
+        },
+        Unmasked {
+            opcode: PING,
+            payload: Vec::new(),
+        },
+        ContinuationWithoutStart {
+            fin: true,
+            payload: b"orphan".to_vec(),
+        },
+        DataInsideFragmented {
+            first_opcode: TEXT,
+            first: b"open".to_vec(),
+            second_opcode: BINARY,
+            second_fin: true,
+            second: b"new".to_vec(),
+        },
+        OneByteClose(0x03),
+        BadUtf8Text {
+            data: vec![0xff, 0xfe, 0x41],
+            cuts: Vec::new(),
+        },
+        // "é" split between two fragments is fine; its lead byte then a non-continuation is not.
+        BadUtf8Text {
+            data: b"ok \xc3 then \x41".to_vec(),
+            cuts: vec![4],
+        },
+        BadUtf8Reason {
+            code: 1000,
+            reason: vec![b'b', 0xc0, 0x80],
+        },
+    ];
+    for rsv in 1..=7 {
+        v.push(ReservedBits {
+            rsv,
+            opcode: TEXT,
+            payload: b"rsv".to_vec(),
+        });
+    }
+    for opcode in (3..=7).chain(11..=15) {
+        v.push(ReservedOpcode {
+            opcode,
+            fin: true,
+            len: 0,
+        });
+    }
+    for opcode in [CLOSE, PING, PONG] {
+        v.push(FragmentedControl {
+            opcode,
+            payload: b"frag".to_vec(),
+        });
+        v.push(LongControl {
+            opcode,
+            payload: vec![b'x'; 126],
+        });
+    }
+    for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+        v.push(BadCloseCode {
+            code,
+            reason: Vec::new(),
+        });
+    }
+    for (len, continuation) in [
+        (MAX_FRAME + 1, false),
+        (MAX_FRAME + 1, true),
+        (MAX_MESSAGE + 1, false),
+        (i64::MAX as u64, false),
+    ] {
+        v.push(TooLarge {
+            opcode: BINARY,
+            fin: true,
+            continuation,
+            len,
+        });
+    }
+    v
+}
+
+#[derive(Debug, Clone)]
+struct InvalidCase {
+    prefix: Vec<Step>,
+    violation: Violation,
+    mask: [u8; 4],
+    cuts: Vec<Index>,
+}
+
+fn invalid_case() -> impl Strategy<Value = InvalidCase> {
+    (
+        prop::collection::vec(step(), 0..4),
+        violation(),
+        any::<[u8; 4]>(),
+        prop::collection::vec(any::<Index>(), 0..32),
+    )
+        .prop_map(|(prefix, violation, mask, cuts)| InvalidCase {
+            prefix,
+            violation,
+            mask,
+            cuts,
+        })
+}
+
+async fn check_invalid(addr: SocketAddr, case: InvalidCase) -> Result<(), TestCaseError> {
+    let mut frames = Vec::new();
+    let mut expect = Vec::new();
+    for s in &case.prefix {
+        lay_out(s, &mut frames, &mut expect);
+    }
+    let (bad, code) = case.violation.lay_out(case.mask);
+    frames.extend(bad);
+    let mut bytes = Vec::new();
+    for f in &frames {
+        f.encode(&mut bytes);
+    }
+
+    // Every violation is complete only with its last byte (a frame whose header alone is
+    // the violation is sent without payload), so the server has read all of it when it
+    // answers: no unread bytes, no reset that could eat the close frame.
+    let (mut rd, mut wr) = connect(addr).await?;
+    let cuts = case.cuts.clone();
+    let writer = tokio::spawn(async move {
+        let r = write_in_pieces(&mut wr, &bytes, &cuts).await;
+        (r, wr)
+    });
+    let (mut got, end) = rd.frames_until_end(IO_TIMEOUT).await?;
+    let (written, _wr) = writer.await.map_err(|e| fail(format!("writer: {e}")))?;
+    written.map_err(|e| fail(format!("writing failed: {e}")))?;
+
+    let close = got
+        .pop()
+        .ok_or_else(|| fail(format!("no close frame ({end:?})")))?;
+    prop_assert_eq!(&got, &expect, "echoes and pongs of the valid prefix differ");
+    prop_assert_eq!(
+        close.opcode,
+        CLOSE,
+        "last frame is not a close: {:?}",
+        close
+    );
+    prop_assert!(
+        close.payload.len() >= 2,
+        "close without a code: {:?}",
+        close
+    );
+    let got_code = u16::from_be_bytes([close.payload[0], close.payload[1]]);
+    prop_assert_eq!(
+        got_code,
+        code,
+        "close code (reason {:?})",
+        String::from_utf8_lossy(&close.payload[2..])
+    );
+    prop_assert!(
+        std::str::from_utf8(&close.payload[2..]).is_ok(),
+        "close reason is not UTF-8"
+    );
+    prop_assert_eq!(
+        end,
+        End::Eof,
+        "connection not closed cleanly after the close"
+    );
+    Ok(())
+}
+
 backend_tests! {
     async fn valid_streams_are_echoed(backend) {
         let srv = start(backend);
-        run_property(&srv, valid_case(), check_valid).await;
+        run_property(&srv, valid_case, check_valid).await;
+        srv.handle.shutdown();
+    }
+
+    async fn each_named_violation_once(backend) {
+        // Random cases may miss a kind in one run; these always run (no prefix, one write).
+        let srv = start(backend);
+        for violation in named_violations() {
+            let case = InvalidCase {
+                prefix: Vec::new(),
+                violation: violation.clone(),
+                mask: [0x37, 0xfa, 0x21, 0x3d],
+                cuts: Vec::new(),
+            };
+            if let Err(e) = check_invalid(srv.addr, case).await {
+                panic!("[{}] {violation:?}: {e}", srv.backend);
+            }
+            if let Err(e) = still_echoes(srv.addr).await {
+                panic!("[{}] after {violation:?}: {e}", srv.backend);
+            }
+        }
+        srv.handle.shutdown();
+    }
+
+    async fn violations_are_closed_with_the_rfc_code(backend) {
+        let srv = start(backend);
+        run_property(&srv, invalid_case, check_invalid).await;
         srv.handle.shutdown();
     }
 }
