@@ -405,11 +405,10 @@ backend_tests! {
     }
 }
 
-/// `hop::serve` with the default settings (the backend `HOP_BACKEND` names, else the reactor)
-/// serving a plain hyper `service_fn`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hop_serve_defaults_with_hyper_service_fn() {
-    compat_tests::run_test(async {
+backend_tests! {
+    /// `hop::serve`'s default settings, with the backend pinned (instead of `HOP_BACKEND`),
+    /// serving a plain hyper `service_fn`.
+    async fn hop_serve_defaults_with_hyper_service_fn(backend) {
         let svc = hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
             Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
                 b"plain hyper",
@@ -417,7 +416,7 @@ async fn hop_serve_defaults_with_hyper_service_fn() {
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let serve = hop::serve(listener, svc);
+        let serve = hop::Server::builder().backend(backend).serve(listener, svc);
         let handle = serve.handle();
         let task = tokio::spawn(serve.into_future());
         let mut conn = RawConn::connect(addr).await;
@@ -431,6 +430,5 @@ async fn hop_serve_defaults_with_hyper_service_fn() {
             .expect("server did not stop")
             .unwrap()
             .unwrap();
-    })
-    .await;
+    }
 }

@@ -11,7 +11,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use compat_tests::{
-    backend_tests, exchange, get_req, parse_response, reqwest_client, start, RawConn, IO_TIMEOUT,
+    backend_tests, exchange, get_req, parse_response, reqwest_client, start, Backend, RawConn,
+    IO_TIMEOUT,
 };
 use futures_util::StreamExt;
 
@@ -313,38 +314,25 @@ backend_tests! {
     }
 
     // hyper answers a request head it cannot parse with an automatic 400 / 431 and closes.
-    // On the tokio backend, hop's default `pipeline_flush(true)` means that response is never
-    // written: hyper 1.x skips the flush while unparsed bytes sit in its read buffer, and the
-    // bad request's bytes are exactly that. (The reactor turns hyper's pipeline_flush off and
-    // coalesces writes itself.) The `_no_pipeline_flush` variants check the same behaviour
-    // with pipeline flushing off.
+    // Neither backend turns on hyper's own pipeline-flush mode (which would skip the flush
+    // while the bad request's bytes sit unparsed in hyper's buffer, losing the response).
+    // hop's `pipeline_flush` setting (on by default) only makes the reactor coalesce writes;
+    // the `_no_pipeline_flush_reactor` tests below run the reactor with it off.
     async fn malformed_request_line_400_then_close(backend) {
         let srv = start(backend, app(), |b| b);
         check_malformed_request_line(srv.addr).await;
     }
 
-    async fn malformed_request_line_400_then_close_no_pipeline_flush(backend) {
-        let srv = start(backend, app(), |b| b.pipeline_flush(false));
-        check_malformed_request_line(srv.addr).await;
-    }
     async fn oversized_header_431(backend) {
         let srv = start(backend, app(), |b| b.max_buf_size(16 * 1024));
         check_oversized_header(srv.addr).await;
     }
 
-    async fn oversized_header_431_no_pipeline_flush(backend) {
-        let srv = start(backend, app(), |b| b.max_buf_size(16 * 1024).pipeline_flush(false));
-        check_oversized_header(srv.addr).await;
-    }
     async fn too_many_headers_431(backend) {
         let srv = start(backend, app(), |b| b.max_headers(10));
         check_too_many_headers(srv.addr).await;
     }
 
-    async fn too_many_headers_431_no_pipeline_flush(backend) {
-        let srv = start(backend, app(), |b| b.max_headers(10).pipeline_flush(false));
-        check_too_many_headers(srv.addr).await;
-    }
 }
 
 /// Sends `request` on a fresh connection and expects exactly one response with `status`, after
@@ -400,4 +388,38 @@ async fn check_too_many_headers(addr: SocketAddr) {
 
     let many: String = (0..20).map(|i| format!("X-H{i}: v\r\n")).collect();
     expect_error_and_close(addr, get_req("/", &many).as_bytes(), 431).await;
+}
+
+/// `pipeline_flush(false)`, the non-default setting; only the reactor reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_line_400_then_close_no_pipeline_flush_reactor() {
+    compat_tests::run_test(async {
+        let srv = start(Backend::Reactor, app(), |b| b.pipeline_flush(false));
+        check_malformed_request_line(srv.addr).await;
+    })
+    .await;
+}
+
+/// `pipeline_flush(false)`, the non-default setting; only the reactor reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_431_no_pipeline_flush_reactor() {
+    compat_tests::run_test(async {
+        let srv = start(Backend::Reactor, app(), |b| {
+            b.max_buf_size(16 * 1024).pipeline_flush(false)
+        });
+        check_oversized_header(srv.addr).await;
+    })
+    .await;
+}
+
+/// `pipeline_flush(false)`, the non-default setting; only the reactor reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_431_no_pipeline_flush_reactor() {
+    compat_tests::run_test(async {
+        let srv = start(Backend::Reactor, app(), |b| {
+            b.max_headers(10).pipeline_flush(false)
+        });
+        check_too_many_headers(srv.addr).await;
+    })
+    .await;
 }

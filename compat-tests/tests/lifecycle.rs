@@ -9,6 +9,7 @@ use compat_tests::{
     backend_tests, get_req, start, start_with_shutdown, wait_until, End, RawConn, TestServer,
     IO_TIMEOUT,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 fn app() -> Router {
@@ -135,27 +136,58 @@ backend_tests! {
     }
 
     async fn header_read_timeout_trickled_head(backend) {
-        // Sending the head a byte at a time does not extend the deadline.
-        let srv = start(backend, app(), |b| b.header_read_timeout(Duration::from_secs(1)));
-        let mut conn = RawConn::connect(srv.addr).await;
+        // Sending the head a byte at a time does not extend the deadline: the connection is
+        // closed about `header_read_timeout` (1 s) after it opened, long before the ~10 s the
+        // trickle takes (a deadline that each byte pushed back would close ~1 s after the last
+        // byte, past 10 s).
+        const TIMEOUT: Duration = Duration::from_secs(1);
+        // Timer and scheduling delays on a loaded 2-core machine; far below the 10 s above.
+        const LATE: Duration = Duration::from_secs(4);
+        let srv = start(backend, app(), |b| b.header_read_timeout(TIMEOUT));
+        let stream = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
         let t0 = Instant::now();
-        let head = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-        let mut closed = false;
-        for b in head {
-            if conn.send([*b]).await.is_err() {
-                closed = true;
+        let (mut rd, mut wr) = stream.into_split();
+        // The reader notes when the server closes, while the writer is still trickling.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            let end = loop {
+                match rd.read(&mut chunk).await {
+                    Ok(0) => break End::Eof,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(_) => break End::Reset,
+                }
+            };
+            (end, got, t0.elapsed())
+        });
+        let head = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: {}", "a".repeat(70));
+        assert!(head.len() >= 100);
+        let mut sent = 0;
+        for b in head.bytes() {
+            if reader.is_finished() || wr.write_all(&[b]).await.is_err() {
                 break;
             }
+            sent += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (end, bytes) = if closed {
-            (End::Reset, Vec::new())
-        } else {
-            conn.wait_close(IO_TIMEOUT).await
-        };
-        assert!(end.closed(), "trickled head not timed out: {end:?}");
+        let (end, bytes, closed_at) = tokio::time::timeout(IO_TIMEOUT, reader)
+            .await
+            .unwrap_or_else(|_| panic!("trickled head not timed out ({sent} bytes sent)"))
+            .unwrap();
+        assert!(end.closed(), "{end:?}");
         assert!(bytes.is_empty(), "{:?}", String::from_utf8_lossy(&bytes));
-        assert!(t0.elapsed() < Duration::from_secs(1) + IO_TIMEOUT);
+        assert!(
+            closed_at >= TIMEOUT - Duration::from_millis(100),
+            "closed before the deadline: {closed_at:?}"
+        );
+        assert!(
+            closed_at < TIMEOUT + LATE,
+            "closed {closed_at:?} after connecting, {sent} of {} bytes sent: the trickle extended \
+             the {TIMEOUT:?} deadline",
+            head.len()
+        );
+        assert!(sent < head.len(), "the whole head was sent before the close");
     }
 
     async fn idle_timeout_closes_keep_alive_connection(backend) {

@@ -25,10 +25,15 @@ backend_tests! {
     async fn large_response_to_slow_reader_bounded_memory(backend) {
         check_large_response(backend, |b| b).await;
     }
+}
 
-    async fn large_response_to_slow_reader_bounded_memory_no_pipeline_flush(backend) {
-        check_large_response(backend, |b| b.pipeline_flush(false)).await;
-    }
+/// `pipeline_flush(false)`, the non-default setting; only the reactor reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_response_to_slow_reader_bounded_memory_no_pipeline_flush_reactor() {
+    compat_tests::run_test(check_large_response(Backend::Reactor, |b| {
+        b.pipeline_flush(false)
+    }))
+    .await;
 }
 
 /// Streams 50 MB in 64 KiB chunks to a reader that is slow for its first ~2 MB, and checks

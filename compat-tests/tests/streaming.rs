@@ -231,10 +231,15 @@ backend_tests! {
     async fn client_closes_mid_response_stops_producing(backend) {
         check_stops_producing(backend, |b| b).await;
     }
+}
 
-    async fn client_closes_mid_response_stops_producing_no_pipeline_flush(backend) {
-        check_stops_producing(backend, |b| b.pipeline_flush(false)).await;
-    }
+/// `pipeline_flush(false)`, the non-default setting; only the reactor reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_closes_mid_response_stops_producing_no_pipeline_flush_reactor() {
+    compat_tests::run_test(check_stops_producing(compat_tests::Backend::Reactor, |b| {
+        b.pipeline_flush(false)
+    }))
+    .await;
 }
 
 /// POSTs a head announcing 1 MiB and 10 KB of body; the caller closes the connection.
