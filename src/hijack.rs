@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
+#[cfg(feature = "axum")]
 use http::request::Parts;
 use http::Request;
 use hyper::upgrade::OnUpgrade;
