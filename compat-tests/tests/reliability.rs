@@ -600,6 +600,27 @@ backend_tests! {
         srv.handle.shutdown();
     }
 
+    /// Item 14: a request body that stops arriving is bounded by tower-http's
+    /// `RequestBodyTimeoutLayer` (hop has no body timeout of its own, as hyper has none).
+    async fn stalled_upload_is_bounded_by_a_body_timeout_layer(backend) {
+        let _shared = PROCESS.read().await;
+        let app = Router::new()
+            .route("/upload", axum::routing::post(|body: Bytes| async move { body.len().to_string() }))
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(1)));
+        let srv = start(backend, app, |b| b);
+        let mut c = compat_tests::RawConn::connect(srv.addr).await;
+        c.send("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let res = c.read_response().await;
+        let took = started.elapsed();
+        eprintln!("[{backend}] stalled upload answered {} after {took:?}", res.status);
+        assert!((400..500).contains(&res.status), "[{backend}] {}", res.status);
+        assert!(took < Duration::from_secs(10), "[{backend}] answered after {took:?}");
+        srv.handle.shutdown();
+    }
+
     /// Item 10: a close the server starts completes when the client answers: a graceful
     /// shutdown with 1,000 open WebSockets whose clients answer the close is quick, and nothing
     /// is forced.
