@@ -326,13 +326,16 @@ backend_tests! {
     }
 
     /// Item 5: a connection woken 100,000 times from another thread while its poller is busy is
-    /// driven a handful of times, not 100,000.
+    /// driven a handful of times, not 100,000 (a body that stays pending counts its polls).
     async fn wakes_from_other_threads_are_deduplicated(backend) {
         let _shared = PROCESS.read().await;
-        struct Counting {
-            polls: Arc<AtomicUsize>,
-            woken: bool,
+        #[derive(Default)]
+        struct Shared {
+            polls: AtomicUsize,
+            release: AtomicBool,
+            waker: std::sync::Mutex<Option<std::task::Waker>>,
         }
+        struct Counting(Arc<Shared>, bool);
         impl hyper::body::Body for Counting {
             type Data = Bytes;
             type Error = std::io::Error;
@@ -340,9 +343,18 @@ backend_tests! {
                 mut self: std::pin::Pin<&mut Self>,
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-                self.polls.fetch_add(1, Ordering::SeqCst);
-                if !self.woken {
-                    self.woken = true;
+                let sh = self.0.clone();
+                sh.polls.fetch_add(1, Ordering::SeqCst);
+                *sh.waker.lock().unwrap() = Some(cx.waker().clone());
+                if sh.release.load(Ordering::SeqCst) {
+                    if std::mem::replace(&mut self.1, true) {
+                        return std::task::Poll::Ready(None);
+                    }
+                    return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                        Bytes::from_static(b"done"),
+                    ))));
+                }
+                if sh.polls.load(Ordering::SeqCst) == 1 {
                     let waker = cx.waker().clone();
                     // Wake from another thread while this (the poller's) thread is busy here.
                     std::thread::spawn(move || {
@@ -352,27 +364,30 @@ backend_tests! {
                     })
                     .join()
                     .unwrap();
-                    return std::task::Poll::Pending;
                 }
-                std::task::Poll::Ready(None)
+                std::task::Poll::Pending
             }
         }
-        let polls = Arc::new(AtomicUsize::new(0));
-        let p = polls.clone();
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
         let app = Router::new().route(
             "/",
             get(move || {
-                let polls = p.clone();
-                async move { axum::body::Body::new(Counting { polls, woken: false }) }
+                let sh = sh.clone();
+                async move { axum::body::Body::new(Counting(sh, false)) }
             }),
         );
         let srv = start(backend, app, |b| b.pollers(1));
         let mut c = compat_tests::RawConn::connect(srv.addr).await;
-        let res = c.roundtrip(get_req("/", "")).await;
-        assert_eq!(res.status, 200);
-        // Let any queued wakes be driven.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let n = polls.load(Ordering::SeqCst);
+        c.send(get_req("/", "")).await.unwrap();
+        assert!(wait_until(WAIT, || shared.polls.load(Ordering::SeqCst) >= 1).await);
+        // Let every queued wake be driven.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let n = shared.polls.load(Ordering::SeqCst);
+        shared.release.store(true, Ordering::SeqCst);
+        shared.waker.lock().unwrap().take().unwrap().wake();
+        let res = c.read_response().await;
+        assert_eq!((res.status, res.text()), (200, "done".to_owned()));
         eprintln!("[{backend}] body polled {n} times after 100,000 wakes");
         assert!(n <= 10, "[{backend}] the body was polled {n} times");
         srv.handle.shutdown();
@@ -525,16 +540,16 @@ backend_tests! {
                 }
             }
         }
-        /// A service whose clones panic when dropped while `BOMBS` is set: hop drops one
+        /// A service whose clones panic when dropped while `bombs` is set: hop drops one
         /// per request (hyper's `&self` call) and one per connection.
-        static BOMBS: AtomicBool = AtomicBool::new(false);
         #[derive(Clone)]
         struct BombSvc {
             app: Router,
+            bombs: Arc<AtomicBool>,
         }
         impl Drop for BombSvc {
             fn drop(&mut self) {
-                if BOMBS.load(Ordering::SeqCst) && !std::thread::panicking() {
+                if self.bombs.load(Ordering::SeqCst) && !std::thread::panicking() {
                     panic!("service Drop");
                 }
             }
@@ -556,9 +571,10 @@ backend_tests! {
         let app = Router::new()
             .route("/body", get(|| async { axum::body::Body::new(BombBody(false)) }))
             .route("/ok", get(|| async { "ok" }));
+        let bombs = Arc::new(AtomicBool::new(false));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let serve = compat_tests::builder(backend).pollers(1).serve(listener, BombSvc { app });
+        let serve = compat_tests::builder(backend).pollers(1).serve(listener, BombSvc { app, bombs: bombs.clone() });
         let handle = serve.handle();
         tokio::spawn(serve.into_future());
         for _ in 0..3 {
@@ -568,17 +584,48 @@ backend_tests! {
         let mut c = compat_tests::RawConn::connect(addr).await;
         assert_eq!(c.roundtrip(get_req("/ok", "")).await.status, 200, "[{backend}] after body drops");
         drop(c);
-        BOMBS.store(true, Ordering::SeqCst);
+        bombs.store(true, Ordering::SeqCst);
         for _ in 0..3 {
             // Each request's service clone panics when dropped (a 500, or a cut connection),
             // and so does each connection's when it closes.
             let _ = compat_tests::exchange(addr, get_req("/ok", "connection: close\r\n").as_bytes(), Duration::from_secs(5)).await;
         }
-        BOMBS.store(false, Ordering::SeqCst);
+        bombs.store(false, Ordering::SeqCst);
         // Give the server time to drop what it holds, then check it still serves.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut c = compat_tests::RawConn::connect(addr).await;
         assert_eq!(c.roundtrip(get_req("/ok", "")).await.status, 200, "[{backend}] after service drops");
+        handle.shutdown();
+
+        // A make-service (here a read-handler factory) that panics at accept.
+        let first = Arc::new(AtomicBool::new(true));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        struct Echo;
+        impl Handler for Echo {
+            fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+                conn.write(&input.split())?;
+                Ok(())
+            }
+        }
+        let serve = compat_tests::builder(backend).pollers(1).serve_tcp(listener, move |_: hop::IncomingStream<'_>| {
+            if first.swap(false, Ordering::SeqCst) {
+                panic!("make-service");
+            }
+            Echo
+        });
+        let handle = serve.handle();
+        tokio::spawn(serve.into_future());
+        let _ = compat_tests::exchange(addr, b"lost", Duration::from_secs(2)).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"echo").await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("[{backend}] no echo after a make-service panic"))
+            .unwrap();
+        assert_eq!(&b, b"echo");
+        assert!(wait_until(WAIT, || handle.stats().panics >= 1).await, "[{backend}] {:?}", handle.stats());
         handle.shutdown();
     }
 
