@@ -48,8 +48,8 @@ fn main() -> std::io::Result<()> {
         .backend(backend)
         .idle_timeout(None)
         .serve_tcp(hop::bind(addr)?, |_: hop::IncomingStream<'_>| Echo)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        // Ctrl-C or SIGTERM (kill, systemd, Docker): close WebSockets with 1001, end SSE
+        // streams, finish in-flight requests.
+        .with_graceful_shutdown(hop::shutdown_signal())
         .run()
 }

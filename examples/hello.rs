@@ -9,5 +9,7 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new().route("/", get(|| async { "Hello, World!" }));
     let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
     println!("listening on http://127.0.0.1:3000");
-    hop::serve(listener, app).await
+    hop::serve(listener, app)
+        .with_graceful_shutdown(hop::shutdown_signal()) // Ctrl-C or SIGTERM
+        .await
 }

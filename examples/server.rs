@@ -209,8 +209,8 @@ fn main() -> std::io::Result<()> {
             listener,
             app(hub).into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        // Ctrl-C or SIGTERM (kill, systemd, Docker): close WebSockets with 1001, end SSE
+        // streams, finish in-flight requests.
+        .with_graceful_shutdown(hop::shutdown_signal())
         .run()
 }

@@ -50,8 +50,8 @@ pub mod ws;
 
 pub use hijack::{Hijack, HijackRejection};
 pub use server::{
-    bind, serve, serve_tcp, Backend, Builder, Handle, IntoStdListener, Serve, Server, Stats,
-    WithGracefulShutdown,
+    bind, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoStdListener, Serve,
+    Server, Stats, WithGracefulShutdown,
 };
 pub use service::{
     marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService,

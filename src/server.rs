@@ -543,6 +543,82 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
+/// Completes when the process receives SIGINT (Ctrl-C) or SIGTERM (what `kill`, systemd, Docker
+/// and Kubernetes send to stop a service): the signal to give
+/// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
+///
+/// ```no_run
+/// # fn demo() -> std::io::Result<()> {
+/// let app = axum::Router::new();
+/// let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
+/// hop::serve(listener, app)
+///     .with_graceful_shutdown(hop::shutdown_signal())
+///     .run() // or .await
+/// # }
+/// ```
+///
+/// The signals are caught from the moment this is called, not when the future is first polled:
+/// one that arrives while the server is starting is not lost. From then on SIGINT and SIGTERM
+/// no longer end the process by themselves. They are awaited on a small thread with its own
+/// tokio runtime, so the future works under [`Serve::run`] (no runtime), under any runtime and
+/// on any executor; the thread ends when a signal comes or the future is dropped. If the
+/// handlers cannot be installed, the error is logged and the future never completes.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+    let listen = move || {
+        let mut done_tx = done_tx;
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let signals = signal(SignalKind::interrupt())
+                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
+            let (mut int, mut term) = match signals {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let name = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = done_tx.closed() => return,
+            };
+            tracing::info!("{name} received");
+            let _ = done_tx.send(());
+        });
+    };
+    let ready = match std::thread::Builder::new()
+        .name("hop-signal".into())
+        .spawn(listen)
+    {
+        Ok(_) => ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the signal thread ended"))),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ready {
+        tracing::error!("cannot listen for SIGINT and SIGTERM: {e}");
+    }
+    async move {
+        if done_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Serves `app` on `listener` with the default settings: the counterpart of `axum::serve`.
 ///
 /// `.await` it under any runtime, or call [`Serve::run`] to block without one.

@@ -52,7 +52,12 @@ pub struct Event {
 }
 
 impl Event {
-    /// An event carrying `data` (several lines are sent as several `data:` fields).
+    /// An event carrying `data`.
+    ///
+    /// `data` is split into lines the way an `EventSource` splits the stream (at CRLF, at a
+    /// lone CR and at a lone LF), and each line is sent as its own `data:` field, so the client
+    /// sees the lines joined by `\n`: `"a\r\nb\rc"` arrives as `"a\nb\nc"`. No line break in
+    /// `data` can start another field or end the event early.
     pub fn new(data: impl Into<String>) -> Self {
         Event {
             data: data.into(),
@@ -61,14 +66,36 @@ impl Event {
     }
 
     /// Sets the event id (what a reconnecting client sends back as `Last-Event-ID`).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `id` contains a line break (CR or LF) or a NUL character, as
+    /// `axum::response::sse::Event::id` does: the line break would end the field (what follows
+    /// would be read as further fields), and a client ignores an id containing NUL.
     pub fn id(mut self, id: impl Into<String>) -> Self {
-        self.id = Some(id.into());
+        let id = id.into();
+        assert!(
+            !id.contains(['\r', '\n', '\0']),
+            "an SSE event id cannot contain CR, LF or NUL: {id:?}"
+        );
+        self.id = Some(id);
         self
     }
 
     /// Sets the event type.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `name` contains a line break (CR or LF), as `axum::response::sse::Event::event`
+    /// does: the line break would end the field and what follows would be read as further
+    /// fields.
     pub fn event(mut self, name: impl Into<String>) -> Self {
-        self.event = Some(name.into());
+        let name = name.into();
+        assert!(
+            !name.contains(['\r', '\n']),
+            "an SSE event type cannot contain CR or LF: {name:?}"
+        );
+        self.event = Some(name);
         self
     }
 
@@ -81,16 +108,21 @@ impl Event {
     fn encode(&self) -> String {
         let mut s = String::with_capacity(self.data.len() + 32);
         if let Some(id) = &self.id {
-            let _ = writeln!(s, "id: {}", id.replace(['\r', '\n'], ""));
+            let _ = writeln!(s, "id: {id}");
         }
         if let Some(e) = &self.event {
-            let _ = writeln!(s, "event: {}", e.replace(['\r', '\n'], ""));
+            let _ = writeln!(s, "event: {e}");
         }
         if let Some(r) = self.retry {
             let _ = writeln!(s, "retry: {}", r.as_millis());
         }
-        for line in self.data.split('\n') {
-            let _ = writeln!(s, "data: {}", line.strip_suffix('\r').unwrap_or(line));
+        // Lines end at CRLF, CR or LF, as the client reads them.
+        let mut rest = self.data.as_str();
+        loop {
+            let end = rest.find(['\r', '\n']);
+            let _ = writeln!(s, "data: {}", &rest[..end.unwrap_or(rest.len())]);
+            let Some(end) = end else { break };
+            rest = rest[end..].strip_prefix("\r\n").unwrap_or(&rest[end + 1..]);
         }
         s.push('\n');
         s

@@ -46,6 +46,36 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// The next event a client parses, as `(event type, id, data)`.
+async fn next_event<S, E>(s: &mut S) -> (String, String, String)
+where
+    S: futures_util::Stream<Item = Result<eventsource_stream::Event, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    let ev = tokio::time::timeout(WAIT, s.next())
+        .await
+        .expect("no event in time")
+        .expect("the stream ended")
+        .expect("the stream did not parse");
+    (ev.event, ev.id, ev.data)
+}
+
+#[test]
+fn line_breaks_in_id_or_event_type_panic() {
+    for bad in ["a\rb", "a\nb", "a\r\nb", "\r", "a\n"] {
+        let event = std::panic::catch_unwind(|| Event::new("x").event(bad));
+        assert!(event.is_err(), "event type {bad:?} was accepted");
+        let id = std::panic::catch_unwind(|| Event::new("x").id(bad));
+        assert!(id.is_err(), "id {bad:?} was accepted");
+    }
+    assert!(
+        std::panic::catch_unwind(|| Event::new("x").id("a\0b")).is_err(),
+        "an id with NUL was accepted"
+    );
+    // Event types may contain NUL; ordinary values are taken as they are.
+    let _ = Event::new("x").event("a\0b").event("tick").id("42").id("");
+}
+
 backend_tests! {
     async fn broadcast_reaches_subscribers(backend) {
         let (addr, handle, hub) = start(backend, HubConfig::default());
@@ -66,6 +96,29 @@ backend_tests! {
         }
         // Plain requests still work beside the subscribers.
         assert_eq!(reqwest::get(format!("http://{addr}/")).await.unwrap().text().await.unwrap(), "ok");
+        handle.shutdown();
+    }
+
+    async fn line_breaks_in_data_cannot_inject_fields(backend) {
+        let (addr, handle, hub) = start(backend, HubConfig::default());
+        let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();
+        let mut s = res.bytes_stream().eventsource();
+        wait_for("a subscriber", || hub.len() == 1).await;
+        // CR, LF and CRLF each end a line for an EventSource: none may start a field.
+        hub.send(&Event::new("a\rid: evil\revent: pwn\r\nb\nc\r").id("7").event("greeting"));
+        // Nor may a blank line (CR CR, CRLF CRLF, LF LF) end the event early.
+        hub.send(&Event::new("p\r\rdata: q\r\n\r\nretry: 1\n\nr").id("8").event("second"));
+        hub.send(&Event::new("end").id("9").event("last"));
+        let want = |e: &str, id: &str, data: &str| (e.to_owned(), id.to_owned(), data.to_owned());
+        assert_eq!(
+            next_event(&mut s).await,
+            want("greeting", "7", "a\nid: evil\nevent: pwn\nb\nc\n")
+        );
+        assert_eq!(
+            next_event(&mut s).await,
+            want("second", "8", "p\n\ndata: q\n\nretry: 1\n\nr")
+        );
+        assert_eq!(next_event(&mut s).await, want("last", "9", "end"));
         handle.shutdown();
     }
 
