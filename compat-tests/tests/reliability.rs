@@ -204,6 +204,47 @@ backend_tests! {
         handle.shutdown();
     }
 
+    /// Item 1, as the Autobahn suite's "limits" cases (9.1–9.6) run it: text and binary
+    /// messages of 1–16 MiB, whole, in fragments, and written in small TCP chunks, each echoed
+    /// by `hop::ws` under the default settings.
+    async fn autobahn_limits_cases_echo_on_defaults(backend) {
+        let _shared = PROCESS.read().await;
+        let srv = start(backend, Router::new().route("/ws", get(ws_hop)), |b| b);
+        let mut s = ws_raw(srv.addr, "/ws").await;
+        let mut cases: Vec<(u8, usize, usize, usize)> = Vec::new(); // (opcode, size, fragment, tcp chunk)
+        for op in [1u8, 2] {
+            for size in [1 << 20, 4 << 20, 16 << 20] {
+                cases.push((op, size, size, size));
+            }
+            for frag in [64 << 10, 1 << 20] {
+                cases.push((op, 4 << 20, frag, 4 << 20));
+            }
+            cases.push((op, 1 << 20, 1 << 20, 2048));
+        }
+        for (op, size, frag, chunk) in cases {
+            let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut wire = Vec::with_capacity(size + 64);
+            for (i, piece) in payload.chunks(frag).enumerate() {
+                let mut f = client_header(if i == 0 { op } else { 0 }, piece.len() as u64);
+                if (i + 1) * frag < size {
+                    f[0] &= 0x7f; // not the last fragment
+                }
+                wire.extend_from_slice(&f);
+                wire.extend_from_slice(piece);
+            }
+            // The server answers only once the whole message is in: write it all, then read.
+            for c in wire.chunks(chunk) {
+                s.write_all(c).await.unwrap();
+            }
+            let (got_op, got) = tokio::time::timeout(WAIT, read_frame(&mut s))
+                .await
+                .unwrap_or_else(|_| panic!("[{backend}] no echo of {size} bytes in {frag}-byte fragments"));
+            assert_eq!(got_op, op, "[{backend}] {size} bytes in {frag}-byte fragments: opcode");
+            assert!(got == payload, "[{backend}] {size} bytes in {frag}-byte fragments differ");
+        }
+        srv.handle.shutdown();
+    }
+
     /// Item 1: `WsHandle::send` of a message larger than the mark, under the defaults.
     async fn ws_handle_sends_a_message_larger_than_the_mark(backend) {
         let _shared = PROCESS.read().await;
