@@ -55,21 +55,25 @@ pub(crate) struct DriverConfig {
 }
 
 enum State<S: ConnService> {
-    /// `fresh`: no request has been dispatched on this connection yet; it is waiting for its
-    /// first request head, which the header timeout bounds, not the idle timeout.
+    /// A connection on which no request has been dispatched yet is waiting for its first
+    /// request head, which the header timeout bounds, not the idle timeout
+    /// ([`Conn::idle_limit`]).
     Parked {
         svc: S,
         since: Instant,
-        fresh: bool,
     },
     /// Boxed, with what parking tracks, so that a parked connection's slab entry stays small.
     Active(Box<Live<S>>),
-    /// `io`: the socket's [`Socket::foreign_io`] count when last looked at, `since` then.
-    Upgraded {
-        io: u32,
-        since: Instant,
-    },
+    /// Boxed, so that the rare upgraded connection does not grow every slab entry.
+    Upgraded(Box<Quiet>),
     Done,
+}
+
+/// An upgraded connection's activity: the socket's [`Socket::foreign_io`] count when last
+/// looked at, and when it last changed.
+struct Quiet {
+    io: u32,
+    since: Instant,
 }
 
 /// A connection holding hyper's state.
@@ -132,11 +136,7 @@ impl<S: ConnService> Conn<S> {
         Conn {
             socket,
             key,
-            state: State::Parked {
-                svc,
-                since: now,
-                fresh: true,
-            },
+            state: State::Parked { svc, since: now },
         }
     }
 
@@ -152,7 +152,7 @@ impl<S: ConnService> Conn<S> {
     pub(crate) fn drive(&mut self, cfg: &DriverConfig, now: Instant, draining: bool) -> Verdict {
         loop {
             match &mut self.state {
-                State::Parked { since, fresh, .. } => {
+                State::Parked { since, .. } => {
                     if draining {
                         return Verdict::Close;
                     }
@@ -165,12 +165,7 @@ impl<S: ConnService> Conn<S> {
                         self.activate(cfg, svc, None, None);
                         continue;
                     }
-                    let limit = if *fresh {
-                        cfg.header_timeout
-                    } else {
-                        cfg.idle_timeout
-                    };
-                    if let Some(limit) = limit {
+                    if let Some(limit) = Self::idle_limit(self.key, cfg) {
                         let due = *since + limit;
                         if now >= due {
                             tracing::debug!("closing a connection idle for {limit:?}");
@@ -218,10 +213,10 @@ impl<S: ConnService> Conn<S> {
                             }
                             if Arc::strong_count(&self.socket) > 1 {
                                 // The stream went to an upgrade; it lives on elsewhere.
-                                self.state = State::Upgraded {
+                                self.state = State::Upgraded(Box::new(Quiet {
                                     io: self.socket.foreign_io(),
                                     since: now,
-                                };
+                                }));
                                 continue;
                             }
                             return Verdict::Close;
@@ -236,7 +231,8 @@ impl<S: ConnService> Conn<S> {
                         }
                     }
                 }
-                State::Upgraded { io, since } => {
+                State::Upgraded(quiet) => {
+                    let Quiet { io, since } = &mut **quiet;
                     // The 101 may still be waiting to be sent if the socket was full.
                     let waker = self.key.waker();
                     let _ = self
@@ -355,6 +351,16 @@ impl<S: ConnService> Conn<S> {
         Verdict::Keep
     }
 
+    /// How long a parked connection may stay as it is: a new one that has sent no request yet
+    /// has the header timeout, any other the idle timeout.
+    fn idle_limit(key: Key, cfg: &DriverConfig) -> Option<Duration> {
+        if timer::slot_meta(key).requests == 0 {
+            cfg.header_timeout
+        } else {
+            cfg.idle_timeout
+        }
+    }
+
     /// Parks the connection, idle since `since`.
     fn park(&mut self, cfg: &DriverConfig, since: Instant, requests: u64) {
         let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
@@ -370,14 +376,8 @@ impl<S: ConnService> Conn<S> {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let fresh = requests == 0;
-            self.state = State::Parked { svc, since, fresh };
-            let limit = if fresh {
-                cfg.header_timeout
-            } else {
-                cfg.idle_timeout
-            };
-            if let Some(limit) = limit {
+            self.state = State::Parked { svc, since };
+            if let Some(limit) = Self::idle_limit(self.key, cfg) {
                 timer::arm(self.key, since + limit);
             }
         } else {

@@ -211,7 +211,7 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     *close_sent = true;
     // The peer has the close timeout to answer (RFC 6455 7.1.1: the server closes the TCP
     // connection once the handshake is done, or after a while if it is not).
-    conn.start_close_clock(std::time::Instant::now());
+    conn.start_close_clock();
     let payload = close_payload(code, reason);
     // If even a close frame does not fit, the peer is not reading: just close.
     if write_frame(conn, OpCode::Control(Control::Close), &payload).is_err() {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{CloseReason, Conn, Handler, TcpConfig};
+use super::{CloseClock, CloseReason, Conn, Handler, TcpConfig};
 use crate::stream::Socket;
 use crate::timer;
 use crate::wake::Key;
@@ -140,16 +140,32 @@ impl ConnCore {
         let _ = catch_unwind(AssertUnwindSafe(|| handler.on_close(reason)));
     }
 
-    /// When the read and idle timeouts run out (those that are set).
+    /// When the read, idle and close timeouts run out (those that are set). Once the close
+    /// clock runs, `last_read` is when it started, and the read timeout no longer applies.
     fn timeouts(&self) -> impl Iterator<Item = Instant> {
+        let closing = self.conn.close_clock == CloseClock::Running;
         let read = self
             .conn
             .read_timeout
             .get()
-            .filter(|_| !self.eof)
+            .filter(|_| !self.eof && !closing)
             .map(|t| self.last_read + t);
         let idle = self.conn.idle_timeout.get().map(|t| self.last_active + t);
-        [read, idle, self.conn.close_by].into_iter().flatten()
+        let close = self
+            .conn
+            .close_timeout
+            .get()
+            .filter(|_| closing)
+            .map(|t| self.last_read + t);
+        [read, idle, close].into_iter().flatten()
+    }
+
+    /// Starts the close clock if it was asked for.
+    fn tick_close_clock(&mut self, now: Instant) {
+        if self.conn.close_clock == CloseClock::Asked {
+            self.conn.close_clock = CloseClock::Running;
+            self.last_read = now;
+        }
     }
 
     /// When the connection next needs a poll for time: a timeout or its timer.
@@ -261,7 +277,7 @@ impl ConnCore {
                 }
             }
             if self.conn.closing {
-                self.conn.start_close_clock(now);
+                self.conn.start_close_clock();
                 break;
             }
             if self.eof {
@@ -286,7 +302,9 @@ impl ConnCore {
                         // SAFETY: `poll_read` initialized the first `n` spare bytes.
                         unsafe { self.input.set_len(self.input.len() + n) };
                         got = true;
-                        self.last_read = now;
+                        if self.conn.close_clock != CloseClock::Running {
+                            self.last_read = now;
+                        }
                         self.last_active = now;
                     }
                     Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
@@ -319,6 +337,7 @@ impl ConnCore {
                 return self.poll_inner(cx, io, now);
             }
         }
+        self.tick_close_clock(now);
         if self.timeouts().any(|due| now >= due) {
             if !self.conn.out.is_empty() {
                 // Output the peer did not take: discard it, and have the kernel discard its

@@ -204,8 +204,7 @@ pub struct Conn {
     pub(crate) read_timeout: Millis,
     pub(crate) idle_timeout: Millis,
     pub(crate) close_timeout: Millis,
-    /// Once the connection is closing: when it is closed whatever is left unsent.
-    pub(crate) close_by: Option<std::time::Instant>,
+    pub(crate) close_clock: CloseClock,
     pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
 }
@@ -233,17 +232,18 @@ impl Conn {
             read_timeout: Millis::new(cfg.read_timeout),
             idle_timeout: Millis::new(cfg.idle_timeout),
             close_timeout: Millis::new(Some(cfg.close_timeout)),
-            close_by: None,
+            close_clock: CloseClock::Off,
             timer: None,
             mailbox: None,
         }
     }
 
     /// Starts the close clock (once): from now the connection has the close timeout to finish
-    /// closing (flush its output; for a WebSocket, hear the peer's close).
-    pub(crate) fn start_close_clock(&mut self, now: std::time::Instant) {
-        if self.close_by.is_none() {
-            self.close_by = self.close_timeout.get().map(|t| now + t);
+    /// closing (flush its output; for a WebSocket, hear the peer's close). The connection's
+    /// core starts it when it next looks ([`CloseClock`]).
+    pub(crate) fn start_close_clock(&mut self) {
+        if self.close_clock == CloseClock::Off {
+            self.close_clock = CloseClock::Asked;
         }
     }
 
@@ -372,6 +372,16 @@ impl Conn {
             .clone();
         ConnHandle { mailbox }
     }
+}
+
+/// The close clock of a read-handler connection: off, asked for (by a close or a WebSocket
+/// close frame), or running since the core's `last_read` (which no longer moves then, so a
+/// closing connection keeps no other timestamp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseClock {
+    Off,
+    Asked,
+    Running,
 }
 
 /// A connection's timeout in 4 bytes (an idle connection's state stays small): whole
