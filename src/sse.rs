@@ -40,7 +40,7 @@ use http::{header, HeaderValue, Request, Response, Version};
 use http_body::{Body, Frame};
 
 use crate::tcp::{CloseReason, Conn, Handler, WriteError};
-use crate::wake::Key;
+use crate::wake::{Delivery, Key};
 
 /// One event.
 #[derive(Debug, Clone, Default)]
@@ -196,13 +196,8 @@ impl Default for HubConfig {
 }
 
 enum Sink {
-    /// A subscriber on a poller: events are handed to its connection there. `inflight`:
-    /// bytes handed to its poller and not yet taken by it.
-    Loop {
-        key: Key,
-        chunked: bool,
-        inflight: Arc<AtomicUsize>,
-    },
+    /// A subscriber on a poller: events are handed to its connection there.
+    Loop { key: Key, chunked: bool },
     /// A subscriber served as a streaming body (tokio backend).
     Channel {
         tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
@@ -304,22 +299,15 @@ impl Hub {
         match sink {
             // The subscriber's limit holds where its events are queued: bytes on their way to a
             // busy or stalled poller count against it, as its outbound queue does there.
-            Sink::Loop {
-                key,
-                chunked,
-                inflight,
-            } => {
-                if crate::tcp::over_mark(inflight.load(Ordering::Acquire), max) {
-                    // Tell the connection to close (an empty delivery): nothing more is sent.
-                    crate::wake::deliver(*key, Bytes::new());
-                    return Offer::Slow;
-                }
-                let bytes = event.get(*chunked);
-                inflight.fetch_add(bytes.len(), Ordering::AcqRel);
-                if crate::wake::deliver(*key, bytes) {
-                    Offer::Queued
-                } else {
-                    Offer::Gone
+            Sink::Loop { key, chunked } => {
+                match crate::wake::deliver(*key, event.get(*chunked), Some(max)) {
+                    Delivery::Queued => Offer::Queued,
+                    Delivery::Gone => Offer::Gone,
+                    Delivery::Full => {
+                        // Tell the connection to close (an empty delivery): nothing more is sent.
+                        crate::wake::deliver(*key, Bytes::new(), None);
+                        Offer::Slow
+                    }
                 }
             }
             Sink::Channel {
@@ -432,7 +420,6 @@ impl Subscription {
                             id: self.id,
                             chunked: self.chunked,
                             backlog: self.backlog.into_boxed_slice(),
-                            inflight: Arc::new(AtomicUsize::new(0)),
                         }),
                     })
                 });
@@ -608,8 +595,6 @@ struct Subscriber {
     chunked: bool,
     /// Events queued before the takeover (a boxed slice: no room kept once sent).
     backlog: Box<[Bytes]>,
-    /// Shared with the hub's `Sink::Loop`: bytes delivered to this poller, not yet taken.
-    inflight: Arc<AtomicUsize>,
 }
 
 impl Handler for Subscriber {
@@ -631,7 +616,6 @@ impl Handler for Subscriber {
             Sink::Loop {
                 key,
                 chunked: self.chunked,
-                inflight: self.inflight.clone(),
             },
         );
         Ok(())
@@ -643,7 +627,6 @@ impl Handler for Subscriber {
             conn.close();
             return;
         }
-        self.inflight.fetch_sub(bytes.len(), Ordering::AcqRel);
         match conn.write(&bytes) {
             Ok(()) => {}
             Err(WriteError::Full { .. }) => {

@@ -66,9 +66,29 @@ const _: () = assert!(
 pub(crate) struct Remote {
     queue: Mutex<WakeQueue>,
     /// Bytes for read-handler connections of this poller (`deliver`).
-    deliveries: Mutex<Vec<(Key, bytes::Bytes)>>,
+    deliveries: Mutex<Deliveries>,
     notified: AtomicBool,
     waker: mio::Waker,
+}
+
+/// Bytes for read-handler connections, queued until the poller takes them, and how many bytes
+/// each slot has in the queue (so that a sender can apply a connection's limit where its bytes
+/// are queued: a busy or stalled poller does not let them pile up). The counts are per slot,
+/// 4 bytes each, and reset when the poller takes the queue.
+#[derive(Default)]
+struct Deliveries {
+    queue: Vec<(Key, bytes::Bytes)>,
+    queued: Vec<u32>,
+}
+
+/// What [`deliver`] did with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Queued,
+    /// The connection already had its limit's worth queued: nothing was queued.
+    Full,
+    /// Its poller is gone.
+    Gone,
 }
 
 /// Keys woken from other threads, in order, without duplicates.
@@ -82,7 +102,7 @@ impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
             queue: Mutex::new(WakeQueue::default()),
-            deliveries: Mutex::new(Vec::new()),
+            deliveries: Mutex::new(Deliveries::default()),
             notified: AtomicBool::new(false),
             waker,
         }
@@ -113,11 +133,17 @@ impl Remote {
     /// Moves every queued delivery into `into`; called by the poller on its waker token.
     /// (Taken whole, so a burst's queue is freed once handled.)
     pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
-        let mut q = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let Deliveries { queue, queued } = &mut *d;
+        for (key, _) in queue.iter() {
+            if let Some(n) = queued.get_mut(key.slot()) {
+                *n = 0;
+            }
+        }
         if into.is_empty() {
-            *into = std::mem::take(&mut *q);
+            *into = std::mem::take(queue);
         } else {
-            into.append(&mut q);
+            into.append(queue);
         }
     }
 
@@ -188,16 +214,28 @@ pub(crate) fn push_local(key: Key) {
 }
 
 /// Hands `bytes` to the read-handler connection `key` on its poller
-/// (`Handler::on_deliver`); `false` if that poller is gone.
-pub(crate) fn deliver(key: Key, bytes: bytes::Bytes) -> bool {
+/// (`Handler::on_deliver`), unless that connection already has `limit` bytes or more waiting
+/// in its poller's queue (a high-water mark, as `tcp::Conn::write` has; `None`: no limit).
+pub(crate) fn deliver(key: Key, bytes: bytes::Bytes, limit: Option<usize>) -> Delivery {
+    let mut outcome = Delivery::Gone;
     with_remote(key, |remote| {
-        remote
-            .deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((key, bytes));
+        let mut d = remote.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = key.slot();
+        if d.queued.len() <= slot {
+            d.queued.resize(slot + 1, 0);
+        }
+        let queued = d.queued[slot] as usize;
+        if limit.is_some_and(|max| crate::tcp::over_mark(queued, max)) {
+            outcome = Delivery::Full;
+            return;
+        }
+        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
+        d.queue.push((key, bytes));
+        drop(d);
         remote.notify();
-    })
+        outcome = Delivery::Queued;
+    });
+    outcome
 }
 
 /// Runs `f` with the remote half of `key`'s poller; `false` if that poller is gone.
