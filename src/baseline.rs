@@ -164,24 +164,37 @@ async fn accept_loop<P: App>(
                 };
                 let http1 = http1.clone();
                 let mut drain = drain_rx.clone();
-                tasks.spawn(async move {
+                let cut = Arc::new(tokio::sync::Notify::new());
+                let fd = stream.as_raw_fd();
+                tasks.spawn(crate::hijack::with_cut(cut.clone(), async move {
                     let _guard = guard;
                     let conn = http1
                         .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
                         .with_upgrades();
                     tokio::pin!(conn);
-                    tokio::select! {
-                        res = conn.as_mut() => {
-                            if let Err(e) = res {
-                                tracing::debug!(error = %e, "connection ended with an error");
+                    let mut draining = false;
+                    loop {
+                        tokio::select! {
+                            res = conn.as_mut() => {
+                                if let Err(e) = res {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                }
+                                break;
+                            }
+                            _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !draining => {
+                                draining = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            _ = cut.notified() => {
+                                // SAFETY: `conn` owns the socket and is alive here, so the
+                                // descriptor is open.
+                                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                                let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                                break;
                             }
                         }
-                        _ = async { drain.wait_for(|d| *d).await.is_ok() } => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
                     }
-                });
+                }));
             }
         }
     }

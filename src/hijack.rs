@@ -33,6 +33,26 @@ thread_local! {
     static CONTEXT: RefCell<Option<ServerContext>> = const { RefCell::new(None) };
 }
 
+tokio::task_local! {
+    /// Set in each connection task of the tokio backend: notified, the task drops its
+    /// connection at once (with a reset). How a response that can no longer complete (a dropped
+    /// SSE subscriber whose peer is not reading) is cut where hyper would wait for the socket.
+    static CUT: Arc<tokio::sync::Notify>;
+}
+
+/// Runs a tokio-backend connection task with its cut signal in reach of its handlers.
+pub(crate) async fn with_cut<F: std::future::Future>(
+    cut: Arc<tokio::sync::Notify>,
+    task: F,
+) -> F::Output {
+    CUT.scope(cut, task).await
+}
+
+/// The cut signal of the connection task this runs in (tokio backend), if any.
+pub(crate) fn cut_signal() -> Option<Arc<tokio::sync::Notify>> {
+    CUT.try_with(Arc::clone).ok()
+}
+
 /// What a hijack needs to know about the server it happens in.
 #[derive(Clone, Debug)]
 pub(crate) struct ServerContext {

@@ -203,6 +203,8 @@ enum Sink {
         tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
         queued: Arc<AtomicUsize>,
         chunked: bool,
+        /// Cuts the subscriber's connection (when it is dropped as slow).
+        cut: Option<Arc<tokio::sync::Notify>>,
     },
 }
 
@@ -314,11 +316,16 @@ impl Hub {
                 tx,
                 queued,
                 chunked,
+                cut,
             } => {
                 if crate::tcp::over_mark(queued.load(Ordering::Relaxed), max) {
-                    // An empty chunk tells the body to fail, so that hyper closes the
-                    // connection at once instead of flushing to a peer that is not reading.
+                    // An empty chunk tells the body to fail, and the connection task is told to
+                    // drop the connection: hyper alone would wait for a peer that is not reading
+                    // before it polls the body again.
                     let _ = tx.send(Bytes::new());
+                    if let Some(cut) = cut {
+                        cut.notify_one();
+                    }
                     return Offer::Slow;
                 }
                 let bytes = event.get(*chunked);
@@ -439,6 +446,7 @@ impl Subscription {
                         queued: queued.clone(),
                         // hyper frames the body itself.
                         chunked: false,
+                        cut: crate::hijack::cut_signal(),
                     },
                 );
                 let period = self.hub.inner.cfg.keep_alive;

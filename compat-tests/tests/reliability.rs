@@ -747,11 +747,6 @@ backend_tests! {
 
     /// Item 11: a slow SSE subscriber dropped by the hub is closed within the close timeout,
     /// even though it never reads what is queued for it.
-    tokio {
-        #[ignore = "tokio backend: a subscriber there is an HTTP body, which hyper stops polling \
-                    while the socket is full, so the hub's drop is seen only when the peer reads; \
-                    closing it needs the take-over mechanism of issue 11"]
-    }
     async fn dropped_slow_subscriber_is_closed(backend) {
         let _shared = PROCESS.read().await;
         let hub = Hub::new();
