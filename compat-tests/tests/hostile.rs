@@ -519,8 +519,9 @@ fn download_body() -> Vec<u8> {
     (0..DOWNLOAD_SIZE).map(|i| (i % 251) as u8).collect()
 }
 
-/// The `graceful` child's app: `/ws` (hop::ws echo), `/sse` (a hub subscription that first
-/// gets a `hello` event), `/download` (8 MiB of one shared `Bytes`).
+/// The `graceful` child's app: `/ws` (hop::ws echo), `/sse` (a hub subscription),
+/// `/sse/hello` (sends `hello` to every subscriber, answers how many), `/download` (8 MiB of
+/// one shared `Bytes`).
 fn graceful_app() -> Router {
     let body = Bytes::from(download_body());
     Router::new()
@@ -528,10 +529,12 @@ fn graceful_app() -> Router {
         .route(
             "/sse",
             get(|State(hub): State<Hub>, req: Request| async move {
-                let mut sub = hub.subscribe(&req);
-                sub.send(&Event::new("hello"));
-                sub.into_response()
+                hub.subscribe(&req).into_response()
             }),
+        )
+        .route(
+            "/sse/hello",
+            get(|State(hub): State<Hub>| async move { hub.send(&Event::new("hello")).to_string() }),
         )
         .route(
             "/download",
@@ -1050,14 +1053,14 @@ fn decode_chunked(mut buf: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
-/// An SSE subscriber on a raw connection, its response head read and its first event
-/// (`hello`) received.
+/// An SSE subscriber on a raw connection.
 struct SseClient {
     stream: TcpStream,
     /// The chunked body so far.
     body: Vec<u8>,
 }
 
+/// Subscribes on `/sse` and reads the response head.
 async fn sse_open(addr: SocketAddr) -> SseClient {
     let mut stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -1067,23 +1070,37 @@ async fn sse_open(addr: SocketAddr) -> SseClient {
         .write_all(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
         .await
         .expect("write");
-    let (head, mut body) = read_head(&mut stream).await;
+    let (head, body) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    SseClient { stream, body }
+}
+
+/// Reads until the first `hello` event has arrived.
+async fn sse_await_hello(c: &mut SseClient) {
     let mut chunk = [0u8; 4096];
-    while find(&body, b"data: hello\n\n").is_none() {
-        let n = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut chunk))
+    while find(&c.body, b"data: hello\n\n").is_none() {
+        let n = tokio::time::timeout(IO_TIMEOUT, c.stream.read(&mut chunk))
             .await
             .expect("first event timed out")
             .expect("read the first event");
         assert!(n > 0, "closed before the first event");
-        body.extend_from_slice(&chunk[..n]);
+        c.body.extend_from_slice(&chunk[..n]);
     }
-    SseClient { stream, body }
+}
+
+/// Asks the child to send `hello` to every SSE subscriber; how many it reached.
+async fn sse_hello(addr: SocketAddr) -> usize {
+    let mut conn = RawConn::connect(addr).await;
+    let res = conn
+        .roundtrip(get_req("/sse/hello", "Connection: close\r\n"))
+        .await;
+    assert_eq!(res.status, 200);
+    res.text().parse().expect("a count")
 }
 
 /// After the shutdown signal: reads the stream to EOF (a reset fails), then checks that it is a
-/// whole chunked body that starts with the `hello` event.
+/// whole chunked body of `hello` events.
 async fn sse_await_shutdown(mut c: SseClient, within: Duration) -> Result<(), String> {
     let t0 = Instant::now();
     let mut chunk = [0u8; 4096];
@@ -1100,9 +1117,15 @@ async fn sse_await_shutdown(mut c: SseClient, within: Duration) -> Result<(), St
             Ok(Ok(n)) => c.body.extend_from_slice(&chunk[..n]),
         }
     }
-    let events = decode_chunked(&c.body)?;
-    if !events.starts_with(b"data: hello\n\n") {
-        return Err(format!("events {:?}", String::from_utf8_lossy(&events)));
+    let raw = || String::from_utf8_lossy(&c.body).into_owned();
+    let events = decode_chunked(&c.body).map_err(|e| format!("{e}; body {:?}", raw()))?;
+    let hellos = events.len() / b"data: hello\n\n".len();
+    if hellos == 0 || events != b"data: hello\n\n".repeat(hellos) {
+        return Err(format!(
+            "events {:?} (body {:?})",
+            String::from_utf8_lossy(&events),
+            raw()
+        ));
     }
     Ok(())
 }
@@ -1168,6 +1191,23 @@ async fn slow_download(
     }
 }
 
+/// Like `wait_until`, with an async condition.
+async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if cond().await {
+            return true;
+        }
+        if t0.elapsed() >= within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The child's descriptor count once it has stayed the same for a second (up to 20 s).
 async fn settled_fds(child: &ChildServer) -> usize {
     let t0 = Instant::now();
@@ -1230,6 +1270,11 @@ backend_tests! {
             .buffer_unordered(CONNECT_AT_ONCE)
             .collect()
             .await;
+        // Every subscriber has joined the hub and received an event.
+        let joined = wait_until_async(IO_TIMEOUT, || async { sse_hello(addr).await == LOAD_SSE }).await;
+        assert!(joined, "[{backend}] not all {LOAD_SSE} subscribers joined the hub");
+        let mut sse = sse;
+        join_all(sse.iter_mut().map(sse_await_hello)).await;
         let opened = t.elapsed();
         let ws_tasks: Vec<_> =
             ws.into_iter().map(|ws| tokio::spawn(ws_await_shutdown(ws, AFTER_SIGNAL))).collect();
@@ -1275,12 +1320,13 @@ backend_tests! {
             }
         }
         let ws_ok = LOAD_WS - failures.len();
+        let mut sse_ok = 0;
         for (i, t) in sse_tasks.into_iter().enumerate() {
-            if let Err(e) = t.await.expect("sse task") {
-                failures.push(format!("SSE {i}: {e}"));
+            match t.await.expect("sse task") {
+                Ok(()) => sse_ok += 1,
+                Err(e) => failures.push(format!("SSE {i}: {e}")),
             }
         }
-        let sse_ok = LOAD_WS + LOAD_SSE - failures.len() - ws_ok;
         let mut last_download = Duration::ZERO;
         let mut dl_ok = 0;
         for (i, t) in dl_tasks.into_iter().enumerate() {
@@ -1313,7 +1359,10 @@ backend_tests! {
         assert!(status.success(), "[{backend}] the child exited with {status}");
         assert!(exited < EXIT_WITHIN, "[{backend}] the child took {exited:?} to exit");
         let stopped = stopped.unwrap_or_else(|| panic!("[{backend}] the child printed no counters"));
-        assert!(stopped.contains(" forced=0 "), "[{backend}] connections force-closed: {stopped}");
+        assert!(
+            stopped.contains(" active=0 ") && stopped.contains(" forced=0 "),
+            "[{backend}] connections left or force-closed: {stopped}"
+        );
         // The downloads were in flight at the signal: the drain waited for them.
         assert!(
             at_signal.iter().all(|&n| n < DOWNLOAD_SIZE / 2),
