@@ -202,6 +202,9 @@ async fn accept_loop<P: App>(
     let _ = drain_tx.send(true);
     let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
     let mut hijacked = ctx.tasks.subscribe();
+    // Hijacked connections left their HTTP task's count when they were upgraded: those open
+    // now are counted here, as drained if they finish in time, as forced if they are cut.
+    let hijacked_at_drain = *hijacked.borrow();
     let drained = tokio::time::timeout_at(deadline.into(), async {
         while tasks.join_next().await.is_some() {}
         // Hijacked connections (WebSockets, read handlers) finish their close handshakes too.
@@ -215,6 +218,11 @@ async fn accept_loop<P: App>(
         // released them already, so they are counted here.
         let cut = *hijacked.borrow();
         ctl.forced.fetch_add(cut as u64, Ordering::Relaxed);
+        let finished = hijacked_at_drain.saturating_sub(cut);
+        ctl.drained.fetch_add(finished as u64, Ordering::Relaxed);
+    } else {
+        ctl.drained
+            .fetch_add(hijacked_at_drain as u64, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -408,8 +408,9 @@ impl Subscription {
 
     /// Queues an event for this subscriber only, sent first (e.g. those it missed).
     pub fn send(&mut self, event: &Event) {
-        self.backlog
-            .push(frame(event.encode().as_bytes(), self.chunked));
+        // Unframed: the subscriber frames it as it writes it (under the reactor), or hyper does
+        // (under the tokio backend), as for hub events.
+        self.backlog.push(Bytes::from(event.encode()));
     }
 
     /// The `200 text/event-stream` response; the subscriber joins the hub when it is sent.

@@ -1454,6 +1454,17 @@ backend_tests! {
             stopped.contains(" active=0 ") && stopped.contains(" forced=0 "),
             "[{backend}] connections left or force-closed: {stopped}"
         );
+        // Every WebSocket, subscriber and download open at the signal closed by itself and is
+        // counted as drained (the tokio backend counts hijacked WebSockets too).
+        let drained: u64 = stopped
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("drained="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            drained >= 2010,
+            "[{backend}] {drained} connections counted as drained, expected 2,010: {stopped}"
+        );
         // The downloads were in flight at the signal: the drain waited for them.
         assert!(
             at_signal.iter().all(|&n| n < DOWNLOAD_SIZE / 2),

@@ -149,7 +149,8 @@ async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
             let reply = match msg {
                 AxumMessage::Text(t) => AxumMessage::Text(t),
                 AxumMessage::Binary(b) => AxumMessage::Binary(b),
-                AxumMessage::Close(_) => break,
+                // A close (answered by tungstenite on the next poll, after which the stream
+                // ends), a ping (answered likewise) or a pong.
                 _ => continue,
             };
             if socket.send(reply).await.is_err() {

@@ -230,8 +230,6 @@ backend_tests! {
     /// What `Subscription::send` queues before the response goes out is framed once, like a
     /// hub event: the de-chunked body holds the event itself. (An EventSource parser does not
     /// notice a second framing, so `send_to_one_and_last_event_id` cannot.)
-    reactor { #[ignore = "hop bug: Subscription::send chunk-frames its backlog and Subscriber::on_open frames it again"] }
-    tokio { #[ignore = "hop bug: Subscription::send chunk-frames its backlog and hyper frames it again"] }
     async fn backlog_wire_format_is_exact(backend) {
         let (addr, handle, hub) = start(backend, HubConfig::default());
         let res = reqwest::Client::new()
