@@ -199,12 +199,13 @@ async fn accept_loop<P: App>(
         }
     }
     drop(listener);
-    let _ = drain_tx.send(true);
-    let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
     let mut hijacked = ctx.tasks.subscribe();
     // Hijacked connections left their HTTP task's count when they were upgraded: those open
-    // now are counted here, as drained if they finish in time, as forced if they are cut.
+    // when the drain starts are counted here, as drained if they finish in time, as forced if
+    // they are cut. (Read before the drain is announced, which they answer at once.)
     let hijacked_at_drain = *hijacked.borrow();
+    let _ = drain_tx.send(true);
+    let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
     let drained = tokio::time::timeout_at(deadline.into(), async {
         while tasks.join_next().await.is_some() {}
         // Hijacked connections (WebSockets, read handlers) finish their close handshakes too.

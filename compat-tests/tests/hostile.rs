@@ -413,7 +413,9 @@ const CHILD_NOFILE: u64 = 64;
 #[ignore = "the child process of the emfile, churn, soak and shutdown tests, which run it themselves"]
 fn hostile_child_entry() {
     let Ok(mode) = std::env::var(CHILD_ENV) else {
-        panic!("run by the child-process tests, with {CHILD_ENV} set");
+        // Run by `--include-ignored` rather than by a parent test: nothing to serve.
+        eprintln!("hostile_child_entry: not a child ({CHILD_ENV} unset); nothing to do");
+        return;
     };
     if mode == "emfile" {
         let lim = libc::rlimit {
@@ -1476,7 +1478,7 @@ backend_tests! {
         ws_churn_soak(backend, "/ws").await;
     }
 
-    reactor { #[ignore = "hop bug (suspected, intermittent): after a burst of 500 axum WebSockets closes, the reactor child still holds ~62 MB live (500 x tungstenite's 128 KiB read buffer; malloc_trim cannot return it) seconds after their descriptors are closed, until later traffic frees it"] }
+    reactor { #[ignore = "open (issue 10 closing note): about 1 run in 4, after a batch of 500 axum WebSockets closes, the reactor child's RSS stays ~62 MB higher (500 x tungstenite's 128 KiB read buffer) after malloc_trim, with every descriptor closed, until later traffic; cause not found, not seen with hop::ws or on the tokio backend"] }
     async fn ws_churn_soak_axum_ws(backend) {
         ws_churn_soak(backend, "/ws-axum").await;
     }
