@@ -13,8 +13,8 @@
 //!   [`HopStream`] lets go of the socket before it wakes the connection, so the poller never
 //!   sees it still held), or until no bytes have moved for the idle timeout.
 //!
-//! Timeouts: a new connection that sends nothing is closed at the header timeout; one idle at a
-//! request boundary, parked or not, at the idle timeout.
+//! Timeouts: a new connection that sends nothing is closed at the header timeout (or the idle
+//! timeout, if smaller); one idle at a request boundary, parked or not, at the idle timeout.
 //!
 //! Parking: hyper holds a header-read sleep exactly while it waits for a request head (see
 //! [`crate::timer`]). When that is so, the last read ended in `WouldBlock` and no write is
@@ -352,10 +352,14 @@ impl<S: ConnService> Conn<S> {
     }
 
     /// How long a parked connection may stay as it is: a new one that has sent no request yet
-    /// has the header timeout, any other the idle timeout.
+    /// has the smaller of the header and idle timeouts (as hyper gives it on the tokio
+    /// backend), any other the idle timeout.
     fn idle_limit(key: Key, cfg: &DriverConfig) -> Option<Duration> {
         if timer::slot_meta(key).requests == 0 {
-            cfg.header_timeout
+            match (cfg.header_timeout, cfg.idle_timeout) {
+                (Some(h), Some(i)) => Some(h.min(i)),
+                (h, i) => h.or(i),
+            }
         } else {
             cfg.idle_timeout
         }
