@@ -8,6 +8,9 @@
 //! it outlives that first drive, and drives connections ([`crate::driver::Conn`]) when their
 //! socket is ready, their waker fires or their timer is due. Each poller thread enters the tokio
 //! runtime given to it, so handlers can use tokio's APIs; nothing of tokio is on the I/O path.
+//! A poller never dies of its connections: every drive and every close (which drops user code:
+//! services, handlers, bodies) runs under `catch_unwind`, and a panic closes only the connection
+//! it came from, logged and counted in `Stats::panics`.
 
 use std::io;
 use std::net::SocketAddr;

@@ -4,7 +4,9 @@
 //! so cloning and dropping it are free. Waking it from the poller's own thread pushes the key on
 //! that thread's local ready queue; waking it from any other thread pushes it on the poller's
 //! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
-//! checks the generation, so a late wake for a slot that has been reused is ignored.
+//! checks the generation, so a late wake for a slot that has been reused is ignored. Both
+//! cross-thread queues are bounded by what is woken, not by how often: a key is queued once
+//! until the poller takes the queue, and bytes delivered to a connection stop at its limit.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
