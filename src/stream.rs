@@ -417,8 +417,8 @@ impl HopStream {
     }
 }
 
-/// Writes from the poller are coalesced and sent once per drive (see
-/// [`crate::driver`]); `poll_flush` leaves that to the end of the drive, so pipelined responses
+/// Writes from the poller are coalesced (at most 64 KiB; a larger write goes straight out) and
+/// sent once per drive; `poll_flush` leaves that to the end of the drive, so pipelined responses
 /// share one write. Writes from any other task (after an upgrade) go straight out, after what
 /// was coalesced.
 impl hyper::rt::Write for HopStream {
