@@ -272,13 +272,10 @@ impl<S: ConnService> Conn<S> {
             return Verdict::Close;
         };
         match live.conn.into_parts() {
-            Some(parts) => {
-                parts.io.release();
-                Verdict::Hijacked(crate::hijack::Taken {
-                    handler,
-                    leftover: parts.read_buf,
-                })
-            }
+            Some(parts) => Verdict::Hijacked(crate::hijack::Taken {
+                handler,
+                leftover: parts.io.release(parts.read_buf),
+            }),
             None => Verdict::Close,
         }
     }
@@ -373,10 +370,10 @@ impl<S: ConnService> Conn<S> {
         let Some(parts) = live.conn.into_parts() else {
             return;
         };
-        parts.io.release();
+        let unread = parts.io.release(parts.read_buf);
         self.socket.release_buffers();
         let svc = parts.service.into_inner();
-        if parts.read_buf.is_empty() {
+        if unread.is_empty() {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -386,7 +383,7 @@ impl<S: ConnService> Conn<S> {
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.
-            self.activate(cfg, svc, Some(parts.read_buf), Some(requests));
+            self.activate(cfg, svc, Some(unread), Some(requests));
             crate::wake::push_local(self.key);
         }
     }

@@ -258,13 +258,10 @@ pub(crate) fn claim(key: Key) -> Option<Result<Taken, &'static str>> {
         Poll::Pending => return Some(Err("the upgrade was not ready")),
     };
     match upgraded.downcast::<HopStream>() {
-        Ok(parts) => {
-            parts.io.release();
-            Some(Ok(Taken {
-                handler,
-                leftover: parts.read_buf,
-            }))
-        }
+        Ok(parts) => Some(Ok(Taken {
+            handler,
+            leftover: parts.io.release(parts.read_buf),
+        })),
         Err(_) => Some(Err("the upgraded stream is not hop's")),
     }
 }

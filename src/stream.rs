@@ -295,6 +295,9 @@ pub struct HopStream {
     wake_on_drop: bool,
     /// Leave flushing to the end of the drive (`pipeline_flush`).
     coalesce: bool,
+    /// The last write hyper offered was not taken whole: hyper's own write buffer holds the
+    /// rest, which `into_parts` would drop (see [`HopStream::release`]).
+    refused: bool,
 }
 
 impl HopStream {
@@ -310,12 +313,35 @@ impl HopStream {
             own: key.waker(),
             wake_on_drop: true,
             coalesce,
+            refused: false,
         }
     }
 
-    /// Drops the stream without waking the owner: the owner is the one taking the socket back.
-    pub(crate) fn release(mut self) {
+    /// Drops the stream without waking the owner, who is taking the socket back from hyper
+    /// (`into_parts`, or an upgrade's `downcast`), and returns every byte read and not yet
+    /// used: hyper's `read_buf`, then any prefix hyper never read.
+    ///
+    /// Two things about hyper are relied on here. `into_parts` drops hyper's write buffer, so
+    /// it must be empty: hyper's write buffer holds bytes only after a write this stream did not
+    /// take whole, and the driver takes the socket back only when nothing is waiting to be
+    /// written, which a debug assertion checks. And `into_parts` hands back this stream with
+    /// whatever prefix hyper had not read yet, which is kept here rather than assumed empty.
+    pub(crate) fn release(mut self, read_buf: Bytes) -> Bytes {
+        debug_assert!(
+            !self.refused,
+            "hyper's write buffer holds bytes that taking the socket back would drop"
+        );
         self.wake_on_drop = false;
+        match self.prefix.take() {
+            None => read_buf,
+            Some(prefix) if read_buf.is_empty() => prefix,
+            Some(prefix) => {
+                let mut all = BytesMut::with_capacity(read_buf.len() + prefix.len());
+                all.extend_from_slice(&read_buf);
+                all.extend_from_slice(&prefix);
+                all.freeze()
+            }
+        }
     }
 
     /// The shared socket.
@@ -423,25 +449,27 @@ impl HopStream {
 /// was coalesced.
 impl hyper::rt::Write for HopStream {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_coalesce(
+        let res = self.poll_coalesce(
             cx,
             buf.len(),
             |out, n| out.extend_from_slice(&buf[..n]),
             |mut io| io.write(buf),
-        )
+        );
+        self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == buf.len());
+        res
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.poll_coalesce(
+        let res = self.poll_coalesce(
             cx,
             len,
             |out, mut n| {
@@ -456,7 +484,9 @@ impl hyper::rt::Write for HopStream {
                 }
             },
             |mut io| io.write_vectored(bufs),
-        )
+        );
+        self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
+        res
     }
 
     fn is_write_vectored(&self) -> bool {

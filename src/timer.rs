@@ -186,9 +186,20 @@ pub(crate) fn current_key() -> Option<Key> {
 }
 
 /// Counts a request dispatched on the connection being polled (called by the service wrapper).
+///
+/// Parking relies on hyper holding its header-read sleep exactly while it waits for a request
+/// head (the module docs): hyper drops it once a head is parsed, before the request reaches the
+/// service. A debug assertion checks that here, so a hyper release that kept the sleep through
+/// a request (which would let the driver park a connection mid-request) fails the tests.
 pub(crate) fn note_request() {
     if let Some(key) = CURRENT.with(Cell::get) {
-        with_slot(key, |m| m.requests += 1);
+        with_slot(key, |m| {
+            debug_assert!(
+                !m.head_wait,
+                "hyper dispatched a request while holding its header-read sleep"
+            );
+            m.requests += 1;
+        });
     }
 }
 

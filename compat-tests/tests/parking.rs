@@ -3,6 +3,12 @@
 //! split across reads, pipelined requests after a park, a request head cut at the moment the
 //! previous response is done, and an upgrade on a parked connection. The tokio backend runs the
 //! same cases for parity.
+//!
+//! Two of them guard what parking assumes of hyper's private behaviour (with the debug
+//! assertions in `timer::note_request` and `HopStream::release`): that hyper holds its
+//! header-read sleep only while it waits for a request head (a slow handler is never parked
+//! mid-request), and that taking the socket back with `into_parts` loses nothing (hyper's write
+//! buffer is empty then, even after a large response to a slow reader).
 
 use std::time::Duration;
 
@@ -30,12 +36,23 @@ fn app() -> Router {
         )
         .route("/echo", post(|body: Bytes| async move { body }))
         .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "slow done"
+            }),
+        )
+        .route("/big", get(|| async { Bytes::from(vec![b'z'; BIG]) }))
+        .route(
             "/ws",
             get(|up: WsUpgrade| async move { up.on_upgrade(Echo) }),
         )
 }
 
 const PAUSE: Duration = Duration::from_millis(60);
+
+/// Larger than hop's coalescing bound (64 KiB) and than a loopback socket takes at once.
+const BIG: usize = 4 << 20;
 
 /// The reactor did park (so the case tested what it means to); the tokio backend never does.
 fn assert_parked(srv: &compat_tests::TestServer) {
@@ -111,6 +128,57 @@ backend_tests! {
         ws.send(tokio_tungstenite::tungstenite::Message::text("after a park")).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(got, tokio_tungstenite::tungstenite::Message::text("after a park"));
+        assert_parked(&srv);
+    }
+
+    async fn slow_handler_is_not_parked_mid_request(backend) {
+        // Parking waits for hyper's header sleep; a hyper that kept it through a request would
+        // let the driver take hyper's state away while the handler runs, losing the response.
+        let srv = compat_tests::start(backend, app(), |b| b);
+        let mut conn = RawConn::connect(srv.addr).await;
+        conn.send(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // The handler sleeps 300 ms: look while it runs.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let parked_during = srv.handle.stats().parked;
+        let res = conn.read_response().await;
+        assert_eq!((res.status, res.text()), (200, "slow done".to_owned()));
+        assert_eq!(parked_during, 0, "[{backend}] parked while the handler ran");
+        tokio::time::sleep(PAUSE).await;
+        let res = conn.roundtrip(b"GET /n/2 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(res.text(), "n=2");
+        assert_parked(&srv);
+    }
+
+    async fn large_response_to_a_slow_reader_then_park(backend) {
+        // hyper holds part of the response while the reader is slow; the connection must not be
+        // taken back from hyper until all of it is written, and then parks and serves again.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let srv = compat_tests::start(backend, app(), |b| b);
+        let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let head_end = loop {
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        while got.len() < head_end + BIG {
+            // Slow: the server's buffers fill and its writes are refused in between.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), head_end + BIG, "more than the response arrived");
+        assert!(got[head_end..].iter().all(|&b| b == b'z'));
+        tokio::time::sleep(PAUSE).await;
+        let mut conn = RawConn::from_stream(s);
+        let res = conn.roundtrip(b"GET /n/3 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(res.text(), "n=3");
         assert_parked(&srv);
     }
 }
