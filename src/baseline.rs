@@ -18,8 +18,8 @@ use tokio::task::JoinSet;
 
 use crate::app::{App, NewConn};
 use crate::hijack::ServerContext;
-use crate::server::{Config, Control};
 use crate::service::{HyperSvc, IncomingStream};
+use crate::settings::{Config, Control};
 use crate::tcp::ConnCore;
 
 /// Releases a connection's slot however its task ends (finished, or aborted at the deadline).

@@ -51,7 +51,7 @@ pub(crate) struct DriverConfig {
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     pub(crate) park_after: Option<Duration>,
     /// Where parks are counted.
-    pub(crate) ctl: std::sync::Arc<crate::server::Control>,
+    pub(crate) ctl: std::sync::Arc<crate::settings::Control>,
 }
 
 enum State<S: ConnService> {

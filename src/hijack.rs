@@ -41,6 +41,7 @@ tokio::task_local! {
 }
 
 /// Runs a tokio-backend connection task with its cut signal in reach of its handlers.
+#[cfg(feature = "tokio-baseline")]
 pub(crate) async fn with_cut<F: std::future::Future>(
     cut: Arc<tokio::sync::Notify>,
     task: F,

@@ -26,7 +26,8 @@
 //! Choose with [`Builder::backend`] or, without code changes, `HOP_BACKEND=reactor|tokio`
 //! (the builder wins when both are given).
 //!
-//! Modules: `server` (the public front), `reactor` (the event loop), `driver` (one HTTP
+//! Modules: `server` (the public front), `settings` (settings, shutdown state and counters,
+//! below the front), `reactor` (the event loop), `driver` (one HTTP
 //! connection), `stream` (hyper's I/O traits on the socket), `timer` (the poller's timer and
 //! hyper's), `wake` (wakers that name a connection), `service` (what `serve` accepts),
 //! `baseline` (the tokio backend).
@@ -41,6 +42,7 @@ mod hijack;
 mod reactor;
 mod server;
 mod service;
+mod settings;
 pub mod sse;
 mod stream;
 pub mod tcp;

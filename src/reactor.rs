@@ -26,8 +26,8 @@ use slab::Slab;
 
 use crate::app::{App, NewConn};
 use crate::driver::{Conn, DriverConfig, Verdict};
-use crate::server::{Config, Control};
 use crate::service::{ConnService, IncomingStream};
+use crate::settings::{Config, Control};
 use crate::stream::Socket;
 use crate::tcp::{ConnCore, LoopConn, TcpConfig};
 use crate::timer::{self, HopTimer};

@@ -40,6 +40,26 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// Open server-side sockets of the server listening on `port` (from `/proc/net/tcp`): local
+/// port `port`, not the listener, and still owned by a descriptor (inode not 0; a socket in
+/// TIME_WAIT has none). Unlike a count of this process's descriptors, nothing else the test
+/// binary does can move it.
+fn server_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && f.get(3) != Some(&"0A") && f.get(9) != Some(&"0")
+        })
+        .count()
+}
+
 /// This process's virtual size in bytes (`VmSize`): what is reserved, touched or not.
 fn vm_size() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -325,6 +345,9 @@ backend_tests! {
             for _ in 0..CONNS {
                 conns.push(ws_raw(srv.addr, "/ws-axum").await);
             }
+            // The count of server sockets sees them all while they are open.
+            let open = server_sockets(srv.addr.port());
+            assert!(open >= CONNS, "[{backend}] only {open} server sockets seen open");
             let mut polite = Vec::new();
             for (i, mut s) in conns.into_iter().enumerate() {
                 if i % 2 == 0 {
@@ -352,14 +375,19 @@ backend_tests! {
             let closed_at = Instant::now();
             // Measured well under a second (see the closing note of issue 10); 5 s leaves room
             // for a loaded machine, while the leak kept descriptors for a minute or more.
-            let back = wait_until(Duration::from_secs(5), || open_fds() <= base).await;
+            let port = srv.addr.port();
+            let back = wait_until(Duration::from_secs(5), || {
+                open_fds() <= base || server_sockets(port) == 0
+            })
+            .await;
             let took = closed_at.elapsed();
             slowest = slowest.max(took);
             assert!(
                 back,
-                "[{backend}] round {round}: {} descriptors over the baseline 5 s after the \
-                 clients closed ({} connections still active)",
+                "[{backend}] round {round}: {} descriptors over the baseline and {} server \
+                 sockets open 5 s after the clients closed ({} connections still active)",
                 open_fds().saturating_sub(base),
+                server_sockets(port),
                 srv.handle.stats().active
             );
         }

@@ -45,35 +45,7 @@ use bytes::{Bytes, BytesMut};
 
 pub(crate) use self::core::{run_task, ConnCore, LoopConn};
 pub use crate::server::serve_tcp as serve;
-
-/// Buffer sizes and timeouts of read-handler connections (set on [`crate::Builder`]).
-#[derive(Debug, Clone)]
-pub(crate) struct TcpConfig {
-    /// Bytes asked of the socket per read.
-    pub(crate) read_chunk: usize,
-    /// Most unread input held; reading pauses there until the handler consumes.
-    pub(crate) max_input: usize,
-    /// The high-water mark of queued output: writes are refused while the queue is at or
-    /// above it.
-    pub(crate) max_output: usize,
-    pub(crate) read_timeout: Option<Duration>,
-    pub(crate) idle_timeout: Option<Duration>,
-    /// How long a closing connection may take to flush (see [`crate::Builder::close_timeout`]).
-    pub(crate) close_timeout: Duration,
-}
-
-impl Default for TcpConfig {
-    fn default() -> Self {
-        TcpConfig {
-            read_chunk: 16 * 1024,
-            max_input: 1024 * 1024,
-            max_output: 1024 * 1024,
-            read_timeout: None,
-            idle_timeout: Some(Duration::from_secs(60)),
-            close_timeout: Duration::from_secs(10),
-        }
-    }
-}
+pub(crate) use crate::settings::TcpConfig;
 
 /// Why a connection closed, as told to [`Handler::on_close`].
 #[derive(Debug)]

@@ -1,0 +1,274 @@
+//! Settings and shared state, below the public front: the [`Backend`] choice, `Config` (what a
+//! [`crate::Builder`] sets, read by both backends; `TcpConfig` for read handlers), `Control` (shutdown state and counters,
+//! shared by the front, the backend threads and every [`crate::Handle`]) and [`Stats`] (a
+//! snapshot of those counters). The front (`server`) and the backends (`reactor`, `baseline`,
+//! `driver`) and the read handlers (`tcp`) import from here; this module imports none of them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Which transport drives the connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// hop's event loop: N poller threads, each connection polled in place (the default).
+    Reactor,
+    /// tokio + hyper-util, one task per connection: the baseline hop is measured against.
+    /// Needs the `tokio-baseline` feature (on by default).
+    Tokio,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "reactor" | "hop" | "mio" => Ok(Backend::Reactor),
+            "tokio" | "baseline" => Ok(Backend::Tokio),
+            other => Err(format!(
+                "unknown backend {other:?} (expected reactor or tokio)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Reactor => "reactor",
+            Backend::Tokio => "tokio",
+        })
+    }
+}
+
+impl Backend {
+    /// The backend named by the `HOP_BACKEND` environment variable, if set and valid.
+    pub fn from_env() -> Option<Backend> {
+        let v = std::env::var("HOP_BACKEND").ok()?;
+        match v.parse() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("ignoring HOP_BACKEND: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Settings shared by both backends.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) backend: Option<Backend>,
+    pub(crate) pollers: usize,
+    pub(crate) backlog: i32,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_buf_size: Option<usize>,
+    pub(crate) max_headers: Option<usize>,
+    pub(crate) pipeline_flush: bool,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) park_after: Option<Duration>,
+    pub(crate) compat_workers: usize,
+    pub(crate) tcp: TcpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: None,
+            pollers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backlog: 1024,
+            max_connections: usize::MAX,
+            header_read_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_buf_size: None,
+            max_headers: None,
+            pipeline_flush: true,
+            drain_timeout: Duration::from_secs(30),
+            tcp_keepalive: None,
+            park_after: Some(Duration::from_millis(250)),
+            compat_workers: 1,
+            tcp: TcpConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The hyper `http1` builder both backends start from.
+    pub(crate) fn http1(
+        &self,
+        header_read_timeout: Option<Duration>,
+    ) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        // hyper's own `pipeline_flush` mode is never used: it skips flushing while request
+        // bytes are buffered (so a 400/431 or a 101 can be lost) and removes write
+        // backpressure. The reactor coalesces writes itself (see `stream`).
+        b.pipeline_flush(false)
+            .header_read_timeout(header_read_timeout);
+        if let Some(n) = self.max_buf_size {
+            b.max_buf_size(n);
+        }
+        if let Some(n) = self.max_headers {
+            b.max_headers(n);
+        }
+        b
+    }
+}
+
+/// Counters of a running server, read with [`Handle::stats`](crate::Handle::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Connections closed at once because `max_connections` was reached.
+    pub rejected: u64,
+    /// Connections that closed by themselves during a graceful shutdown.
+    pub drained: u64,
+    /// Connections force-closed when the drain timeout ran out.
+    pub forced: u64,
+    /// Reactor: times an idle keep-alive connection was parked down to its socket.
+    pub parked: u64,
+    /// Panics in user code (a handler, a service, a body, or a `Drop` of one of them) that
+    /// closed their connection; the server went on serving.
+    pub panics: u64,
+}
+
+/// State shared by the front, the backend threads and every [`Handle`](crate::Handle).
+#[derive(Default)]
+pub(crate) struct Control {
+    draining: AtomicBool,
+    drain_deadline: Mutex<Option<Instant>>,
+    on_shutdown: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) active: AtomicUsize,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) drained: AtomicU64,
+    pub(crate) forced: AtomicU64,
+    pub(crate) parked: AtomicU64,
+    pub(crate) panics: AtomicU64,
+    pub(crate) local_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Control {
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn drain_deadline(&self) -> Option<Instant> {
+        *self
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a graceful shutdown that ends at `deadline` (an earlier deadline wins).
+    pub(crate) fn shutdown(&self, deadline: Instant) {
+        {
+            let mut d = self
+                .drain_deadline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if d.is_none_or(|old| deadline < old) {
+                *d = Some(deadline);
+            }
+        }
+        self.draining.store(true, Ordering::Release);
+        for f in self
+            .on_shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f();
+        }
+    }
+
+    /// Registers a callback run when shutdown starts (and at once if it already has).
+    pub(crate) fn on_shutdown(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let mut v = self.on_shutdown.lock().unwrap_or_else(|e| e.into_inner());
+        if self.draining() {
+            f();
+        }
+        v.push(f);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed) as u64,
+            rejected: self.rejected.load(Ordering::Relaxed),
+            drained: self.drained.load(Ordering::Relaxed),
+            forced: self.forced.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
+            panics: self.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reserves a connection slot under `max`; `false` (and counted) when full.
+    pub(crate) fn admit(&self, max: usize) -> bool {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Logs and counts a panic that was contained (`what` says where it happened).
+    pub(crate) fn contained_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = crate::service::panic_message(panic),
+            "{what} panicked; contained"
+        );
+    }
+
+    /// Releases a connection slot: counted as forced when the drain timeout closed it, as
+    /// drained when it closed during a shutdown.
+    pub(crate) fn release(&self, forced: bool) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        if forced {
+            self.forced.fetch_add(1, Ordering::Relaxed);
+        } else if self.draining() {
+            self.drained.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Buffer sizes and timeouts of read-handler connections (set on [`crate::Builder`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TcpConfig {
+    /// Bytes asked of the socket per read.
+    pub(crate) read_chunk: usize,
+    /// Most unread input held; reading pauses there until the handler consumes.
+    pub(crate) max_input: usize,
+    /// The high-water mark of queued output: writes are refused while the queue is at or
+    /// above it.
+    pub(crate) max_output: usize,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    /// How long a closing connection may take to flush (see [`crate::Builder::close_timeout`]).
+    pub(crate) close_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            read_chunk: 16 * 1024,
+            max_input: 1024 * 1024,
+            max_output: 1024 * 1024,
+            read_timeout: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}
