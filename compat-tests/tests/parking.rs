@@ -35,13 +35,6 @@ fn app() -> Router {
             get(|Path(n): Path<u32>| async move { format!("n={n}") }),
         )
         .route("/echo", post(|body: Bytes| async move { body }))
-        .route(
-            "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                "slow done"
-            }),
-        )
         .route("/big", get(|| async { Bytes::from(vec![b'z'; BIG]) }))
         .route(
             "/ws",
@@ -134,15 +127,32 @@ backend_tests! {
     async fn slow_handler_is_not_parked_mid_request(backend) {
         // Parking waits for hyper's header sleep; a hyper that kept it through a request would
         // let the driver take hyper's state away while the handler runs, losing the response.
-        let srv = compat_tests::start(backend, app(), |b| b);
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let app = app().route(
+            "/slow-flagged",
+            get(move || {
+                let flag = flag.clone();
+                async move {
+                    flag.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "slow done"
+                }
+            }),
+        );
+        let srv = compat_tests::start(backend, app, |b| b);
         let mut conn = RawConn::connect(srv.addr).await;
-        conn.send(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        // The handler sleeps 300 ms: look while it runs.
+        conn.send(b"GET /slow-flagged HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // Look while the handler runs (a park before the request arrived does not count).
+        assert!(compat_tests::wait_until(Duration::from_secs(20), || started.load(Ordering::SeqCst)).await);
+        let before = srv.handle.stats().parked;
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let parked_during = srv.handle.stats().parked;
+        let during = srv.handle.stats().parked;
         let res = conn.read_response().await;
         assert_eq!((res.status, res.text()), (200, "slow done".to_owned()));
-        assert_eq!(parked_during, 0, "[{backend}] parked while the handler ran");
+        assert_eq!(during, before, "[{backend}] parked while the handler ran");
         tokio::time::sleep(PAUSE).await;
         let res = conn.roundtrip(b"GET /n/2 HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert_eq!(res.text(), "n=2");
