@@ -215,6 +215,7 @@ def callgrind_per_unit(backend, warm_up, measure):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
 
 
 def callgrind_per_request(backend):
@@ -695,11 +696,11 @@ def main():
                   "WebSocketUpgrade)")
             table.add(w, "user-space instructions/request", ir["req"])
             table.add(w, "heap allocations/request (malloc, calloc, aligned)", ir["req_alloc"], 2)
-            table.add(w, "reallocs/request", ir["req_realloc"], 2)
+            table.add(w, "reallocs/request", ir["req_realloc"], 3)
             table.add(w, f"user-space instructions/{ws}", ir["msg"])
             table.add(w, "heap allocations/WebSocket message (malloc, calloc, aligned)",
                       ir["msg_alloc"], 2)
-            table.add(w, "reallocs/WebSocket message", ir["msg_realloc"], 2)
+            table.add(w, "reallocs/WebSocket message", ir["msg_realloc"], 3)
 
     # Output.
     cpu = "?"
