@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of hop's reactor and tokio backends (run through benches/compare.sh).
+"""Side-by-side benchmark of hop's reactor and tokio backends and two peer servers (run through
+benches/compare.sh).
+
+The peers (benches/peers, issue 11) serve the same routes: `axum-serve` is axum::serve as users
+run it (stock settings, a 1-worker multi-thread runtime), `hyper-tuned` a tuned hyper-util http1
+server (tokio current_thread, TCP_NODELAY, pipeline_flush). They get columns in rows 1, 2, 3, 4, 5
+and 9; the other rows compare hop's two backends only. `--no-peers` leaves them out everywhere.
 
 Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
 CPU 1 (one churn row caps the server at half a CPU with a cgroup quota; row 9 counts
@@ -29,7 +35,10 @@ SERVER = os.path.join(REL, "examples", "server")
 ECHO = os.path.join(REL, "examples", "echo")
 LOAD = os.path.join(REL, "hop-load")
 WRK_DIR = os.path.join(ROOT, "benches", "wrk")
-BACKENDS = ["reactor", "tokio"]
+HOP = ["reactor", "tokio"]
+PEERS = {name: os.path.join(REL, name) for name in ("axum-serve", "hyper-tuned")}
+# The backends of the peer rows (1-5, 9); `--no-peers` makes it HOP.
+BACKENDS = HOP + list(PEERS)
 SERVER_CPU, LOAD_CPU = "0", "1"
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -46,14 +55,21 @@ def next_port():
     return PORT[0]
 
 
+def server_argv(binary, backend, addr):
+    """The command line of `binary` (a hop example) on `backend`, or of the peer server named
+    `backend`, with one poller / one worker."""
+    if backend in PEERS:
+        return [PEERS[backend], "--addr", addr, "--workers", "1"]
+    return [binary, "--backend", backend, "--addr", addr, "--pollers", "1"]
+
+
 class Server:
     def __init__(self, binary, backend):
         self.port = next_port()
         self.addr = f"127.0.0.1:{self.port}"
         env = dict(os.environ, RUST_LOG="warn")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, binary, "--backend", backend, "--addr", self.addr,
-             "--pollers", "1"],
+            ["taskset", "-c", SERVER_CPU, *server_argv(binary, backend, self.addr)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         STARTED.append(self.proc)
         self.pid = self.proc.pid
@@ -132,8 +148,35 @@ class CpuCap:
                 time.sleep(0.05)
 
 
+ALLOC_FNS = {"malloc", "calloc", "posix_memalign", "aligned_alloc", "memalign"}
+
+
+def callgrind_calls(path):
+    """Calls to each function in a callgrind output file, summed over all callers: the
+    `calls=N` line that follows a `cfn=` line counts N calls to that function. Names are
+    compressed (`(id) name` the first time, `(id)` after) in one table for `fn=` and `cfn=`."""
+    names, calls, callee = {}, {}, None
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("fn=", "cfn=")):
+                v = line.split("=", 1)[1].strip()
+                if v.startswith("("):
+                    ident, _, name = v.partition(")")
+                    name = name.strip()
+                    if name:
+                        names[ident] = name
+                    v = names.get(ident, ident)
+                if line.startswith("cfn="):
+                    callee = v.split("'")[0]
+            elif line.startswith("calls=") and callee is not None:
+                calls[callee] = calls.get(callee, 0) + int(line.split()[0][6:])
+                callee = None
+    return calls
+
+
 def callgrind_per_unit(backend, warm_up, measure):
-    """Instructions the server executes in user space per unit of work (callgrind).
+    """Instructions the server executes in user space per unit of work (callgrind), and heap
+    allocations (calls to malloc, calloc and the aligned allocators) and reallocs per unit.
 
     The server starts uninstrumented; `warm_up(addr)` runs, instrumentation is switched on,
     `measure(addr)` runs and returns how many units it completed, and the counts are dumped
@@ -143,8 +186,7 @@ def callgrind_per_unit(backend, warm_up, measure):
     out = os.path.join(tempfile.mkdtemp(prefix="hop-cg-"), "callgrind.out")
     proc = subprocess.Popen(
         ["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", "--instr-atstart=no",
-         f"--callgrind-out-file={out}", SERVER, "--backend", backend, "--addr", addr,
-         "--pollers", "1"],
+         f"--callgrind-out-file={out}", *server_argv(SERVER, backend, addr)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(proc)
     try:
@@ -165,11 +207,15 @@ def callgrind_per_unit(backend, warm_up, measure):
             for line in f:
                 if line.startswith(("summary:", "totals:")):
                     total = int(line.split()[1])
-        return total / max(units, 1)
+        calls = callgrind_calls(out)
+        allocs = sum(calls.get(n, 0) for n in ALLOC_FNS)
+        units = max(units, 1)
+        return total / units, allocs / units, calls.get("realloc", 0) / units
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
 
 
 def callgrind_per_request(backend):
@@ -182,8 +228,8 @@ def callgrind_per_request(backend):
 def callgrind_per_message(backend):
     """User-space instructions per echoed WebSocket message (100 connections, ping-pong; the
     measured part includes their 100 handshakes). The reactor serves hop::ws, tokio the
-    tokio-tungstenite loop, as in row 6."""
-    path = "/ws" if backend == "reactor" else "/ws-tungstenite"
+    tokio-tungstenite loop, as in row 6; the peers axum's WebSocketUpgrade."""
+    path = "/ws-tungstenite" if backend == "tokio" else "/ws"
     run = lambda addr, secs: hop_load(["ws-echo", "-c", 100, "-d", secs, "--addr", addr,
                                        "--path", path])
     return callgrind_per_unit(backend, lambda addr: run(addr, 1),
@@ -290,30 +336,38 @@ class Table:
         self.num = 0
 
     def add(self, what, metric, cells, digits=None, note=""):
-        r, t = cells["reactor"], cells["tokio"]
-        self.rows.append((self.num, what, metric, cell_str(r, digits), cell_str(t, digits), ratio(r, t),
-                          note))
+        """A row: `cells` maps each backend measured to its Cell; a backend not in it reads
+        `–`. The ratios are reactor against each other backend."""
+        vals = {b: cell_str(c, digits) for b, c in cells.items()}
+        ratios = {b: ratio(cells["reactor"], c) for b, c in cells.items() if b != "reactor"}
+        self.rows.append((self.num, what, metric, vals, ratios, note))
 
-    def na(self, what, metric, note):
-        self.rows.append((self.num, what, metric, "n/a", "n/a", "n/a", note))
+    def na(self, what, metric, note, backends=None):
+        backends = backends or BACKENDS
+        self.rows.append((self.num, what, metric, {b: "n/a" for b in backends},
+                          {b: "n/a" for b in backends if b != "reactor"}, note))
 
     def render(self):
-        out = ["| # | measurement | metric | reactor | tokio | reactor/tokio |",
-               "|---|---|---|---|---|---|"]
-        for num, what, metric, r, t, q, note in sorted(self.rows, key=lambda x: x[0]):
+        cols = [b for b in HOP + list(PEERS) if any(b in r[3] for r in self.rows)]
+        others = [b for b in cols if b != "reactor"]
+        head = ["#", "measurement", "metric", *cols, *(f"reactor/{b}" for b in others)]
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for num, what, metric, vals, ratios, note in sorted(self.rows, key=lambda x: x[0]):
             label = what + (f" ({note})" if note else "")
-            out.append(f"| {num} | {label} | {metric} | {r} | {t} | {q} |")
+            row = [str(num), label, metric, *(vals.get(b, "–") for b in cols),
+                   *(ratios.get(b, "–") for b in others)]
+            out.append("| " + " | ".join(row) + " |")
         return "\n".join(out)
 
 
-def cells(*names):
-    return {n: {b: Cell() for b in BACKENDS} for n in names}
+def cells(*names, backends=None):
+    return {n: {b: Cell() for b in backends or BACKENDS} for n in names}
 
 
-def interleave(runs):
-    """(run, backend) pairs: reactor, tokio, reactor, tokio, ..."""
+def interleave(runs, backends=None):
+    """(run, backend) pairs: reactor, tokio, axum-serve, hyper-tuned, reactor, tokio, ..."""
     for i in range(runs):
-        for b in BACKENDS:
+        for b in backends or BACKENDS:
             yield i, b
 
 
@@ -324,7 +378,22 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-9)")
     ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
     ap.add_argument("--json-out", default="", help="also write every raw result here")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="hop's two backends only (no axum-serve / hyper-tuned columns)")
+    ap.add_argument("--backends", default="",
+                    help="the columns of the peer rows (1-5, 9), comma-separated; reactor and any "
+                         "of tokio, axum-serve, hyper-tuned (default: all)")
     a = ap.parse_args()
+    global BACKENDS
+    if a.no_peers:
+        BACKENDS = list(HOP)
+    if a.backends:
+        BACKENDS = [b for b in HOP + list(PEERS) if b in a.backends.split(",")]
+        if "reactor" not in BACKENDS or set(a.backends.split(",")) - set(BACKENDS):
+            sys.exit(f"compare.py: --backends takes reactor and any of {HOP[1:] + list(PEERS)}")
+    for b in BACKENDS:
+        if b in PEERS and not os.path.exists(PEERS[b]):
+            sys.exit(f"compare.py: {PEERS[b]} is missing (cargo build --release -p hop-peers)")
     quick = a.quick
     secs = 2 if quick else 10
     warm = 1 if quick else 3
@@ -461,8 +530,8 @@ def main():
             else:
                 # Ping-pong, then 16 messages in flight per connection (sent in one write).
                 for burst in (1, 16):
-                    we = cells("mps", "p99", "cpu")
-                    for i, b in interleave(runs):
+                    we = cells("mps", "p99", "cpu", backends=HOP)
+                    for i, b in interleave(runs, HOP):
                         s = servers[b]
                         # The reference is tokio-tungstenite on tokio (issue 6), not hop::ws there.
                         path = "/ws" if b == "reactor" else "/ws-tungstenite"
@@ -487,8 +556,8 @@ def main():
             if "error" in probe or not probe.get("available", True) or probe.get("subscribers", 0) == 0:
                 sse_rows.append(("na", probe.get("first_error") or "no /sse route"))
             else:
-                se = cells("ms")
-                for i, b in interleave(runs):
+                se = cells("ms", backends=HOP)
+                for i, b in interleave(runs, HOP):
                     s = servers[b]
                     r = hop_load(args + ["--addr", s.addr, "--server-pid", s.pid])
                     raw.append({"row": 7, "backend": b, **r})
@@ -557,7 +626,7 @@ def main():
              "tokio: tokio-tungstenite /ws-tungstenite)")
         table.num = 6
         if status == "na":
-            table.na(w, "messages/s; p99", v)
+            table.na(w, "messages/s; p99", v, HOP)
             continue
         burst, v = v
         w += ", ping-pong" if burst == 1 else f", {burst} messages in flight per connection"
@@ -568,7 +637,7 @@ def main():
         w = "SSE fan-out, 1,000 subscribers"
         table.num = 7
         if status == "na":
-            table.na(w, "ms for one event to reach all", v)
+            table.na(w, "ms for one event to reach all", v, HOP)
         else:
             table.add(w, "ms for one event to reach all", v["ms"], 2)
 
@@ -576,12 +645,12 @@ def main():
     echo_rows = []
     if want(8):
         conns = 1000
-        ss = {b: Server(ECHO, b) for b in BACKENDS}
+        ss = {b: Server(ECHO, b) for b in HOP}
         try:
             for reqs in (0, 50, 5, 1):
-                m = {k: {b: Cell() for b in BACKENDS} for k in
+                m = {k: {b: Cell() for b in HOP} for k in
                      ("rps", "cps", "avg", "min", "max", "p95", "p99", "rss", "usr", "sys")}
-                for i, b in interleave(runs):
+                for i, b in interleave(runs, HOP):
                     s = ss[b]
                     hop_load(["echo", "-c", conns, "-r", reqs, "-d", "0.5", "--addr", s.addr])
                     r = hop_load(["echo", "-c", conns, "-r", reqs, "-d", echo_secs,
@@ -611,15 +680,27 @@ def main():
         if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
             table.na(w, "user-space instructions", "valgrind not installed")
         else:
-            ir = cells("req", "msg")
+            ir = cells("req", "msg", "req_alloc", "msg_alloc", "req_realloc", "msg_realloc")
             for b in BACKENDS:
-                ir["req"][b].add(callgrind_per_request(b))
-                ir["msg"][b].add(callgrind_per_message(b))
-                log(f"9 callgrind {b}: {ir['req'][b].v[-1]:,.0f} instructions/req, "
-                    f"{ir['msg'][b].v[-1]:,.0f} instructions/message")
+                for kind, measure in (("req", callgrind_per_request),
+                                      ("msg", callgrind_per_message)):
+                    instr, allocs, reallocs = measure(b)
+                    ir[kind][b].add(instr)
+                    ir[kind + "_alloc"][b].add(allocs)
+                    ir[kind + "_realloc"][b].add(reallocs)
+                log(f"9 callgrind {b}: {ir['req'][b].v[-1]:,.0f} instructions/req "
+                    f"({ir['req_alloc'][b].v[-1]:.2f} allocations), "
+                    f"{ir['msg'][b].v[-1]:,.0f} instructions/message "
+                    f"({ir['msg_alloc'][b].v[-1]:.2f} allocations)")
+            ws = ("WebSocket message (reactor: hop::ws; tokio: tokio-tungstenite; peers: axum's "
+                  "WebSocketUpgrade)")
             table.add(w, "user-space instructions/request", ir["req"])
-            table.add(w, "user-space instructions/WebSocket message (tokio: tokio-tungstenite)",
-                      ir["msg"])
+            table.add(w, "heap allocations/request (malloc, calloc, aligned)", ir["req_alloc"], 2)
+            table.add(w, "reallocs/request", ir["req_realloc"], 3)
+            table.add(w, f"user-space instructions/{ws}", ir["msg"])
+            table.add(w, "heap allocations/WebSocket message (malloc, calloc, aligned)",
+                      ir["msg_alloc"], 2)
+            table.add(w, "reallocs/WebSocket message", ir["msg_realloc"], 3)
 
     # Output.
     cpu = "?"
@@ -628,7 +709,9 @@ def main():
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"### hop: reactor vs tokio backend ({'quick' if quick else 'full'} run)\n")
+    peers = [b for b in BACKENDS if b in PEERS]
+    print(f"### hop: reactor vs tokio backend{' and ' + ', '.join(peers) if peers else ''} "
+          f"({'quick' if quick else 'full'} run)\n")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; "
           f"{os.cpu_count()} cores; Linux {platform.release()}; server on CPU {SERVER_CPU} "
           f"(1 poller / 1 worker), load on CPU {LOAD_CPU}; {secs} s per measurement after a "
@@ -648,7 +731,7 @@ def main():
             return f"{x / 1000:.2f}ms" if x >= 1000 else f"{x:.0f}µs"
 
         for reqs, m in echo_rows:
-            for b in BACKENDS:
+            for b in HOP:
                 med = {k: m[k][b].median() for k in m}
                 print(f"| {reqs or '∞'} | {b} | {fmt(med['rps'], 0)} | {fmt(med['cps'], 0)} | "
                       f"{us(med['avg'])} | {us(med['min'])} | {us(med['max'])} | "

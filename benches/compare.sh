@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: hop's reactor backend against its tokio backend, same machine, same run.
+# Side-by-side benchmark: hop's reactor backend against its tokio backend and two peer servers
+# (benches/peers: axum-serve and hyper-tuned, in rows 1-5 and 9), same machine, same run.
 #
-#   benches/compare.sh [--quick] [--runs N] [--only 1,2,8] [--json-out FILE]
+#   benches/compare.sh [--quick] [--runs N] [--only 1,2,8] [--json-out FILE] [--no-peers]
+#                      [--backends reactor,tokio,axum-serve,hyper-tuned]
 #
-# Builds the examples and hop-load in release mode, then runs benches/compare.py, which prints a
-# markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+ CPUs; as
-# root it installs wrk with apt-get when missing. --quick takes about 4 minutes once built. The
-# capped churn row needs root and a cgroup cpu controller; row 9 needs valgrind (n/a without).
+# Builds the examples, the peers and hop-load in release mode, then runs benches/compare.py, which
+# prints a markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+
+# CPUs; as root it installs wrk with apt-get when missing. --quick takes about 8 minutes once
+# built (about 4 with --no-peers). The capped churn row needs root and a cgroup cpu controller;
+# row 9 needs valgrind (n/a without).
 # SSE_PUBLISH=/path (default /sse/broadcast; empty: wait for the server's own events) is POSTed to
 # publish the SSE fan-out row's events; RATE=N fixes the rate of the fixed-rate row.
 set -euo pipefail
@@ -31,4 +34,5 @@ fi
 
 cargo build --release --quiet --examples -p hop
 cargo build --release --quiet -p hop-load
+cargo build --release --quiet -p hop-peers
 exec python3 benches/compare.py "$@"

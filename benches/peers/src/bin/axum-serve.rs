@@ -1,0 +1,16 @@
+//! `axum-serve --addr HOST:PORT --workers N`: a peer server of hop's benchmark harness (see the
+//! crate docs, `benches/peers/src/lib.rs`).
+
+fn main() -> std::io::Result<()> {
+    let args = hop_peers::Args::parse("axum-serve", std::env::args().skip(1)).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    let hub = hop_peers::Hub::new();
+    hub.tick_every_second()?;
+    println!(
+        "axum-serve on http://{} ({} workers)",
+        args.addr, args.workers
+    );
+    hop_peers::run_axum_serve(&args, hop_peers::app(hub))
+}

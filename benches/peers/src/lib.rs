@@ -1,0 +1,247 @@
+//! The peer servers of hop's benchmark harness (`benches/compare.sh`, issue 11).
+//!
+//! Both serve the same axum [`Router`] ([`app`]) with the routes the harness's peer rows hit,
+//! written the way an axum user would write them:
+//!
+//! - `/plaintext`: `Hello, World!`; `/json`: `{"message":"Hello, World!"}`
+//! - `/ws`: axum's `WebSocketUpgrade`, echoing text and binary messages
+//! - `/sse`: axum's `Sse` over a tokio broadcast channel that ticks once a second (as the hop
+//!   demo's hub does); `POST /sse/broadcast` sends its body to every subscriber
+//!
+//! The two servers:
+//!
+//! - [`run_axum_serve`] (binary `axum-serve`): `axum::serve` as users run it, stock settings,
+//!   a `tokio::net::TcpListener`, on a multi-thread runtime with N workers.
+//! - [`run_hyper_tuned`] (binary `hyper-tuned`): a tuned hyper-util http1 server: a tokio
+//!   `current_thread` runtime, `TCP_NODELAY`, `http1::Builder::pipeline_flush(true)`, the Router
+//!   through `TowerToHyperService`, one task per connection, no timer (so no header-read
+//!   timeout and no per-request sleep). For N > 1 it runs N such runtimes on N threads, each
+//!   with its own `SO_REUSEPORT` listener on the same address (the kernel spreads connections).
+//!
+//! Both take `--addr HOST:PORT` and `--workers N` (`--pollers N` is the same, as the harness
+//! passes it; `--backend X` is accepted and ignored).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::broadcast;
+
+/// The SSE hub: every subscriber of `/sse` receives what is sent here.
+#[derive(Clone)]
+pub struct Hub {
+    tx: broadcast::Sender<Event>,
+}
+
+impl Hub {
+    /// A hub with no subscribers yet.
+    pub fn new() -> Self {
+        Hub {
+            tx: broadcast::channel(64).0,
+        }
+    }
+
+    /// Sends `event` to every subscriber; returns how many there were.
+    pub fn send(&self, event: Event) -> usize {
+        self.tx.send(event).unwrap_or(0)
+    }
+
+    /// Sends `tick N` once a second from a thread of its own, as the hop demo server does.
+    pub fn tick_every_second(&self) -> io::Result<()> {
+        let hub = self.clone();
+        std::thread::Builder::new()
+            .name("sse-ticker".into())
+            .spawn(move || {
+                for n in 1u64.. {
+                    std::thread::sleep(Duration::from_secs(1));
+                    hub.send(Event::default().data(format!("tick {n}")).id(n.to_string()));
+                }
+            })?;
+        Ok(())
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            let reply = match msg {
+                Message::Text(t) => Message::Text(t),
+                Message::Binary(b) => Message::Binary(b),
+                // Close and ping are answered by tungstenite itself; pongs are ignored.
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+async fn sse(State(hub): State<Hub>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = hub.tx.subscribe();
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(event) => return Some((Ok(event), rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(events)
+}
+
+async fn broadcast(State(hub): State<Hub>, body: String) -> String {
+    let n = hub.send(Event::default().event("broadcast").data(body));
+    format!("sent to {n} subscribers\n")
+}
+
+/// The Router both peers serve.
+pub fn app(hub: Hub) -> Router {
+    Router::new()
+        .route("/plaintext", get(|| async { "Hello, World!" }))
+        .route(
+            "/json",
+            get(|| async { Json(serde_json::json!({ "message": "Hello, World!" })) }),
+        )
+        .route("/ws", get(ws))
+        .route("/sse", get(sse))
+        .route("/sse/broadcast", post(broadcast))
+        .with_state(hub)
+}
+
+/// Command-line settings shared by both binaries.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub addr: SocketAddr,
+    pub workers: usize,
+}
+
+impl Args {
+    /// Parses `--addr HOST:PORT`, `--workers N` / `--pollers N` and an ignored `--backend X`
+    /// (default `127.0.0.1:1826`, one worker).
+    pub fn parse(name: &str, args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let usage = || format!("usage: {name} [--addr HOST:PORT] [--workers N]");
+        let mut out = Args {
+            addr: "127.0.0.1:1826".parse().unwrap(),
+            workers: 1,
+        };
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            let val = args.next().ok_or_else(usage)?;
+            match a.as_str() {
+                "--addr" => out.addr = val.parse().map_err(|_| usage())?,
+                "--workers" | "--pollers" => {
+                    out.workers = val.parse().map_err(|_| usage())?;
+                    if out.workers == 0 {
+                        return Err(usage());
+                    }
+                }
+                "--backend" => {}
+                _ => return Err(usage()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `axum::serve` on a tokio multi-thread runtime with `workers` workers, stock settings.
+pub fn run_axum_serve(args: &Args, app: Router) -> io::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind(args.addr).await?;
+            axum::serve(listener, app).await
+        })
+}
+
+/// A listener as tokio binds one (`SO_REUSEADDR`, backlog 1024), plus `SO_REUSEPORT` when
+/// `reuse_port`.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// The tuned accept loop: one task per connection, `TCP_NODELAY`, hyper's http1 connection with
+/// `pipeline_flush(true)` and upgrades (for `/ws`). Runs on whatever runtime polls it; the
+/// binary runs it on a `current_thread` runtime.
+pub async fn serve_hyper_tuned(listener: tokio::net::TcpListener, app: Router) -> io::Result<()> {
+    let mut http = http1::Builder::new();
+    http.pipeline_flush(true);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors and the like: back off a little, as axum::serve does.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let conn = http
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// The tuned server: `workers` threads, each a tokio `current_thread` runtime serving its own
+/// listener (`SO_REUSEPORT` on the same address when more than one).
+pub fn run_hyper_tuned(args: &Args, app: Router) -> io::Result<()> {
+    let reuse_port = args.workers > 1;
+    let listeners = (0..args.workers)
+        .map(|_| bind(args.addr, reuse_port))
+        .collect::<io::Result<Vec<_>>>()?;
+    for (i, l) in listeners.into_iter().enumerate() {
+        let app = app.clone();
+        let run = move || -> io::Result<()> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    serve_hyper_tuned(tokio::net::TcpListener::from_std(l)?, app).await
+                })
+        };
+        if i + 1 == args.workers {
+            // The last one runs on the calling thread; the others run until the process ends.
+            return run();
+        }
+        std::thread::Builder::new()
+            .name(format!("hyper-tuned-{i}"))
+            .spawn(run)?;
+    }
+    Ok(())
+}
