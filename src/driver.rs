@@ -116,6 +116,18 @@ impl Drop for Hot {
     }
 }
 
+/// Whether `limit` (if any) counted from `since` has run out; if it has not, the connection's
+/// timer is armed for when it does.
+fn expired(key: Key, since: Instant, limit: Option<Duration>, now: Instant) -> bool {
+    let Some(limit) = limit else { return false };
+    let due = since + limit;
+    if now >= due {
+        return true;
+    }
+    timer::arm(key, due);
+    false
+}
+
 /// What the poller should do with a connection after driving it.
 pub(crate) enum Verdict {
     Keep,
@@ -165,13 +177,9 @@ impl<S: ConnService> Conn<S> {
                         self.activate(cfg, svc, None, None);
                         continue;
                     }
-                    if let Some(limit) = Self::idle_limit(self.key, cfg) {
-                        let due = *since + limit;
-                        if now >= due {
-                            tracing::debug!("closing a connection idle for {limit:?}");
-                            return Verdict::Close;
-                        }
-                        timer::arm(self.key, due);
+                    if expired(self.key, *since, Self::idle_limit(self.key, cfg), now) {
+                        tracing::debug!("closing a parked connection at its idle limit");
+                        return Verdict::Close;
                     }
                     return Verdict::Keep;
                 }
@@ -250,13 +258,9 @@ impl<S: ConnService> Conn<S> {
                         *io = seen;
                         *since = now;
                     }
-                    if let Some(idle) = cfg.idle_timeout {
-                        let due = *since + idle;
-                        if now >= due {
-                            tracing::debug!("closing an upgraded connection idle for {idle:?}");
-                            return Verdict::Close;
-                        }
-                        timer::arm(self.key, due);
+                    if expired(self.key, *since, cfg.idle_timeout, now) {
+                        tracing::debug!("closing an upgraded connection at the idle timeout");
+                        return Verdict::Close;
                     }
                     return Verdict::Keep;
                 }
@@ -337,13 +341,9 @@ impl<S: ConnService> Conn<S> {
             }
             timer::arm(self.key, since + after);
         }
-        if let Some(idle) = cfg.idle_timeout {
-            let due = since + idle;
-            if now >= due {
-                tracing::debug!("closing a connection idle for {idle:?}");
-                return Verdict::Close;
-            }
-            timer::arm(self.key, due);
+        if expired(self.key, since, cfg.idle_timeout, now) {
+            tracing::debug!("closing a connection at the idle timeout");
+            return Verdict::Close;
         }
         Verdict::Keep
     }

@@ -408,8 +408,21 @@ impl HopStream {
     /// The coalescing buffer never grows past [`COALESCE_MAX`]: a write that would take it
     /// further first sends what is there, then either goes straight to the socket (nothing is
     /// ahead of it and it is large: a big body is written from hyper's buffer, never copied) or
-    /// takes only what fits, which hyper's write loop handles as any short write.
+    /// takes only what fits, which hyper's write loop handles as any short write. Whether the
+    /// write was taken whole is remembered (`refused`).
     fn poll_coalesce(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        append: impl FnOnce(&mut BytesMut, usize),
+        direct: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let res = self.coalesce(cx, len, append, direct);
+        self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
+        res
+    }
+
+    fn coalesce(
         &self,
         cx: &mut Context<'_>,
         len: usize,
@@ -453,14 +466,12 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let res = self.poll_coalesce(
+        self.poll_coalesce(
             cx,
             buf.len(),
             |out, n| out.extend_from_slice(&buf[..n]),
             |mut io| io.write(buf),
-        );
-        self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == buf.len());
-        res
+        )
     }
 
     fn poll_write_vectored(
@@ -469,7 +480,7 @@ impl hyper::rt::Write for HopStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        let res = self.poll_coalesce(
+        self.poll_coalesce(
             cx,
             len,
             |out, mut n| {
@@ -484,9 +495,7 @@ impl hyper::rt::Write for HopStream {
                 }
             },
             |mut io| io.write_vectored(bufs),
-        );
-        self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
-        res
+        )
     }
 
     fn is_write_vectored(&self) -> bool {

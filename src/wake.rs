@@ -132,6 +132,24 @@ impl Remote {
         }
     }
 
+    /// Queues `bytes` for `key` (see [`deliver`]) and wakes the poller.
+    fn deliver(&self, key: Key, bytes: bytes::Bytes, limit: Option<usize>) -> Delivery {
+        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = key.slot();
+        if d.queued.len() <= slot {
+            d.queued.resize(slot + 1, 0);
+        }
+        let queued = d.queued[slot] as usize;
+        if limit.is_some_and(|max| crate::tcp::over_mark(queued, max)) {
+            return Delivery::Full;
+        }
+        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
+        d.queue.push((key, bytes));
+        drop(d);
+        self.notify();
+        Delivery::Queued
+    }
+
     /// Moves every queued delivery into `into`; called by the poller on its waker token.
     /// (Taken whole, so a burst's queue is freed once handled.)
     pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
@@ -219,36 +237,15 @@ pub(crate) fn push_local(key: Key) {
 /// (`Handler::on_deliver`), unless that connection already has `limit` bytes or more waiting
 /// in its poller's queue (a high-water mark, as `tcp::Conn::write` has; `None`: no limit).
 pub(crate) fn deliver(key: Key, bytes: bytes::Bytes, limit: Option<usize>) -> Delivery {
-    let mut outcome = Delivery::Gone;
-    with_remote(key, |remote| {
-        let mut d = remote.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = key.slot();
-        if d.queued.len() <= slot {
-            d.queued.resize(slot + 1, 0);
-        }
-        let queued = d.queued[slot] as usize;
-        if limit.is_some_and(|max| crate::tcp::over_mark(queued, max)) {
-            outcome = Delivery::Full;
-            return;
-        }
-        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
-        d.queue.push((key, bytes));
-        drop(d);
-        remote.notify();
-        outcome = Delivery::Queued;
-    });
-    outcome
+    with_remote(key, |remote| remote.deliver(key, bytes, limit)).unwrap_or(Delivery::Gone)
 }
 
-/// Runs `f` with the remote half of `key`'s poller; `false` if that poller is gone.
-fn with_remote(key: Key, f: impl FnOnce(&Remote)) -> bool {
+/// Runs `f` with the remote half of `key`'s poller; `None` if that poller is gone.
+fn with_remote<R>(key: Key, f: impl FnOnce(&Remote) -> R) -> Option<R> {
     let reg = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     match reg.get(key.poller() as usize) {
-        Some(Some(remote)) => {
-            f(remote);
-            true
-        }
-        _ => false,
+        Some(Some(remote)) => Some(f(remote)),
+        _ => None,
     }
 }
 
@@ -257,5 +254,5 @@ fn wake(key: Key) {
         push_local(key);
         return;
     }
-    with_remote(key, |remote| remote.push(key));
+    let _ = with_remote(key, |remote| remote.push(key));
 }
