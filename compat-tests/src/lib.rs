@@ -641,3 +641,59 @@ pub fn lazy_body(total: u64, chunk: usize, probe: std::sync::Arc<StreamProbe>) -
     });
     axum::body::Body::from_stream(stream)
 }
+
+/// Starts a read-handler server (`serve_tcp`) on `backend` with the suite's builder (2 pollers)
+/// after `configure`, one handler from `factory` per connection, on the current tokio runtime.
+pub fn start_tcp<H: hop::tcp::Handler>(
+    backend: Backend,
+    configure: impl FnOnce(hop::Builder) -> hop::Builder,
+    factory: impl FnMut(hop::IncomingStream<'_>) -> H + Clone + Send + 'static,
+) -> (SocketAddr, hop::Handle) {
+    let listener = bind_loopback();
+    let addr = listener.local_addr().expect("local_addr");
+    let serve = configure(builder(backend)).serve_tcp(listener, factory);
+    let handle = serve.handle();
+    tokio::spawn(serve.into_future());
+    (addr, handle)
+}
+
+/// A `hop::ws` handler that echoes text and binary messages as they came.
+pub struct WsEcho;
+
+impl hop::ws::WsHandler for WsEcho {
+    fn on_message(
+        &mut self,
+        ws: &mut hop::ws::WsConn<'_>,
+        msg: hop::ws::Message,
+    ) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+/// An axum route handler: the `hop::ws` echo ([`WsEcho`]).
+pub async fn ws_echo(upgrade: hop::ws::WsUpgrade) -> axum::response::Response {
+    upgrade.on_upgrade(WsEcho)
+}
+
+/// An axum route handler: axum's own `WebSocketUpgrade` with an echo loop, as users write it.
+/// A close frame does not end the loop: the next read sends tungstenite's queued close reply,
+/// then the stream ends (breaking at once would drop the socket with the reply unsent).
+pub async fn axum_ws_echo(
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    use axum::extract::ws::Message;
+    use futures_util::StreamExt;
+    upgrade.on_upgrade(|mut socket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            let reply = match msg {
+                Message::Text(t) => Message::Text(t),
+                Message::Binary(b) => Message::Binary(b),
+                // A close, a ping (both answered by tungstenite on the next poll) or a pong.
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}

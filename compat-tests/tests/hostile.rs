@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
@@ -32,7 +31,6 @@ use compat_tests::{
 use futures_util::future::join_all;
 use futures_util::{SinkExt, StreamExt};
 use hop::sse::{Event, Hub};
-use hop::ws::{Message as WsMessage, WsConn, WsHandler, WsUpgrade};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -493,43 +491,11 @@ fn hostile_child_entry() {
 const STOPPED_PREFIX: &str = "HOP_HOSTILE_STOPPED=";
 const TRIMMED: &str = "HOP_HOSTILE_TRIMMED";
 
-/// hop::ws echo: text and binary back as they came.
-struct WsEcho;
-
-impl WsHandler for WsEcho {
-    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: WsMessage) -> std::io::Result<()> {
-        ws.send(msg)
-    }
-}
-
-async fn ws_hop(upgrade: WsUpgrade) -> Response {
-    upgrade.on_upgrade(WsEcho)
-}
-
-/// axum's `WebSocketUpgrade` echo loop of examples/server.rs, except that a close frame does
-/// not end the loop: the next read sends tungstenite's queued close reply and then ends (the
-/// example's `break` drops the socket with the reply still queued, so a polite client never
-/// hears the server's close).
-async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(|mut socket: WebSocket| async move {
-        while let Some(Ok(msg)) = socket.next().await {
-            let reply = match msg {
-                AxumMessage::Text(t) => AxumMessage::Text(t),
-                AxumMessage::Binary(b) => AxumMessage::Binary(b),
-                _ => continue,
-            };
-            if socket.send(reply).await.is_err() {
-                break;
-            }
-        }
-    })
-}
-
 /// The `ws` child's app: `/ws` (hop::ws echo) and `/ws-axum` (axum `WebSocketUpgrade` echo).
 fn ws_app() -> Router {
     Router::new()
-        .route("/ws", get(ws_hop))
-        .route("/ws-axum", get(ws_axum))
+        .route("/ws", get(compat_tests::ws_echo))
+        .route("/ws-axum", get(compat_tests::axum_ws_echo))
 }
 
 /// Size of the `graceful` child's `/download` body.
@@ -546,7 +512,7 @@ fn download_body() -> Vec<u8> {
 fn graceful_app() -> Router {
     let body = Bytes::from(download_body());
     Router::new()
-        .route("/ws", get(ws_hop))
+        .route("/ws", get(compat_tests::ws_echo))
         .route(
             "/sse",
             get(|State(hub): State<Hub>, req: Request| async move {

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -151,35 +150,6 @@ async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     (h[0] & 0x0f, p)
 }
 
-struct Echo;
-
-impl WsHandler for Echo {
-    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
-        ws.send(msg)
-    }
-}
-
-async fn ws_hop(upgrade: WsUpgrade) -> Response {
-    upgrade.on_upgrade(Echo)
-}
-
-async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(|mut socket: WebSocket| async move {
-        while let Some(Ok(msg)) = socket.next().await {
-            let reply = match msg {
-                AxumMessage::Text(t) => AxumMessage::Text(t),
-                AxumMessage::Binary(b) => AxumMessage::Binary(b),
-                // A close (answered by tungstenite on the next poll, after which the stream
-                // ends), a ping (answered likewise) or a pong.
-                _ => continue,
-            };
-            if socket.send(reply).await.is_err() {
-                break;
-            }
-        }
-    })
-}
-
 backend_tests! {
     /// Item 1: a write larger than the high-water mark is taken whole when the queue is below
     /// it, from the handler (`Conn::write`) and from another thread (`ConnHandle::write`).
@@ -212,11 +182,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = compat_tests::builder(backend).serve_tcp(listener, |_: hop::IncomingStream<'_>| Big);
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_: hop::IncomingStream<'_>| Big);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await.unwrap().unwrap();
@@ -230,7 +196,7 @@ backend_tests! {
     /// by `hop::ws` under the default settings.
     async fn autobahn_limits_cases_echo_on_defaults(backend) {
         let _shared = PROCESS.read().await;
-        let srv = start(backend, Router::new().route("/ws", get(ws_hop)), |b| b);
+        let srv = start(backend, Router::new().route("/ws", get(compat_tests::ws_echo)), |b| b);
         let mut s = ws_raw(srv.addr, "/ws").await;
         let mut cases: Vec<(u8, usize, usize, usize)> = Vec::new(); // (opcode, size, fragment, tcp chunk)
         for op in [1u8, 2] {
@@ -296,7 +262,7 @@ backend_tests! {
     async fn a_frame_headers_claim_costs_nothing(backend) {
         let _measuring = PROCESS.write().await;
         const CONNS: usize = 200;
-        let srv = start(backend, Router::new().route("/ws", get(ws_hop)), |b| b);
+        let srv = start(backend, Router::new().route("/ws", get(compat_tests::ws_echo)), |b| b);
         let mut warm = ws_raw(srv.addr, "/ws").await;
         warm.write_all(&client_frame(1, b"warm")).await.unwrap();
         assert_eq!(read_frame(&mut warm).await, (1, b"warm".to_vec()));
@@ -334,7 +300,7 @@ backend_tests! {
         let _measuring = PROCESS.write().await;
         const CONNS: usize = 2000;
         const ROUNDS: usize = 20;
-        let srv = start(backend, Router::new().route("/ws-axum", get(ws_axum)), |b| b);
+        let srv = start(backend, Router::new().route("/ws-axum", get(compat_tests::axum_ws_echo)), |b| b);
         // A first connection, so that lazily created state is not counted as a leak.
         drop(ws_raw(srv.addr, "/ws-axum").await);
         assert!(wait_until(WAIT, || srv.handle.stats().active == 0).await);
@@ -566,13 +532,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = compat_tests::builder(backend)
-            .pollers(1)
-            .serve_tcp(listener, |_: hop::IncomingStream<'_>| Armed(Bomb));
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b.pollers(1), |_: hop::IncomingStream<'_>| Armed(Bomb));
         for round in 0..3 {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(b"ping").await.unwrap();
@@ -669,8 +629,6 @@ backend_tests! {
 
         // A make-service (here a read-handler factory) that panics at accept.
         let first = Arc::new(AtomicBool::new(true));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         struct Echo;
         impl Handler for Echo {
             fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
@@ -678,14 +636,12 @@ backend_tests! {
                 Ok(())
             }
         }
-        let serve = compat_tests::builder(backend).pollers(1).serve_tcp(listener, move |_: hop::IncomingStream<'_>| {
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b.pollers(1), move |_: hop::IncomingStream<'_>| {
             if first.swap(false, Ordering::SeqCst) {
                 panic!("make-service");
             }
             Echo
         });
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
         let _ = compat_tests::exchange(addr, b"lost", Duration::from_secs(2)).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"echo").await.unwrap();
@@ -743,7 +699,7 @@ backend_tests! {
     /// is forced.
     async fn shutdown_with_answering_websockets_is_quick(backend) {
         let _measuring = PROCESS.write().await;
-        let (srv, stop) = start_with_shutdown(backend, Router::new().route("/ws", get(ws_hop)), |b| b);
+        let (srv, stop) = start_with_shutdown(backend, Router::new().route("/ws", get(compat_tests::ws_echo)), |b| b);
         let mut readers = Vec::new();
         for _ in 0..1000 {
             let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", srv.addr))
@@ -825,11 +781,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serve = compat_tests::builder(backend).serve_tcp(listener, |_: hop::IncomingStream<'_>| WriteAndClose);
-        let handle = serve.handle();
-        tokio::spawn(serve.into_future());
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_: hop::IncomingStream<'_>| WriteAndClose);
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let s = sock.connect(addr).await.unwrap();
@@ -849,7 +801,7 @@ backend_tests! {
     /// Item 14: WebSockets cut at the drain deadline are counted as forced on both backends.
     async fn websockets_cut_at_the_deadline_are_forced(backend) {
         let _shared = PROCESS.read().await;
-        let (srv, stop) = start_with_shutdown(backend, Router::new().route("/ws", get(ws_hop)), |b| {
+        let (srv, stop) = start_with_shutdown(backend, Router::new().route("/ws", get(compat_tests::ws_echo)), |b| {
             b.drain_timeout(Duration::from_secs(1))
         });
         // A client that never answers the server's close.
@@ -871,7 +823,7 @@ async fn idle_upgraded_connection_times_out_reactor() {
         let _shared = PROCESS.read().await;
         let srv = start(
             Backend::Reactor,
-            Router::new().route("/ws-axum", get(ws_axum)),
+            Router::new().route("/ws-axum", get(compat_tests::axum_ws_echo)),
             |b| b.idle_timeout(Duration::from_secs(1)),
         );
         let mut s = ws_raw(srv.addr, "/ws-axum").await;

@@ -10,7 +10,6 @@ use axum::routing::get;
 use axum::Router;
 use compat_tests::backend_tests;
 use futures_util::{SinkExt, StreamExt};
-use hop::ws::{WsConn, WsHandler, WsUpgrade};
 use hop::Backend;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::timeout;
@@ -28,14 +27,6 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// machine.
 const EXIT_WITHIN: Duration = Duration::from_secs(10);
 
-struct Echo;
-
-impl WsHandler for Echo {
-    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: hop::ws::Message) -> std::io::Result<()> {
-        ws.send(msg)
-    }
-}
-
 /// The child process: serves until SIGINT or SIGTERM, then returns (the process exits 0).
 #[test]
 #[ignore = "the child process of the signal tests, which start it themselves"]
@@ -49,10 +40,7 @@ fn signal_child() {
         .split_once(':')
         .expect("HOP_SIGNAL_TEST_CHILD=backend:how");
     let backend: Backend = backend.parse().unwrap();
-    let app = Router::new().route(
-        "/ws",
-        get(|upgrade: WsUpgrade| async move { upgrade.on_upgrade(Echo) }),
-    );
+    let app = Router::new().route("/ws", get(compat_tests::ws_echo));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let serve = hop::Server::builder()

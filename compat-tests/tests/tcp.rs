@@ -1,7 +1,6 @@
 //! Read-handler connections (`hop::tcp`) and hijacked HTTP connections (`hop::Hijack`), on both
 //! backends, with real sockets.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,27 +72,14 @@ struct Server {
 }
 
 /// Starts a read-handler server whose `factory` makes each connection's handler.
-fn start_with<H: Handler>(
-    backend: Backend,
-    configure: impl FnOnce(hop::Builder) -> hop::Builder,
-    factory: impl FnMut(hop::IncomingStream<'_>) -> H + Clone + Send + 'static,
-) -> (SocketAddr, hop::Handle) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve =
-        configure(hop::Server::builder().backend(backend).pollers(2)).serve_tcp(listener, factory);
-    let handle = serve.handle();
-    tokio::spawn(serve.into_future());
-    (addr, handle)
-}
-
 /// Starts the echo server, its handlers logging why they closed.
 fn start(backend: Backend, configure: impl FnOnce(hop::Builder) -> hop::Builder) -> Server {
     let log: Log = Arc::default();
     let l = log.clone();
-    let (addr, handle) = start_with(backend, configure, move |_: hop::IncomingStream<'_>| Echo {
-        log: l.clone(),
-    });
+    let (addr, handle) =
+        compat_tests::start_tcp(backend, configure, move |_: hop::IncomingStream<'_>| Echo {
+            log: l.clone(),
+        });
     Server { addr, handle, log }
 }
 
@@ -185,7 +171,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let (addr, handle) = start_with(backend, |b| b, |_: hop::IncomingStream<'_>| Pusher);
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_: hop::IncomingStream<'_>| Pusher);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let got = String::from_utf8(read_to_end_timeout(&mut s).await).unwrap();
         let want: String = (0..100).map(|i| format!("{i};")).collect();
@@ -207,7 +193,7 @@ backend_tests! {
                 Ok(())
             }
         }
-        let (addr, handle) = start_with(backend, |b| b, |_: hop::IncomingStream<'_>| Addrs);
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_: hop::IncomingStream<'_>| Addrs);
         let mut s = TcpStream::connect(addr).await.unwrap();
         let me = s.local_addr().unwrap();
         let got = String::from_utf8(read_to_end_timeout(&mut s).await).unwrap();

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use compat_tests::{backend_tests, wait_until, Backend, End, TestServer, IO_TIMEOUT};
-use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -33,19 +32,8 @@ const CASES: u32 = 64;
 const MAX_FRAME: u64 = 16 << 20;
 const MAX_MESSAGE: u64 = 64 << 20;
 
-struct Echo;
-
-impl WsHandler for Echo {
-    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
-        ws.send(msg)
-    }
-}
-
 fn start(backend: Backend) -> TestServer {
-    let app = Router::new().route(
-        "/ws",
-        get(|up: WsUpgrade| async move { up.on_upgrade(Echo) }),
-    );
+    let app = Router::new().route("/ws", get(compat_tests::ws_echo));
     compat_tests::start(backend, app, |b| b)
 }
 
