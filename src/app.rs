@@ -11,8 +11,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower_service::Service;
 
+use crate::handler::Handler;
 use crate::service::{ConnService, IncomingStream, IntoConnService};
-use crate::tcp::Handler;
 
 /// What an accepted connection becomes.
 pub enum NewConn<S> {

@@ -17,10 +17,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{App, NewConn};
+use crate::handler::ConnCore;
 use crate::hijack::ServerContext;
 use crate::service::{HyperSvc, IncomingStream};
 use crate::settings::{Config, Control};
-use crate::tcp::ConnCore;
 
 /// Releases a connection's slot however its task ends (finished, or aborted at the deadline).
 struct ConnGuard {
@@ -148,12 +148,12 @@ async fn accept_loop<P: App>(
                 let svc = match accepted {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {
-                        let conn = crate::tcp::Conn::new(Some(stream.as_raw_fd()), &tcp);
+                        let conn = crate::handler::Conn::new(Some(stream.as_raw_fd()), &tcp);
                         let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
                         let drain = drain_rx.clone();
                         tasks.spawn(async move {
                             let _guard = guard;
-                            crate::tcp::run_task(core, stream, drain).await;
+                            crate::handler::run_task(core, stream, drain).await;
                         });
                         continue;
                     }

@@ -1,16 +1,15 @@
 //! Taking an HTTP connection over with a read handler, after the response (usually a `101`).
 //!
-//! Under the reactor, [`Hijack::on_read`] leaves the handler with the connection's poller; when
-//! hyper has written the response and handed the socket to the upgrade, the driver takes the
-//! socket back (`Upgraded::downcast::<HopStream>()`, leftover bytes included, which the handler
-//! sees first) and the connection stays on the loop as a read-handler connection. Elsewhere
-//! (the tokio backend, or a hijack made off a poller thread) a tokio task awaits the upgrade and
-//! runs the same handler.
+//! Under the reactor, [`Hijack::on_read`] leaves the handler with its connection (a takeover,
+//! `conn::takeover`); when hyper has written the response and handed the socket to the upgrade,
+//! the driver takes the socket back (leftover bytes included, which the handler sees first) and
+//! the connection stays on the loop as a read-handler connection. Elsewhere (the tokio backend,
+//! or a hijack used outside its connection's drive) a tokio task awaits the upgrade and runs the
+//! same handler.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -19,16 +18,13 @@ use http::request::Parts;
 use http::Request;
 use hyper::upgrade::OnUpgrade;
 
-use crate::stream::HopStream;
-use crate::tcp::{Conn, ConnCore, Handler, TcpConfig};
-use crate::wake::Key;
-
-/// A hijack waiting for its upgrade: the connection, hyper's upgrade, the handler.
-type Pending = (Key, OnUpgrade, Box<dyn Handler>);
+use crate::conn::current;
+use crate::conn::takeover::Takeover;
+use crate::handler::{Conn, ConnCore, Handler, TcpConfig};
+use crate::rt::wake::Key;
+use crate::rt::{context, tasks};
 
 thread_local! {
-    /// Hijacks registered on this poller thread, waiting for hyper to finish the response.
-    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
     /// The server whose thread this is: settings, and (tokio backend) its shutdown signal.
     static CONTEXT: RefCell<Option<ServerContext>> = const { RefCell::new(None) };
 }
@@ -172,7 +168,7 @@ impl Hijack {
     pub(crate) fn from_on_upgrade(on_upgrade: OnUpgrade) -> Hijack {
         Hijack {
             on_upgrade,
-            key: crate::timer::current_key(),
+            key: current::key(),
             ctx: thread_context(),
         }
     }
@@ -180,21 +176,22 @@ impl Hijack {
     /// Hands the connection to `handler` once the response is written. The response must be a
     /// `101 Switching Protocols` for the connection to be handed over.
     pub fn on_read<H: Handler>(self, handler: H) {
-        let handler: Box<dyn Handler> = Box::new(handler);
+        // Within its connection's drive, the connection takes the handler over.
+        let mut takeover = Takeover::after_upgrade(Box::new(handler), self.on_upgrade);
         if let Some(key) = self.key {
-            if crate::wake::current_poller() == Some(key.poller()) {
-                PENDING.with(|p| p.borrow_mut().push((key, self.on_upgrade, handler)));
-                return;
+            match current::set_takeover(key, takeover) {
+                Ok(()) => return,
+                Err(t) => takeover = t,
             }
         }
+        let (handler, on_upgrade) = takeover.into_upgrade();
         let ServerContext {
             tcp: cfg,
             shutdown,
             tasks,
         } = self.ctx;
-        let on_upgrade = self.on_upgrade;
         let guard = TaskGuard::new(tasks);
-        tokio::spawn(async move {
+        let task = async move {
             let _guard = guard;
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -213,15 +210,27 @@ impl Hijack {
                     let conn = Conn::new(Some(stream.as_raw_fd()), &cfg);
                     let input = BytesMut::from(&parts.read_buf[..]);
                     let core = ConnCore::new(handler, conn, input, cfg, now);
-                    crate::tcp::run_task(core, stream, rx).await;
+                    crate::handler::run_task(core, stream, rx).await;
                 }
                 Err(upgraded) => {
                     let conn = Conn::new(None, &cfg);
                     let core = ConnCore::new(handler, conn, BytesMut::new(), cfg, now);
-                    crate::tcp::run_task(core, hyper_util::rt::TokioIo::new(upgraded), rx).await;
+                    crate::handler::run_task(core, hyper_util::rt::TokioIo::new(upgraded), rx)
+                        .await;
                 }
             }
-        });
+        };
+        // On its connection's poller, the handler runs as a local task that belongs to the
+        // connection; anywhere else, as a tokio task.
+        if let Some(key) = self.key {
+            if context::current_poller() == Some(key.poller()) {
+                if let Err(task) = tasks::spawn_local(task, Some(key)) {
+                    tokio::spawn(task);
+                }
+                return;
+            }
+        }
+        tokio::spawn(task);
     }
 }
 
@@ -233,38 +242,3 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hijack {
         Hijack::from_extensions(&mut parts.extensions).ok_or(HijackRejection)
     }
 }
-
-/// Forgets hijacks registered for `key` (its connection closed without an upgrade).
-pub(crate) fn forget(key: Key) {
-    PENDING.with(|p| p.borrow_mut().retain(|(k, _, _)| *k != key));
-}
-
-/// What the driver gets back when a registered hijack's upgrade has happened.
-pub(crate) struct Taken {
-    pub(crate) handler: Box<dyn Handler>,
-    pub(crate) leftover: bytes::Bytes,
-}
-
-/// Claims the hijack registered for `key` after hyper finished with an upgrade.
-pub(crate) fn claim(key: Key) -> Option<Result<Taken, &'static str>> {
-    let (_, mut on_upgrade, handler) = PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        let i = p.iter().position(|(k, _, _)| *k == key)?;
-        Some(p.swap_remove(i))
-    })?;
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    let upgraded = match std::pin::Pin::new(&mut on_upgrade).poll(&mut cx) {
-        Poll::Ready(Ok(u)) => u,
-        Poll::Ready(Err(_)) => return Some(Err("the upgrade failed")),
-        Poll::Pending => return Some(Err("the upgrade was not ready")),
-    };
-    match upgraded.downcast::<HopStream>() {
-        Ok(parts) => Some(Ok(Taken {
-            handler,
-            leftover: parts.io.release(parts.read_buf),
-        })),
-        Err(_) => Some(Err("the upgraded stream is not hop's")),
-    }
-}
-
-use std::future::Future as _;

@@ -26,30 +26,37 @@
 //! Choose with [`Builder::backend`] or, without code changes, `HOP_BACKEND=reactor|tokio`
 //! (the builder wins when both are given).
 //!
-//! Modules: `server` (the public front), `settings` (settings, shutdown state and counters,
-//! below the front), `reactor` (the event loop), `driver` (one HTTP
-//! connection), `stream` (hyper's I/O traits on the socket), `timer` (the poller's timer and
-//! hyper's), `wake` (wakers that name a connection), `service` (what `serve` accepts),
-//! `baseline` (the tokio backend).
+//! Layout, in the order data flows (listener → poller → connection → hyper → service):
+//! - fronts: `server` ([`serve`], [`Builder`], [`Handle`]), [`tcp`], [`ws`], [`sse`], `hijack`
+//!   ([`Hijack`]);
+//! - `settings`: what the builder sets, shutdown state and counters, below the fronts;
+//! - `reactor`: the pollers (accept, poll, drive, close, drain);
+//! - `conn`: one slab entry and all it owns: `conn::http` (hyper's connection, parking),
+//!   `conn::tcp` (a read handler on the loop), `conn::stream` (the socket hyper reads and
+//!   writes), `conn::current` and `conn::takeover`;
+//! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
+//!   local tasks;
+//! - `handler`: the read-handler machinery both backends share; `service` and `app`: what
+//!   `serve` accepts; `baseline`: the tokio backend.
 
 #![warn(missing_docs)]
 
 mod app;
 #[cfg(feature = "tokio-baseline")]
 mod baseline;
-mod driver;
+mod conn;
+mod handler;
 mod hijack;
 mod reactor;
+mod rt;
 mod server;
 mod service;
 mod settings;
 pub mod sse;
-mod stream;
 pub mod tcp;
-mod timer;
-mod wake;
 pub mod ws;
 
+pub use conn::stream::{HopStream, Socket};
 pub use hijack::{Hijack, HijackRejection};
 pub use server::{
     bind, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoStdListener, Serve,
@@ -58,4 +65,3 @@ pub use server::{
 pub use service::{
     marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService,
 };
-pub use stream::{HopStream, Socket};

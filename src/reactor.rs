@@ -1,16 +1,18 @@
-//! The event loop: N poller threads, each with its own `mio::Poll`, listener, slab of
-//! connections, timer and wake queue.
+//! The pollers: N threads, each with its own `mio::Poll`, listener, slab, timer, wake queue and
+//! local tasks.
 //!
 //! A poller accepts on its listener (its own `SO_REUSEPORT` socket when the listener given to
 //! `serve` has `SO_REUSEPORT` set, as [`crate::bind`] does; otherwise a duplicate of the one
 //! listener, all pollers accepting from the same queue), drives each new connection at once (its
 //! first request has often arrived), registers its socket edge-triggered under its slab slot if
-//! it outlives that first drive, and drives connections ([`crate::driver::Conn`]) when their
-//! socket is ready, their waker fires or their timer is due. Each poller thread enters the tokio
-//! runtime given to it, so handlers can use tokio's APIs; nothing of tokio is on the I/O path.
-//! A poller never dies of its connections: every drive and every close (which drops user code:
-//! services, handlers, bodies) runs under `catch_unwind`, and a panic closes only the connection
-//! it came from, logged and counted in `Stats::panics`.
+//! it outlives that first drive, and drives slab entries ([`crate::conn::Entry`]: connections
+//! and local tasks) when their socket is ready, their waker fires or their deadline is due. It
+//! owns everything per poller: the slab, the timer heap ([`Timer`]), the count of connections
+//! holding hyper's state; each entry owns everything about its connection. Each poller thread
+//! enters the tokio runtime given to it, so handlers can use tokio's APIs; nothing of tokio is on
+//! the I/O path. A poller never dies of its connections: every drive and every close (which
+//! drops user code: services, handlers, bodies, tasks) runs under `catch_unwind`, and a panic
+//! closes only the entry it came from, logged and counted in `Stats::panics`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,16 +27,25 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::app::{App, NewConn};
-use crate::driver::{Conn, DriverConfig, Verdict};
-use crate::service::{ConnService, IncomingStream};
+use crate::conn::http::{HttpConfig, HttpConn};
+use crate::conn::stream::Socket;
+use crate::conn::tcp::TcpConn;
+use crate::conn::{Drive, Entry, Kind, Verdict};
+use crate::handler::{ConnCore, TcpConfig};
+use crate::rt::context;
+use crate::rt::tasks::Task;
+use crate::rt::timer::Timer;
+use crate::rt::wake::{self, Key, Remote};
+use crate::service::IncomingStream;
 use crate::settings::{Config, Control};
-use crate::stream::Socket;
-use crate::tcp::{ConnCore, LoopConn, TcpConfig};
-use crate::timer::{self, HopTimer};
-use crate::wake::{self, Key, Remote};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+
+/// Over this many connections holding hyper's state on a poller, an idle one parks at once
+/// instead of waiting for `park_after`: busy keep-alive connections stay hot while they are
+/// few, and memory stays flat when there are many.
+const HOT_LIMIT: usize = 128;
 
 /// Counts pollers down and reports when the last one has stopped.
 struct Latch {
@@ -99,29 +110,6 @@ fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> 
     Ok(s.into())
 }
 
-/// A slab entry: an HTTP connection or a read-handler connection.
-enum Entry<S: ConnService> {
-    Http(Conn<S>),
-    /// Boxed: a read-handler connection is larger than a parked HTTP one.
-    Tcp(Box<LoopConn>),
-}
-
-impl<S: ConnService> Entry<S> {
-    fn socket(&self) -> &Arc<Socket> {
-        match self {
-            Entry::Http(c) => &c.socket,
-            Entry::Tcp(c) => &c.socket,
-        }
-    }
-
-    fn key(&self) -> Key {
-        match self {
-            Entry::Http(c) => c.key,
-            Entry::Tcp(c) => c.key,
-        }
-    }
-}
-
 /// Starts the pollers; `done` fires when the last one has stopped.
 pub(crate) fn start<P: App>(
     cfg: &Config,
@@ -137,54 +125,23 @@ pub(crate) fn start<P: App>(
         remaining: AtomicUsize::new(listeners.len()),
         done: Mutex::new(Some(done)),
     });
-    // hyper always gets a header timeout: its sleep is how the driver sees an idle connection.
-    let header_timeout = cfg
-        .header_read_timeout
-        .unwrap_or(Duration::from_secs(365 * 24 * 3600));
-    let mut http1 = cfg.http1(Some(header_timeout));
-    http1.timer(HopTimer);
-    let driver = Arc::new(DriverConfig {
-        http1,
-        coalesce: cfg.pipeline_flush,
-        idle_timeout: cfg.idle_timeout,
-        header_timeout: cfg.header_read_timeout,
-        park_after: cfg.park_after,
-        ctl: ctl.clone(),
-    });
     let tcp = Arc::new(cfg.tcp.clone());
-    let mut pollers = Vec::with_capacity(listeners.len());
+    let mut parts = Vec::with_capacity(listeners.len());
     for l in listeners {
         let poll = Poll::new()?;
         let remote = Arc::new(Remote::new(mio::Waker::new(poll.registry(), WAKER)?));
         let mut listener = TcpListener::from_std(l);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        pollers.push((poll, remote, listener));
+        parts.push((poll, remote, listener));
     }
-    for (i, (poll, remote, listener)) in pollers.into_iter().enumerate() {
+    for (i, (poll, remote, listener)) in parts.into_iter().enumerate() {
         let id = wake::register(remote.clone());
         let r = remote.clone();
         ctl.on_shutdown(Box::new(move || r.notify()));
-        let poller = Poller {
-            id,
-            poll,
-            remote,
-            listener: Some(listener),
-            local_addr,
-            conns: Slab::new(),
-            generations: Vec::new(),
-            app: app.clone(),
-            driver: driver.clone(),
-            tcp: tcp.clone(),
-            ctl: ctl.clone(),
-            max_connections: cfg.max_connections,
-            tcp_keepalive: cfg.tcp_keepalive,
-            draining: false,
-            accept_retry: None,
-            accept_warned: None,
-            accept_quiet: 0,
-        };
-        let rt = rt.clone();
+        let (app, tcp, ctl, rt) = (app.clone(), tcp.clone(), ctl.clone(), rt.clone());
+        let http = HttpConfig::new(cfg, ctl.clone());
+        let (max_connections, tcp_keepalive) = (cfg.max_connections, cfg.tcp_keepalive);
         let guard = LatchGuard(latch.clone());
         std::thread::Builder::new()
             .name(format!("hop-poller-{i}"))
@@ -192,11 +149,32 @@ pub(crate) fn start<P: App>(
                 let _guard = guard;
                 let _rt = rt.enter();
                 crate::hijack::set_thread_context(crate::hijack::ServerContext {
-                    tcp: poller.tcp.clone(),
+                    tcp: tcp.clone(),
                     shutdown: None,
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
                 });
-                poller.run();
+                Poller {
+                    id,
+                    poll,
+                    remote,
+                    listener: Some(listener),
+                    local_addr,
+                    conns: Slab::new(),
+                    next_generation: 0,
+                    timer: Timer::default(),
+                    hot: 0,
+                    app,
+                    http,
+                    tcp,
+                    ctl,
+                    max_connections,
+                    tcp_keepalive,
+                    draining: false,
+                    accept_retry: None,
+                    accept_warned: None,
+                    accept_quiet: 0,
+                }
+                .run();
             })?;
     }
     Ok(())
@@ -208,6 +186,7 @@ struct Turn {
     ready: Vec<Key>,
     batch: Vec<Key>,
     deliveries: Vec<(Key, bytes::Bytes)>,
+    spawned: Vec<Task>,
 }
 
 /// Unregisters a poller's wake queue however its thread ends.
@@ -226,9 +205,14 @@ struct Poller<P: App> {
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     conns: Slab<Entry<P::Svc>>,
-    generations: Vec<u16>,
+    /// The generation the next entry gets (wrapping): a late wake for a slot's earlier entry
+    /// does not reach the new one.
+    next_generation: u16,
+    timer: Timer,
+    /// Connections holding hyper's state (see [`HOT_LIMIT`]).
+    hot: usize,
     app: P,
-    driver: Arc<DriverConfig>,
+    http: HttpConfig,
     tcp: Arc<TcpConfig>,
     ctl: Arc<Control>,
     max_connections: usize,
@@ -247,13 +231,14 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl<P: App> Poller<P> {
     fn run(mut self) {
-        wake::enter_poller(self.id);
+        context::enter_poller(self.id);
         let _unregister = Unregister(self.id);
         let mut turn = Turn {
             events: Events::with_capacity(1024),
             ready: Vec::new(),
             batch: Vec::new(),
             deliveries: Vec::new(),
+            spawned: Vec::new(),
         };
         // A poller never dies: a panic that escapes a turn (every call into user code has a
         // guard of its own, so this is a last resort) is logged and counted, and the loop goes on.
@@ -269,16 +254,17 @@ impl<P: App> Poller<P> {
         }
     }
 
-    /// One round of the loop: poll, accept, deliver, fire timers, drive what is ready.
-    /// `true` when the poller has finished draining.
+    /// One round of the loop: poll, accept, deliver, fire timers, drive what is ready, start
+    /// the tasks spawned meanwhile. `true` when the poller has finished draining.
     fn turn(&mut self, t: &mut Turn) -> bool {
         let Turn {
             events,
             ready,
             batch,
             deliveries,
+            spawned,
         } = t;
-        wake::take_local(ready);
+        context::take_ready(ready);
         let timeout = self.timeout(!ready.is_empty());
         if let Err(e) = self.poll.poll(events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -296,11 +282,11 @@ impl<P: App> Poller<P> {
                     self.remote.drain_deliveries(deliveries);
                 }
                 Token(slot) => {
-                    if let Some(c) = self.conns.get(slot) {
+                    if let Some(socket) = self.conns.get(slot).and_then(Entry::socket) {
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                         let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                        if c.socket().on_event(readable, writable, ev.is_read_closed()) {
-                            ready.push(c.key());
+                        if socket.on_event(readable, writable, ev.is_read_closed()) {
+                            ready.push(self.conns[slot].key);
                         }
                     }
                 }
@@ -311,23 +297,44 @@ impl<P: App> Poller<P> {
             self.accept(now, ready);
         }
         for (key, bytes) in std::mem::take(deliveries) {
-            if let Some(Entry::Tcp(conn)) = self.conns.get_mut(key.slot()) {
-                if conn.key == key {
-                    conn.deliver(bytes);
+            if let Some(entry) = self.conns.get_mut(key.slot()) {
+                if let (true, Kind::Tcp(conn)) = (entry.key == key, &mut entry.kind) {
+                    conn.deliver(key, bytes);
                     // Written out at once: a fan-out to many connections holds one
                     // outbound buffer at a time, not one per connection.
                     self.drive_contained(key, now);
                 }
             }
         }
-        timer::fire(now, ready);
-        wake::take_local(ready);
+        let conns = &mut self.conns;
+        self.timer.fire(
+            now,
+            |t, key| match conns.get_mut(key.slot()) {
+                Some(e) if e.key == key && e.armed == Some(t) => {
+                    e.armed = None;
+                    true
+                }
+                _ => false,
+            },
+            ready,
+        );
+        let conns = &self.conns;
+        self.timer.sweep(|t, key| {
+            conns
+                .get(key.slot())
+                .is_some_and(|e| e.key == key && e.armed == Some(t))
+        });
+        context::take_ready(ready);
         if self.ctl.draining() && !self.draining {
             self.begin_drain(ready);
         }
         std::mem::swap(ready, batch);
         for key in batch.drain(..) {
             self.drive_contained(key, now);
+        }
+        context::take_spawned(spawned);
+        for task in spawned.drain(..) {
+            self.start_task(task, ready);
         }
         if self.draining {
             if self.conns.is_empty() {
@@ -349,7 +356,7 @@ impl<P: App> Poller<P> {
         if ready {
             return Some(Duration::ZERO);
         }
-        let mut next = timer::next_deadline();
+        let mut next = self.timer.next_deadline();
         if let Some(t) = self.accept_retry {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -397,6 +404,12 @@ impl<P: App> Poller<P> {
         }
     }
 
+    /// The key for a new entry in the slab's next free slot.
+    fn next_key(&mut self) -> Key {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        Key::new(self.id, self.conns.vacant_key(), self.next_generation)
+    }
+
     fn admit(
         &mut self,
         stream: mio::net::TcpStream,
@@ -415,7 +428,7 @@ impl<P: App> Poller<P> {
         }
         let local_addr = crate::service::local_addr_of(self.local_addr, || stream.local_addr());
         let app = &mut self.app;
-        let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let new = catch_unwind(AssertUnwindSafe(|| {
             app.accept(IncomingStream::new(local_addr, peer))
         }));
         let new = match new {
@@ -431,34 +444,47 @@ impl<P: App> Poller<P> {
                 return;
             }
         };
-        let entry = self.conns.vacant_entry();
-        let slot = entry.key();
-        if self.generations.len() <= slot {
-            self.generations.resize(slot + 1, 0);
-        }
-        self.generations[slot] = self.generations[slot].wrapping_add(1);
-        let key = Key::new(self.id, slot, self.generations[slot]);
+        let key = self.next_key();
         // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
-        timer::reset_slot(key);
         let socket = Arc::new(Socket::new(stream));
-        entry.insert(match new {
-            NewConn::Http(svc) => Entry::Http(Conn::new(socket, key, svc, now)),
+        let kind = match new {
+            NewConn::Http(svc) => Kind::Http(HttpConn::new(socket, svc, now)),
             NewConn::Tcp(handler) => {
-                let conn = crate::tcp::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
+                let conn = crate::handler::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
-                Entry::Tcp(Box::new(LoopConn::new(socket, key, core)))
+                Kind::Tcp(Box::new(TcpConn::new(socket, core)))
             }
-        });
+        };
+        self.conns.insert(Entry::new(key, kind));
         ready.push(key);
     }
 
-    /// Drives a connection; a panic that escapes it (hop's own code, or user code that hop
-    /// does not call under a guard of its own) closes that connection only.
+    /// Puts a task spawned during this turn in the slab, with its owner if that is still
+    /// there (a task whose owner closed meanwhile is dropped), and schedules its first poll.
+    fn start_task(&mut self, task: Task, ready: &mut Vec<Key>) {
+        let owner = task.owner;
+        if let Some(owner) = owner {
+            if self.conns.get(owner.slot()).is_none_or(|e| e.key != owner) {
+                self.drop_contained(Box::new(task));
+                return;
+            }
+        }
+        let key = self.next_key();
+        self.conns
+            .insert(Entry::new(key, Kind::Task(Box::new(task))));
+        if let Some(owner) = owner {
+            self.conns[owner.slot()].adopt(key);
+        }
+        ready.push(key);
+    }
+
+    /// Drives an entry; a panic that escapes it (hop's own code, or user code that hop does
+    /// not call under a guard of its own) closes that entry only.
     fn drive_contained(&mut self, key: Key, now: Instant) {
         let driven = catch_unwind(AssertUnwindSafe(|| self.drive(key, now)));
         if let Err(panic) = driven {
             self.ctl.contained_panic("driving a connection", &*panic);
-            if self.conns.get(key.slot()).is_some_and(|e| e.key() == key) {
+            if self.conns.get(key.slot()).is_some_and(|e| e.key == key) {
                 self.close(key.slot(), false);
             }
         }
@@ -469,22 +495,26 @@ impl<P: App> Poller<P> {
         let Some(entry) = self.conns.get_mut(slot) else {
             return;
         };
-        if entry.key() != key {
+        if entry.key != key {
             return;
         }
-        let verdict = match entry {
-            Entry::Http(conn) => conn.drive(&self.driver, now, self.draining),
-            Entry::Tcp(conn) => {
-                if conn.drive(now, self.draining) {
-                    Verdict::Close
-                } else {
-                    Verdict::Keep
-                }
-            }
-        };
+        let was_hot = entry.is_hot();
+        let mut d = Drive::new(now, self.draining, self.hot > HOT_LIMIT);
+        let verdict = entry.drive(&self.http, &mut d);
+        match (was_hot, entry.is_hot()) {
+            (false, true) => self.hot += 1,
+            (true, false) => self.hot -= 1,
+            _ => {}
+        }
+        if let Some(due) = d.due {
+            self.timer.arm(&mut entry.armed, key, due);
+        }
+        if let Some(panic) = d.panic {
+            self.ctl.contained_panic("a local task", &*panic);
+        }
         match verdict {
             Verdict::Keep => {
-                let socket = entry.socket();
+                let Some(socket) = entry.socket() else { return };
                 if socket.needs_registration() {
                     let fd = socket.io.as_raw_fd();
                     if let Err(e) = self.poll.registry().register(
@@ -499,48 +529,61 @@ impl<P: App> Poller<P> {
             }
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
-                let socket = entry.socket().clone();
-                // The coalescing buffer was hyper's; a read handler writes from its own.
-                socket.release_buffers();
-                let conn = crate::tcp::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
-                let input = bytes::BytesMut::from(&taken.leftover[..]);
-                let core = ConnCore::new(taken.handler, conn, input, self.tcp.clone(), now);
-                *entry = Entry::Tcp(Box::new(LoopConn::new(socket, key, core)));
-                wake::push_local(key);
+                entry.become_tcp(taken, &self.tcp, now);
+                context::push_ready(key);
             }
         }
     }
 
-    /// Removes a connection and drops it. Dropping runs user code (a service, a handler, a
-    /// body, a pending hijack's handler); a panic there is contained, logged and counted, and
-    /// the slot is released all the same.
+    /// Drops what an entry held (user code: a service, a handler, a body, a future); a panic
+    /// there is contained, logged and counted.
+    fn drop_contained<T>(&self, value: T) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+            self.ctl.contained_panic("dropping a connection", &*panic);
+        }
+    }
+
+    /// Removes an entry and drops it, with the tasks it owns. The slot is released even if
+    /// dropping panics.
     fn close(&mut self, slot: usize, forced: bool) {
         let mut entry = self.conns.remove(slot);
-        let key = entry.key();
-        timer::forget_slot(key);
-        let registry = self.poll.registry();
-        let dropped = catch_unwind(AssertUnwindSafe(move || {
-            crate::hijack::forget(key);
-            crate::sse::forget(key);
-            if forced {
-                if let Entry::Tcp(c) = &mut entry {
-                    c.abort();
+        if entry.is_hot() {
+            self.hot -= 1;
+        }
+        self.timer.forget(entry.armed);
+        if let Kind::Task(task) = &entry.kind {
+            if let Some(owner) = task.owner {
+                if let Some(o) = self.conns.get_mut(owner.slot()).filter(|o| o.key == owner) {
+                    o.disown(entry.key);
                 }
             }
-            let socket = entry.socket();
+        }
+        let owned = entry.owned.take();
+        let is_conn = entry.is_conn();
+        if forced {
+            entry.abort();
+        }
+        if let Some(socket) = entry.socket() {
             if Arc::strong_count(socket) > 1 {
                 // Someone else (an upgrade) still holds the socket: cut it off from this poller.
                 let fd = socket.io.as_raw_fd();
-                let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut mio::unix::SourceFd(&fd));
                 let _ = socket.io.shutdown(std::net::Shutdown::Both);
                 socket.wake_all();
             }
-            drop(entry);
-        }));
-        if let Err(panic) = dropped {
-            self.ctl.contained_panic("dropping a connection", &*panic);
         }
-        self.ctl.release(forced);
+        self.drop_contained(entry);
+        for task in owned.into_iter().flat_map(|o| o.tasks) {
+            if self.conns.get(task.slot()).is_some_and(|e| e.key == task) {
+                self.close(task.slot(), forced);
+            }
+        }
+        if is_conn {
+            self.ctl.release(forced);
+        }
     }
 
     fn begin_drain(&mut self, ready: &mut Vec<Key>) {
@@ -549,18 +592,18 @@ impl<P: App> Poller<P> {
             let _ = self.poll.registry().deregister(&mut l);
         }
         for (_, entry) in self.conns.iter_mut() {
-            if let Entry::Http(conn) = entry {
-                conn.begin_drain();
-            }
-            ready.push(entry.key());
+            entry.begin_drain();
+            ready.push(entry.key);
         }
     }
 
     fn force_close(&mut self) {
         let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
         for slot in slots {
-            tracing::debug!("drain timeout: force-closing a connection");
-            self.close(slot, true);
+            if self.conns.contains(slot) {
+                tracing::debug!("drain timeout: force-closing a connection");
+                self.close(slot, true);
+            }
         }
     }
 }

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::{App, HttpApp, TcpApp};
+use crate::handler::Handler;
 use crate::service::{IncomingStream, IntoConnService};
 pub use crate::settings::{Backend, Stats};
 use crate::settings::{Config, Control};
-use crate::tcp::Handler;
 
 /// A handle on a server: its address, its counters, and a way to stop it.
 ///

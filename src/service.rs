@@ -243,7 +243,6 @@ where
     type Future = CatchPanic<Oneshot<S, Request<Incoming>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        crate::timer::note_request();
         CatchPanic {
             inner: self.inner.clone().oneshot(req),
         }

@@ -25,7 +25,6 @@
 //!     .with_state(hub);
 //! ```
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
@@ -39,8 +38,10 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response, Version};
 use http_body::{Body, Frame};
 
-use crate::tcp::{CloseReason, Conn, Handler, WriteError};
-use crate::wake::{Delivery, Key};
+use crate::conn::current;
+use crate::conn::takeover::Takeover;
+use crate::handler::{over_mark, CloseReason, Conn, Handler, WriteError};
+use crate::rt::wake::{self, Key};
 
 /// One event.
 #[derive(Debug, Clone, Default)]
@@ -197,7 +198,13 @@ impl Default for HubConfig {
 
 enum Sink {
     /// A subscriber on a poller: events are handed to its connection there.
-    Loop { key: Key, chunked: bool },
+    Loop {
+        key: Key,
+        chunked: bool,
+        /// Bytes on their way to the connection (the subscriber counts them down as they
+        /// arrive).
+        queued: Arc<AtomicUsize>,
+    },
     /// A subscriber served as a streaming body (tokio backend).
     Channel {
         tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
@@ -301,15 +308,21 @@ impl Hub {
         match sink {
             // The subscriber's limit holds where its events are queued: bytes on their way to a
             // busy or stalled poller count against it, as its outbound queue does there.
-            Sink::Loop { key, chunked } => {
-                match crate::wake::deliver(*key, event.get(*chunked), Some(max)) {
-                    Delivery::Queued => Offer::Queued,
-                    Delivery::Gone => Offer::Gone,
-                    Delivery::Full => {
-                        // Tell the connection to close (an empty delivery): nothing more is sent.
-                        crate::wake::deliver(*key, Bytes::new(), None);
-                        Offer::Slow
-                    }
+            Sink::Loop {
+                key,
+                chunked,
+                queued,
+            } => {
+                if over_mark(queued.load(Ordering::Relaxed), max) {
+                    // Tell the connection to close (an empty delivery): nothing more is sent.
+                    wake::deliver(*key, Bytes::new());
+                    return Offer::Slow;
+                }
+                let bytes = event.get(*chunked);
+                queued.fetch_add(bytes.len(), Ordering::Relaxed);
+                match wake::deliver(*key, bytes) {
+                    true => Offer::Queued,
+                    false => Offer::Gone,
                 }
             }
             Sink::Channel {
@@ -318,7 +331,7 @@ impl Hub {
                 chunked,
                 cut,
             } => {
-                if crate::tcp::over_mark(queued.load(Ordering::Relaxed), max) {
+                if over_mark(queued.load(Ordering::Relaxed), max) {
                     // An empty chunk tells the body to fail, and the connection task is told to
                     // drop the connection: hyper alone would wait for a peer that is not reading
                     // before it polls the body again.
@@ -414,25 +427,25 @@ impl Subscription {
     }
 
     /// The `200 text/event-stream` response; the subscriber joins the hub when it is sent.
-    pub fn response(self) -> Response<SseBody> {
-        let key = crate::timer::current_key()
-            .filter(|k| crate::wake::current_poller() == Some(k.poller()));
-        let body = match key {
-            Some(key) => {
-                TAKEOVERS.with(|t| {
-                    t.borrow_mut().push(Takeover {
-                        key,
-                        ready: false,
-                        handler: Box::new(Subscriber {
-                            hub: self.hub.clone(),
-                            id: self.id,
-                            chunked: self.chunked,
-                            backlog: self.backlog.into_boxed_slice(),
-                        }),
-                    })
-                });
-                SseInner::Takeover { key }
+    pub fn response(mut self) -> Response<SseBody> {
+        // Within its connection's drive, the connection takes the subscriber over once hyper
+        // has written the head.
+        let mut takeover = None;
+        if let Some(key) = current::key() {
+            let subscriber = Subscriber {
+                hub: self.hub.clone(),
+                id: self.id,
+                chunked: self.chunked,
+                backlog: std::mem::take(&mut self.backlog).into_boxed_slice(),
+                queued: Arc::new(AtomicUsize::new(0)),
+            };
+            let t = Takeover::after_head(Box::new(subscriber));
+            if current::set_takeover(key, t).is_ok() {
+                takeover = Some(key);
             }
+        }
+        let body = match takeover {
+            Some(key) => SseInner::Takeover { key },
             None => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let queued = Arc::new(AtomicUsize::new(0));
@@ -536,10 +549,9 @@ impl Body for SseBody {
         match &mut self.inner {
             SseInner::Takeover { key } => {
                 // hyper has written the head: the driver may take the connection now.
-                let key = *key;
-                TAKEOVERS.with(|t| {
-                    if let Some(e) = t.borrow_mut().iter_mut().find(|e| e.key == key) {
-                        e.ready = true;
+                current::with(*key, |c| {
+                    if let Some(t) = &mut c.takeover {
+                        t.head_written();
                     }
                 });
                 Poll::Pending
@@ -573,30 +585,6 @@ impl Body for SseBody {
     }
 }
 
-struct Takeover {
-    key: Key,
-    ready: bool,
-    handler: Box<dyn Handler>,
-}
-
-thread_local! {
-    static TAKEOVERS: RefCell<Vec<Takeover>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The read handler an SSE subscriber becomes on the reactor (if hyper's head is out).
-pub(crate) fn take_over(key: Key) -> Option<Box<dyn Handler>> {
-    TAKEOVERS.with(|t| {
-        let mut t = t.borrow_mut();
-        let i = t.iter().position(|e| e.key == key && e.ready)?;
-        Some(t.swap_remove(i).handler)
-    })
-}
-
-/// Forgets a takeover whose connection closed first.
-pub(crate) fn forget(key: Key) {
-    TAKEOVERS.with(|t| t.borrow_mut().retain(|e| e.key != key));
-}
-
 /// An SSE subscriber on a poller.
 struct Subscriber {
     hub: Hub,
@@ -604,6 +592,8 @@ struct Subscriber {
     chunked: bool,
     /// Events queued before the takeover (a boxed slice: no room kept once sent).
     backlog: Box<[Bytes]>,
+    /// Bytes on their way here from the hub (`Sink::Loop`).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Handler for Subscriber {
@@ -615,7 +605,7 @@ impl Handler for Subscriber {
             conn.write(&frame(b, self.chunked))?;
         }
         // Called on the subscriber's poller, inside its drive: the current key is its own.
-        let Some(key) = crate::timer::current_key() else {
+        let Some(key) = current::key() else {
             return Err(io::Error::other(
                 "an SSE subscriber must open on its poller",
             ));
@@ -625,6 +615,7 @@ impl Handler for Subscriber {
             Sink::Loop {
                 key,
                 chunked: self.chunked,
+                queued: self.queued.clone(),
             },
         );
         Ok(())
@@ -636,6 +627,7 @@ impl Handler for Subscriber {
             conn.close();
             return;
         }
+        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
         match conn.write(&bytes) {
             Ok(()) => {}
             Err(WriteError::Full { .. }) => {

@@ -250,7 +250,7 @@ impl<H: WsHandler> WsProtocol<H> {
                 input.clear();
                 return Ok(());
             }
-            if crate::tcp::over_mark(conn.queued(), conn.max_output) {
+            if crate::handler::over_mark(conn.queued(), conn.max_output) {
                 // Backpressure: the peer is not reading what it is sent, so its messages wait
                 // (in the input buffer, then in the socket) until the outbound queue drains
                 // below its mark; on_writable brings us back here.

@@ -26,7 +26,7 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 
-use crate::wake::Key;
+use crate::rt::wake::Key;
 
 /// A connection's socket and readiness, shared by the slab and the stream.
 #[derive(Debug)]

@@ -1,35 +1,8 @@
-//! Read handlers: raw TCP protocols (and hijacked HTTP connections) served on the event loop
-//! with callbacks, netpoll's `OnRequest` for Rust.
-//!
-//! A [`Handler`] is called when bytes arrive ([`Handler::on_read`] gets every unread byte and
-//! consumes what it can parse), when the connection can take more output
-//! ([`Handler::on_writable`]), at end of input, at shutdown and at close. It never blocks, and no
-//! task or thread is spent per connection under the reactor backend. Output goes into a bounded
-//! buffer that the loop flushes; a [`ConnHandle`] writes to or closes the connection from any
-//! thread. Buffers are taken when bytes arrive or output is queued and given back when they are
-//! empty, so an idle connection holds none.
-//!
-//! ```no_run
-//! use bytes::BytesMut;
-//! use hop::tcp::{Conn, Handler};
-//!
-//! struct Echo;
-//!
-//! impl Handler for Echo {
-//!     fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
-//!         let n = input.len().min(conn.write_capacity());
-//!         conn.write(&input.split_to(n))?;
-//!         Ok(())
-//!     }
-//! }
-//!
-//! # fn main() -> std::io::Result<()> {
-//! let listener = std::net::TcpListener::bind("127.0.0.1:5000")?;
-//! hop::tcp::serve(listener, |_conn: hop::IncomingStream<'_>| Echo).run()
-//! # }
-//! ```
-//!
-//! Under the tokio backend the same handlers run with one tokio task per connection.
+//! The read-handler machinery both backends share: the [`Handler`] trait, the [`Conn`] a
+//! handler writes to, the [`ConnHandle`] other threads write through, and (in `core`) the state
+//! machine that reads, calls the handler, flushes and applies timeouts. The public face is
+//! [`crate::tcp`]; the reactor drives a [`ConnCore`] in place (`conn::tcp`), the tokio backend
+//! from a task ([`run_task`]).
 
 mod core;
 
@@ -43,8 +16,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-pub(crate) use self::core::{run_task, ConnCore, LoopConn};
-pub use crate::server::serve_tcp as serve;
+pub(crate) use self::core::{run_task, ConnCore, RawIo};
 pub(crate) use crate::settings::TcpConfig;
 
 /// Why a connection closed, as told to [`Handler::on_close`].

@@ -6,16 +6,18 @@
 //! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
 //! checks the generation, so a late wake for a slot that has been reused is ignored. Both
 //! cross-thread queues are bounded by what is woken, not by how often: a key is queued once
-//! until the poller takes the queue, and bytes delivered to a connection stop at its limit.
+//! until the poller takes the queue, and bytes are delivered only by a sender that bounds what
+//! it has on the way to each connection (the SSE hub counts that on the subscriber).
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use super::context;
 use std::task::{RawWaker, RawWakerVTable, Waker};
 
 /// A connection's identity: poller id (16 bits), generation (16 bits), slab slot (32 bits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Key(u64);
 
 impl Key {
@@ -26,10 +28,6 @@ impl Key {
 
     pub(crate) fn poller(self) -> u16 {
         (self.0 >> 48) as u16
-    }
-
-    pub(crate) fn generation(self) -> u16 {
-        (self.0 >> 32) as u16
     }
 
     pub(crate) fn slot(self) -> usize {
@@ -68,29 +66,9 @@ const _: () = assert!(
 pub(crate) struct Remote {
     queue: Mutex<WakeQueue>,
     /// Bytes for read-handler connections of this poller (`deliver`).
-    deliveries: Mutex<Deliveries>,
+    deliveries: Mutex<Vec<(Key, bytes::Bytes)>>,
     notified: AtomicBool,
     waker: mio::Waker,
-}
-
-/// Bytes for read-handler connections, queued until the poller takes them, and how many bytes
-/// each slot has in the queue (so that a sender can apply a connection's limit where its bytes
-/// are queued: a busy or stalled poller does not let them pile up). The counts are per slot,
-/// 4 bytes each, and reset when the poller takes the queue.
-#[derive(Default)]
-struct Deliveries {
-    queue: Vec<(Key, bytes::Bytes)>,
-    queued: Vec<u32>,
-}
-
-/// What [`deliver`] did with the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Delivery {
-    Queued,
-    /// The connection already had its limit's worth queued: nothing was queued.
-    Full,
-    /// Its poller is gone.
-    Gone,
 }
 
 /// Keys woken from other threads, in order, without duplicates.
@@ -104,7 +82,7 @@ impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
             queue: Mutex::new(WakeQueue::default()),
-            deliveries: Mutex::new(Deliveries::default()),
+            deliveries: Mutex::new(Vec::new()),
             notified: AtomicBool::new(false),
             waker,
         }
@@ -132,38 +110,23 @@ impl Remote {
         }
     }
 
-    /// Queues `bytes` for `key` (see [`deliver`]) and wakes the poller.
-    fn deliver(&self, key: Key, bytes: bytes::Bytes, limit: Option<usize>) -> Delivery {
-        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = key.slot();
-        if d.queued.len() <= slot {
-            d.queued.resize(slot + 1, 0);
-        }
-        let queued = d.queued[slot] as usize;
-        if limit.is_some_and(|max| crate::tcp::over_mark(queued, max)) {
-            return Delivery::Full;
-        }
-        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
-        d.queue.push((key, bytes));
-        drop(d);
+    /// Queues `bytes` for `key` and wakes the poller.
+    fn deliver(&self, key: Key, bytes: bytes::Bytes) {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, bytes));
         self.notify();
-        Delivery::Queued
     }
 
     /// Moves every queued delivery into `into`; called by the poller on its waker token.
     /// (Taken whole, so a burst's queue is freed once handled.)
     pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
         let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let Deliveries { queue, queued } = &mut *d;
-        for (key, _) in queue.iter() {
-            if let Some(n) = queued.get_mut(key.slot()) {
-                *n = 0;
-            }
-        }
         if into.is_empty() {
-            *into = std::mem::take(queue);
+            *into = std::mem::take(&mut *d);
         } else {
-            into.append(queue);
+            into.append(&mut d);
         }
     }
 
@@ -206,38 +169,11 @@ pub(crate) fn unregister(id: u16) {
     reg[id as usize] = None;
 }
 
-thread_local! {
-    /// The id of the poller running on this thread, if any.
-    static POLLER: Cell<Option<u16>> = const { Cell::new(None) };
-    /// Keys woken on this thread for this thread's poller.
-    static READY: RefCell<Vec<Key>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Marks the current thread as poller `id`'s thread.
-pub(crate) fn enter_poller(id: u16) {
-    POLLER.with(|p| p.set(Some(id)));
-}
-
-/// The id of the poller running on this thread.
-pub(crate) fn current_poller() -> Option<u16> {
-    POLLER.with(Cell::get)
-}
-
-/// Moves this thread's locally woken keys into `into`.
-pub(crate) fn take_local(into: &mut Vec<Key>) {
-    READY.with(|r| into.append(&mut r.borrow_mut()));
-}
-
-/// Queues `key` on this thread's local ready queue (the caller is its poller).
-pub(crate) fn push_local(key: Key) {
-    READY.with(|r| r.borrow_mut().push(key));
-}
-
 /// Hands `bytes` to the read-handler connection `key` on its poller
-/// (`Handler::on_deliver`), unless that connection already has `limit` bytes or more waiting
-/// in its poller's queue (a high-water mark, as `tcp::Conn::write` has; `None`: no limit).
-pub(crate) fn deliver(key: Key, bytes: bytes::Bytes, limit: Option<usize>) -> Delivery {
-    with_remote(key, |remote| remote.deliver(key, bytes, limit)).unwrap_or(Delivery::Gone)
+/// (`Handler::on_deliver`); `false` if that poller is gone. The sender bounds what it has on
+/// the way.
+pub(crate) fn deliver(key: Key, bytes: bytes::Bytes) -> bool {
+    with_remote(key, |remote| remote.deliver(key, bytes)).is_some()
 }
 
 /// Runs `f` with the remote half of `key`'s poller; `None` if that poller is gone.
@@ -250,8 +186,8 @@ fn with_remote<R>(key: Key, f: impl FnOnce(&Remote) -> R) -> Option<R> {
 }
 
 fn wake(key: Key) {
-    if current_poller() == Some(key.poller()) {
-        push_local(key);
+    if context::current_poller() == Some(key.poller()) {
+        context::push_ready(key);
         return;
     }
     let _ = with_remote(key, |remote| remote.push(key));

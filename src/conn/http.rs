@@ -1,7 +1,7 @@
 //! One HTTP connection on a poller: hyper's `http1` connection polled in place, and idle
 //! parking.
 //!
-//! A [`Conn`] is in one of three states:
+//! An [`HttpConn`] is in one of three states:
 //! - `Parked`: only the socket and the per-connection service; no hyper state, no buffer. New
 //!   connections start here, and a keep-alive connection returns here when it is idle at a
 //!   request boundary.
@@ -17,7 +17,7 @@
 //! timeout, if smaller); one idle at a request boundary, parked or not, at the idle timeout.
 //!
 //! Parking: hyper holds a header-read sleep exactly while it waits for a request head (see
-//! [`crate::timer`]). When that is so, the last read ended in `WouldBlock` and no write is
+//! [`super::sleep`]). When that is so, the last read ended in `WouldBlock` and no write is
 //! waiting, nothing is in flight; the driver then takes hyper's parts back with `into_parts`. If
 //! hyper's read buffer still holds bytes (the start of the next request), a new hyper
 //! connection is started over those bytes at once, and parking is not tried again until another
@@ -30,34 +30,81 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use std::future::Future;
 
+use super::current::{self, Current};
+use super::sleep::HopTimer;
+use super::stream::{HopStream, Socket};
+use super::{Drive, Verdict};
+use crate::rt::wake::Key;
 use crate::service::{ConnService, HyperSvc};
-use crate::stream::{HopStream, Socket};
-use crate::timer;
-use crate::wake::Key;
+use crate::settings::{Config, Control};
 
-type HyperConn<S> = http1::UpgradeableConnection<HopStream, HyperSvc<S>>;
+type HyperConn<S> = http1::UpgradeableConnection<HopStream, Counted<S>>;
 
-/// Settings the driver needs, shared by a poller's connections.
-pub(crate) struct DriverConfig {
-    pub(crate) http1: http1::Builder,
+/// Settings of a poller's HTTP connections.
+pub(crate) struct HttpConfig {
+    http1: http1::Builder,
     /// Coalesce hyper's writes and send them once per drive (`pipeline_flush`).
-    pub(crate) coalesce: bool,
-    pub(crate) idle_timeout: Option<Duration>,
+    coalesce: bool,
+    idle_timeout: Option<Duration>,
     /// `header_read_timeout`: also how long a new connection may send nothing at all.
-    pub(crate) header_timeout: Option<Duration>,
+    header_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
-    pub(crate) park_after: Option<Duration>,
+    park_after: Option<Duration>,
     /// Where parks are counted.
-    pub(crate) ctl: std::sync::Arc<crate::settings::Control>,
+    ctl: Arc<Control>,
+}
+
+impl HttpConfig {
+    pub(crate) fn new(cfg: &Config, ctl: Arc<Control>) -> Self {
+        // hyper always gets a header timeout: its sleep is how the driver sees an idle
+        // connection.
+        let header_timeout = cfg
+            .header_read_timeout
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let mut http1 = cfg.http1(Some(header_timeout));
+        http1.timer(HopTimer);
+        HttpConfig {
+            http1,
+            coalesce: cfg.pipeline_flush,
+            idle_timeout: cfg.idle_timeout,
+            header_timeout: cfg.header_read_timeout,
+            park_after: cfg.park_after,
+            ctl,
+        }
+    }
+}
+
+/// The service hyper calls: the user's, with panics caught ([`HyperSvc`]), counting each
+/// request on the connection's [`Current`].
+#[derive(Clone)]
+pub(crate) struct Counted<S>(HyperSvc<S>);
+
+impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
+    type Response = Response<crate::service::HopBody<S::ResBody>>;
+    type Error = crate::service::BoxError;
+    type Future = <HyperSvc<S> as hyper::service::Service<Request<Incoming>>>::Future;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        current::with_any(|c| {
+            // Parking relies on hyper dropping its header-read sleep once a head is parsed,
+            // before the request reaches the service (`super::sleep`): a hyper release that
+            // kept it through a request would let the driver park a connection mid-request.
+            debug_assert!(
+                !c.head_wait,
+                "hyper dispatched a request while holding its header-read sleep"
+            );
+            c.requests += 1;
+        });
+        self.0.call(req)
+    }
 }
 
 enum State<S: ConnService> {
-    /// A connection on which no request has been dispatched yet is waiting for its first
-    /// request head, which the header timeout bounds, not the idle timeout
-    /// ([`Conn::idle_limit`]).
     Parked {
         svc: S,
         since: Instant,
@@ -79,77 +126,46 @@ struct Quiet {
 /// A connection holding hyper's state.
 struct Live<S: ConnService> {
     conn: HyperConn<S>,
-    _hot: Hot,
+    /// What hyper and the handlers record while the connection is driven.
+    cur: Current,
     /// The request count at which parking found a partial request head.
     no_park_at: Option<u64>,
     /// When the connection was first seen idle, and the request count then.
     idle_since: Option<(Instant, u64)>,
 }
 
-thread_local! {
-    /// Connections of this poller holding hyper's state.
-    static HOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Over this many connections holding hyper's state on a poller, an idle one parks at once
-/// instead of waiting for `park_after`: busy keep-alive connections stay hot while they are
-/// few, and memory stays flat when there are many.
-const HOT_LIMIT: usize = 128;
-
-/// Counts a connection holding hyper's state for as long as it lives.
-struct Hot;
-
-impl Hot {
-    fn new() -> Self {
-        HOT.with(|h| h.set(h.get() + 1));
-        Hot
-    }
-
-    fn crowded() -> bool {
-        HOT.with(|h| h.get() > HOT_LIMIT)
-    }
-}
-
-impl Drop for Hot {
-    fn drop(&mut self) {
-        HOT.with(|h| h.set(h.get().saturating_sub(1)));
-    }
-}
-
-/// Whether `limit` (if any) counted from `since` has run out; if it has not, the connection's
-/// timer is armed for when it does.
-fn expired(key: Key, since: Instant, limit: Option<Duration>, now: Instant) -> bool {
+/// Whether `limit` (if any) counted from `since` has run out; if it has not, a drive is asked
+/// for when it does.
+fn expired(d: &mut Drive, since: Instant, limit: Option<Duration>) -> bool {
     let Some(limit) = limit else { return false };
     let due = since + limit;
-    if now >= due {
+    if d.now >= due {
         return true;
     }
-    timer::arm(key, due);
+    d.wake_at(due);
     false
 }
 
-/// What the poller should do with a connection after driving it.
-pub(crate) enum Verdict {
-    Keep,
-    Close,
-    /// A handler hijacked the connection: it becomes a read-handler connection.
-    Hijacked(crate::hijack::Taken),
-}
-
-/// One connection in a poller's slab.
-pub(crate) struct Conn<S: ConnService> {
+/// An HTTP connection in a poller's slab.
+pub(crate) struct HttpConn<S: ConnService> {
     pub(crate) socket: Arc<Socket>,
-    pub(crate) key: Key,
     state: State<S>,
+    /// A request has been dispatched on this connection.
+    served: bool,
 }
 
-impl<S: ConnService> Conn<S> {
-    pub(crate) fn new(socket: Arc<Socket>, key: Key, svc: S, now: Instant) -> Self {
-        Conn {
+impl<S: ConnService> HttpConn<S> {
+    pub(crate) fn new(socket: Arc<Socket>, svc: S, now: Instant) -> Self {
+        HttpConn {
             socket,
-            key,
             state: State::Parked { svc, since: now },
+            served: false,
         }
+    }
+
+    /// Whether it holds hyper's state.
+    pub(crate) fn is_hot(&self) -> bool {
+        matches!(self.state, State::Active(_))
     }
 
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
@@ -161,11 +177,11 @@ impl<S: ConnService> Conn<S> {
     }
 
     /// Polls the connection after an event, a wake or a timer.
-    pub(crate) fn drive(&mut self, cfg: &DriverConfig, now: Instant, draining: bool) -> Verdict {
+    pub(crate) fn drive(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive) -> Verdict {
         loop {
             match &mut self.state {
                 State::Parked { since, .. } => {
-                    if draining {
+                    if d.draining {
                         return Verdict::Close;
                     }
                     if self.socket.maybe_readable() {
@@ -174,23 +190,29 @@ impl<S: ConnService> Conn<S> {
                         else {
                             unreachable!()
                         };
-                        self.activate(cfg, svc, None, None);
+                        self.activate(key, cfg, svc, None, None);
                         continue;
                     }
-                    if expired(self.key, *since, Self::idle_limit(self.key, cfg), now) {
+                    let since = *since;
+                    if expired(d, since, self.idle_limit(cfg)) {
                         tracing::debug!("closing a parked connection at its idle limit");
                         return Verdict::Close;
                     }
                     return Verdict::Keep;
                 }
                 State::Active(live) => {
-                    let waker = self.key.waker();
+                    let waker = key.waker();
                     let mut cx = Context::from_waker(&waker);
-                    let polled = timer::with_current(self.key, || {
-                        catch_unwind(AssertUnwindSafe(|| Pin::new(&mut live.conn).poll(&mut cx)))
+                    let Live { conn, cur, .. } = &mut **live;
+                    let polled = current::lend(cur, || {
+                        catch_unwind(AssertUnwindSafe(|| Pin::new(conn).poll(&mut cx)))
                     });
+                    if let Some(due) = live.cur.due.take() {
+                        d.wake_at(due);
+                    }
+                    self.served |= live.cur.requests > 0;
                     // Send what hyper wrote during this poll in one write (pipelined responses
-                    // included). Also before an upgrade's new owner can write.
+                    // included). Also before a read handler or an upgrade's new owner writes.
                     if let Poll::Ready(Err(e)) = self.socket.poll_flush_pending(&cx, true) {
                         tracing::debug!(error = %e, "write failed");
                         self.set_done();
@@ -198,20 +220,21 @@ impl<S: ConnService> Conn<S> {
                     }
                     match polled {
                         Ok(Poll::Pending) => {
-                            if let Some(handler) = crate::sse::take_over(self.key) {
-                                return self.take_over(handler);
+                            if live.cur.takeover.as_ref().is_some_and(|t| t.head_is_out()) {
+                                return self.take_over();
                             }
-                            if draining {
+                            if d.draining {
                                 return Verdict::Keep;
                             }
-                            return self.on_idle(cfg, now);
+                            return self.on_idle(key, cfg, d);
                         }
                         Ok(Poll::Ready(res)) => {
                             if let Err(e) = res {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
+                            let takeover = live.cur.takeover.take();
                             self.set_done();
-                            match crate::hijack::claim(self.key) {
+                            match takeover.and_then(|t| t.after_finish()) {
                                 Some(Ok(taken)) => return Verdict::Hijacked(taken),
                                 Some(Err(e)) => {
                                     tracing::warn!("hijack failed: {e}; closing");
@@ -223,7 +246,7 @@ impl<S: ConnService> Conn<S> {
                                 // The stream went to an upgrade; it lives on elsewhere.
                                 self.state = State::Upgraded(Box::new(Quiet {
                                     io: self.socket.foreign_io(),
-                                    since: now,
+                                    since: d.now,
                                 }));
                                 continue;
                             }
@@ -242,7 +265,7 @@ impl<S: ConnService> Conn<S> {
                 State::Upgraded(quiet) => {
                     let Quiet { io, since } = &mut **quiet;
                     // The 101 may still be waiting to be sent if the socket was full.
-                    let waker = self.key.waker();
+                    let waker = key.waker();
                     let _ = self
                         .socket
                         .poll_flush_pending(&Context::from_waker(&waker), true);
@@ -256,9 +279,10 @@ impl<S: ConnService> Conn<S> {
                     let seen = self.socket.foreign_io();
                     if seen != *io {
                         *io = seen;
-                        *since = now;
+                        *since = d.now;
                     }
-                    if expired(self.key, *since, cfg.idle_timeout, now) {
+                    let since = *since;
+                    if expired(d, since, cfg.idle_timeout) {
                         tracing::debug!("closing an upgraded connection at the idle timeout");
                         return Verdict::Close;
                     }
@@ -269,17 +293,17 @@ impl<S: ConnService> Conn<S> {
         }
     }
 
-    /// Takes the socket back from hyper after it wrote a response head whose body the
-    /// connection's new read handler will write (an SSE subscriber).
-    fn take_over(&mut self, handler: Box<dyn crate::tcp::Handler>) -> Verdict {
-        let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
+    /// Takes the socket back from hyper for the read handler waiting on it, once hyper has
+    /// written the response head whose body that handler writes (an SSE subscriber).
+    fn take_over(&mut self) -> Verdict {
+        let State::Active(mut live) = std::mem::replace(&mut self.state, State::Done) else {
+            return Verdict::Close;
+        };
+        let Some(takeover) = live.cur.takeover.take() else {
             return Verdict::Close;
         };
         match live.conn.into_parts() {
-            Some(parts) => Verdict::Hijacked(crate::hijack::Taken {
-                handler,
-                leftover: parts.io.release(parts.read_buf),
-            }),
+            Some(parts) => Verdict::Hijacked(takeover.into_taken(parts.io, parts.read_buf)),
             None => Verdict::Close,
         }
     }
@@ -292,19 +316,22 @@ impl<S: ConnService> Conn<S> {
 
     fn activate(
         &mut self,
-        cfg: &DriverConfig,
+        key: Key,
+        cfg: &HttpConfig,
         svc: S,
         prefix: Option<Bytes>,
         no_park_at: Option<u64>,
     ) {
-        let io = HopStream::new(self.socket.clone(), self.key, prefix, cfg.coalesce);
+        let io = HopStream::new(self.socket.clone(), key, prefix, cfg.coalesce);
         let conn = cfg
             .http1
-            .serve_connection(io, HyperSvc::new(svc))
+            .serve_connection(io, Counted(HyperSvc::new(svc)))
             .with_upgrades();
+        let mut cur = Current::new(key);
+        cur.requests = no_park_at.unwrap_or(0);
         self.state = State::Active(Box::new(Live {
             conn,
-            _hot: Hot::new(),
+            cur,
             no_park_at,
             idle_since: None,
         }));
@@ -313,35 +340,35 @@ impl<S: ConnService> Conn<S> {
     /// After a poll that left hyper waiting: parks the connection, or closes it at the idle
     /// timeout, once it has been idle at a request boundary long enough. Both hold with parking
     /// off (`park_after` `None`), when the idle timeout is the only one.
-    fn on_idle(&mut self, cfg: &DriverConfig, now: Instant) -> Verdict {
+    fn on_idle(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive) -> Verdict {
         let State::Active(live) = &mut self.state else {
             return Verdict::Keep;
         };
-        let meta = timer::slot_meta(self.key);
-        let idle = meta.head_wait
+        let requests = live.cur.requests;
+        let idle = live.cur.head_wait
             && !self.socket.maybe_readable()
             && self.socket.write_idle()
             && self.socket.nothing_pending()
-            && live.no_park_at != Some(meta.requests);
+            && live.no_park_at != Some(requests);
         if !idle {
             live.idle_since = None;
             return Verdict::Keep;
         }
         let since = match live.idle_since {
-            Some((t, n)) if n == meta.requests => t,
+            Some((t, n)) if n == requests => t,
             _ => {
-                live.idle_since = Some((now, meta.requests));
-                now
+                live.idle_since = Some((d.now, requests));
+                d.now
             }
         };
         if let Some(after) = cfg.park_after {
-            if now >= since + after || Hot::crowded() {
-                self.park(cfg, since, meta.requests);
+            if d.now >= since + after || d.crowded {
+                self.park(key, cfg, d, since, requests);
                 return Verdict::Keep;
             }
-            timer::arm(self.key, since + after);
+            d.wake_at(since + after);
         }
-        if expired(self.key, since, cfg.idle_timeout, now) {
+        if expired(d, since, cfg.idle_timeout) {
             tracing::debug!("closing a connection at the idle timeout");
             return Verdict::Close;
         }
@@ -351,19 +378,18 @@ impl<S: ConnService> Conn<S> {
     /// How long a parked connection may stay as it is: a new one that has sent no request yet
     /// has the smaller of the header and idle timeouts (as hyper gives it on the tokio
     /// backend), any other the idle timeout.
-    fn idle_limit(key: Key, cfg: &DriverConfig) -> Option<Duration> {
-        if timer::slot_meta(key).requests == 0 {
-            match (cfg.header_timeout, cfg.idle_timeout) {
-                (Some(h), Some(i)) => Some(h.min(i)),
-                (h, i) => h.or(i),
-            }
-        } else {
-            cfg.idle_timeout
+    fn idle_limit(&self, cfg: &HttpConfig) -> Option<Duration> {
+        if self.served {
+            return cfg.idle_timeout;
+        }
+        match (cfg.header_timeout, cfg.idle_timeout) {
+            (Some(h), Some(i)) => Some(h.min(i)),
+            (h, i) => h.or(i),
         }
     }
 
     /// Parks the connection, idle since `since`.
-    fn park(&mut self, cfg: &DriverConfig, since: Instant, requests: u64) {
+    fn park(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive, since: Instant, requests: u64) {
         let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
@@ -372,19 +398,19 @@ impl<S: ConnService> Conn<S> {
         };
         let unread = parts.io.release(parts.read_buf);
         self.socket.release_buffers();
-        let svc = parts.service.into_inner();
+        let svc = parts.service.0.into_inner();
         if unread.is_empty() {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.state = State::Parked { svc, since };
-            if let Some(limit) = Self::idle_limit(self.key, cfg) {
-                timer::arm(self.key, since + limit);
+            if let Some(limit) = self.idle_limit(cfg) {
+                d.wake_at(since + limit);
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.
-            self.activate(cfg, svc, Some(unread), Some(requests));
-            crate::wake::push_local(self.key);
+            self.activate(key, cfg, svc, Some(unread), Some(requests));
+            crate::rt::context::push_ready(key);
         }
     }
 }

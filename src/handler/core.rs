@@ -1,6 +1,7 @@
 //! The read-handler state machine both backends drive: read into the input buffer, call the
 //! handler, flush its output, apply timeouts. The reactor polls it in place with the
-//! connection's own waker; the tokio backend polls it from one task per connection.
+//! connection's own waker (`conn::tcp`); the tokio backend polls it from one task per
+//! connection ([`run_task`]).
 
 use std::future::poll_fn;
 use std::future::Future;
@@ -16,9 +17,6 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{CloseClock, CloseReason, Conn, Handler, TcpConfig};
-use crate::stream::Socket;
-use crate::timer;
-use crate::wake::Key;
 
 /// The byte stream under a read handler.
 pub(crate) trait RawIo {
@@ -116,6 +114,14 @@ impl ConnCore {
                 ))))
             }
         }
+    }
+
+    /// Hands bytes that hop delivered to the handler ([`Handler::on_deliver`]).
+    pub(crate) fn deliver(&mut self, bytes: bytes::Bytes) {
+        let _ = self.call(|h, c, _| {
+            h.on_deliver(c, bytes);
+            Ok(())
+        });
     }
 
     /// Tells the handler the server is shutting down (once).
@@ -446,88 +452,4 @@ pub(crate) async fn run_task<T>(
     };
     let _ = poll_fn(|cx| io.poll_shutdown(cx)).await;
     core.finish(reason);
-}
-
-/// The socket as its own poller uses it.
-struct LoopIo<'a>(&'a Socket);
-
-impl RawIo for LoopIo<'_> {
-    fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        dst: &mut [MaybeUninit<u8>],
-    ) -> Poll<io::Result<usize>> {
-        self.0.poll_recv(cx, true, dst)
-    }
-
-    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
-        use std::io::Write;
-        // What hyper coalesced (a hijack's 101 the socket had no room for) goes first.
-        if !self.0.nothing_pending() {
-            std::task::ready!(self.0.poll_flush_pending(cx, true))?;
-            self.0.release_buffers();
-        }
-        self.0
-            .poll_send(cx, true, src.len(), |mut io| io.write(src))
-    }
-
-    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.0.shutdown_write())
-    }
-}
-
-/// A read-handler connection in a poller's slab.
-pub(crate) struct LoopConn {
-    pub(crate) socket: Arc<Socket>,
-    pub(crate) key: Key,
-    core: ConnCore,
-}
-
-impl LoopConn {
-    pub(crate) fn new(socket: Arc<Socket>, key: Key, core: ConnCore) -> Self {
-        LoopConn { socket, key, core }
-    }
-
-    /// Drives the connection on its poller; `true` when it has closed.
-    pub(crate) fn drive(&mut self, now: Instant, draining: bool) -> bool {
-        if draining {
-            self.core.begin_shutdown();
-        }
-        let waker = self.key.waker();
-        let mut cx = Context::from_waker(&waker);
-        let key = self.key;
-        let (core, socket) = (&mut self.core, &self.socket);
-        let polled = timer::with_current(key, || core.poll(&mut cx, &mut LoopIo(socket), now));
-        match polled {
-            Poll::Ready(reason) => {
-                let reason = match reason {
-                    CloseReason::Local if draining => CloseReason::Shutdown,
-                    r => r,
-                };
-                self.core.finish(reason);
-                true
-            }
-            Poll::Pending => {
-                if let Some(due) = self.core.next_deadline() {
-                    timer::arm(self.key, due);
-                }
-                false
-            }
-        }
-    }
-
-    /// Hands delivered bytes to the handler (the caller drives the connection next).
-    pub(crate) fn deliver(&mut self, bytes: bytes::Bytes) {
-        let _ = timer::with_current(self.key, || {
-            self.core.call(|h, c, _| {
-                h.on_deliver(c, bytes);
-                Ok(())
-            })
-        });
-    }
-
-    /// Tells the handler the connection was cut (drain timeout).
-    pub(crate) fn abort(&mut self) {
-        self.core.finish(CloseReason::Shutdown);
-    }
 }

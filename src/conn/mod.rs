@@ -1,0 +1,191 @@
+//! One connection in a poller's slab, and everything it owns.
+//!
+//! An [`Entry`] is a slab slot's whole state: the connection's [`Key`] (its generation
+//! included), the one deadline it waits for on the poller's timer, the local tasks that belong
+//! to it, and what it is: an HTTP connection ([`http`]), a read-handler connection ([`tcp`]) or
+//! a local task ([`crate::rt::tasks`]). What hyper and handlers record during a drive goes onto
+//! the entry through [`current`]; a read handler taking a connection over from hyper goes
+//! through [`takeover`]. [`stream`] is the socket type hyper reads and writes.
+
+pub(crate) mod current;
+pub(crate) mod http;
+mod sleep;
+pub(crate) mod stream;
+pub(crate) mod takeover;
+pub(crate) mod tcp;
+
+use std::any::Any;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use crate::handler::{ConnCore, TcpConfig};
+use crate::rt::tasks::Task;
+use crate::rt::wake::Key;
+use crate::service::ConnService;
+use http::{HttpConfig, HttpConn};
+use stream::Socket;
+use takeover::Taken;
+use tcp::TcpConn;
+
+/// One drive of an entry: what it is told, and what it asks for.
+pub(crate) struct Drive {
+    pub(crate) now: Instant,
+    /// The server is shutting down gracefully.
+    pub(crate) draining: bool,
+    /// Many connections on this poller hold hyper's state: an idle one parks at once.
+    pub(crate) crowded: bool,
+    /// The earliest time the entry asked to be driven again.
+    pub(crate) due: Option<Instant>,
+    /// A panic the entry caught and ended with, for the poller to log and count.
+    pub(crate) panic: Option<Box<dyn Any + Send>>,
+}
+
+impl Drive {
+    pub(crate) fn new(now: Instant, draining: bool, crowded: bool) -> Self {
+        Drive {
+            now,
+            draining,
+            crowded,
+            due: None,
+            panic: None,
+        }
+    }
+
+    /// Asks for a drive at `at` (the earliest asked wins).
+    pub(crate) fn wake_at(&mut self, at: Instant) {
+        if self.due.is_none_or(|d| at < d) {
+            self.due = Some(at);
+        }
+    }
+}
+
+/// What the poller should do with an entry after driving it.
+pub(crate) enum Verdict {
+    Keep,
+    Close,
+    /// A read handler took the connection over from hyper.
+    Hijacked(Taken),
+}
+
+/// What a slab entry is.
+pub(crate) enum Kind<S: ConnService> {
+    Http(HttpConn<S>),
+    /// Boxed: a read-handler connection is larger than a parked HTTP one.
+    Tcp(Box<TcpConn>),
+    /// A local task (boxed for the same reason).
+    Task(Box<Task>),
+}
+
+/// The local tasks that belong to an entry.
+#[derive(Default)]
+pub(crate) struct Owned {
+    pub(crate) tasks: Vec<Key>,
+}
+
+/// A slab slot's state: see the module docs.
+pub(crate) struct Entry<S: ConnService> {
+    pub(crate) key: Key,
+    /// The deadline this entry waits for on the poller's timer.
+    pub(crate) armed: Option<Instant>,
+    /// Local tasks that belong to this entry, dropped with it (boxed: most entries own none).
+    pub(crate) owned: Option<Box<Owned>>,
+    pub(crate) kind: Kind<S>,
+}
+
+impl<S: ConnService> Entry<S> {
+    pub(crate) fn new(key: Key, kind: Kind<S>) -> Self {
+        Entry {
+            key,
+            armed: None,
+            owned: None,
+            kind,
+        }
+    }
+
+    /// The connection's socket (a task has none).
+    pub(crate) fn socket(&self) -> Option<&Arc<Socket>> {
+        match &self.kind {
+            Kind::Http(c) => Some(&c.socket),
+            Kind::Tcp(c) => Some(&c.socket),
+            Kind::Task(_) => None,
+        }
+    }
+
+    /// Whether this is a connection (counted as one) rather than a task.
+    pub(crate) fn is_conn(&self) -> bool {
+        !matches!(self.kind, Kind::Task(_))
+    }
+
+    /// Whether it holds hyper's state.
+    pub(crate) fn is_hot(&self) -> bool {
+        matches!(&self.kind, Kind::Http(c) if c.is_hot())
+    }
+
+    /// Drives the entry after an event, a wake or a timer.
+    pub(crate) fn drive(&mut self, http: &HttpConfig, d: &mut Drive) -> Verdict {
+        let key = self.key;
+        match &mut self.kind {
+            Kind::Http(conn) => conn.drive(key, http, d),
+            Kind::Tcp(conn) => match conn.drive(key, d) {
+                true => Verdict::Close,
+                false => Verdict::Keep,
+            },
+            Kind::Task(task) => match task.poll(key) {
+                Poll::Pending => Verdict::Keep,
+                Poll::Ready(Ok(())) => Verdict::Close,
+                Poll::Ready(Err(panic)) => {
+                    d.panic = Some(panic);
+                    Verdict::Close
+                }
+            },
+        }
+    }
+
+    /// Turns the entry into a read-handler connection after a takeover.
+    pub(crate) fn become_tcp(&mut self, taken: Taken, cfg: &Arc<TcpConfig>, now: Instant) {
+        let Some(socket) = self.socket().cloned() else {
+            return;
+        };
+        // The coalescing buffer was hyper's; a read handler writes from its own.
+        socket.release_buffers();
+        let conn = crate::handler::Conn::new(Some(socket.io.as_raw_fd()), cfg);
+        let input = bytes::BytesMut::from(&taken.leftover[..]);
+        let core = ConnCore::new(taken.handler, conn, input, cfg.clone(), now);
+        self.kind = Kind::Tcp(Box::new(TcpConn::new(socket, core)));
+    }
+
+    /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
+    /// connection closes on its next drive, a read handler is told on its next drive.
+    pub(crate) fn begin_drain(&mut self) {
+        if let Kind::Http(conn) = &mut self.kind {
+            conn.begin_drain();
+        }
+    }
+
+    /// Tells a read handler it was cut off (drain timeout).
+    pub(crate) fn abort(&mut self) {
+        if let Kind::Tcp(conn) = &mut self.kind {
+            conn.abort();
+        }
+    }
+
+    /// Records a local task that belongs to this entry.
+    pub(crate) fn adopt(&mut self, task: Key) {
+        self.owned
+            .get_or_insert_with(Default::default)
+            .tasks
+            .push(task);
+    }
+
+    /// Forgets a task of this entry that has finished.
+    pub(crate) fn disown(&mut self, task: Key) {
+        if let Some(owned) = &mut self.owned {
+            owned.tasks.retain(|k| *k != task);
+            if owned.tasks.is_empty() {
+                self.owned = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! A read-handler connection in a poller's slab: a [`ConnCore`] (the handler, its output and
+//! timeouts) over the connection's socket, polled in place with the connection's own waker.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use super::current::{self, Current};
+use super::stream::Socket;
+use super::Drive;
+use crate::handler::{CloseReason, ConnCore, RawIo};
+use crate::rt::wake::Key;
+
+/// The socket as its own poller uses it.
+struct LoopIo<'a>(&'a Socket);
+
+impl RawIo for LoopIo<'_> {
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_recv(cx, true, dst)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
+        use std::io::Write;
+        // What hyper coalesced (a hijack's 101 the socket had no room for) goes first.
+        if !self.0.nothing_pending() {
+            std::task::ready!(self.0.poll_flush_pending(cx, true))?;
+            self.0.release_buffers();
+        }
+        self.0
+            .poll_send(cx, true, src.len(), |mut io| io.write(src))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.0.shutdown_write())
+    }
+}
+
+/// A read-handler connection on its poller.
+pub(crate) struct TcpConn {
+    pub(crate) socket: Arc<Socket>,
+    core: ConnCore,
+}
+
+impl TcpConn {
+    pub(crate) fn new(socket: Arc<Socket>, core: ConnCore) -> Self {
+        TcpConn { socket, core }
+    }
+
+    /// Drives the connection on its poller; `true` when it has closed.
+    pub(crate) fn drive(&mut self, key: Key, d: &mut Drive) -> bool {
+        if d.draining {
+            self.core.begin_shutdown();
+        }
+        let waker = key.waker();
+        let mut cx = Context::from_waker(&waker);
+        let (core, socket, now) = (&mut self.core, &self.socket, d.now);
+        // Lent so that a handler opening on it (an SSE subscriber) knows its connection.
+        let mut cur = Current::new(key);
+        let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(socket), now));
+        match polled {
+            Poll::Ready(reason) => {
+                let reason = match reason {
+                    CloseReason::Local if d.draining => CloseReason::Shutdown,
+                    r => r,
+                };
+                self.core.finish(reason);
+                true
+            }
+            Poll::Pending => {
+                if let Some(due) = self.core.next_deadline() {
+                    d.wake_at(due);
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands delivered bytes to the handler (the caller drives the connection next).
+    pub(crate) fn deliver(&mut self, key: Key, bytes: bytes::Bytes) {
+        let mut cur = Current::new(key);
+        current::lend(&mut cur, || self.core.deliver(bytes));
+    }
+
+    /// Tells the handler the connection was cut (drain timeout).
+    pub(crate) fn abort(&mut self) {
+        self.core.finish(CloseReason::Shutdown);
+    }
+}

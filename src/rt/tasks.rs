@@ -1,0 +1,205 @@
+//! The poller's local tasks: futures spawned on a poller thread, kept in its slab beside the
+//! connections and woken by the same keyed wakers. They never leave their poller, so they need
+//! not be `Send`. A task may belong to a connection (its owner): it is dropped when that
+//! connection closes, as hyper's HTTP/2 streams are when their connection goes. Graceful
+//! shutdown waits for tasks without an owner until the drain timeout, then drops them.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::context;
+use super::wake::Key;
+
+/// A spawned future and the connection it belongs to.
+pub(crate) struct Task {
+    future: Pin<Box<dyn Future<Output = ()>>>,
+    /// The connection the task belongs to, if any.
+    pub(crate) owner: Option<Key>,
+}
+
+impl Task {
+    /// Polls the task with its own waker: `Ready` once it has finished, or panicked (the
+    /// panic is handed back for the poller to log and count).
+    pub(crate) fn poll(&mut self, key: Key) -> Poll<Result<(), Box<dyn Any + Send>>> {
+        let waker = key.waker();
+        let mut cx = Context::from_waker(&waker);
+        match catch_unwind(AssertUnwindSafe(|| self.future.as_mut().poll(&mut cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Spawns `future` on this thread's poller, belonging to the connection `owner` if given; the
+/// future is handed back if no poller runs on this thread. The task is first polled at the
+/// poller's next turn.
+pub(crate) fn spawn_local<F>(future: F, owner: Option<Key>) -> Result<(), F>
+where
+    F: Future<Output = ()> + 'static,
+{
+    if context::current_poller().is_none() {
+        return Err(future);
+    }
+    context::push_spawned(Task {
+        future: Box::pin(future),
+        owner,
+    });
+    Ok(())
+}
+
+/// hyper's executor on a poller (`hyper::rt::Executor`): each future becomes a local task that
+/// belongs to the connection the executor was made for.
+///
+/// HTTP/2 connections are its user (the next step); until then only the tests use it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalExec {
+    owner: Option<Key>,
+}
+
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "the executor of HTTP/2 connections")
+)]
+impl LocalExec {
+    /// An executor whose tasks belong to connection `owner`.
+    pub(crate) fn new(owner: Option<Key>) -> Self {
+        LocalExec { owner }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future<Output = ()> + 'static,
+{
+    fn execute(&self, future: F) {
+        if spawn_local(future, self.owner).is_err() {
+            // hyper calls its executor while the connection is polled, which is on its poller.
+            tracing::error!("a poller's executor was used off its poller; the future is dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::rc::Rc;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper::rt::Executor;
+
+    use super::*;
+    use crate::conn::current;
+
+    /// Says `what` when dropped.
+    struct Signal(mpsc::Sender<&'static str>, &'static str);
+
+    impl Drop for Signal {
+        fn drop(&mut self) {
+            let _ = self.0.send(self.1);
+        }
+    }
+
+    fn on_poller() -> &'static str {
+        match std::thread::current().name() {
+            Some(n) if n.starts_with("hop-poller") => "ran on the poller",
+            _ => "ran elsewhere",
+        }
+    }
+
+    /// Sends a request for `path` and reads the response's end.
+    fn get(stream: &mut TcpStream, path: &str) {
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn local_tasks_run_on_their_poller_and_go_with_their_connection() {
+        let (tx, rx) = mpsc::channel::<&'static str>();
+        let tx = Arc::new(Mutex::new(tx));
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let tx = tx.lock().unwrap().clone();
+            let owner = current::key();
+            match req.uri().path() {
+                "/sleep" => {
+                    // Not `Send`: it never leaves its poller.
+                    let local = Rc::new(tx);
+                    let task = async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = local.send(on_poller());
+                    };
+                    assert!(spawn_local(task, owner).is_ok());
+                }
+                "/forever" => {
+                    let signal = Signal(tx, "dropped with its connection");
+                    let task = async move {
+                        let _signal = signal;
+                        std::future::pending::<()>().await
+                    };
+                    assert!(spawn_local(task, owner).is_ok());
+                }
+                "/exec" => LocalExec::new(owner).execute(async move {
+                    let _ = tx.send("executed");
+                }),
+                "/panic" => {
+                    let task = async { panic!("a local task panics") };
+                    assert!(spawn_local(task, None).is_ok());
+                }
+                _ => {}
+            }
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve = crate::Server::builder()
+            .backend(crate::Backend::Reactor)
+            .pollers(1)
+            .serve(listener, svc);
+        let handle = serve.handle();
+        let server = std::thread::spawn(move || serve.run());
+        let wait = Duration::from_secs(10);
+
+        let mut c = TcpStream::connect(addr).unwrap();
+        get(&mut c, "/sleep");
+        assert_eq!(rx.recv_timeout(wait), Ok("ran on the poller"));
+        get(&mut c, "/exec");
+        assert_eq!(rx.recv_timeout(wait), Ok("executed"));
+        get(&mut c, "/forever");
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(c);
+        assert_eq!(rx.recv_timeout(wait), Ok("dropped with its connection"));
+
+        let mut c = TcpStream::connect(addr).unwrap();
+        get(&mut c, "/panic");
+        let t0 = std::time::Instant::now();
+        while handle.stats().panics == 0 {
+            assert!(t0.elapsed() < wait, "the task's panic was not counted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The poller, and the connection that spawned the task, serve on.
+        get(&mut c, "/sleep");
+        assert_eq!(rx.recv_timeout(wait), Ok("ran on the poller"));
+        // A task that outlives its connection's requests is not a connection.
+        assert_eq!(handle.stats().active, 1);
+
+        handle.shutdown();
+        server.join().unwrap().unwrap();
+    }
+}
