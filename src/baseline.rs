@@ -17,8 +17,8 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{App, NewConn};
+use crate::handler::context::{self as server, ServerContext};
 use crate::handler::ConnCore;
-use crate::hijack::ServerContext;
 use crate::service::{HyperSvc, IncomingStream};
 use crate::settings::{Config, Control};
 
@@ -54,7 +54,7 @@ pub(crate) fn start<P: App>(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.pollers)
         .thread_name("hop-tokio")
-        .on_thread_start(move || crate::hijack::set_thread_context(thread_ctx.clone()))
+        .on_thread_start(move || server::set_thread_context(thread_ctx.clone()))
         .enable_all()
         .build()?;
     let header_timeout = match (cfg.header_read_timeout, cfg.idle_timeout) {
@@ -166,7 +166,7 @@ async fn accept_loop<P: App>(
                 let mut drain = drain_rx.clone();
                 let cut = Arc::new(tokio::sync::Notify::new());
                 let fd = stream.as_raw_fd();
-                tasks.spawn(crate::hijack::with_cut(cut.clone(), async move {
+                tasks.spawn(server::with_cut(cut.clone(), async move {
                     let _guard = guard;
                     let conn = http1
                         .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))

@@ -7,9 +7,7 @@
 //! or a hijack used outside its connection's drive) a tokio task awaits the upgrade and runs the
 //! same handler.
 
-use std::cell::RefCell;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -20,93 +18,10 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
-use crate::handler::{Conn, ConnCore, Handler, TcpConfig};
-use crate::rt::wake::Key;
-use crate::rt::{context, tasks};
-
-thread_local! {
-    /// The server whose thread this is: settings, and (tokio backend) its shutdown signal.
-    static CONTEXT: RefCell<Option<ServerContext>> = const { RefCell::new(None) };
-}
-
-tokio::task_local! {
-    /// Set in each connection task of the tokio backend: notified, the task drops its
-    /// connection at once (with a reset). How a response that can no longer complete (a dropped
-    /// SSE subscriber whose peer is not reading) is cut where hyper would wait for the socket.
-    static CUT: Arc<tokio::sync::Notify>;
-}
-
-/// Runs a tokio-backend connection task with its cut signal in reach of its handlers.
-#[cfg(feature = "tokio-baseline")]
-pub(crate) async fn with_cut<F: std::future::Future>(
-    cut: Arc<tokio::sync::Notify>,
-    task: F,
-) -> F::Output {
-    CUT.scope(cut, task).await
-}
-
-/// The cut signal of the connection task this runs in (tokio backend), if any.
-pub(crate) fn cut_signal() -> Option<Arc<tokio::sync::Notify>> {
-    CUT.try_with(Arc::clone).ok()
-}
-
-/// What a hijack needs to know about the server it happens in.
-#[derive(Clone, Debug)]
-pub(crate) struct ServerContext {
-    pub(crate) tcp: Arc<TcpConfig>,
-    /// Turns `true` when a graceful shutdown starts (tokio backend).
-    pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
-    /// Hijacked connections running as tasks (tokio backend), which the drain waits for.
-    pub(crate) tasks: Arc<tokio::sync::watch::Sender<usize>>,
-}
-
-/// Records the server context for hijacks made on this thread (poller and worker threads
-/// call it at start).
-pub(crate) fn set_thread_context(ctx: ServerContext) {
-    CONTEXT.with(|c| *c.borrow_mut() = Some(ctx));
-}
-
-fn thread_context() -> ServerContext {
-    CONTEXT
-        .with(|c| c.borrow().clone())
-        .unwrap_or_else(|| ServerContext {
-            tcp: Arc::new(TcpConfig::default()),
-            shutdown: None,
-            tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
-        })
-}
-
-/// Resolves when this thread's server starts a graceful shutdown (tokio backend); never for a
-/// thread without one.
-pub(crate) async fn shutdown_signal(ctx: Option<tokio::sync::watch::Receiver<bool>>) {
-    match ctx {
-        Some(mut rx) => {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// The shutdown signal of this thread's server, if it has one.
-pub(crate) fn thread_shutdown() -> Option<tokio::sync::watch::Receiver<bool>> {
-    thread_context().shutdown
-}
-
-/// Counts a hijacked task until it ends.
-struct TaskGuard(Arc<tokio::sync::watch::Sender<usize>>);
-
-impl TaskGuard {
-    fn new(tasks: Arc<tokio::sync::watch::Sender<usize>>) -> Self {
-        tasks.send_modify(|n| *n += 1);
-        TaskGuard(tasks)
-    }
-}
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-    }
-}
+use crate::handler::context::{self as server, ServerContext, TaskGuard};
+use crate::handler::{Conn, ConnCore, Handler};
+use crate::rt::tasks;
+use crate::rt::wake::{self, Key};
 
 /// The right to take over an HTTP connection once its response is written.
 ///
@@ -169,7 +84,7 @@ impl Hijack {
         Hijack {
             on_upgrade,
             key: current::key(),
-            ctx: thread_context(),
+            ctx: server::thread_context(),
         }
     }
 
@@ -223,7 +138,7 @@ impl Hijack {
         // On its connection's poller, the handler runs as a local task that belongs to the
         // connection; anywhere else, as a tokio task.
         if let Some(key) = self.key {
-            if context::current_poller() == Some(key.poller()) {
+            if wake::current_poller() == Some(key.poller()) {
                 if let Err(task) = tasks::spawn_local(task, Some(key)) {
                     tokio::spawn(task);
                 }

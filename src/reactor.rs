@@ -31,9 +31,9 @@ use crate::conn::http::{HttpConfig, HttpConn};
 use crate::conn::stream::Socket;
 use crate::conn::tcp::TcpConn;
 use crate::conn::{Drive, Entry, Kind, Verdict};
+use crate::handler::context::{self as server, ServerContext};
 use crate::handler::{ConnCore, TcpConfig};
-use crate::rt::context;
-use crate::rt::tasks::Task;
+use crate::rt::tasks::{self, Task};
 use crate::rt::timer::Timer;
 use crate::rt::wake::{self, Key, Remote};
 use crate::service::IncomingStream;
@@ -148,7 +148,7 @@ pub(crate) fn start<P: App>(
             .spawn(move || {
                 let _guard = guard;
                 let _rt = rt.enter();
-                crate::hijack::set_thread_context(crate::hijack::ServerContext {
+                server::set_thread_context(ServerContext {
                     tcp: tcp.clone(),
                     shutdown: None,
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -231,7 +231,7 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl<P: App> Poller<P> {
     fn run(mut self) {
-        context::enter_poller(self.id);
+        wake::enter_poller(self.id);
         let _unregister = Unregister(self.id);
         let mut turn = Turn {
             events: Events::with_capacity(1024),
@@ -264,7 +264,7 @@ impl<P: App> Poller<P> {
             deliveries,
             spawned,
         } = t;
-        context::take_ready(ready);
+        wake::take_ready(ready);
         let timeout = self.timeout(!ready.is_empty());
         if let Err(e) = self.poll.poll(events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -324,7 +324,7 @@ impl<P: App> Poller<P> {
                 .get(key.slot())
                 .is_some_and(|e| e.key == key && e.armed == Some(t))
         });
-        context::take_ready(ready);
+        wake::take_ready(ready);
         if self.ctl.draining() && !self.draining {
             self.begin_drain(ready);
         }
@@ -332,7 +332,7 @@ impl<P: App> Poller<P> {
         for key in batch.drain(..) {
             self.drive_contained(key, now);
         }
-        context::take_spawned(spawned);
+        tasks::take_spawned(spawned);
         for task in spawned.drain(..) {
             self.start_task(task, ready);
         }
@@ -530,7 +530,7 @@ impl<P: App> Poller<P> {
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
                 entry.become_tcp(taken, &self.tcp, now);
-                context::push_ready(key);
+                wake::push_ready(key);
             }
         }
     }

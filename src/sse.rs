@@ -40,6 +40,7 @@ use http_body::{Body, Frame};
 
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
+use crate::handler::context as server;
 use crate::handler::{over_mark, CloseReason, Conn, Handler, WriteError};
 use crate::rt::wake::{self, Key};
 
@@ -460,7 +461,7 @@ impl Subscription {
                         queued: queued.clone(),
                         // hyper frames the body itself.
                         chunked: false,
-                        cut: crate::hijack::cut_signal(),
+                        cut: server::cut_signal(),
                     },
                 );
                 let period = self.hub.inner.cfg.keep_alive;
@@ -471,9 +472,7 @@ impl Subscription {
                         tokio::time::Instant::now() + period,
                         period,
                     ),
-                    shutdown: Box::pin(crate::hijack::shutdown_signal(
-                        crate::hijack::thread_shutdown(),
-                    )),
+                    shutdown: Box::pin(server::shutdown_signal(server::thread_shutdown())),
                     _leave: Leave {
                         hub: self.hub,
                         id: self.id,

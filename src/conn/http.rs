@@ -410,7 +410,7 @@ impl<S: ConnService> HttpConn<S> {
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.
             self.activate(key, cfg, svc, Some(unread), Some(requests));
-            crate::rt::context::push_ready(key);
+            crate::rt::wake::push_ready(key);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! [`crate::tcp`]; the reactor drives a [`ConnCore`] in place (`conn::tcp`), the tokio backend
 //! from a task ([`run_task`]).
 
+pub(crate) mod context;
 mod core;
 
 use std::fmt;

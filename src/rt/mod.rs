@@ -1,10 +1,9 @@
 //! What a poller thread offers the connections on it, below the connections themselves: keyed
-//! wakers and the cross-thread wake queue ([`wake`]), the timer heap ([`timer`]), local tasks
-//! ([`tasks`]) and the thread's poller context ([`context`]). Nothing here knows what a
+//! wakers, the local run queue and the cross-thread wake queue ([`wake`]), the timer heap
+//! ([`timer`]) and local tasks ([`tasks`]). Nothing here knows what a
 //! connection is; the poller (`crate::reactor`) owns one of each and the connections
 //! (`crate::conn`) use them.
 
-pub(crate) mod context;
 pub(crate) mod tasks;
 pub(crate) mod timer;
 pub(crate) mod wake;

@@ -10,8 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::context;
-use super::wake::Key;
+use super::wake::{self, Key};
 
 /// A spawned future and the connection it belongs to.
 pub(crate) struct Task {
@@ -41,14 +40,26 @@ pub(crate) fn spawn_local<F>(future: F, owner: Option<Key>) -> Result<(), F>
 where
     F: Future<Output = ()> + 'static,
 {
-    if context::current_poller().is_none() {
+    if wake::current_poller().is_none() {
         return Err(future);
     }
-    context::push_spawned(Task {
-        future: Box::pin(future),
-        owner,
+    SPAWNED.with(|s| {
+        s.borrow_mut().push(Task {
+            future: Box::pin(future),
+            owner,
+        })
     });
     Ok(())
+}
+
+thread_local! {
+    /// Tasks spawned on this thread's poller that it has not taken yet.
+    static SPAWNED: std::cell::RefCell<Vec<Task>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Moves the tasks spawned on this thread since the last call into `into`.
+pub(crate) fn take_spawned(into: &mut Vec<Task>) {
+    SPAWNED.with(|s| into.append(&mut s.borrow_mut()));
 }
 
 /// hyper's executor on a poller (`hyper::rt::Executor`): each future becomes a local task that

@@ -9,11 +9,11 @@
 //! until the poller takes the queue, and bytes are delivered only by a sender that bounds what
 //! it has on the way to each connection (the SSE hub counts that on the subscriber).
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::context;
 use std::task::{RawWaker, RawWakerVTable, Waker};
 
 /// A connection's identity: poller id (16 bits), generation (16 bits), slab slot (32 bits).
@@ -185,9 +185,36 @@ fn with_remote<R>(key: Key, f: impl FnOnce(&Remote) -> R) -> Option<R> {
     }
 }
 
+thread_local! {
+    /// The id of the poller running on this thread, if any.
+    static POLLER: Cell<Option<u16>> = const { Cell::new(None) };
+    /// Keys woken on this thread for this thread's poller: its local run queue.
+    static READY: RefCell<Vec<Key>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Marks the current thread as poller `id`'s thread.
+pub(crate) fn enter_poller(id: u16) {
+    POLLER.with(|p| p.set(Some(id)));
+}
+
+/// The id of the poller running on this thread.
+pub(crate) fn current_poller() -> Option<u16> {
+    POLLER.with(Cell::get)
+}
+
+/// Queues `key` on this thread's local run queue (the caller is its poller).
+pub(crate) fn push_ready(key: Key) {
+    READY.with(|r| r.borrow_mut().push(key));
+}
+
+/// Moves this thread's locally woken keys into `into`.
+pub(crate) fn take_ready(into: &mut Vec<Key>) {
+    READY.with(|r| into.append(&mut r.borrow_mut()));
+}
+
 fn wake(key: Key) {
-    if context::current_poller() == Some(key.poller()) {
-        context::push_ready(key);
+    if current_poller() == Some(key.poller()) {
+        push_ready(key);
         return;
     }
     let _ = with_remote(key, |remote| remote.push(key));
