@@ -206,10 +206,7 @@ fn main() -> std::io::Result<()> {
     let listener = hop::bind(addr)?;
     println!("hop demo on http://{addr} (backend: {backend})");
     builder
-        .serve(
-            listener,
-            app(hub).into_make_service_with_connect_info::<SocketAddr>(),
-        )
+        .serve(listener, app(hub))
         // Ctrl-C or SIGTERM (kill, systemd, Docker): close WebSockets with 1001, end SSE
         // streams, finish in-flight requests.
         .with_graceful_shutdown(hop::shutdown_signal())

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use crate::app::{App, NewConn};
 use crate::conn::http::{HttpConfig, HttpConn};
-use crate::conn::stream::Socket;
+use crate::conn::stream::{Fd, Socket};
 use crate::conn::tcp::TcpConn;
 use crate::conn::{Drive, Entry, Kind, Verdict};
 use crate::handler::context::{self as server, ServerContext};
@@ -232,6 +232,8 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 impl<P: App> Poller<P> {
     fn run(mut self) {
         wake::enter_poller(self.id);
+        // Fix the timer's epoch before any deadline is taken (`Tick`).
+        let _ = crate::rt::timer::Tick::of(Instant::now());
         let _unregister = Unregister(self.id);
         let mut turn = Turn {
             events: Events::with_capacity(1024),
@@ -282,11 +284,11 @@ impl<P: App> Poller<P> {
                     self.remote.drain_deliveries(deliveries);
                 }
                 Token(slot) => {
-                    if let Some(socket) = self.conns.get(slot).and_then(Entry::socket) {
+                    if let Some(entry) = self.conns.get(slot) {
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                         let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                        if socket.on_event(readable, writable, ev.is_read_closed()) {
-                            ready.push(self.conns[slot].key);
+                        if entry.on_event(readable, writable, ev.is_read_closed()) {
+                            ready.push(entry.key);
                         }
                     }
                 }
@@ -446,13 +448,13 @@ impl<P: App> Poller<P> {
         };
         let key = self.next_key();
         // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
-        let socket = Arc::new(Socket::new(stream));
+        let fd = Fd::new(stream);
         let kind = match new {
-            NewConn::Http(svc) => Kind::Http(HttpConn::new(socket, svc, now)),
+            NewConn::Http(svc) => Kind::Http(HttpConn::new(Arc::new(Socket::new(fd)), svc, now)),
             NewConn::Tcp(handler) => {
-                let conn = crate::handler::Conn::new(Some(socket.io.as_raw_fd()), &self.tcp);
+                let conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
-                Kind::Tcp(Box::new(TcpConn::new(socket, core)))
+                Kind::Tcp(Box::new(TcpConn::new(fd, core)))
             }
         };
         self.conns.insert(Entry::new(key, kind));
@@ -514,9 +516,9 @@ impl<P: App> Poller<P> {
         }
         match verdict {
             Verdict::Keep => {
-                let Some(socket) = entry.socket() else { return };
-                if socket.needs_registration() {
-                    let fd = socket.io.as_raw_fd();
+                let Some(fd) = entry.fd() else { return };
+                if fd.needs_registration() {
+                    let fd = fd.io.as_raw_fd();
                     if let Err(e) = self.poll.registry().register(
                         &mut mio::unix::SourceFd(&fd),
                         Token(slot),
@@ -529,8 +531,12 @@ impl<P: App> Poller<P> {
             }
             Verdict::Close => self.close(slot, false),
             Verdict::Hijacked(taken) => {
-                entry.become_tcp(taken, &self.tcp, now);
-                wake::push_ready(key);
+                if entry.become_tcp(taken, &self.tcp, now) {
+                    wake::push_ready(key);
+                } else {
+                    tracing::error!("a taken-over socket is still shared; closing");
+                    self.close(slot, false);
+                }
             }
         }
     }
@@ -563,17 +569,15 @@ impl<P: App> Poller<P> {
         if forced {
             entry.abort();
         }
-        if let Some(socket) = entry.socket() {
-            if Arc::strong_count(socket) > 1 {
-                // Someone else (an upgrade) still holds the socket: cut it off from this poller.
-                let fd = socket.io.as_raw_fd();
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut mio::unix::SourceFd(&fd));
-                let _ = socket.io.shutdown(std::net::Shutdown::Both);
-                socket.wake_all();
-            }
+        if let Some(socket) = entry.shared_socket() {
+            // Someone else (an upgrade) still holds the socket: cut it off from this poller.
+            let fd = socket.fd.io.as_raw_fd();
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut mio::unix::SourceFd(&fd));
+            let _ = socket.fd.io.shutdown(std::net::Shutdown::Both);
+            socket.wake_all();
         }
         self.drop_contained(entry);
         for task in owned.into_iter().flat_map(|o| o.tasks) {

@@ -42,7 +42,7 @@ use crate::conn::current;
 use crate::conn::takeover::Takeover;
 use crate::handler::context as server;
 use crate::handler::{over_mark, CloseReason, Conn, Handler, WriteError};
-use crate::rt::wake::{self, Key};
+use crate::rt::wake::{self, Delivery, Key};
 
 /// One event.
 #[derive(Debug, Clone, Default)]
@@ -199,21 +199,18 @@ impl Default for HubConfig {
 
 enum Sink {
     /// A subscriber on a poller: events are handed to its connection there.
-    Loop {
-        key: Key,
-        chunked: bool,
-        /// Bytes on their way to the connection (the subscriber counts them down as they
-        /// arrive).
-        queued: Arc<AtomicUsize>,
-    },
-    /// A subscriber served as a streaming body (tokio backend).
-    Channel {
-        tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
-        queued: Arc<AtomicUsize>,
-        chunked: bool,
-        /// Cuts the subscriber's connection (when it is dropped as slow).
-        cut: Option<Arc<tokio::sync::Notify>>,
-    },
+    Loop { key: Key, chunked: bool },
+    /// A subscriber served as a streaming body (tokio backend; boxed, so that the hub's
+    /// entries for the reactor's subscribers stay small).
+    Channel(Box<ChannelSink>),
+}
+
+struct ChannelSink {
+    tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    chunked: bool,
+    /// Cuts the subscriber's connection (when it is dropped as slow).
+    cut: Option<Arc<tokio::sync::Notify>>,
 }
 
 struct HubInner {
@@ -309,29 +306,26 @@ impl Hub {
         match sink {
             // The subscriber's limit holds where its events are queued: bytes on their way to a
             // busy or stalled poller count against it, as its outbound queue does there.
-            Sink::Loop {
-                key,
-                chunked,
-                queued,
-            } => {
-                if over_mark(queued.load(Ordering::Relaxed), max) {
-                    // Tell the connection to close (an empty delivery): nothing more is sent.
-                    wake::deliver(*key, Bytes::new());
-                    return Offer::Slow;
-                }
-                let bytes = event.get(*chunked);
-                queued.fetch_add(bytes.len(), Ordering::Relaxed);
-                match wake::deliver(*key, bytes) {
-                    true => Offer::Queued,
-                    false => Offer::Gone,
+            // The subscriber's limit holds where its events are queued: bytes on their way to a
+            // busy or stalled poller count against it, as its outbound queue does there.
+            Sink::Loop { key, chunked } => {
+                match wake::deliver(*key, event.get(*chunked), |q| over_mark(q, max)) {
+                    Delivery::Queued => Offer::Queued,
+                    Delivery::Gone => Offer::Gone,
+                    Delivery::Full => {
+                        // Tell the connection to close (an empty delivery): nothing more is sent.
+                        wake::deliver(*key, Bytes::new(), |_| false);
+                        Offer::Slow
+                    }
                 }
             }
-            Sink::Channel {
-                tx,
-                queued,
-                chunked,
-                cut,
-            } => {
+            Sink::Channel(sink) => {
+                let ChannelSink {
+                    tx,
+                    queued,
+                    chunked,
+                    cut,
+                } = &**sink;
                 if over_mark(queued.load(Ordering::Relaxed), max) {
                     // An empty chunk tells the body to fail, and the connection task is told to
                     // drop the connection: hyper alone would wait for a peer that is not reading
@@ -438,7 +432,6 @@ impl Subscription {
                 id: self.id,
                 chunked: self.chunked,
                 backlog: std::mem::take(&mut self.backlog).into_boxed_slice(),
-                queued: Arc::new(AtomicUsize::new(0)),
             };
             let t = Takeover::after_head(Box::new(subscriber));
             if current::set_takeover(key, t).is_ok() {
@@ -456,13 +449,13 @@ impl Subscription {
                 }
                 self.hub.subs().insert(
                     self.id,
-                    Sink::Channel {
+                    Sink::Channel(Box::new(ChannelSink {
                         tx,
                         queued: queued.clone(),
                         // hyper frames the body itself.
                         chunked: false,
                         cut: server::cut_signal(),
-                    },
+                    })),
                 );
                 let period = self.hub.inner.cfg.keep_alive;
                 SseInner::Channel {
@@ -591,8 +584,6 @@ struct Subscriber {
     chunked: bool,
     /// Events queued before the takeover (a boxed slice: no room kept once sent).
     backlog: Box<[Bytes]>,
-    /// Bytes on their way here from the hub (`Sink::Loop`).
-    queued: Arc<AtomicUsize>,
 }
 
 impl Handler for Subscriber {
@@ -614,7 +605,6 @@ impl Handler for Subscriber {
             Sink::Loop {
                 key,
                 chunked: self.chunked,
-                queued: self.queued.clone(),
             },
         );
         Ok(())
@@ -626,7 +616,6 @@ impl Handler for Subscriber {
             conn.close();
             return;
         }
-        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
         match conn.write(&bytes) {
             Ok(()) => {}
             Err(WriteError::Full { .. }) => {

@@ -224,9 +224,11 @@ struct WsProtocol<H> {
     handler: H,
     cfg: WsConfig,
     /// A fragmented message being assembled: its opcode and bytes so far.
-    partial: Option<(Data, BytesMut)>,
+    /// (Boxed, as is `close_received`: an idle connection has neither, and its state stays
+    /// small.)
+    partial: Option<Box<(Data, BytesMut)>>,
     close_sent: bool,
-    close_received: Option<(Option<CloseCode>, String)>,
+    close_received: Option<Box<(Option<CloseCode>, String)>>,
 }
 
 /// Why the protocol closes the connection.
@@ -269,7 +271,7 @@ impl<H: WsHandler> WsProtocol<H> {
             }
             let len = len as usize;
             if let OpCode::Data(Data::Continue) = header.opcode {
-                let so_far = self.partial.as_ref().map_or(0, |(_, b)| b.len());
+                let so_far = self.partial.as_ref().map_or(0, |p| p.1.len());
                 if so_far + len > self.cfg.max_message_size {
                     return Err(Fail(CloseCode::Size, "message too large"));
                 }
@@ -324,12 +326,12 @@ impl<H: WsHandler> WsProtocol<H> {
             }
             OpCode::Data(Data::Reserved(_)) => Err(Fail(CloseCode::Protocol, "reserved opcode")),
             OpCode::Data(Data::Continue) => {
-                let Some((_, buf)) = &mut self.partial else {
+                let Some((_, buf)) = self.partial.as_deref_mut() else {
                     return Err(Fail(CloseCode::Protocol, "continuation without a message"));
                 };
                 buf.extend_from_slice(&payload);
                 if fin {
-                    let (kind, buf) = self.partial.take().expect("checked above");
+                    let (kind, buf) = *self.partial.take().expect("checked above");
                     self.message(conn, kind, buf)?;
                 }
                 Ok(())
@@ -344,7 +346,7 @@ impl<H: WsHandler> WsProtocol<H> {
                 if fin {
                     self.message(conn, kind, payload)
                 } else {
-                    self.partial = Some((kind, payload));
+                    self.partial = Some(Box::new((kind, payload)));
                     Ok(())
                 }
             }
@@ -392,7 +394,7 @@ impl<H: WsHandler> WsProtocol<H> {
             code.unwrap_or(CloseCode::Normal),
             "",
         );
-        self.close_received = Some((code, reason));
+        self.close_received = Some(Box::new((code, reason)));
         conn.close();
         Ok(())
     }
@@ -443,7 +445,10 @@ impl<H: WsHandler> Handler for WsProtocol<H> {
 
     fn on_close(&mut self, reason: CloseReason) {
         let _ = reason;
-        let (code, text) = self.close_received.take().unwrap_or((None, String::new()));
+        let (code, text) = self
+            .close_received
+            .take()
+            .map_or((None, String::new()), |c| *c);
         self.handler.on_close(code, &text);
     }
 }

@@ -4,11 +4,13 @@
 //! previous response is done, and an upgrade on a parked connection. The tokio backend runs the
 //! same cases for parity.
 //!
-//! Two of them guard what parking assumes of hyper's private behaviour (with the debug
-//! assertions in `timer::note_request` and `HopStream::release`): that hyper holds its
-//! header-read sleep only while it waits for a request head (a slow handler is never parked
-//! mid-request), and that taking the socket back with `into_parts` loses nothing (hyper's write
-//! buffer is empty then, even after a large response to a slow reader).
+//! Three of them guard what parking assumes of hyper's private behaviour (with the debug
+//! assertions in `conn::http::Counted` and `HopStream::release`): that hyper dispatches a
+//! request only once the previous response is done (a slow handler is never parked
+//! mid-request), that it reads a request body a handler reads after answering before the next
+//! head (such a connection is not parked while the body is on its way), and that taking the
+//! socket back with `into_parts` loses nothing (hyper's write buffer is empty then, even after a
+//! large response to a slow reader).
 
 use std::time::Duration;
 
@@ -125,8 +127,9 @@ backend_tests! {
     }
 
     async fn slow_handler_is_not_parked_mid_request(backend) {
-        // Parking waits for hyper's header sleep; a hyper that kept it through a request would
-        // let the driver take hyper's state away while the handler runs, losing the response.
+        // Parking waits until nothing is in flight; a hyper that dispatched a request before the
+        // previous response was done, or a driver that missed a request in flight, would let
+        // the driver take hyper's state away while the handler runs, losing the response.
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         let started = Arc::new(AtomicBool::new(false));
@@ -156,6 +159,49 @@ backend_tests! {
         tokio::time::sleep(PAUSE).await;
         let res = conn.roundtrip(b"GET /n/2 HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert_eq!(res.text(), "n=2");
+        assert_parked(&srv);
+    }
+
+    async fn body_read_after_the_response_then_park(backend) {
+        // A handler may answer first and read the request body later (here in a task). hyper
+        // is still reading that body when the response is done: taking its state then would
+        // read the rest of the body as the next request head.
+        use std::sync::{Arc, Mutex};
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<usize, String>>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let app = app().route(
+            "/later",
+            post(move |req: axum::extract::Request| {
+                let tx = tx.lock().unwrap().take();
+                async move {
+                    let body = req.into_body();
+                    tokio::spawn(async move {
+                        let got = axum::body::to_bytes(body, usize::MAX).await;
+                        if let Some(tx) = tx {
+                            let _ = tx.send(got.map(|b| b.len()).map_err(|e| e.to_string()));
+                        }
+                    });
+                    "answered"
+                }
+            }),
+        );
+        let srv = compat_tests::start(backend, app, |b| b);
+        let mut conn = RawConn::connect(srv.addr).await;
+        conn.send(b"POST /later HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n01234").await.unwrap();
+        let res = conn.read_response().await;
+        assert_eq!((res.status, res.text()), (200, "answered".to_owned()));
+        tokio::time::sleep(PAUSE).await;
+        conn.send(b"56789").await.unwrap();
+        tokio::time::sleep(PAUSE).await;
+        // (hyper hands the rest of the body over once it reads again: on either backend, when
+        // the next request arrives.)
+        let res = conn.roundtrip(b"GET /n/3 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(res.text(), "n=3");
+        let got = tokio::time::timeout(Duration::from_secs(20), rx).await.unwrap().unwrap();
+        assert_eq!(got, Ok(10), "[{backend}] the body was cut");
+        tokio::time::sleep(PAUSE).await;
+        let res = conn.roundtrip(b"GET /n/4 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(res.text(), "n=4");
         assert_parked(&srv);
     }
 

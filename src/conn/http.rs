@@ -13,15 +13,28 @@
 //!   [`HopStream`] lets go of the socket before it wakes the connection, so the poller never
 //!   sees it still held), or until no bytes have moved for the idle timeout.
 //!
-//! Timeouts: a new connection that sends nothing is closed at the header timeout (or the idle
-//! timeout, if smaller); one idle at a request boundary, parked or not, at the idle timeout.
+//! Where hyper stands is tracked here, not asked of hyper (it has no timer on the reactor: with
+//! one, it would allocate a sleep and run an extra read-write pass for every request). The
+//! service wrapper counts each request dispatched, and the response body's wrapper counts it
+//! done when hyper drops the body, which it does once the response is written. With nothing in
+//! flight, the last read ended in `WouldBlock`, no write waiting and no request body that hyper
+//! may still be reading, hyper is waiting for a request head: the connection is idle at a
+//! request boundary. Two things about hyper are relied on, each checked by a debug assertion
+//! and by the parking tests: it dispatches a request only once the previous response is done,
+//! and it reads the next head only after the previous request's body.
 //!
-//! Parking: hyper holds a header-read sleep exactly while it waits for a request head (see
-//! [`super::sleep`]). When that is so, the last read ended in `WouldBlock` and no write is
-//! waiting, nothing is in flight; the driver then takes hyper's parts back with `into_parts`. If
-//! hyper's read buffer still holds bytes (the start of the next request), a new hyper
-//! connection is started over those bytes at once, and parking is not tried again until another
-//! request has been dispatched, so a slow sender cannot reset the header timeout more than once.
+//! Timeouts: a new connection that sends nothing is closed at the header timeout (or the idle
+//! timeout, if smaller); one waiting for a request head, at the header timeout counted from
+//! when it began waiting (a partial head included), or once parked at the idle timeout. After a
+//! request with a body, the connection is not parked (hyper may still be reading that body: a
+//! handler can respond first) until its next request; the idle timeout, counted from the last
+//! byte read, holds meanwhile.
+//!
+//! Parking: once a connection has been idle at a request boundary for `park_after`, the driver
+//! takes hyper's parts back with `into_parts`. If hyper's read buffer still holds bytes (the
+//! start of the next request), a new hyper connection is started over those bytes at once, and
+//! parking is not tried again until another request has been dispatched, so a slow sender
+//! cannot reset the header timeout.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -36,14 +49,15 @@ use hyper::server::conn::http1;
 use std::future::Future;
 
 use super::current::{self, Current};
-use super::sleep::HopTimer;
 use super::stream::{HopStream, Socket};
 use super::{Drive, Verdict};
+use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::{ConnService, HyperSvc};
 use crate::settings::{Config, Control};
 
 type HyperConn<S> = http1::UpgradeableConnection<HopStream, Counted<S>>;
+type Body<S> = crate::service::HopBody<<S as ConnService>::ResBody>;
 
 /// Settings of a poller's HTTP connections.
 pub(crate) struct HttpConfig {
@@ -61,13 +75,10 @@ pub(crate) struct HttpConfig {
 
 impl HttpConfig {
     pub(crate) fn new(cfg: &Config, ctl: Arc<Control>) -> Self {
-        // hyper always gets a header timeout: its sleep is how the driver sees an idle
-        // connection.
-        let header_timeout = cfg
-            .header_read_timeout
-            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        let mut http1 = cfg.http1(Some(header_timeout));
-        http1.timer(HopTimer);
+        // No timer, no header timeout in hyper: the driver keeps that time (module docs).
+        // (hyper's writes stay vectored: flattened, hyper would copy every body into its own
+        // buffer, all of a large one for a slow reader.)
+        let http1 = cfg.http1(None);
         HttpConfig {
             http1,
             coalesce: cfg.pipeline_flush,
@@ -80,34 +91,105 @@ impl HttpConfig {
 }
 
 /// The service hyper calls: the user's, with panics caught ([`HyperSvc`]), counting each
-/// request on the connection's [`Current`].
+/// request on the connection's [`Current`] until hyper drops its response body.
 #[derive(Clone)]
 pub(crate) struct Counted<S>(HyperSvc<S>);
 
 impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
-    type Response = Response<crate::service::HopBody<S::ResBody>>;
+    type Response = Response<Tracked<Body<S>>>;
     type Error = crate::service::BoxError;
-    type Future = <HyperSvc<S> as hyper::service::Service<Request<Incoming>>>::Future;
+    type Future =
+        TrackedFuture<<HyperSvc<S> as hyper::service::Service<Request<Incoming>>>::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        current::with_any(|c| {
-            // Parking relies on hyper dropping its header-read sleep once a head is parsed,
-            // before the request reaches the service (`super::sleep`): a hyper release that
-            // kept it through a request would let the driver park a connection mid-request.
-            debug_assert!(
-                !c.head_wait,
-                "hyper dispatched a request while holding its header-read sleep"
+        let body_pending = !http_body::Body::is_end_stream(req.body());
+        let key = current::with_any(|c| {
+            // Idle detection relies on hyper dispatching a request only once the previous
+            // response is done (its body dropped): a hyper release that pipelined dispatches
+            // would let the driver park a connection mid-request.
+            debug_assert_eq!(
+                c.in_flight, 0,
+                "hyper dispatched a request before the previous response was done"
             );
             c.requests += 1;
+            c.in_flight += 1;
+            c.body_pending = body_pending;
+            c.key
         });
-        self.0.call(req)
+        TrackedFuture {
+            inner: self.0.call(req),
+            key,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future; its response body is [`Tracked`].
+    pub(crate) struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        key: Option<Key>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Tracked<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let key = *this.key;
+        this.inner
+            .poll(cx)
+            .map(|r| r.map(|res| res.map(|body| Tracked { body, key })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts its request done when hyper drops it.
+    pub(crate) struct Tracked<B> {
+        #[pin]
+        body: B,
+        key: Option<Key>,
+    }
+
+    impl<B> PinnedDrop for Tracked<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(key) = this.key {
+                current::with(key, |c| c.in_flight = c.in_flight.saturating_sub(1));
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
 enum State<S: ConnService> {
+    /// Since when it has been idle, as a [`Tick`] (8 bytes: the state of every parked
+    /// connection).
     Parked {
         svc: S,
-        since: Instant,
+        since: Tick,
     },
     /// Boxed, with what parking tracks, so that a parked connection's slab entry stays small.
     Active(Box<Live<S>>),
@@ -128,7 +210,8 @@ struct Live<S: ConnService> {
     conn: HyperConn<S>,
     /// What hyper and the handlers record while the connection is driven.
     cur: Current,
-    /// The request count at which parking found a partial request head.
+    /// The request count at which parking found a partial request head (parked no more until
+    /// the next request).
     no_park_at: Option<u64>,
     /// When the connection was first seen idle, and the request count then.
     idle_since: Option<(Instant, u64)>,
@@ -158,9 +241,17 @@ impl<S: ConnService> HttpConn<S> {
     pub(crate) fn new(socket: Arc<Socket>, svc: S, now: Instant) -> Self {
         HttpConn {
             socket,
-            state: State::Parked { svc, since: now },
+            state: State::Parked {
+                svc,
+                since: Tick::of(now),
+            },
             served: false,
         }
+    }
+
+    /// The socket, with hyper's state (done by now) dropped.
+    pub(crate) fn into_socket(self) -> Arc<Socket> {
+        self.socket
     }
 
     /// Whether it holds hyper's state.
@@ -184,7 +275,7 @@ impl<S: ConnService> HttpConn<S> {
                     if d.draining {
                         return Verdict::Close;
                     }
-                    if self.socket.maybe_readable() {
+                    if self.socket.fd.maybe_readable() {
                         let State::Parked { svc, .. } =
                             std::mem::replace(&mut self.state, State::Done)
                         else {
@@ -193,7 +284,7 @@ impl<S: ConnService> HttpConn<S> {
                         self.activate(key, cfg, svc, None, None);
                         continue;
                     }
-                    let since = *since;
+                    let since = since.instant();
                     if expired(d, since, self.idle_limit(cfg)) {
                         tracing::debug!("closing a parked connection at its idle limit");
                         return Verdict::Close;
@@ -203,13 +294,12 @@ impl<S: ConnService> HttpConn<S> {
                 State::Active(live) => {
                     let waker = key.waker();
                     let mut cx = Context::from_waker(&waker);
+                    // Bytes to read: the peer is not quiet (see `on_idle`).
+                    let woke_readable = self.socket.fd.maybe_readable();
                     let Live { conn, cur, .. } = &mut **live;
                     let polled = current::lend(cur, || {
                         catch_unwind(AssertUnwindSafe(|| Pin::new(conn).poll(&mut cx)))
                     });
-                    if let Some(due) = live.cur.due.take() {
-                        d.wake_at(due);
-                    }
                     self.served |= live.cur.requests > 0;
                     // Send what hyper wrote during this poll in one write (pipelined responses
                     // included). Also before a read handler or an upgrade's new owner writes.
@@ -226,7 +316,7 @@ impl<S: ConnService> HttpConn<S> {
                             if d.draining {
                                 return Verdict::Keep;
                             }
-                            return self.on_idle(key, cfg, d);
+                            return self.on_idle(key, cfg, d, woke_readable);
                         }
                         Ok(Poll::Ready(res)) => {
                             if let Err(e) = res {
@@ -320,7 +410,7 @@ impl<S: ConnService> HttpConn<S> {
         cfg: &HttpConfig,
         svc: S,
         prefix: Option<Bytes>,
-        no_park_at: Option<u64>,
+        resume: Option<(Instant, u64)>,
     ) {
         let io = HopStream::new(self.socket.clone(), key, prefix, cfg.coalesce);
         let conn = cfg
@@ -328,48 +418,69 @@ impl<S: ConnService> HttpConn<S> {
             .serve_connection(io, Counted(HyperSvc::new(svc)))
             .with_upgrades();
         let mut cur = Current::new(key);
-        cur.requests = no_park_at.unwrap_or(0);
+        cur.requests = resume.map_or(0, |(_, n)| n);
         self.state = State::Active(Box::new(Live {
             conn,
             cur,
-            no_park_at,
-            idle_since: None,
+            no_park_at: resume.map(|(_, n)| n),
+            idle_since: resume,
         }));
     }
 
-    /// After a poll that left hyper waiting: parks the connection, or closes it at the idle
-    /// timeout, once it has been idle at a request boundary long enough. Both hold with parking
-    /// off (`park_after` `None`), when the idle timeout is the only one.
-    fn on_idle(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive) -> Verdict {
+    /// After a poll that left hyper waiting: parks the connection, or closes it at its time
+    /// limit, once it has been idle at a request boundary long enough (see the module docs).
+    /// Both hold with parking off (`park_after` `None`), when the time limit is the only one.
+    fn on_idle(
+        &mut self,
+        key: Key,
+        cfg: &HttpConfig,
+        d: &mut Drive,
+        woke_readable: bool,
+    ) -> Verdict {
         let State::Active(live) = &mut self.state else {
             return Verdict::Keep;
         };
         let requests = live.cur.requests;
-        let idle = live.cur.head_wait
-            && !self.socket.maybe_readable()
-            && self.socket.write_idle()
-            && self.socket.nothing_pending()
-            && live.no_park_at != Some(requests);
-        if !idle {
+        let quiet = live.cur.in_flight == 0
+            && live.cur.takeover.is_none()
+            && !self.socket.fd.maybe_readable()
+            && self.socket.fd.write_idle()
+            && self.socket.nothing_pending();
+        if !quiet {
             live.idle_since = None;
             return Verdict::Keep;
         }
         let since = match live.idle_since {
-            Some((t, n)) if n == requests => t,
+            // Reading a request body counts as activity; reading part of a head does not.
+            Some((t, n)) if n == requests && !(live.cur.body_pending && woke_readable) => t,
             _ => {
                 live.idle_since = Some((d.now, requests));
                 d.now
             }
         };
-        if let Some(after) = cfg.park_after {
-            if d.now >= since + after || d.crowded {
-                self.park(key, cfg, d, since, requests);
-                return Verdict::Keep;
+        if live.cur.body_pending {
+            // hyper may still be reading the body: no parking, the idle timeout only.
+            if expired(d, since, cfg.idle_timeout) {
+                tracing::debug!("closing a connection at the idle timeout");
+                return Verdict::Close;
             }
-            d.wake_at(since + after);
+            return Verdict::Keep;
         }
-        if expired(d, since, cfg.idle_timeout) {
-            tracing::debug!("closing a connection at the idle timeout");
+        if let Some(after) = cfg.park_after {
+            if live.no_park_at != Some(requests) {
+                if d.now >= since + after || d.crowded {
+                    self.park(key, cfg, d, since, requests);
+                    return Verdict::Keep;
+                }
+                d.wake_at(since + after);
+            }
+        }
+        let limit = match (cfg.header_timeout, cfg.idle_timeout) {
+            (Some(h), Some(i)) => Some(h.min(i)),
+            (h, i) => h.or(i),
+        };
+        if expired(d, since, limit) {
+            tracing::debug!("closing a connection waiting for a request head at its time limit");
             return Verdict::Close;
         }
         Verdict::Keep
@@ -403,13 +514,16 @@ impl<S: ConnService> HttpConn<S> {
             cfg.ctl
                 .parked
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.state = State::Parked { svc, since };
+            self.state = State::Parked {
+                svc,
+                since: Tick::of(since),
+            };
             if let Some(limit) = self.idle_limit(cfg) {
                 d.wake_at(since + limit);
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.
-            self.activate(key, cfg, svc, Some(unread), Some(requests));
+            self.activate(key, cfg, svc, Some(unread), Some((since, requests)));
             crate::rt::wake::push_ready(key);
         }
     }

@@ -9,7 +9,6 @@
 
 pub(crate) mod current;
 pub(crate) mod http;
-mod sleep;
 pub(crate) mod stream;
 pub(crate) mod takeover;
 pub(crate) mod tcp;
@@ -22,10 +21,11 @@ use std::time::Instant;
 
 use crate::handler::{ConnCore, TcpConfig};
 use crate::rt::tasks::Task;
+use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::ConnService;
 use http::{HttpConfig, HttpConn};
-use stream::Socket;
+use stream::{Fd, Socket};
 use takeover::Taken;
 use tcp::TcpConn;
 
@@ -76,6 +76,8 @@ pub(crate) enum Kind<S: ConnService> {
     Tcp(Box<TcpConn>),
     /// A local task (boxed for the same reason).
     Task(Box<Task>),
+    /// Closed, for the moment its state changes hands.
+    Closed,
 }
 
 /// The local tasks that belong to an entry.
@@ -88,7 +90,7 @@ pub(crate) struct Owned {
 pub(crate) struct Entry<S: ConnService> {
     pub(crate) key: Key,
     /// The deadline this entry waits for on the poller's timer.
-    pub(crate) armed: Option<Instant>,
+    pub(crate) armed: Option<Tick>,
     /// Local tasks that belong to this entry, dropped with it (boxed: most entries own none).
     pub(crate) owned: Option<Box<Owned>>,
     pub(crate) kind: Kind<S>,
@@ -104,12 +106,29 @@ impl<S: ConnService> Entry<S> {
         }
     }
 
-    /// The connection's socket (a task has none).
-    pub(crate) fn socket(&self) -> Option<&Arc<Socket>> {
+    /// The connection's descriptor (a task has none).
+    pub(crate) fn fd(&self) -> Option<&Fd> {
         match &self.kind {
-            Kind::Http(c) => Some(&c.socket),
-            Kind::Tcp(c) => Some(&c.socket),
-            Kind::Task(_) => None,
+            Kind::Http(c) => Some(&c.socket.fd),
+            Kind::Tcp(c) => Some(&c.fd),
+            Kind::Task(_) | Kind::Closed => None,
+        }
+    }
+
+    /// Records a readiness event on the connection's socket; whether to drive it.
+    pub(crate) fn on_event(&self, readable: bool, writable: bool, read_closed: bool) -> bool {
+        match &self.kind {
+            Kind::Http(c) => c.socket.on_event(readable, writable, read_closed),
+            Kind::Tcp(c) => c.fd.on_event(readable, writable, read_closed),
+            Kind::Task(_) | Kind::Closed => false,
+        }
+    }
+
+    /// The socket, if a task other than the poller (an upgrade's owner) holds it too.
+    pub(crate) fn shared_socket(&self) -> Option<&Arc<Socket>> {
+        match &self.kind {
+            Kind::Http(c) if Arc::strong_count(&c.socket) > 1 => Some(&c.socket),
+            _ => None,
         }
     }
 
@@ -140,20 +159,28 @@ impl<S: ConnService> Entry<S> {
                     Verdict::Close
                 }
             },
+            Kind::Closed => Verdict::Close,
         }
     }
 
-    /// Turns the entry into a read-handler connection after a takeover.
-    pub(crate) fn become_tcp(&mut self, taken: Taken, cfg: &Arc<TcpConfig>, now: Instant) {
-        let Some(socket) = self.socket().cloned() else {
-            return;
+    /// Turns the entry into a read-handler connection after a takeover; `false` (the entry is
+    /// then closed) if the socket is still shared, which a takeover never leaves it.
+    pub(crate) fn become_tcp(&mut self, taken: Taken, cfg: &Arc<TcpConfig>, now: Instant) -> bool {
+        let Kind::Http(http) = std::mem::replace(&mut self.kind, Kind::Closed) else {
+            return false;
         };
-        // The coalescing buffer was hyper's; a read handler writes from its own.
-        socket.release_buffers();
-        let conn = crate::handler::Conn::new(Some(socket.io.as_raw_fd()), cfg);
+        let Ok(socket) = Arc::try_unwrap(http.into_socket()) else {
+            return false;
+        };
+        // What hyper wrote and the socket had no room for yet (the 101, or the SSE head) is the
+        // first of the handler's output.
+        let (fd, unsent) = socket.into_fd();
+        let mut conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), cfg);
+        conn.out = unsent;
         let input = bytes::BytesMut::from(&taken.leftover[..]);
         let core = ConnCore::new(taken.handler, conn, input, cfg.clone(), now);
-        self.kind = Kind::Tcp(Box::new(TcpConn::new(socket, core)));
+        self.kind = Kind::Tcp(Box::new(TcpConn::new(fd, core)));
+        true
     }
 
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked

@@ -28,30 +28,26 @@ use hyper::rt::ReadBufCursor;
 
 use crate::rt::wake::Key;
 
-/// A connection's socket and readiness, shared by the slab and the stream.
+/// A socket's descriptor and its readiness as its poller tracks it: all a read-handler
+/// connection needs (it owns one outright), and the core of a [`Socket`].
+///
+/// Readiness is kept in flags, set by poller events and cleared on `WouldBlock` (or a short
+/// read or write, which means the next one would block), so that a read or write that would
+/// block costs no system call. Atomic, because an HTTP connection's [`Socket`] is shared with
+/// an upgrade's task; only the poller sets them.
 #[derive(Debug)]
-pub struct Socket {
+pub(crate) struct Fd {
     pub(crate) io: mio::net::TcpStream,
     readable: AtomicBool,
     writable: AtomicBool,
     read_closed: AtomicBool,
-    /// Registered with the poller's `mio::Poll` (see [`Socket::needs_registration`]).
+    /// Registered with the poller's `mio::Poll` (see [`Fd::needs_registration`]).
     registered: AtomicBool,
-    read_waker: Mutex<Option<Waker>>,
-    write_waker: Mutex<Option<Waker>>,
-    /// Output hyper wrote during this drive, sent in one write when the drive ends.
-    pending: Mutex<BytesMut>,
-    /// Reads and writes that moved bytes for a task other than the poller (an upgraded
-    /// connection): the poller's idle timeout for such a connection watches it change.
-    foreign_io: AtomicU32,
 }
 
-/// Above this much coalesced output, a write sends it before taking more.
-const COALESCE_MAX: usize = 64 * 1024;
-
-impl Socket {
+impl Fd {
     pub(crate) fn new(io: mio::net::TcpStream) -> Self {
-        Socket {
+        Fd {
             io,
             // Optimistic: a new connection's first request has often arrived by the time it is
             // accepted; reading at once saves a round through epoll.
@@ -59,30 +55,24 @@ impl Socket {
             writable: AtomicBool::new(true),
             read_closed: AtomicBool::new(false),
             registered: AtomicBool::new(false),
-            read_waker: Mutex::new(None),
-            write_waker: Mutex::new(None),
-            pending: Mutex::new(BytesMut::new()),
-            foreign_io: AtomicU32::new(0),
         }
     }
 
-    /// Records a readiness event and wakes a foreign task waiting on it. Returns whether the
-    /// connection should be driven: on readability, or on writability that a write waited for
-    /// (the send buffer draining after every response is not worth a poll).
+    /// Records a readiness event. Returns whether the connection should be driven: on
+    /// readability, or on writability that a write waited for (the send buffer draining after
+    /// every response is not worth a poll).
     pub(crate) fn on_event(&self, readable: bool, writable: bool, read_closed: bool) -> bool {
-        let mut drive = false;
         if read_closed {
             // Sticky: a short read must not hide the end of input, which raises no new edge.
             self.read_closed.store(true, Ordering::Relaxed);
         }
+        let mut drive = false;
         if readable {
             self.readable.store(true, Ordering::Relaxed);
-            take_and_wake(&self.read_waker);
             drive = true;
         }
         if writable {
             drive |= !self.writable.swap(true, Ordering::Relaxed);
-            take_and_wake(&self.write_waker);
         }
         drive
     }
@@ -93,7 +83,7 @@ impl Socket {
     /// `epoll_ctl`. Registering late loses no edge, since epoll reports a socket that is
     /// already ready when it is added.
     pub(crate) fn needs_registration(&self) -> bool {
-        !self.registered.swap(true, Ordering::Relaxed)
+        !self.registered.load(Ordering::Relaxed) && !self.registered.swap(true, Ordering::Relaxed)
     }
 
     /// The last read did not end in `WouldBlock` (or an event said bytes arrived since).
@@ -104,6 +94,152 @@ impl Socket {
     /// No write is waiting for the socket to drain.
     pub(crate) fn write_idle(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
+    }
+
+    /// One `recv(2)` into `dst` (retried if interrupted).
+    fn recv(&self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst` and reports how many;
+            // the caller counts only those as initialized.
+            let n =
+                unsafe { libc::recv(self.io.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len(), 0) };
+            if n >= 0 {
+                let n = n as usize;
+                if n > 0 && n < dst.len() {
+                    // A short read drained the socket: the next read would be `WouldBlock`, and
+                    // the next arrival raises a new edge. (What tokio does too.)
+                    self.readable.store(false, Ordering::Relaxed);
+                }
+                return Ok(n);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// One write with `op` (retried if interrupted).
+    fn send(
+        &self,
+        op: &mut impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        loop {
+            match op(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Reads into `dst` as the poller (see the type's docs).
+    pub(crate) fn poll_recv(&self, dst: &mut [MaybeUninit<u8>]) -> Poll<io::Result<usize>> {
+        if !self.readable.load(Ordering::Relaxed) && !self.read_closed.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        match self.recv(dst) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable.store(false, Ordering::Relaxed);
+                Poll::Pending
+            }
+            r => Poll::Ready(r),
+        }
+    }
+
+    /// Writes with `op` (`len` bytes offered) as the poller.
+    pub(crate) fn poll_send(
+        &self,
+        len: usize,
+        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        if !self.writable.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        match self.send(&mut op) {
+            Ok(n) => {
+                if n > 0 && n < len {
+                    // A short write filled the send buffer; wait for the next edge.
+                    self.writable.store(false, Ordering::Relaxed);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.writable.store(false, Ordering::Relaxed);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Shuts down the write side (a `NotConnected` peer is not an error).
+    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
+        match self.io.shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An HTTP connection's socket: its [`Fd`], shared by the slab and the [`HopStream`] hyper
+/// owns (and an upgrade's task after it), the wakers of such a task, and the output hyper
+/// wrote during a drive.
+#[derive(Debug)]
+pub struct Socket {
+    pub(crate) fd: Fd,
+    read_waker: Mutex<Option<Waker>>,
+    write_waker: Mutex<Option<Waker>>,
+    /// A task other than the poller has stored a waker (so events have someone to wake).
+    foreign: AtomicBool,
+    /// Output hyper wrote during this drive, sent in one write when the drive ends.
+    pending: Mutex<BytesMut>,
+    /// `pending` holds bytes. Only the poller adds to it (other tasks send what it holds, then
+    /// write straight to the socket), so the poller reads this without the lock, and a stale
+    /// `true` elsewhere only costs taking the lock.
+    has_pending: AtomicBool,
+    /// The poller has written during this drive: later writes are coalesced (the first goes
+    /// straight out). Cleared when the drive's output is flushed.
+    batching: AtomicBool,
+    /// Reads and writes that moved bytes for a task other than the poller (an upgraded
+    /// connection): the poller's idle timeout for such a connection watches it change.
+    foreign_io: AtomicU32,
+}
+
+/// Above this much coalesced output, a write sends it before taking more.
+const COALESCE_MAX: usize = 64 * 1024;
+
+impl Socket {
+    pub(crate) fn new(fd: Fd) -> Self {
+        Socket {
+            fd,
+            read_waker: Mutex::new(None),
+            write_waker: Mutex::new(None),
+            foreign: AtomicBool::new(false),
+            pending: Mutex::new(BytesMut::new()),
+            has_pending: AtomicBool::new(false),
+            batching: AtomicBool::new(false),
+            foreign_io: AtomicU32::new(0),
+        }
+    }
+
+    /// Records a readiness event ([`Fd::on_event`]) and wakes a foreign task waiting on it.
+    pub(crate) fn on_event(&self, readable: bool, writable: bool, read_closed: bool) -> bool {
+        let drive = self.fd.on_event(readable, writable, read_closed);
+        if self.foreign.load(Ordering::SeqCst) {
+            if readable {
+                take_and_wake(&self.read_waker);
+            }
+            if writable {
+                take_and_wake(&self.write_waker);
+            }
+        }
+        drive
+    }
+
+    /// The descriptor, and what hyper wrote that is not sent yet: for a read handler taking
+    /// the connection over (no one else holds the socket then).
+    pub(crate) fn into_fd(self) -> (Fd, BytesMut) {
+        let pending = self.pending.into_inner().unwrap_or_else(|e| e.into_inner());
+        (self.fd, pending)
     }
 
     /// How many reads and writes have moved bytes for tasks other than the poller; changes
@@ -127,45 +263,22 @@ impl Socket {
         local: bool,
         dst: &mut [MaybeUninit<u8>],
     ) -> Poll<io::Result<usize>> {
+        if local {
+            return self.fd.poll_recv(dst);
+        }
         let mut retried = false;
         loop {
-            if local
-                && !self.readable.load(Ordering::Relaxed)
-                && !self.read_closed.load(Ordering::Relaxed)
-            {
-                return Poll::Pending;
-            }
-            // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst` and reports how many;
-            // the caller counts only those as initialized.
-            let n =
-                unsafe { libc::recv(self.io.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len(), 0) };
-            if n >= 0 {
-                let n = n as usize;
-                if n > 0 && n < dst.len() {
-                    // A short read drained the socket: the next read would be `WouldBlock`, and
-                    // the next arrival raises a new edge. (What tokio does too.)
-                    self.readable.store(false, Ordering::Relaxed);
-                }
-                if !local {
+            match self.fd.recv(dst) {
+                Ok(n) => {
                     self.foreign_io.fetch_add(1, Ordering::Relaxed);
+                    return Poll::Ready(Ok(n));
                 }
-                return Poll::Ready(Ok(n));
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    if local {
-                        self.readable.store(false, Ordering::Relaxed);
-                        return Poll::Pending;
-                    }
-                    if retried {
-                        return Poll::Pending;
-                    }
-                    store_waker(&self.read_waker, cx);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
+                    self.store_waker(&self.read_waker, cx);
                     retried = true;
                 }
-                _ => return Poll::Ready(Err(e)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -178,34 +291,21 @@ impl Socket {
         len: usize,
         mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
+        if local {
+            return self.fd.poll_send(len, op);
+        }
         let mut retried = false;
         loop {
-            if local && !self.writable.load(Ordering::Relaxed) {
-                return Poll::Pending;
-            }
-            match op(&self.io) {
+            match self.fd.send(&mut op) {
                 Ok(n) => {
-                    if local && n > 0 && n < len {
-                        // A short write filled the send buffer; wait for the next edge.
-                        self.writable.store(false, Ordering::Relaxed);
-                    }
-                    if !local {
-                        self.foreign_io.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.foreign_io.fetch_add(1, Ordering::Relaxed);
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if local {
-                        self.writable.store(false, Ordering::Relaxed);
-                        return Poll::Pending;
-                    }
-                    if retried {
-                        return Poll::Pending;
-                    }
-                    store_waker(&self.write_waker, cx);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
+                    self.store_waker(&self.write_waker, cx);
                     retried = true;
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -214,6 +314,13 @@ impl Socket {
     /// Sends coalesced output; `Ready` once none is left. `release` gives the buffer back
     /// once empty.
     pub(crate) fn poll_flush_pending(&self, cx: &Context<'_>, local: bool) -> Poll<io::Result<()>> {
+        if local {
+            // The drive's output is going out: the next drive's first write goes straight out.
+            self.batching.store(false, Ordering::Relaxed);
+        }
+        if !self.has_pending.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         Self::flush_locked(self, &mut out, cx, local)
     }
@@ -229,8 +336,15 @@ impl Socket {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            out.advance(n);
+            if n == out.len() {
+                // All sent: the buffer starts over at its front (advancing to the end would
+                // make the next append reclaim the space first).
+                out.clear();
+            } else {
+                out.advance(n);
+            }
         }
+        self.has_pending.store(false, Ordering::Relaxed);
         if out.capacity() > 2 * COALESCE_MAX {
             *out = BytesMut::new();
         }
@@ -239,10 +353,7 @@ impl Socket {
 
     /// Nothing coalesced is waiting to be sent.
     pub(crate) fn nothing_pending(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.has_pending.load(Ordering::Relaxed)
     }
 
     /// Frees the coalescing buffer if it is empty (the connection is parking, or a read handler
@@ -253,20 +364,22 @@ impl Socket {
             *out = BytesMut::new();
         }
     }
-
-    /// Shuts down the write side (a `NotConnected` peer is not an error).
-    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
-        match self.io.shutdown(Shutdown::Write) {
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        }
-    }
 }
 
 fn take_and_wake(slot: &Mutex<Option<Waker>>) {
     let w = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(w) = w {
         w.wake();
+    }
+}
+
+impl Socket {
+    /// Stores a foreign task's waker in `slot`, for the next event to wake.
+    fn store_waker(&self, slot: &Mutex<Option<Waker>>, cx: &Context<'_>) {
+        // Set before the waker is stored: an event that finds the flag clear has nothing to wake
+        // yet, and the task retries its operation after storing (see `poll_recv`).
+        self.foreign.store(true, Ordering::SeqCst);
+        store_waker(slot, cx);
     }
 }
 
@@ -431,6 +544,15 @@ impl HopStream {
     ) -> Poll<io::Result<usize>> {
         let local = self.local(cx);
         let socket = self.socket();
+        if local
+            && !socket.batching.swap(true, Ordering::Relaxed)
+            && !socket.has_pending.load(Ordering::Relaxed)
+        {
+            // The first write of a drive (a keep-alive response, most often) goes straight out,
+            // from hyper's buffers: nothing is copied. Later ones wait for the drive's end, so
+            // pipelined responses share a write.
+            return socket.poll_send(cx, true, len, direct);
+        }
         let mut out = socket.pending.lock().unwrap_or_else(|e| e.into_inner());
         if !local {
             ready!(socket.flush_locked(&mut out, cx, false))?;
@@ -452,13 +574,14 @@ impl HopStream {
         }
         let n = len.min(room);
         append(&mut out, n);
+        socket.has_pending.store(true, Ordering::Relaxed);
         Poll::Ready(Ok(n))
     }
 }
 
-/// Writes from the poller are coalesced (at most 64 KiB; a larger write goes straight out) and
-/// sent once per drive; `poll_flush` leaves that to the end of the drive, so pipelined responses
-/// share one write. Writes from any other task (after an upgrade) go straight out, after what
+/// The poller's first write in a drive goes straight out; later ones are coalesced (at most
+/// 64 KiB; a larger write goes straight out) and sent once at the end of the drive, and
+/// `poll_flush` leaves that to the end of the drive, so pipelined responses share one write. Writes from any other task (after an upgrade) go straight out, after what
 /// was coalesced.
 impl hyper::rt::Write for HopStream {
     fn poll_write(
@@ -514,6 +637,6 @@ impl hyper::rt::Write for HopStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let local = self.local(cx);
         ready!(self.socket().poll_flush_pending(cx, local))?;
-        Poll::Ready(self.socket().shutdown_write())
+        Poll::Ready(self.socket().fd.shutdown_write())
     }
 }

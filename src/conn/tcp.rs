@@ -1,38 +1,32 @@
 //! A read-handler connection in a poller's slab: a [`ConnCore`] (the handler, its output and
-//! timeouts) over the connection's socket, polled in place with the connection's own waker.
+//! timeouts) over the connection's socket ([`Fd`]), which it owns outright (no stream of hyper's shares
+//! it any more), polled in place with the connection's own waker.
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use super::current::{self, Current};
-use super::stream::Socket;
+use super::stream::Fd;
 use super::Drive;
 use crate::handler::{CloseReason, ConnCore, RawIo};
 use crate::rt::wake::Key;
 
 /// The socket as its own poller uses it.
-struct LoopIo<'a>(&'a Socket);
+struct LoopIo<'a>(&'a Fd);
 
 impl RawIo for LoopIo<'_> {
     fn poll_read(
         &mut self,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         dst: &mut [MaybeUninit<u8>],
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_recv(cx, true, dst)
+        self.0.poll_recv(dst)
     }
 
-    fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(&mut self, _cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
         use std::io::Write;
-        // What hyper coalesced (a hijack's 101 the socket had no room for) goes first.
-        if !self.0.nothing_pending() {
-            std::task::ready!(self.0.poll_flush_pending(cx, true))?;
-            self.0.release_buffers();
-        }
-        self.0
-            .poll_send(cx, true, src.len(), |mut io| io.write(src))
+        self.0.poll_send(src.len(), |mut io| io.write(src))
     }
 
     fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -42,13 +36,13 @@ impl RawIo for LoopIo<'_> {
 
 /// A read-handler connection on its poller.
 pub(crate) struct TcpConn {
-    pub(crate) socket: Arc<Socket>,
+    pub(crate) fd: Fd,
     core: ConnCore,
 }
 
 impl TcpConn {
-    pub(crate) fn new(socket: Arc<Socket>, core: ConnCore) -> Self {
-        TcpConn { socket, core }
+    pub(crate) fn new(fd: Fd, core: ConnCore) -> Self {
+        TcpConn { fd, core }
     }
 
     /// Drives the connection on its poller; `true` when it has closed.
@@ -58,10 +52,10 @@ impl TcpConn {
         }
         let waker = key.waker();
         let mut cx = Context::from_waker(&waker);
-        let (core, socket, now) = (&mut self.core, &self.socket, d.now);
+        let (core, fd, now) = (&mut self.core, &self.fd, d.now);
         // Lent so that a handler opening on it (an SSE subscriber) knows its connection.
         let mut cur = Current::new(key);
-        let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(socket), now));
+        let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(fd), now));
         match polled {
             Poll::Ready(reason) => {
                 let reason = match reason {

@@ -17,6 +17,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{CloseClock, CloseReason, Conn, Handler, TcpConfig};
+use crate::rt::timer::Tick;
 
 /// The byte stream under a read handler.
 pub(crate) trait RawIo {
@@ -66,8 +67,9 @@ pub(crate) struct ConnCore {
     eof: bool,
     write_shut: bool,
     shutdown_told: bool,
-    last_read: Instant,
-    last_active: Instant,
+    /// When bytes were last read ([`Tick`]s: 8 bytes each, in every idle connection).
+    last_read: Tick,
+    last_active: Tick,
 }
 
 impl ConnCore {
@@ -87,8 +89,8 @@ impl ConnCore {
             eof: false,
             write_shut: false,
             shutdown_told: false,
-            last_read: now,
-            last_active: now,
+            last_read: Tick::of(now),
+            last_active: Tick::of(now),
         }
     }
 
@@ -155,14 +157,18 @@ impl ConnCore {
             .read_timeout
             .get()
             .filter(|_| !self.eof && !closing)
-            .map(|t| self.last_read + t);
-        let idle = self.conn.idle_timeout.get().map(|t| self.last_active + t);
+            .map(|t| self.last_read.instant() + t);
+        let idle = self
+            .conn
+            .idle_timeout
+            .get()
+            .map(|t| self.last_active.instant() + t);
         let close = self
             .conn
             .close_timeout
             .get()
             .filter(|_| closing)
-            .map(|t| self.last_read + t);
+            .map(|t| self.last_read.instant() + t);
         [read, idle, close].into_iter().flatten()
     }
 
@@ -170,7 +176,7 @@ impl ConnCore {
     fn tick_close_clock(&mut self, now: Instant) {
         if self.conn.close_clock == CloseClock::Asked {
             self.conn.close_clock = CloseClock::Running;
-            self.last_read = now;
+            self.last_read = Tick::of(now);
         }
     }
 
@@ -250,7 +256,7 @@ impl ConnCore {
                     Poll::Ready(Ok(0)) => return Err(CloseReason::Peer),
                     Poll::Ready(Ok(n)) => {
                         self.conn.out.advance(n);
-                        self.last_active = now;
+                        self.last_active = Tick::of(now);
                     }
                     Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
                     Poll::Pending => break,
@@ -309,9 +315,9 @@ impl ConnCore {
                         unsafe { self.input.set_len(self.input.len() + n) };
                         got = true;
                         if self.conn.close_clock != CloseClock::Running {
-                            self.last_read = now;
+                            self.last_read = Tick::of(now);
                         }
-                        self.last_active = now;
+                        self.last_active = Tick::of(now);
                     }
                     Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
                     Poll::Pending => break,

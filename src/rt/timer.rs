@@ -1,6 +1,7 @@
 //! The poller's timer: a min-heap of `(deadline, Key)`, owned by the poller.
 //!
-//! A connection records the one deadline it is waiting for on its own slab entry (`armed`).
+//! A connection records the one deadline it is waiting for on its own slab entry (`armed`, a
+//! [`Tick`]).
 //! Arming an earlier deadline pushes a new heap entry; a later one waits for the armed entry to
 //! fire (the connection then re-checks its own deadlines and arms again), so a keep-alive
 //! connection costs at most one heap operation per timeout period, not one per request. Heap
@@ -11,9 +12,34 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::time::Instant;
+use std::num::NonZeroU64;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use super::wake::Key;
+
+/// A deadline in 8 bytes (an `Instant` takes 16): nanoseconds since the process's timer epoch,
+/// plus one. It is what a slab entry records and the heap holds, so both stay small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Tick(NonZeroU64);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Tick {
+    /// The tick of `at`, rounded up to the nanosecond (never early).
+    pub(crate) fn of(at: Instant) -> Tick {
+        let nanos = at.saturating_duration_since(epoch()).as_nanos();
+        Tick(NonZeroU64::MIN.saturating_add(nanos.min(u64::MAX as u128 - 1) as u64))
+    }
+
+    /// The instant of this tick.
+    pub(crate) fn instant(self) -> Instant {
+        epoch() + Duration::from_nanos(self.0.get() - 1)
+    }
+}
 
 /// Sweep stale entries once there are at least this many, and they are half the heap.
 const SWEEP_MIN: usize = 1024;
@@ -21,7 +47,7 @@ const SWEEP_MIN: usize = 1024;
 /// A poller's timer; see the module docs.
 #[derive(Default)]
 pub(crate) struct Timer {
-    heap: BinaryHeap<Reverse<(Instant, Key)>>,
+    heap: BinaryHeap<Reverse<(Tick, Key)>>,
     /// Entries in `heap` that no longer matter, counted when they were replaced or forgotten.
     stale: usize,
 }
@@ -29,7 +55,8 @@ pub(crate) struct Timer {
 impl Timer {
     /// Arms a wake-up of `key` at `at`. `armed` is the connection's record of the deadline it
     /// waits for (on its slab entry).
-    pub(crate) fn arm(&mut self, armed: &mut Option<Instant>, key: Key, at: Instant) {
+    pub(crate) fn arm(&mut self, armed: &mut Option<Tick>, key: Key, at: Instant) {
+        let at = Tick::of(at);
         if armed.is_some_and(|t| t <= at) {
             return;
         }
@@ -40,7 +67,7 @@ impl Timer {
     }
 
     /// Forgets a closing connection's armed deadline (its record, `armed`).
-    pub(crate) fn forget(&mut self, armed: Option<Instant>) {
+    pub(crate) fn forget(&mut self, armed: Option<Tick>) {
         if armed.is_some() {
             self.stale += 1;
         }
@@ -48,7 +75,7 @@ impl Timer {
 
     /// The earliest deadline in the heap.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((t, _))| *t)
+        self.heap.peek().map(|Reverse((t, _))| t.instant())
     }
 
     /// Pops every entry due at `now` and pushes the keys of those that still matter into
@@ -57,9 +84,10 @@ impl Timer {
     pub(crate) fn fire(
         &mut self,
         now: Instant,
-        mut take: impl FnMut(Instant, Key) -> bool,
+        mut take: impl FnMut(Tick, Key) -> bool,
         into: &mut Vec<Key>,
     ) {
+        let now = Tick::of(now);
         while let Some(Reverse((t, key))) = self.heap.peek().copied() {
             if t > now {
                 break;
@@ -79,7 +107,7 @@ impl Timer {
 
     /// Sweeps out the entries that no longer matter once they are half the heap; `live(t, key)`
     /// says whether `(t, key)` is the deadline its connection waits for.
-    pub(crate) fn sweep(&mut self, live: impl Fn(Instant, Key) -> bool) {
+    pub(crate) fn sweep(&mut self, live: impl Fn(Tick, Key) -> bool) {
         if self.stale < SWEEP_MIN || self.stale * 2 < self.heap.len() {
             return;
         }
@@ -107,7 +135,7 @@ mod tests {
         let n = 4 * SWEEP_MIN;
         let mut timer = Timer::default();
         // The connections' own records, by slot (`None`: closed).
-        let mut armed: Vec<Option<Option<Instant>>> = vec![Some(None); n];
+        let mut armed: Vec<Option<Option<Tick>>> = vec![Some(None); n];
         let key = |slot| Key::new(0, slot, 1);
         for (slot, a) in armed.iter_mut().enumerate() {
             let a = a.as_mut().unwrap();
@@ -118,7 +146,7 @@ mod tests {
                 timer.arm(a, key(slot), far - Duration::from_secs(earlier));
             }
         }
-        let live = |armed: &Vec<Option<Option<Instant>>>, t: Instant, k: Key| {
+        let live = |armed: &Vec<Option<Option<Tick>>>, t: Tick, k: Key| {
             armed[k.slot()].is_some_and(|a| a == Some(t))
         };
         timer.sweep(|t, k| live(&armed, t, k));

@@ -6,8 +6,8 @@
 //! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
 //! checks the generation, so a late wake for a slot that has been reused is ignored. Both
 //! cross-thread queues are bounded by what is woken, not by how often: a key is queued once
-//! until the poller takes the queue, and bytes are delivered only by a sender that bounds what
-//! it has on the way to each connection (the SSE hub counts that on the subscriber).
+//! until the poller takes the queue, and bytes delivered to a connection stop at the sender's
+//! limit for it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -66,9 +66,29 @@ const _: () = assert!(
 pub(crate) struct Remote {
     queue: Mutex<WakeQueue>,
     /// Bytes for read-handler connections of this poller (`deliver`).
-    deliveries: Mutex<Vec<(Key, bytes::Bytes)>>,
+    deliveries: Mutex<Deliveries>,
     notified: AtomicBool,
     waker: mio::Waker,
+}
+
+/// Bytes for read-handler connections, queued until the poller takes them, and how many bytes
+/// each slot has in the queue: what the queue holds for each destination, so that a sender can
+/// apply a connection's limit where its bytes wait (a busy or stalled poller does not let them
+/// pile up). 4 bytes per slot, reset when the poller takes the queue.
+#[derive(Default)]
+struct Deliveries {
+    queue: Vec<(Key, bytes::Bytes)>,
+    queued: Vec<u32>,
+}
+
+/// What [`deliver`] did with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Queued,
+    /// The sender's limit said the connection had enough queued: nothing was queued.
+    Full,
+    /// Its poller is gone.
+    Gone,
 }
 
 /// Keys woken from other threads, in order, without duplicates.
@@ -82,7 +102,7 @@ impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
             queue: Mutex::new(WakeQueue::default()),
-            deliveries: Mutex::new(Vec::new()),
+            deliveries: Mutex::new(Deliveries::default()),
             notified: AtomicBool::new(false),
             waker,
         }
@@ -110,23 +130,39 @@ impl Remote {
         }
     }
 
-    /// Queues `bytes` for `key` and wakes the poller.
-    fn deliver(&self, key: Key, bytes: bytes::Bytes) {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((key, bytes));
+    /// Queues `bytes` for `key` and wakes the poller, unless `full` says the bytes already
+    /// queued for it are enough.
+    fn deliver(&self, key: Key, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
+        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = key.slot();
+        if d.queued.len() <= slot {
+            d.queued.resize(slot + 1, 0);
+        }
+        let queued = d.queued[slot] as usize;
+        if full(queued) {
+            return Delivery::Full;
+        }
+        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
+        d.queue.push((key, bytes));
+        drop(d);
         self.notify();
+        Delivery::Queued
     }
 
     /// Moves every queued delivery into `into`; called by the poller on its waker token.
     /// (Taken whole, so a burst's queue is freed once handled.)
     pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
         let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let Deliveries { queue, queued } = &mut *d;
+        for (key, _) in queue.iter() {
+            if let Some(n) = queued.get_mut(key.slot()) {
+                *n = 0;
+            }
+        }
         if into.is_empty() {
-            *into = std::mem::take(&mut *d);
+            *into = std::mem::take(queue);
         } else {
-            into.append(&mut d);
+            into.append(queue);
         }
     }
 
@@ -170,10 +206,10 @@ pub(crate) fn unregister(id: u16) {
 }
 
 /// Hands `bytes` to the read-handler connection `key` on its poller
-/// (`Handler::on_deliver`); `false` if that poller is gone. The sender bounds what it has on
-/// the way.
-pub(crate) fn deliver(key: Key, bytes: bytes::Bytes) -> bool {
-    with_remote(key, |remote| remote.deliver(key, bytes)).is_some()
+/// (`Handler::on_deliver`), unless `full(bytes already queued for it)` says it has enough
+/// waiting in its poller's queue.
+pub(crate) fn deliver(key: Key, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
+    with_remote(key, |remote| remote.deliver(key, bytes, full)).unwrap_or(Delivery::Gone)
 }
 
 /// Runs `f` with the remote half of `key`'s poller; `None` if that poller is gone.
