@@ -90,6 +90,17 @@ impl HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// How long a connection may wait for a request head: the header timeout, or the idle
+    /// timeout if that is smaller.
+    fn head_limit(&self) -> Option<Duration> {
+        match (self.header_timeout, self.idle_timeout) {
+            (Some(h), Some(i)) => Some(h.min(i)),
+            (h, i) => h.or(i),
+        }
+    }
+}
+
 /// The service hyper calls: the user's, with panics caught ([`HyperSvc`]), counting each
 /// request on the connection's [`Current`] until hyper drops its response body.
 #[derive(Clone)]
@@ -475,11 +486,7 @@ impl<S: ConnService> HttpConn<S> {
                 d.wake_at(since + after);
             }
         }
-        let limit = match (cfg.header_timeout, cfg.idle_timeout) {
-            (Some(h), Some(i)) => Some(h.min(i)),
-            (h, i) => h.or(i),
-        };
-        if expired(d, since, limit) {
+        if expired(d, since, cfg.head_limit()) {
             tracing::debug!("closing a connection waiting for a request head at its time limit");
             return Verdict::Close;
         }
@@ -493,10 +500,7 @@ impl<S: ConnService> HttpConn<S> {
         if self.served {
             return cfg.idle_timeout;
         }
-        match (cfg.header_timeout, cfg.idle_timeout) {
-            (Some(h), Some(i)) => Some(h.min(i)),
-            (h, i) => h.or(i),
-        }
+        cfg.head_limit()
     }
 
     /// Parks the connection, idle since `since`.
