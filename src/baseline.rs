@@ -5,10 +5,15 @@
 //!
 //! hyper 1.x arms its header-read timer as soon as a keep-alive connection goes idle, so here the
 //! idle timeout is hyper's header timer set to the smaller of the two timeouts.
+//!
+//! HTTP/2 is told from HTTP/1.1 as on the reactor, by peeking at the first bytes for the
+//! preface (hyper-util's auto builder reads and replays them instead, with no time limit on
+//! that wait). An HTTP/2 connection is hyper's, its streams tokio tasks spawned by
+//! [`StreamExec`], which counts them open for the HTTP/2 idle timeout.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +24,9 @@ use tokio::task::JoinSet;
 use crate::app::{App, NewConn};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::ConnCore;
-use crate::service::{HyperSvc, IncomingStream};
-use crate::settings::{Config, Control};
+use crate::http2::{sniff, Http2Svc, Proto, PREFACE};
+use crate::service::{ConnService, HyperSvc, IncomingStream};
+use crate::settings::{Config, Control, Http2Config};
 
 /// Releases a connection's slot however its task ends (finished, or aborted at the deadline).
 struct ConnGuard {
@@ -63,19 +69,16 @@ pub(crate) fn start<P: App>(
     };
     let mut http1 = cfg.http1(header_timeout);
     http1.timer(TokioTimer::new());
+    let http = Arc::new(Http {
+        http1,
+        http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
+        head_limit: header_timeout,
+    });
     let cfg = cfg.clone();
     std::thread::Builder::new()
         .name("hop-tokio-main".into())
         .spawn(move || {
-            let res = rt.block_on(accept_loop(
-                cfg,
-                listener,
-                app,
-                ctl,
-                Arc::new(http1),
-                ctx,
-                drain_tx,
-            ));
+            let res = rt.block_on(accept_loop(cfg, listener, app, ctl, http, ctx, drain_tx));
             if let Err(e) = res {
                 tracing::error!(error = %e, "tokio backend failed");
             }
@@ -90,7 +93,7 @@ async fn accept_loop<P: App>(
     listener: std::net::TcpListener,
     mut app: P,
     ctl: Arc<Control>,
-    http1: Arc<hyper::server::conn::http1::Builder>,
+    http: Arc<Http>,
     ctx: ServerContext,
     drain_tx: watch::Sender<bool>,
 ) -> io::Result<()> {
@@ -162,38 +165,13 @@ async fn accept_loop<P: App>(
                         continue;
                     }
                 };
-                let http1 = http1.clone();
-                let mut drain = drain_rx.clone();
+                let http = http.clone();
+                let drain = drain_rx.clone();
                 let cut = Arc::new(tokio::sync::Notify::new());
-                let fd = stream.as_raw_fd();
+                let ctl = ctl.clone();
                 tasks.spawn(server::with_cut(cut.clone(), async move {
                     let _guard = guard;
-                    let conn = http1
-                        .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
-                        .with_upgrades();
-                    tokio::pin!(conn);
-                    let mut draining = false;
-                    loop {
-                        tokio::select! {
-                            res = conn.as_mut() => {
-                                if let Err(e) = res {
-                                    tracing::debug!(error = %e, "connection ended with an error");
-                                }
-                                break;
-                            }
-                            _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !draining => {
-                                draining = true;
-                                conn.as_mut().graceful_shutdown();
-                            }
-                            _ = cut.notified() => {
-                                // SAFETY: `conn` owns the socket and is alive here, so the
-                                // descriptor is open.
-                                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                                let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-                                break;
-                            }
-                        }
-                    }
+                    serve_http(stream, svc, &http, ctl, drain, cut).await;
                 }));
             }
         }
@@ -226,4 +204,190 @@ async fn accept_loop<P: App>(
             .fetch_add(hijacked_at_drain as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Open HTTP/2 streams of one connection.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    /// Streams started so far (an idle period ends with any new one).
+    started: AtomicUsize,
+    /// Told when the last open stream ends.
+    idle: tokio::sync::Notify,
+}
+
+/// HTTP/2's executor here: each stream a tokio task, counted open until it ends.
+#[derive(Clone, Default)]
+struct StreamExec(Arc<Streams>);
+
+/// Counts a stream closed however its task ends.
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.open.fetch_add(1, Ordering::AcqRel);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamGuard(self.0.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            fut.await
+        });
+    }
+}
+
+impl Streams {
+    /// Completes once no stream has been open for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            while self.open.load(Ordering::Acquire) > 0 {
+                self.idle.notified().await;
+            }
+            let started = self.started.load(Ordering::Relaxed);
+            tokio::time::sleep(limit).await;
+            if self.open.load(Ordering::Acquire) == 0
+                && self.started.load(Ordering::Relaxed) == started
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Peeks at a new connection's first bytes until they tell HTTP/1.1 from HTTP/2; `None` if
+/// the connection ends first.
+async fn sniff_stream(stream: &tokio::net::TcpStream) -> io::Result<Option<Proto>> {
+    let mut first = [0u8; PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(p) = sniff(&first[..n]) {
+            return Ok(Some(p));
+        }
+        // Part of the preface: a peek would return the same bytes at once, so wait a little
+        // before looking again (a client that splits the preface is rare).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// How HTTP connections are served: hyper's `http1` builder, the HTTP/2 settings if HTTP/2 is
+/// on, and how long a new connection may take to send its first bytes.
+struct Http {
+    http1: hyper::server::conn::http1::Builder,
+    http2: Option<Http2Config>,
+    head_limit: Option<Duration>,
+}
+
+/// Serves one HTTP connection: HTTP/1.1, or HTTP/2 when its first bytes are the preface.
+async fn serve_http<S: ConnService>(
+    stream: tokio::net::TcpStream,
+    svc: S,
+    http: &Http,
+    ctl: Arc<Control>,
+    mut drain: watch::Receiver<bool>,
+    cut: Arc<tokio::sync::Notify>,
+) {
+    let fd = stream.as_raw_fd();
+    let cut_off = || {
+        // SAFETY: the connection owns the socket and is alive where this is called, so the
+        // descriptor is open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+    };
+    if let Some(h2) = &http.http2 {
+        let proto;
+        let sniffed = async {
+            match http.head_limit {
+                Some(t) => tokio::time::timeout(t, sniff_stream(&stream)).await.ok(),
+                None => Some(sniff_stream(&stream).await),
+            }
+        };
+        tokio::select! {
+            sniffed = sniffed => match sniffed {
+                Some(Ok(Some(p))) => proto = p,
+                // Closed, failed, or silent past the time limit.
+                _ => return,
+            },
+            _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
+            _ = cut.notified() => return,
+        }
+        if proto == Proto::Http2 {
+            let exec = StreamExec::default();
+            let streams = exec.0.clone();
+            let conn = h2
+                .builder(exec)
+                .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
+            tokio::pin!(conn);
+            let mut closing = false;
+            let idle = async {
+                match h2.idle_timeout {
+                    Some(t) => streams.idle_for(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(idle);
+            loop {
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(e) = res {
+                            tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = idle.as_mut(), if !closing => {
+                        tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = cut.notified() => {
+                        cut_off();
+                        break;
+                    }
+                }
+            }
+            return;
+        }
+    }
+    let conn = http
+        .http1
+        .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = cut.notified() => {
+                cut_off();
+                break;
+            }
+        }
+    }
 }

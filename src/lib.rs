@@ -47,6 +47,7 @@ mod baseline;
 mod conn;
 mod handler;
 mod hijack;
+mod http2;
 mod reactor;
 mod rt;
 mod server;

@@ -450,7 +450,12 @@ impl<P: App> Poller<P> {
         // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
         let fd = Fd::new(stream);
         let kind = match new {
-            NewConn::Http(svc) => Kind::Http(HttpConn::new(Arc::new(Socket::new(fd)), svc, now)),
+            NewConn::Http(svc) => Kind::Http(HttpConn::new(
+                Arc::new(Socket::new(fd)),
+                svc,
+                &self.http,
+                now,
+            )),
             NewConn::Tcp(handler) => {
                 let conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
@@ -560,7 +565,10 @@ impl<P: App> Poller<P> {
         if let Kind::Task(task) = &entry.kind {
             if let Some(owner) = task.owner {
                 if let Some(o) = self.conns.get_mut(owner.slot()).filter(|o| o.key == owner) {
-                    o.disown(entry.key);
+                    if o.disown(entry.key) {
+                        // Its last task (an HTTP/2 stream) is done: it may be idle now.
+                        wake::push_ready(owner);
+                    }
                 }
             }
         }

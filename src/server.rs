@@ -234,6 +234,103 @@ impl Builder {
         self
     }
 
+    /// Serve HTTP/2 with prior knowledge (h2c) on the same port as HTTP/1.1 (default on).
+    ///
+    /// Each new connection's first bytes are peeked: the HTTP/2 preface makes it an HTTP/2
+    /// connection, any other byte an HTTP/1.1 one. `Upgrade: h2c` is not supported (hyper does
+    /// not, and RFC 9113 deprecates it): such requests are answered over HTTP/1.1.
+    pub fn http2(mut self, on: bool) -> Self {
+        self.cfg.http2.enabled = on;
+        self
+    }
+
+    /// HTTP/2: most streams a client may have open at once per connection (default 100; hyper's
+    /// is 200). Each open stream may hold a request body up to the stream window and a
+    /// response up to [`http2_max_send_buf_size`](Self::http2_max_send_buf_size).
+    pub fn http2_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.cfg.http2.max_concurrent_streams = n;
+        self
+    }
+
+    /// HTTP/2: the flow-control window of each stream, how much request body a client may send
+    /// ahead of the handler reading it (default 256 KiB; hyper's is 1 MiB).
+    pub fn http2_initial_stream_window_size(mut self, n: u32) -> Self {
+        self.cfg.http2.initial_stream_window_size = n;
+        self
+    }
+
+    /// HTTP/2: the flow-control window of the connection, the most request body buffered per
+    /// connection across its streams (default 1 MiB, as hyper's).
+    pub fn http2_initial_connection_window_size(mut self, n: u32) -> Self {
+        self.cfg.http2.initial_connection_window_size = n;
+        self
+    }
+
+    /// HTTP/2: the largest frame the server accepts (default 16 KiB, the protocol's minimum).
+    pub fn http2_max_frame_size(mut self, n: u32) -> Self {
+        self.cfg.http2.max_frame_size = n;
+        self
+    }
+
+    /// HTTP/2: the largest request header list accepted, decoded (default 16 KiB, as hyper's).
+    pub fn http2_max_header_list_size(mut self, n: u32) -> Self {
+        self.cfg.http2.max_header_list_size = n;
+        self
+    }
+
+    /// HTTP/2: the most response data buffered per stream while the client's window is closed
+    /// (default 128 KiB; hyper's is 400 KB). A handler writing more waits for the client.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is over `u32::MAX`.
+    pub fn http2_max_send_buf_size(mut self, n: usize) -> Self {
+        assert!(
+            n <= u32::MAX as usize,
+            "http2_max_send_buf_size over u32::MAX"
+        );
+        self.cfg.http2.max_send_buf_size = n;
+        self
+    }
+
+    /// HTTP/2: send a PING this often to check that the client is alive (default off, as
+    /// hyper's and axum::serve's).
+    pub fn http2_keep_alive_interval(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.http2.keep_alive_interval = t.into();
+        self
+    }
+
+    /// HTTP/2: close a connection whose client does not answer a keep-alive PING within this
+    /// (default 20 s, as hyper's).
+    pub fn http2_keep_alive_timeout(mut self, t: Duration) -> Self {
+        self.cfg.http2.keep_alive_timeout = t;
+        self
+    }
+
+    /// HTTP/2: a connection with no open stream for this long is sent GOAWAY and closed
+    /// (default 60 s; `None`: never). hyper has no such timeout: axum::serve keeps an idle
+    /// HTTP/2 connection open for as long as the client does.
+    pub fn http2_idle_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.http2.idle_timeout = t.into();
+        self
+    }
+
+    /// HTTP/2: how many streams a client may open and reset before the server has accepted
+    /// them, before the connection is closed with GOAWAY (default 20, h2's). This and
+    /// [`http2_max_local_error_reset_streams`](Self::http2_max_local_error_reset_streams) hold
+    /// off "rapid reset" (CVE-2023-44487).
+    pub fn http2_max_pending_accept_reset_streams(mut self, n: usize) -> Self {
+        self.cfg.http2.max_pending_accept_reset_streams = n;
+        self
+    }
+
+    /// HTTP/2: how many streams the server may reset because of client errors on one
+    /// connection before it closes the connection with GOAWAY (default 1024, hyper's).
+    pub fn http2_max_local_error_reset_streams(mut self, n: usize) -> Self {
+        self.cfg.http2.max_local_error_reset_streams = n;
+        self
+    }
+
     /// Serves `app` on `listener` with these settings.
     pub fn serve<L, A, M>(self, listener: L, app: A) -> Serve<HttpApp<A, M>>
     where

@@ -75,6 +75,7 @@ pub(crate) struct Config {
     pub(crate) park_after: Option<Duration>,
     pub(crate) compat_workers: usize,
     pub(crate) tcp: TcpConfig,
+    pub(crate) http2: Http2Config,
 }
 
 impl Default for Config {
@@ -94,6 +95,7 @@ impl Default for Config {
             park_after: Some(Duration::from_millis(250)),
             compat_workers: 1,
             tcp: TcpConfig::default(),
+            http2: Http2Config::default(),
         }
     }
 }
@@ -120,6 +122,69 @@ impl Config {
     }
 }
 
+/// HTTP/2 settings (see the `http2_*` methods of [`crate::Builder`] for what each does and
+/// why its default is what it is).
+#[derive(Debug, Clone)]
+pub(crate) struct Http2Config {
+    /// Serve HTTP/2 with prior knowledge (h2c) next to HTTP/1.1.
+    pub(crate) enabled: bool,
+    pub(crate) max_concurrent_streams: u32,
+    pub(crate) initial_stream_window_size: u32,
+    pub(crate) initial_connection_window_size: u32,
+    pub(crate) max_frame_size: u32,
+    pub(crate) max_header_list_size: u32,
+    pub(crate) max_send_buf_size: usize,
+    pub(crate) keep_alive_interval: Option<Duration>,
+    pub(crate) keep_alive_timeout: Duration,
+    /// A connection with no open stream for this long is sent GOAWAY and closed.
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_pending_accept_reset_streams: usize,
+    pub(crate) max_local_error_reset_streams: usize,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            enabled: true,
+            max_concurrent_streams: 100,
+            initial_stream_window_size: 256 * 1024,
+            initial_connection_window_size: 1024 * 1024,
+            max_frame_size: 16 * 1024,
+            max_header_list_size: 16 * 1024,
+            max_send_buf_size: 128 * 1024,
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+impl Http2Config {
+    /// hyper's `http2` builder with these settings, over executor `exec`. A timer is set (for
+    /// keep-alive pings, its only use in hyper's HTTP/2 server) only when pings are on.
+    pub(crate) fn builder<E>(&self, exec: E) -> hyper::server::conn::http2::Builder<E> {
+        let mut b = hyper::server::conn::http2::Builder::new(exec);
+        b.max_concurrent_streams(self.max_concurrent_streams)
+            .initial_stream_window_size(self.initial_stream_window_size)
+            .initial_connection_window_size(self.initial_connection_window_size)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.max_header_list_size)
+            .max_send_buf_size(self.max_send_buf_size)
+            .max_pending_accept_reset_streams(self.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(self.max_local_error_reset_streams)
+            .keep_alive_interval(self.keep_alive_interval)
+            .keep_alive_timeout(self.keep_alive_timeout)
+            // RFC 8441: WebSockets over HTTP/2 (axum's `WebSocketUpgrade` accepts them).
+            .enable_connect_protocol();
+        if self.keep_alive_interval.is_some() {
+            b.timer(hyper_util::rt::TokioTimer::new());
+        }
+        b
+    }
+}
+
 /// Counters of a running server, read with [`Handle::stats`](crate::Handle::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -139,6 +204,10 @@ pub struct Stats {
     /// Panics in user code (a handler, a service, a body, or a `Drop` of one of them) that
     /// closed their connection; the server went on serving.
     pub panics: u64,
+    /// Connections that spoke HTTP/2 (h2c with prior knowledge).
+    pub http2_connections: u64,
+    /// HTTP/2 streams (requests) served.
+    pub http2_streams: u64,
 }
 
 /// State shared by the front, the backend threads and every [`Handle`](crate::Handle).
@@ -154,6 +223,8 @@ pub(crate) struct Control {
     pub(crate) forced: AtomicU64,
     pub(crate) parked: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) http2_connections: AtomicU64,
+    pub(crate) http2_streams: AtomicU64,
     pub(crate) local_addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -209,6 +280,8 @@ impl Control {
             forced: self.forced.load(Ordering::Relaxed),
             parked: self.parked.load(Ordering::Relaxed),
             panics: self.panics.load(Ordering::Relaxed),
+            http2_connections: self.http2_connections.load(Ordering::Relaxed),
+            http2_streams: self.http2_streams.load(Ordering::Relaxed),
         }
     }
 

@@ -1,7 +1,11 @@
-//! One HTTP connection on a poller: hyper's `http1` connection polled in place, and idle
-//! parking.
+//! One HTTP connection on a poller: hyper's `http1` or `http2` connection polled in place, and
+//! idle parking.
 //!
-//! An [`HttpConn`] is in one of three states:
+//! A new connection's first bytes are peeked ([`crate::http2::sniff`]): the HTTP/2 preface
+//! makes it an HTTP/2 connection, any other byte an HTTP/1.1 one; until they decide (a short
+//! read never does), it waits as a parked connection, under the same time limit.
+//!
+//! An [`HttpConn`] is in one of these states:
 //! - `Parked`: only the socket and the per-connection service; no hyper state, no buffer. New
 //!   connections start here, and a keep-alive connection returns here when it is idle at a
 //!   request boundary.
@@ -12,6 +16,11 @@
 //!   the registration and wakes that task on readiness until the stream is dropped (the
 //!   [`HopStream`] lets go of the socket before it wakes the connection, so the poller never
 //!   sees it still held), or until no bytes have moved for the idle timeout.
+//! - `Http2`: a boxed `hyper::server::conn::http2::Connection` over a [`HopStream`]. Its
+//!   streams run as local tasks that belong to the connection (`LocalExec`), so they go with
+//!   it; the open streams are the tasks it owns. With none open for `http2_idle_timeout`, it is
+//!   sent GOAWAY and closes (hyper has no such timeout). It is never parked: hyper's HTTP/2
+//!   state (HPACK tables, stream states, its codec's buffers) cannot be given back and resumed.
 //!
 //! Where hyper stands is tracked here, not asked of hyper (it has no timer on the reactor: with
 //! one, it would allocate a sleep and run an extra read-write pass for every request). The
@@ -45,18 +54,21 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use std::future::Future;
 
 use super::current::{self, Current};
 use super::stream::{HopStream, Socket};
 use super::{Drive, Verdict};
+use crate::http2::{sniff, Http2Svc, Proto, PREFACE};
+use crate::rt::tasks::LocalExec;
 use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::{ConnService, HyperSvc};
-use crate::settings::{Config, Control};
+use crate::settings::{Config, Control, Http2Config};
 
 type HyperConn<S> = http1::UpgradeableConnection<HopStream, Counted<S>>;
+type H2Conn<S> = http2::Connection<HopStream, Http2Svc<S>, LocalExec>;
 type Body<S> = crate::service::HopBody<<S as ConnService>::ResBody>;
 
 /// Settings of a poller's HTTP connections.
@@ -69,7 +81,9 @@ pub(crate) struct HttpConfig {
     header_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     park_after: Option<Duration>,
-    /// Where parks are counted.
+    /// HTTP/2 settings, if it is served.
+    http2: Option<Http2Config>,
+    /// Where parks and HTTP/2 streams are counted.
     ctl: Arc<Control>,
 }
 
@@ -85,6 +99,7 @@ impl HttpConfig {
             idle_timeout: cfg.idle_timeout,
             header_timeout: cfg.header_read_timeout,
             park_after: cfg.park_after,
+            http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
             ctl,
         }
     }
@@ -206,7 +221,18 @@ enum State<S: ConnService> {
     Active(Box<Live<S>>),
     /// Boxed, so that the rare upgraded connection does not grow every slab entry.
     Upgraded(Box<Quiet>),
+    /// Boxed: hyper's HTTP/2 connection, with what the idle timeout tracks.
+    Http2(Box<H2<S>>),
     Done,
+}
+
+/// An HTTP/2 connection.
+struct H2<S: ConnService> {
+    conn: H2Conn<S>,
+    /// Since when no stream has been open.
+    idle_since: Option<Instant>,
+    /// GOAWAY was asked for (idle timeout or shutdown): hyper closes once streams are done.
+    closing: bool,
 }
 
 /// An upgraded connection's activity: the socket's [`Socket::foreign_io`] count when last
@@ -246,10 +272,12 @@ pub(crate) struct HttpConn<S: ConnService> {
     state: State<S>,
     /// A request has been dispatched on this connection.
     served: bool,
+    /// The first bytes have not yet told HTTP/1.1 from HTTP/2.
+    sniffing: bool,
 }
 
 impl<S: ConnService> HttpConn<S> {
-    pub(crate) fn new(socket: Arc<Socket>, svc: S, now: Instant) -> Self {
+    pub(crate) fn new(socket: Arc<Socket>, svc: S, cfg: &HttpConfig, now: Instant) -> Self {
         HttpConn {
             socket,
             state: State::Parked {
@@ -257,6 +285,7 @@ impl<S: ConnService> HttpConn<S> {
                 since: Tick::of(now),
             },
             served: false,
+            sniffing: cfg.http2.is_some(),
         }
     }
 
@@ -273,8 +302,39 @@ impl<S: ConnService> HttpConn<S> {
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
     /// connection closes on its next drive.
     pub(crate) fn begin_drain(&mut self) {
-        if let State::Active(live) = &mut self.state {
-            Pin::new(&mut live.conn).graceful_shutdown();
+        match &mut self.state {
+            State::Active(live) => Pin::new(&mut live.conn).graceful_shutdown(),
+            State::Http2(h2) => {
+                Pin::new(&mut h2.conn).graceful_shutdown();
+                h2.closing = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// Peeks at a new connection's first bytes: the protocol they speak, `None` while they do
+    /// not tell yet, `Err` if the connection ended or failed first.
+    fn sniff(socket: &Socket) -> Result<Option<Proto>, ()> {
+        let mut first = [0u8; PREFACE.len()];
+        match socket.fd.peek(&mut first) {
+            Ok(0) => Err(()),
+            Ok(n) => match sniff(&first[..n]) {
+                Some(p) => Ok(Some(p)),
+                // Part of the preface, and the peer has sent all it will: not a request.
+                None if socket.fd.read_closed() => Err(()),
+                None => {
+                    socket.fd.drained();
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                socket.fd.drained();
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a new connection failed");
+                Err(())
+            }
         }
     }
 
@@ -286,16 +346,27 @@ impl<S: ConnService> HttpConn<S> {
                     if d.draining {
                         return Verdict::Close;
                     }
-                    if self.socket.fd.maybe_readable() {
+                    let since = since.instant();
+                    let mut proto = Some(Proto::Http1);
+                    if self.sniffing && self.socket.fd.maybe_readable() {
+                        proto = match Self::sniff(&self.socket) {
+                            Ok(p) => p,
+                            Err(()) => return Verdict::Close,
+                        };
+                        self.sniffing = proto.is_none();
+                    }
+                    if let (Some(proto), true) = (proto, self.socket.fd.maybe_readable()) {
                         let State::Parked { svc, .. } =
                             std::mem::replace(&mut self.state, State::Done)
                         else {
                             unreachable!()
                         };
-                        self.activate(key, cfg, svc, None, None);
+                        match (proto, &cfg.http2) {
+                            (Proto::Http2, Some(h2)) => self.start_http2(key, cfg, h2, svc),
+                            _ => self.activate(key, cfg, svc, None, None),
+                        }
                         continue;
                     }
-                    let since = since.instant();
                     if expired(d, since, self.idle_limit(cfg)) {
                         tracing::debug!("closing a parked connection at its idle limit");
                         return Verdict::Close;
@@ -389,9 +460,71 @@ impl<S: ConnService> HttpConn<S> {
                     }
                     return Verdict::Keep;
                 }
+                State::Http2(h2) => {
+                    let waker = key.waker();
+                    let mut cx = Context::from_waker(&waker);
+                    let conn = &mut h2.conn;
+                    let polled = catch_unwind(AssertUnwindSafe(|| Pin::new(conn).poll(&mut cx)));
+                    if let Poll::Ready(Err(e)) = self.socket.poll_flush_pending(&cx, true) {
+                        tracing::debug!(error = %e, "write failed");
+                        self.set_done();
+                        return Verdict::Close;
+                    }
+                    match polled {
+                        Ok(Poll::Pending) => {
+                            if d.owned > 0 || h2.closing {
+                                h2.idle_since = None;
+                                return Verdict::Keep;
+                            }
+                            let since = *h2.idle_since.get_or_insert_with(|| {
+                                // Idle: the coalescing buffer is not kept meanwhile.
+                                self.socket.release_buffers();
+                                d.now
+                            });
+                            let limit = cfg.http2.as_ref().and_then(|c| c.idle_timeout);
+                            if expired(d, since, limit) {
+                                tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+                                Pin::new(&mut h2.conn).graceful_shutdown();
+                                h2.closing = true;
+                                // Polled again to send it.
+                                continue;
+                            }
+                            return Verdict::Keep;
+                        }
+                        Ok(Poll::Ready(res)) => {
+                            if let Err(e) = res {
+                                tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                            }
+                            self.set_done();
+                            return Verdict::Close;
+                        }
+                        Err(panic) => {
+                            tracing::error!(
+                                panic = crate::service::panic_message(&*panic),
+                                "HTTP/2 connection panicked; closing it"
+                            );
+                            self.set_done();
+                            return Verdict::Close;
+                        }
+                    }
+                }
                 State::Done => return Verdict::Close,
             }
         }
+    }
+
+    /// Starts serving HTTP/2: hyper's connection, whose streams become local tasks that belong
+    /// to this connection.
+    fn start_http2(&mut self, key: Key, cfg: &HttpConfig, h2: &Http2Config, svc: S) {
+        let io = HopStream::new(self.socket.clone(), key, None, cfg.coalesce);
+        let conn = h2
+            .builder(LocalExec::new(Some(key)))
+            .serve_connection(io, Http2Svc::new(svc, cfg.ctl.clone()));
+        self.state = State::Http2(Box::new(H2 {
+            conn,
+            idle_since: None,
+            closing: false,
+        }));
     }
 
     /// Takes the socket back from hyper for the read handler waiting on it, once hyper has

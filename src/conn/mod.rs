@@ -36,6 +36,8 @@ pub(crate) struct Drive {
     pub(crate) draining: bool,
     /// Many connections on this poller hold hyper's state: an idle one parks at once.
     pub(crate) crowded: bool,
+    /// Local tasks the entry owns (an HTTP/2 connection's open streams).
+    pub(crate) owned: usize,
     /// The earliest time the entry asked to be driven again.
     pub(crate) due: Option<Instant>,
     /// A panic the entry caught and ended with, for the poller to log and count.
@@ -48,6 +50,7 @@ impl Drive {
             now,
             draining,
             crowded,
+            owned: 0,
             due: None,
             panic: None,
         }
@@ -145,6 +148,7 @@ impl<S: ConnService> Entry<S> {
     /// Drives the entry after an event, a wake or a timer.
     pub(crate) fn drive(&mut self, http: &HttpConfig, d: &mut Drive) -> Verdict {
         let key = self.key;
+        d.owned = self.owned.as_ref().map_or(0, |o| o.tasks.len());
         match &mut self.kind {
             Kind::Http(conn) => conn.drive(key, http, d),
             Kind::Tcp(conn) => match conn.drive(key, d) {
@@ -206,13 +210,15 @@ impl<S: ConnService> Entry<S> {
             .push(task);
     }
 
-    /// Forgets a task of this entry that has finished.
-    pub(crate) fn disown(&mut self, task: Key) {
+    /// Forgets a task of this entry that has finished; `true` if it owns none any more.
+    pub(crate) fn disown(&mut self, task: Key) -> bool {
         if let Some(owned) = &mut self.owned {
             owned.tasks.retain(|k| *k != task);
             if owned.tasks.is_empty() {
                 self.owned = None;
+                return true;
             }
         }
+        false
     }
 }

@@ -96,6 +96,42 @@ impl Fd {
         self.writable.load(Ordering::Relaxed)
     }
 
+    /// The peer has closed its side (sticky: see [`Fd::on_event`]).
+    pub(crate) fn read_closed(&self) -> bool {
+        self.read_closed.load(Ordering::Relaxed)
+    }
+
+    /// Copies the bytes waiting on the socket into `dst` without taking them (`MSG_PEEK`,
+    /// retried if interrupted). Readiness is left as it was: a caller that waits for more
+    /// calls [`Fd::drained`].
+    pub(crate) fn peek(&self, dst: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst`, which is
+            // initialized memory the caller owns.
+            let n = unsafe {
+                libc::recv(
+                    self.io.as_raw_fd(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    libc::MSG_PEEK,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Records that everything the socket holds has been seen (a peek found too few bytes):
+    /// the connection waits for the next arrival, which raises a new edge.
+    pub(crate) fn drained(&self) {
+        self.readable.store(false, Ordering::Relaxed);
+    }
+
     /// One `recv(2)` into `dst` (retried if interrupted).
     fn recv(&self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         loop {

@@ -65,16 +65,12 @@ pub(crate) fn take_spawned(into: &mut Vec<Task>) {
 /// hyper's executor on a poller (`hyper::rt::Executor`): each future becomes a local task that
 /// belongs to the connection the executor was made for.
 ///
-/// HTTP/2 connections are its user (the next step); until then only the tests use it.
+/// HTTP/2 connections are its user: each stream is a task that belongs to its connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LocalExec {
     owner: Option<Key>,
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the executor of HTTP/2 connections")
-)]
 impl LocalExec {
     /// An executor whose tasks belong to connection `owner`.
     pub(crate) fn new(owner: Option<Key>) -> Self {
