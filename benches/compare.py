@@ -768,6 +768,8 @@ def main():
                 continue
             if r["failed"]:
                 log(f"11 idle h2 {b}: {r['failed']} failed ({r['first_error']})")
+            if r.get("closed_by_server"):
+                log(f"11 idle h2 {b}: the server closed {r['closed_by_server']} (an idle timeout?)")
             idle_h2["kb"][b].add(r["rss_per_conn_bytes"] / 1024)
             idle_h2["thr"][b].add(r["threads_after"])
             idle_h2["added"][b].add(r["threads_after"] - r["threads_before"])
