@@ -5,7 +5,9 @@ benches/compare.sh).
 The peers (benches/peers, issue 11) serve the same routes: `axum-serve` is axum::serve as users
 run it (stock settings, a 1-worker multi-thread runtime), `hyper-tuned` a tuned hyper-util http1
 server (tokio current_thread, TCP_NODELAY, pipeline_flush). They get columns in rows 1, 2, 3, 4, 5
-and 9; the other rows compare hop's two backends only. `--no-peers` leaves them out everywhere.
+and 9; the HTTP/2 rows (10: h2load, 11: idle h2c connections) compare hop's backends with
+axum-serve only (hyper-tuned speaks HTTP/1 alone); rows 6-8 compare hop's two backends only.
+`--no-peers` leaves the peers out everywhere.
 
 Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
 CPU 1 (one churn row caps the server at half a CPU with a cgroup quota; row 9 counts
@@ -39,6 +41,11 @@ HOP = ["reactor", "tokio"]
 PEERS = {name: os.path.join(REL, name) for name in ("axum-serve", "hyper-tuned")}
 # The backends of the peer rows (1-5, 9); `--no-peers` makes it HOP.
 BACKENDS = HOP + list(PEERS)
+# The HTTP/2 rows (10, 11) leave out hyper-tuned, an http1-only server.
+H2_PEERS = ["axum-serve"]
+# Requests per h2load run for each second of a measurement: 200,000 quick, 1,000,000 full (about
+# 1 s and 5 s at axum-serve's 200,000 req/s on a quiet core; the warm-up's share likewise).
+H2_REQUESTS_PER_SEC = 100_000
 SERVER_CPU, LOAD_CPU = "0", "1"
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -293,6 +300,51 @@ def hop_load(args, timeout=120):
     return v
 
 
+def h2_backends():
+    """The columns of the HTTP/2 rows: hop's backends and the peers that speak h2c."""
+    return [b for b in BACKENDS if b in HOP or b in H2_PEERS]
+
+
+def h2load_seconds(text):
+    """h2load's `finished in 1.33s` / `850.12ms` / `418us` as seconds."""
+    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * scale
+    raise ValueError(f"h2load duration {text!r}")
+
+
+def h2load(url, n, conns=10, streams=100):
+    """`h2load -c conns -m streams -n n url` (h2c with prior knowledge, one client thread) on
+    the load CPU: the `requests:` counts (total, succeeded, failed, ...) and, from the
+    `finished in 1.01s, 198019.80 req/s` line, the run's seconds (as printed, to 10 ms) and its
+    rate (requests that succeeded over the unrounded duration)."""
+    cmd = ["taskset", "-c", LOAD_CPU, "h2load", "-c", str(conns), "-m", str(streams),
+           "-n", str(n), url]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("finished in "):
+            words = line.split()
+            r["secs"] = h2load_seconds(words[2].rstrip(","))
+            r["rps"] = float(words[3])
+        elif line.startswith("requests: "):
+            # requests: 200000 total, 200000 started, 200000 done, 200000 succeeded, 0 failed, ...
+            words = line[len("requests: "):].replace(",", "").split()
+            r.update({k: int(v) for v, k in zip(words[::2], words[1::2])})
+    if "secs" not in r or "succeeded" not in r:
+        raise RuntimeError(f"h2load {url}: rc {p.returncode}: {p.stdout[-300:]} {p.stderr[-300:]}")
+    return r
+
+
+def h2c_answer(addr):
+    """None when `addr` answers one h2c request on /plaintext, else why not."""
+    try:
+        r = h2load(f"http://{addr}/plaintext", 1, conns=1, streams=1)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return str(e)[:200]
+    return None if r["succeeded"] == 1 else "no HTTP/2 answer to h2c prior knowledge"
+
+
 class Cell:
     """Values of one metric for one backend over the runs."""
 
@@ -371,18 +423,56 @@ def interleave(runs, backends=None):
             yield i, b
 
 
+def h2_targets(h2, idle_h2, row10, row11):
+    """A markdown table of the HTTP/2 targets for each of hop's backends measured: h2 req/s at
+    least 1.2× axum-serve's at most 0.8× its CPU per request (row 10), idle h2c memory per
+    connection at most 0.8× axum-serve's and no thread added by the connections (row 11).
+    Empty when neither row ran."""
+    hop = [b for b in HOP if b in h2["rps"]]
+
+    def against(cell, b, limit, at_least):
+        peer = cell.get("axum-serve")
+        mine, theirs = cell[b].median(), peer and peer.median()
+        if mine is None or not theirs:
+            return "n/a"
+        x = mine / theirs
+        met = x >= limit if at_least else x <= limit
+        return f"{x:.2f}× ({'met' if met else 'no'})"
+
+    rows = []
+    if row10:
+        rows.append(("h2 req/s ≥ 1.2× axum-serve",
+                     [against(h2["rps"], b, 1.2, True) for b in hop]))
+        rows.append(("h2 server CPU µs/req ≤ 0.8× axum-serve",
+                     [against(h2["cpu"], b, 0.8, False) for b in hop]))
+    if row11:
+        rows.append(("idle h2c KB/conn ≤ 0.8× axum-serve",
+                     [against(idle_h2["kb"], b, 0.8, False) for b in hop]))
+        added = []
+        for b in hop:
+            v = idle_h2["added"][b].v
+            added.append("n/a" if not v else f"{max(v)} ({'met' if max(v) == 0 else 'no'})")
+        rows.append(("threads added by 10,000 idle h2c connections: none", added))
+    if not rows:
+        return ""
+    out = ["| target | " + " | ".join(hop) + " |", "|---|" + "---|" * len(hop)]
+    out += [f"| {what} | " + " | ".join(vals) + " |" for what, vals in rows]
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-9)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-11)")
     ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
     ap.add_argument("--json-out", default="", help="also write every raw result here")
     ap.add_argument("--no-peers", action="store_true",
                     help="hop's two backends only (no axum-serve / hyper-tuned columns)")
     ap.add_argument("--backends", default="",
-                    help="the columns of the peer rows (1-5, 9), comma-separated; reactor and any "
-                         "of tokio, axum-serve, hyper-tuned (default: all)")
+                    help="the columns of the peer rows (1-5, 9; 10-11 without hyper-tuned), "
+                         "comma-separated; reactor and any of tokio, axum-serve, hyper-tuned "
+                         "(default: all)")
     a = ap.parse_args()
     global BACKENDS
     if a.no_peers:
@@ -405,6 +495,12 @@ def main():
     raw = []
     table = Table()
     t_start = time.time()
+
+    # The HTTP/2 rows' columns and figures, and why a column has none (no h2c answer).
+    h2b = h2_backends()
+    no_h2 = {}
+    h2 = cells("rps", "cpu", backends=h2b)
+    idle_h2 = cells("kb", "thr", "added", backends=h2b)
 
     servers = {b: Server(SERVER, b) for b in BACKENDS}
     try:
@@ -564,6 +660,38 @@ def main():
                     se["ms"][b].add(r.get("fanout_median_ms"))
                     log(f"7 sse {b} run {i + 1}: {r.get('fanout_median_ms')} ms")
                 sse_rows.append(("ok", se))
+
+        # 10. HTTP/2: h2load, h2c with prior knowledge, 10 connections × 100 streams each.
+        if want(10):
+            table.num = 10
+            w = "h2c (prior knowledge) /plaintext, h2load 10 conns × 100 streams"
+            if not shutil.which("h2load"):
+                table.na(w, "req/s; server CPU µs/req", "h2load not installed (nghttp2-client)",
+                         h2b)
+            else:
+                for b in h2b:
+                    why = h2c_answer(servers[b].addr)
+                    if why:
+                        no_h2[b] = why
+                        log(f"10 h2load {b}: {why}")
+                n = H2_REQUESTS_PER_SEC * secs
+                for i, b in interleave(runs, [b for b in h2b if b not in no_h2]):
+                    s = servers[b]
+                    url = f"http://{s.addr}/plaintext"
+                    h2load(url, H2_REQUESTS_PER_SEC * warm)
+                    t0 = cpu_ticks(s.pid)
+                    r = h2load(url, n)
+                    dt = cpu_ticks(s.pid) - t0
+                    raw.append({"row": 10, "backend": b, **r, "cpu_ticks": dt})
+                    ok = r["succeeded"]
+                    if ok < r["total"]:
+                        log(f"10 h2load {b} run {i + 1}: {r['total'] - ok} of {r['total']} failed")
+                    h2["rps"][b].add(r["rps"])
+                    h2["cpu"][b].add(dt / HZ * 1e6 / max(ok, 1))
+                    log(f"10 h2load {b} run {i + 1}: {r['rps']:,.0f} req/s")
+                note = "; ".join(f"{b}: {why}" for b, why in no_h2.items())
+                table.add(w, "req/s", h2["rps"], note=note)
+                table.add(w, "server CPU µs/req", h2["cpu"], 2, note=note)
     finally:
         for s in servers.values():
             s.stop()
@@ -620,6 +748,38 @@ def main():
                         "--xlabel", "idle connections (each did one request)",
                         "--ylabel", "server RSS growth (MiB)", *series], check=True)
         log(f"chart: {a.svg} {series}")
+
+    # 11. idle HTTP/2 connections: a fresh server for each measurement, as in row 5.
+    if want(11):
+        w = "10,000 idle h2c (prior knowledge; SETTINGS exchanged, one GET /plaintext)"
+        for i, b in interleave(idle_runs, h2b):
+            if b in no_h2:
+                continue
+            s = Server(SERVER, b)
+            try:
+                r = hop_load(["idle", "--kind", "h2", "-n", 10000, "--addr", s.addr,
+                              "--server-pid", s.pid])
+            finally:
+                s.stop()
+            raw.append({"row": 11, "backend": b, **r})
+            if r["opened"] == 0:
+                no_h2[b] = r.get("first_error") or "no connection opened"
+                log(f"11 idle h2 {b}: {no_h2[b]}")
+                continue
+            if r["failed"]:
+                log(f"11 idle h2 {b}: {r['failed']} failed ({r['first_error']})")
+            if r.get("closed_by_server"):
+                log(f"11 idle h2 {b}: the server closed {r['closed_by_server']} (an idle timeout?)")
+            idle_h2["kb"][b].add(r["rss_per_conn_bytes"] / 1024)
+            idle_h2["thr"][b].add(r["threads_after"])
+            idle_h2["added"][b].add(r["threads_after"] - r["threads_before"])
+            log(f"11 idle h2 {b}: {r['rss_per_conn_bytes']:.0f} B/conn, threads "
+                f"{r['threads_before']} -> {r['threads_after']}")
+        table.num = 11
+        note = "; ".join(f"{b}: {why}" for b, why in no_h2.items())
+        table.add(w, "server RSS growth KB/conn", idle_h2["kb"], 2, note=note)
+        table.add(w, "server threads", idle_h2["thr"], 0, note=note)
+        table.add(w, "server threads added by the connections", idle_h2["added"], 0, note=note)
 
     for status, v in ws_rows:
         w = ("WebSocket echo, 100 conns, 64-byte text, raw-frame client (reactor: hop::ws /ws; "
@@ -718,6 +878,10 @@ def main():
           f"{warm} s warm-up; median of {runs} interleaved runs (min–max)"
           f"{'' if idle_runs > 1 else '; idle rows: one run each'}.\n")
     print(table.render())
+    targets = h2_targets(h2, idle_h2, want(10), want(11))
+    if targets:
+        print("\n#### HTTP/2 targets (rows 10 and 11: hop's backends against axum-serve's medians)\n")
+        print(targets)
     if echo_rows:
         print(f"\n#### 8. TCP echo (examples/echo; `hop-load echo -c {conns} -r R -d {echo_secs}s "
               f"--size 64`; median of {runs})\n")

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: hop's reactor backend against its tokio backend and two peer servers
-# (benches/peers: axum-serve and hyper-tuned, in rows 1-5 and 9), same machine, same run.
+# (benches/peers: axum-serve and hyper-tuned, in rows 1-5 and 9; axum-serve alone in the HTTP/2
+# rows 10 and 11), same machine, same run.
 #
-#   benches/compare.sh [--quick] [--runs N] [--only 1,2,8] [--json-out FILE] [--no-peers]
+#   benches/compare.sh [--quick] [--runs N] [--only 1,2,10] [--json-out FILE] [--no-peers]
 #                      [--backends reactor,tokio,axum-serve,hyper-tuned]
 #
 # Builds the examples, the peers and hop-load in release mode, then runs benches/compare.py, which
 # prints a markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+
-# CPUs; as root it installs wrk with apt-get when missing. --quick takes about 8 minutes once
-# built (about 4 with --no-peers). The capped churn row needs root and a cgroup cpu controller;
-# row 9 needs valgrind (n/a without).
+# CPUs; as root it installs wrk and h2load (nghttp2-client, for row 10) with apt-get when
+# missing. --quick takes about 9 minutes once built (about 5 with --no-peers). The capped churn
+# row needs root and a cgroup cpu controller; row 9 needs valgrind (n/a without).
 # SSE_PUBLISH=/path (default /sse/broadcast; empty: wait for the server's own events) is POSTed to
 # publish the SSE fan-out row's events; RATE=N fixes the rate of the fixed-rate row.
 set -euo pipefail
@@ -22,6 +23,15 @@ if ! command -v wrk >/dev/null 2>&1; then
     else
         echo "compare.sh: wrk is missing; install it (Debian/Ubuntu: sudo apt-get install -y wrk)" >&2
         exit 1
+    fi
+fi
+if ! command -v h2load >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
+    else
+        echo "compare.sh: h2load is missing, row 10 reads n/a (Debian/Ubuntu:" \
+            "sudo apt-get install -y nghttp2-client)" >&2
     fi
 fi
 for tool in taskset python3; do

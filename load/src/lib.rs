@@ -5,6 +5,7 @@
 //! server from /proc (CPU, RSS, threads).
 
 pub mod chart;
+pub mod h2c;
 pub mod modes;
 pub mod paced;
 pub mod util;

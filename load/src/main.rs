@@ -14,9 +14,10 @@ hop-load: load generator for hop's benchmarks
 usage: hop-load MODE [OPTIONS] [--json] [--threads N]
 
 modes:
-  idle     --kind http|ws|sse|tcp -n N --addr A [--path P] [--hold SECS] [--server-pid PID]
+  idle     --kind http|h2|ws|sse|tcp -n N --addr A [--path P] [--hold SECS] [--server-pid PID]
            open N idle connections (source addresses spread over 127.0.0.2-254), sample the
-           server's RSS and threads before and after
+           server's RSS and threads before and after (h2: h2c with prior knowledge, the
+           SETTINGS exchange and one GET on stream 1)
   echo     -c C -r R -d DUR --addr A [--size BYTES] [--server-pid PID]
            TCP echo (the seed tcp-echo-servers bench): C connections, R requests per
            connection (0: unbounded), BYTES per request

@@ -111,6 +111,9 @@ where
 pub enum Kind {
     /// HTTP/1.1 keep-alive, after one `GET`.
     Http,
+    /// HTTP/2 cleartext with prior knowledge (h2c), after the SETTINGS exchange and one `GET` on
+    /// stream 1 (frames written by hand: [`crate::h2c`]).
+    H2,
     /// WebSocket, after the handshake and one echoed message.
     Ws,
     /// An SSE subscriber (`Accept: text/event-stream`), after the response head.
@@ -128,10 +131,11 @@ impl std::str::FromStr for Kind {
     fn from_str(s: &str) -> Result<Kind, String> {
         match s {
             "http" => Ok(Kind::Http),
+            "h2" => Ok(Kind::H2),
             "ws" => Ok(Kind::Ws),
             "sse" => Ok(Kind::Sse),
             "tcp" => Ok(Kind::Tcp),
-            _ => Err(format!("unknown kind {s:?} (http, ws, sse, tcp)")),
+            _ => Err(format!("unknown kind {s:?} (http, h2, ws, sse, tcp)")),
         }
     }
 }
@@ -139,7 +143,7 @@ impl std::str::FromStr for Kind {
 impl Kind {
     fn default_path(self) -> &'static str {
         match self {
-            Kind::Http => "/plaintext",
+            Kind::Http | Kind::H2 => "/plaintext",
             Kind::Ws | Kind::WsRaw => "/ws",
             Kind::Sse => "/sse",
             Kind::Tcp => "",
@@ -157,7 +161,8 @@ pub enum Held {
 /// Why a connection did not open.
 #[derive(Debug)]
 pub enum OpenError {
-    /// The server answered the handshake with this status: the route is absent.
+    /// The server answered the handshake with this status: the route is absent (0: an HTTP/2
+    /// status outside HPACK's static table).
     Absent(u16),
     Io(io::Error),
 }
@@ -171,6 +176,8 @@ impl From<io::Error> for OpenError {
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // 0: an HTTP/2 status that is not one of HPACK's static entries (not 200).
+            OpenError::Absent(0) => write!(f, "route absent (an HTTP/2 status other than 200)"),
             OpenError::Absent(s) => write!(f, "route absent (HTTP {s})"),
             OpenError::Io(e) => write!(f, "{e}"),
         }
@@ -208,6 +215,13 @@ pub async fn open_one(
             }
             if h.close {
                 return Err(io::Error::other("server closed the keep-alive connection").into());
+            }
+            Ok(Held::Tcp(s))
+        }
+        Kind::H2 => {
+            let answer = crate::h2c::open(&mut s, Some(path), addr).await?;
+            if answer.status != 200 {
+                return Err(OpenError::Absent(answer.status));
             }
             Ok(Held::Tcp(s))
         }

@@ -1,5 +1,6 @@
 //! hop-load's counts and percentiles against servers whose behaviour is known: an in-test tokio
-//! echo server, a tiny HTTP server with a fixed delay, a WebSocket echo server and an SSE hub.
+//! echo server, a tiny HTTP server with a fixed delay, an h2c server (the `h2` crate), a
+//! WebSocket echo server and an SSE hub.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -267,6 +268,81 @@ async fn idle_reports_an_absent_route() {
         .unwrap();
         assert_eq!(v["available"], false, "{v}");
     }
+}
+
+/// An h2c server (the `h2` crate, prior knowledge): `/plaintext` answers `Hello, World!`, any
+/// other path 404. Counts connections, requests to `/plaintext` whose `:authority` is the
+/// server's address, and source addresses.
+async fn h2_server() -> (SocketAddr, Arc<Counts>) {
+    let (l, addr) = listener().await;
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, peer) = l.accept().await.unwrap();
+            c.accepted.fetch_add(1, Relaxed);
+            c.peers.lock().unwrap().insert(peer.ip());
+            let c = c.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let ok = req.uri().path() == "/plaintext";
+                    if ok && req.uri().authority().map(|a| a.as_str()) == Some(&addr.to_string()) {
+                        c.requests.fetch_add(1, Relaxed);
+                    }
+                    let status = if ok { 200 } else { 404 };
+                    let head = http::Response::builder().status(status).body(()).unwrap();
+                    let mut body = respond.send_response(head, !ok).unwrap();
+                    if ok {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"Hello, World!"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, counts)
+}
+
+#[tokio::test]
+async fn idle_h2_speaks_to_a_real_http2_server() {
+    let (addr, counts) = h2_server().await;
+    let opts = IdleOpts {
+        kind: Kind::H2,
+        n: 300,
+        addr,
+        path: String::new(),
+        hold: Duration::ZERO,
+        settle: Duration::ZERO,
+        server_pid: Some(std::process::id()),
+        concurrency: 64,
+    };
+    let v = idle(opts.clone()).await.unwrap();
+    assert_eq!(us(&v, "opened"), 300, "{v}");
+    assert_eq!(us(&v, "failed"), 0, "{v}");
+    assert_eq!(v["kind"], "h2");
+    assert_eq!(counts.accepted.load(Relaxed), 300);
+    // Every connection made its one GET /plaintext with the server's address as :authority.
+    assert_eq!(counts.requests.load(Relaxed), 300);
+    assert_eq!(us(&v, "closed_by_server"), 0);
+    assert!(v["threads_after"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(counts.peers.lock().unwrap().len(), 253);
+    // A 404 reads as an absent route.
+    let v = idle(IdleOpts {
+        n: 3,
+        path: "/missing".into(),
+        ..opts.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(v["available"], false, "{v}");
+    assert!(v["first_error"].as_str().unwrap().contains("404"), "{v}");
+    // A server that speaks HTTP/1 only fails every connection, saying why.
+    let (addr, _) = http_server(Duration::ZERO).await;
+    let v = idle(IdleOpts { n: 3, addr, ..opts }).await.unwrap();
+    assert_eq!(us(&v, "opened"), 0, "{v}");
+    assert!(v["first_error"].as_str().unwrap().contains("HTTP/1"), "{v}");
 }
 
 #[tokio::test]

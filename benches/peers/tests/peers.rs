@@ -1,6 +1,6 @@
 //! Starts each peer binary as the harness does (two workers, so `hyper-tuned`'s `SO_REUSEPORT`
 //! listeners are covered too) and talks to every route with real clients: reqwest for HTTP and
-//! SSE, tokio-tungstenite for the WebSocket echo.
+//! SSE (and h2c with prior knowledge on axum-serve), tokio-tungstenite for the WebSocket echo.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -103,6 +103,24 @@ async fn check(bin: &str) {
 #[tokio::test]
 async fn axum_serve_serves_every_route() {
     check(env!("CARGO_BIN_EXE_axum-serve")).await;
+}
+
+/// The HTTP/2 rows (10, 11) need axum-serve to answer h2c with prior knowledge.
+#[tokio::test]
+async fn axum_serve_answers_h2c_prior_knowledge() {
+    let (_server, addr) = start(env!("CARGO_BIN_EXE_axum-serve"));
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{addr}/plaintext"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "Hello, World!");
 }
 
 #[tokio::test]
