@@ -170,7 +170,8 @@ impl Builder {
     /// Read handlers: how long a connection that is closing may take to send what it has
     /// queued (and, for a WebSocket, to answer a close the server started) before unsent
     /// output is discarded and the socket is closed, with a reset if output was left (default
-    /// 10 s). A peer that stops reading cannot hold a closing connection open.
+    /// 10 s). A peer that stops reading cannot hold a closing connection open. The same bound
+    /// holds for an HTTP/2 connection sent GOAWAY, once its streams are done.
     pub fn close_timeout(mut self, t: Duration) -> Self {
         self.cfg.tcp.close_timeout = t;
         self

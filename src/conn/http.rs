@@ -83,6 +83,9 @@ pub(crate) struct HttpConfig {
     park_after: Option<Duration>,
     /// HTTP/2 settings, if it is served.
     http2: Option<Http2Config>,
+    /// How long an HTTP/2 connection that was sent GOAWAY may take to close once its streams
+    /// are done (the read handlers' `close_timeout`).
+    close_timeout: Duration,
     /// Where parks and HTTP/2 streams are counted.
     ctl: Arc<Control>,
 }
@@ -100,6 +103,7 @@ impl HttpConfig {
             header_timeout: cfg.header_read_timeout,
             park_after: cfg.park_after,
             http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
+            close_timeout: cfg.tcp.close_timeout,
             ctl,
         }
     }
@@ -231,8 +235,10 @@ struct H2<S: ConnService> {
     conn: H2Conn<S>,
     /// Since when no stream has been open.
     idle_since: Option<Instant>,
-    /// GOAWAY was asked for (idle timeout or shutdown): hyper closes once streams are done.
-    closing: bool,
+    /// When GOAWAY was asked for (idle timeout or shutdown): hyper closes once streams are
+    /// done and the GOAWAY is sent, which a peer that stops reading can hold off until the close
+    /// timeout.
+    closing: Option<Instant>,
 }
 
 /// An upgraded connection's activity: the socket's [`Socket::foreign_io`] count when last
@@ -306,7 +312,7 @@ impl<S: ConnService> HttpConn<S> {
             State::Active(live) => Pin::new(&mut live.conn).graceful_shutdown(),
             State::Http2(h2) => {
                 Pin::new(&mut h2.conn).graceful_shutdown();
-                h2.closing = true;
+                h2.closing.get_or_insert_with(Instant::now);
             }
             _ => {}
         }
@@ -472,8 +478,18 @@ impl<S: ConnService> HttpConn<S> {
                     }
                     match polled {
                         Ok(Poll::Pending) => {
-                            if d.owned > 0 || h2.closing {
+                            if d.owned > 0 {
                                 h2.idle_since = None;
+                                return Verdict::Keep;
+                            }
+                            if let Some(at) = h2.closing {
+                                if expired(d, at, Some(cfg.close_timeout)) {
+                                    tracing::debug!(
+                                        "HTTP/2 connection not closed in time; closing"
+                                    );
+                                    self.set_done();
+                                    return Verdict::Close;
+                                }
                                 return Verdict::Keep;
                             }
                             let since = *h2.idle_since.get_or_insert_with(|| {
@@ -485,7 +501,7 @@ impl<S: ConnService> HttpConn<S> {
                             if expired(d, since, limit) {
                                 tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
                                 Pin::new(&mut h2.conn).graceful_shutdown();
-                                h2.closing = true;
+                                h2.closing = Some(d.now);
                                 // Polled again to send it.
                                 continue;
                             }
@@ -523,7 +539,7 @@ impl<S: ConnService> HttpConn<S> {
         self.state = State::Http2(Box::new(H2 {
             conn,
             idle_since: None,
-            closing: false,
+            closing: None,
         }));
     }
 
