@@ -3,22 +3,31 @@
 //! and limits, as many workers as the reactor has pollers). It is what hop is measured against,
 //! so it is tuned as well as tokio allows, not a strawman.
 //!
+//! The accept loop takes connections from a TCP listener, a Unix listener, or a generic
+//! `axum::serve::Listener` (an [`Accept`] each; only the generic one's streams are boxed). That
+//! last path also serves generic listeners under the reactor backend, which cannot see their
+//! sockets.
+//!
 //! hyper 1.x arms its header-read timer as soon as a keep-alive connection goes idle, so here the
 //! idle timeout is hyper's header timer set to the smaller of the two timeouts.
 
+use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{App, NewConn};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::ConnCore;
+use crate::listener::{Bound, Native};
 use crate::service::{HyperSvc, IncomingStream};
 use crate::settings::{Config, Control};
 
@@ -37,13 +46,23 @@ impl Drop for ConnGuard {
 /// Starts the baseline on its own runtime thread; `done` fires when it has stopped.
 pub(crate) fn start<P: App>(
     cfg: &Config,
-    listener: std::net::TcpListener,
+    listener: Bound,
     app: P,
     ctl: Arc<Control>,
     done: oneshot::Sender<()>,
 ) -> io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let _ = socket2::SockRef::from(&listener).listen(cfg.backlog);
+    match &listener {
+        Bound::Native(Native::Tcp(l)) => {
+            l.set_nonblocking(true)?;
+            let _ = socket2::SockRef::from(l).listen(cfg.backlog);
+        }
+        Bound::Native(Native::Unix(l)) => {
+            l.set_nonblocking(true)?;
+            let _ = socket2::SockRef::from(l).listen(cfg.backlog);
+        }
+        #[cfg(feature = "axum")]
+        Bound::Generic(_) => {}
+    }
     let (drain_tx, drain_rx) = watch::channel(false);
     let ctx = ServerContext {
         tcp: Arc::new(cfg.tcp.clone()),
@@ -67,15 +86,23 @@ pub(crate) fn start<P: App>(
     std::thread::Builder::new()
         .name("hop-tokio-main".into())
         .spawn(move || {
-            let res = rt.block_on(accept_loop(
-                cfg,
-                listener,
-                app,
-                ctl,
-                Arc::new(http1),
-                ctx,
-                drain_tx,
-            ));
+            let res = rt.block_on(async move {
+                let http1 = Arc::new(http1);
+                // Each kind of listener gets its own accept loop (the TCP path's streams are
+                // not boxed).
+                match listener {
+                    Bound::Native(Native::Tcp(l)) => {
+                        let l = TcpAccept::new(l, &cfg)?;
+                        accept_loop(cfg, l, app, ctl, http1, ctx, drain_tx).await
+                    }
+                    Bound::Native(Native::Unix(l)) => {
+                        let l = tokio::net::UnixListener::from_std(l)?;
+                        accept_loop(cfg, l, app, ctl, http1, ctx, drain_tx).await
+                    }
+                    #[cfg(feature = "axum")]
+                    Bound::Generic(l) => accept_loop(cfg, l, app, ctl, http1, ctx, drain_tx).await,
+                }
+            });
             if let Err(e) = res {
                 tracing::error!(error = %e, "tokio backend failed");
             }
@@ -85,9 +112,100 @@ pub(crate) fn start<P: App>(
     Ok(())
 }
 
-async fn accept_loop<P: App>(
+/// Where the accept loop takes connections from: a TCP or Unix listener, or a generic
+/// `axum::serve::Listener` (whose connections are boxed).
+trait Accept: Send + 'static {
+    /// A connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The peer's address.
+    type Peer: std::fmt::Debug + Send;
+
+    /// The next connection (cancel-safe: `select!` drops it whenever another branch wins).
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Peer)>> + Send;
+
+    /// Sets up a new connection (socket options) and describes it to the app.
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a>;
+
+    /// The connection's descriptor, if hop may use it: TCP (a read handler's addresses, the
+    /// reset of a connection cut at the drain deadline).
+    fn tcp_fd(_io: &Self::Io) -> Option<RawFd> {
+        None
+    }
+}
+
+/// A TCP listener, with the settings its connections get.
+struct TcpAccept {
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    keepalive: Option<Duration>,
+}
+
+impl TcpAccept {
+    /// Must be called inside the runtime.
+    fn new(listener: std::net::TcpListener, cfg: &Config) -> io::Result<Self> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        Ok(TcpAccept {
+            local_addr: listener.local_addr()?,
+            listener,
+            keepalive: cfg.tcp_keepalive,
+        })
+    }
+}
+
+impl Accept for TcpAccept {
+    type Io = tokio::net::TcpStream;
+    type Peer = SocketAddr;
+
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, SocketAddr)>> + Send {
+        self.listener.accept()
+    }
+
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a SocketAddr) -> IncomingStream<'a> {
+        let _ = io.set_nodelay(true);
+        if let Some(t) = self.keepalive {
+            let ka = socket2::TcpKeepalive::new().with_time(t);
+            let _ = socket2::SockRef::from(io).set_tcp_keepalive(&ka);
+        }
+        let local = crate::service::local_addr_of(self.local_addr, || io.local_addr());
+        IncomingStream::new(local, *peer)
+    }
+
+    fn tcp_fd(io: &Self::Io) -> Option<RawFd> {
+        Some(io.as_raw_fd())
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Peer = std::os::unix::net::SocketAddr;
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Peer)> {
+        let (io, peer) = tokio::net::UnixListener::accept(self).await?;
+        Ok((io, peer.into()))
+    }
+
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
+        IncomingStream::unix(io.as_fd(), peer)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl Accept for Box<dyn crate::listener::ErasedListener> {
+    type Io = crate::listener::BoxIo;
+    type Peer = Box<dyn crate::listener::RemoteAddr>;
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Peer)> {
+        Ok(std::future::poll_fn(|cx| self.poll_accept(cx)).await)
+    }
+
+    fn incoming<'a>(&'a self, _io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
+        IncomingStream::generic(self.local_addr(), (**peer).as_any())
+    }
+}
+
+async fn accept_loop<P: App, A: Accept>(
     cfg: Config,
-    listener: std::net::TcpListener,
+    mut listener: A,
     mut app: P,
     ctl: Arc<Control>,
     http1: Arc<hyper::server::conn::http1::Builder>,
@@ -96,8 +214,6 @@ async fn accept_loop<P: App>(
 ) -> io::Result<()> {
     let tcp = ctx.tcp.clone();
     let drain_rx = drain_tx.subscribe();
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local_addr = listener.local_addr()?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
     {
         let s = shutdown.clone();
@@ -128,15 +244,9 @@ async fn accept_loop<P: App>(
                     continue;
                 }
                 let guard = ConnGuard { ctl: ctl.clone(), forcing: forcing.clone() };
-                let _ = stream.set_nodelay(true);
-                if let Some(t) = cfg.tcp_keepalive {
-                    let ka = socket2::TcpKeepalive::new().with_time(t);
-                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
-                }
-                let local = crate::service::local_addr_of(local_addr, || stream.local_addr());
                 // The make-service is user code: a panic in it costs this connection only.
                 let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    app.accept(IncomingStream::new(local, peer))
+                    app.accept(listener.incoming(&stream, &peer))
                 }));
                 let accepted = match accepted {
                     Ok(a) => a,
@@ -148,7 +258,7 @@ async fn accept_loop<P: App>(
                 let svc = match accepted {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {
-                        let conn = crate::handler::Conn::new(Some(stream.as_raw_fd()), &tcp);
+                        let conn = crate::handler::Conn::new(A::tcp_fd(&stream), &tcp);
                         let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
                         let drain = drain_rx.clone();
                         tasks.spawn(async move {
@@ -158,14 +268,14 @@ async fn accept_loop<P: App>(
                         continue;
                     }
                     None => {
-                        tracing::error!(%peer, "the make-service was not ready; closing");
+                        tracing::error!(?peer, "the make-service was not ready; closing");
                         continue;
                     }
                 };
                 let http1 = http1.clone();
                 let mut drain = drain_rx.clone();
                 let cut = Arc::new(tokio::sync::Notify::new());
-                let fd = stream.as_raw_fd();
+                let fd = A::tcp_fd(&stream);
                 tasks.spawn(server::with_cut(cut.clone(), async move {
                     let _guard = guard;
                     let conn = http1
@@ -186,10 +296,12 @@ async fn accept_loop<P: App>(
                                 conn.as_mut().graceful_shutdown();
                             }
                             _ = cut.notified() => {
-                                // SAFETY: `conn` owns the socket and is alive here, so the
-                                // descriptor is open.
-                                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                                let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                                if let Some(fd) = fd {
+                                    // SAFETY: `conn` owns the socket and is alive here, so the
+                                    // descriptor is open.
+                                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                                    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                                }
                                 break;
                             }
                         }
