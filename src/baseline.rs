@@ -3,21 +3,31 @@
 //! and limits, as many workers as the reactor has pollers). It is what hop is measured against,
 //! so it is tuned as well as tokio allows, not a strawman.
 //!
+//! The accept loop takes connections from a TCP listener, a Unix listener, or a generic
+//! `axum::serve::Listener` (an [`Accept`] each; only the generic one's streams are boxed). That
+//! last path also serves generic listeners under the reactor backend, which cannot see their
+//! sockets.
+//!
 //! hyper 1.x arms its header-read timer as soon as a keep-alive connection goes idle, so here the
 //! idle timeout is hyper's header timer set to the smaller of the two timeouts.
 //!
 //! HTTP/2 is told from HTTP/1.1 as on the reactor, by peeking at the first bytes for the
 //! preface (hyper-util's auto builder reads and replays them instead, with no time limit on
-//! that wait). An HTTP/2 connection is hyper's, its streams tokio tasks spawned by
+//! that wait); a generic listener's stream, which cannot be peeked, has the bytes read put back
+//! in front (`replay::Replay`). An HTTP/2 connection is hyper's, its streams tokio tasks spawned by
 //! [`StreamExec`], which counts them open for the HTTP/2 idle timeout.
 
+use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -25,6 +35,7 @@ use crate::app::{App, NewConn};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::ConnCore;
 use crate::http2::{sniff, Http2Svc, Proto, PREFACE};
+use crate::listener::{Bound, Native};
 use crate::service::{ConnService, HyperSvc, IncomingStream};
 use crate::settings::{Config, Control, Http2Config};
 
@@ -43,13 +54,23 @@ impl Drop for ConnGuard {
 /// Starts the baseline on its own runtime thread; `done` fires when it has stopped.
 pub(crate) fn start<P: App>(
     cfg: &Config,
-    listener: std::net::TcpListener,
+    listener: Bound,
     app: P,
     ctl: Arc<Control>,
     done: oneshot::Sender<()>,
 ) -> io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let _ = socket2::SockRef::from(&listener).listen(cfg.backlog);
+    match &listener {
+        Bound::Native(Native::Tcp(l)) => {
+            l.set_nonblocking(true)?;
+            let _ = socket2::SockRef::from(l).listen(cfg.backlog);
+        }
+        Bound::Native(Native::Unix(l)) => {
+            l.set_nonblocking(true)?;
+            let _ = socket2::SockRef::from(l).listen(cfg.backlog);
+        }
+        #[cfg(feature = "axum")]
+        Bound::Generic(_) => {}
+    }
     let (drain_tx, drain_rx) = watch::channel(false);
     let ctx = ServerContext {
         tcp: Arc::new(cfg.tcp.clone()),
@@ -78,7 +99,22 @@ pub(crate) fn start<P: App>(
     std::thread::Builder::new()
         .name("hop-tokio-main".into())
         .spawn(move || {
-            let res = rt.block_on(accept_loop(cfg, listener, app, ctl, http, ctx, drain_tx));
+            let res = rt.block_on(async move {
+                // Each kind of listener gets its own accept loop (the TCP path's streams are
+                // not boxed).
+                match listener {
+                    Bound::Native(Native::Tcp(l)) => {
+                        let l = TcpAccept::new(l, &cfg)?;
+                        accept_loop(cfg, l, app, ctl, http, ctx, drain_tx).await
+                    }
+                    Bound::Native(Native::Unix(l)) => {
+                        let l = tokio::net::UnixListener::from_std(l)?;
+                        accept_loop(cfg, l, app, ctl, http, ctx, drain_tx).await
+                    }
+                    #[cfg(feature = "axum")]
+                    Bound::Generic(l) => accept_loop(cfg, l, app, ctl, http, ctx, drain_tx).await,
+                }
+            });
             if let Err(e) = res {
                 tracing::error!(error = %e, "tokio backend failed");
             }
@@ -88,9 +124,152 @@ pub(crate) fn start<P: App>(
     Ok(())
 }
 
-async fn accept_loop<P: App>(
+/// Where the accept loop takes connections from: a TCP or Unix listener, or a generic
+/// `axum::serve::Listener` (whose connections are boxed).
+trait Accept: Send + 'static {
+    /// A connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The peer's address.
+    type Peer: std::fmt::Debug + Send;
+
+    /// The connection as served over HTTP: the stream itself, or a generic listener's with the
+    /// bytes read to tell the protocol put back in front.
+    type Served: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The next connection (cancel-safe: `select!` drops it whenever another branch wins).
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Peer)>> + Send;
+
+    /// Sets up a new connection (socket options) and describes it to the app.
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a>;
+
+    /// The connection's descriptor, if hop may use it: TCP (a read handler's addresses, the
+    /// reset of a connection cut at the drain deadline).
+    fn tcp_fd(_io: &Self::Io) -> Option<RawFd> {
+        None
+    }
+
+    /// Tells HTTP/1.1 from HTTP/2 by the connection's first bytes; `None` if it ends first.
+    fn sniff(
+        io: Self::Io,
+    ) -> impl Future<Output = io::Result<Option<(Proto, Self::Served)>>> + Send;
+
+    /// The connection as served when HTTP/2 is off.
+    fn plain(io: Self::Io) -> Self::Served;
+}
+
+/// A TCP listener, with the settings its connections get.
+struct TcpAccept {
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    keepalive: Option<Duration>,
+}
+
+impl TcpAccept {
+    /// Must be called inside the runtime.
+    fn new(listener: std::net::TcpListener, cfg: &Config) -> io::Result<Self> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        Ok(TcpAccept {
+            local_addr: listener.local_addr()?,
+            listener,
+            keepalive: cfg.tcp_keepalive,
+        })
+    }
+}
+
+impl Accept for TcpAccept {
+    type Io = tokio::net::TcpStream;
+    type Peer = SocketAddr;
+    type Served = tokio::net::TcpStream;
+
+    async fn sniff(io: Self::Io) -> io::Result<Option<(Proto, Self::Served)>> {
+        Ok(sniff_peeked(&io).await?.map(|p| (p, io)))
+    }
+
+    fn plain(io: Self::Io) -> Self::Served {
+        io
+    }
+
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, SocketAddr)>> + Send {
+        self.listener.accept()
+    }
+
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a SocketAddr) -> IncomingStream<'a> {
+        let _ = io.set_nodelay(true);
+        if let Some(t) = self.keepalive {
+            let ka = socket2::TcpKeepalive::new().with_time(t);
+            let _ = socket2::SockRef::from(io).set_tcp_keepalive(&ka);
+        }
+        let local = crate::service::local_addr_of(self.local_addr, || io.local_addr());
+        IncomingStream::new(local, *peer)
+    }
+
+    fn tcp_fd(io: &Self::Io) -> Option<RawFd> {
+        Some(io.as_raw_fd())
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Peer = std::os::unix::net::SocketAddr;
+    type Served = tokio::net::UnixStream;
+
+    async fn sniff(io: Self::Io) -> io::Result<Option<(Proto, Self::Served)>> {
+        Ok(sniff_peeked(&io).await?.map(|p| (p, io)))
+    }
+
+    fn plain(io: Self::Io) -> Self::Served {
+        io
+    }
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Peer)> {
+        let (io, peer) = tokio::net::UnixListener::accept(self).await?;
+        Ok((io, peer.into()))
+    }
+
+    fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
+        IncomingStream::unix(io.as_fd(), peer)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl Accept for Box<dyn crate::listener::ErasedListener> {
+    type Io = crate::listener::BoxIo;
+    type Peer = Box<dyn crate::listener::RemoteAddr>;
+    type Served = replay::Replay<crate::listener::BoxIo>;
+
+    async fn sniff(mut io: Self::Io) -> io::Result<Option<(Proto, Self::Served)>> {
+        use tokio::io::AsyncReadExt;
+        let mut first = [0u8; PREFACE.len()];
+        let mut n = 0;
+        loop {
+            let got = io.read(&mut first[n..]).await?;
+            if got == 0 {
+                return Ok(None);
+            }
+            n += got;
+            if let Some(p) = sniff(&first[..n]) {
+                let prefix = bytes::Bytes::copy_from_slice(&first[..n]);
+                return Ok(Some((p, replay::Replay::new(prefix, io))));
+            }
+        }
+    }
+
+    fn plain(io: Self::Io) -> Self::Served {
+        replay::Replay::new(bytes::Bytes::new(), io)
+    }
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, Self::Peer)> {
+        Ok(std::future::poll_fn(|cx| self.poll_accept(cx)).await)
+    }
+
+    fn incoming<'a>(&'a self, _io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
+        IncomingStream::generic(self.local_addr(), (**peer).as_any())
+    }
+}
+
+async fn accept_loop<P: App, A: Accept>(
     cfg: Config,
-    listener: std::net::TcpListener,
+    mut listener: A,
     mut app: P,
     ctl: Arc<Control>,
     http: Arc<Http>,
@@ -99,8 +278,6 @@ async fn accept_loop<P: App>(
 ) -> io::Result<()> {
     let tcp = ctx.tcp.clone();
     let drain_rx = drain_tx.subscribe();
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local_addr = listener.local_addr()?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
     {
         let s = shutdown.clone();
@@ -131,15 +308,9 @@ async fn accept_loop<P: App>(
                     continue;
                 }
                 let guard = ConnGuard { ctl: ctl.clone(), forcing: forcing.clone() };
-                let _ = stream.set_nodelay(true);
-                if let Some(t) = cfg.tcp_keepalive {
-                    let ka = socket2::TcpKeepalive::new().with_time(t);
-                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
-                }
-                let local = crate::service::local_addr_of(local_addr, || stream.local_addr());
                 // The make-service is user code: a panic in it costs this connection only.
                 let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    app.accept(IncomingStream::new(local, peer))
+                    app.accept(listener.incoming(&stream, &peer))
                 }));
                 let accepted = match accepted {
                     Ok(a) => a,
@@ -151,7 +322,7 @@ async fn accept_loop<P: App>(
                 let svc = match accepted {
                     Some(NewConn::Http(svc)) => svc,
                     Some(NewConn::Tcp(handler)) => {
-                        let conn = crate::handler::Conn::new(Some(stream.as_raw_fd()), &tcp);
+                        let conn = crate::handler::Conn::new(A::tcp_fd(&stream), &tcp);
                         let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
                         let drain = drain_rx.clone();
                         tasks.spawn(async move {
@@ -161,17 +332,18 @@ async fn accept_loop<P: App>(
                         continue;
                     }
                     None => {
-                        tracing::error!(%peer, "the make-service was not ready; closing");
+                        tracing::error!(?peer, "the make-service was not ready; closing");
                         continue;
                     }
                 };
                 let http = http.clone();
                 let drain = drain_rx.clone();
                 let cut = Arc::new(tokio::sync::Notify::new());
+                let fd = A::tcp_fd(&stream);
                 let ctl = ctl.clone();
                 tasks.spawn(server::with_cut(cut.clone(), async move {
                     let _guard = guard;
-                    serve_http(stream, svc, &http, ctl, drain, cut).await;
+                    serve_http::<A, _>(stream, fd, svc, &http, ctl, drain, cut).await;
                 }));
             }
         }
@@ -264,21 +436,71 @@ impl Streams {
     }
 }
 
+/// A stream whose waiting bytes can be peeked at: TCP and Unix sockets.
+trait Peek: AsRawFd {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Runs `f`, clearing read readiness if it returns `WouldBlock`.
+    fn try_read_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+    fn try_read_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+        self.try_io(tokio::io::Interest::READABLE, f)
+    }
+}
+
+impl Peek for tokio::net::UnixStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::UnixStream::poll_read_ready(self, cx)
+    }
+    fn try_read_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+        self.try_io(tokio::io::Interest::READABLE, f)
+    }
+}
+
+/// Copies the bytes waiting on `io` into `dst` without taking them, once there are some.
+async fn peek(io: &impl Peek, dst: &mut [u8]) -> io::Result<usize> {
+    let fd = io.as_raw_fd();
+    std::future::poll_fn(|cx| loop {
+        std::task::ready!(io.poll_read_ready(cx))?;
+        let peeked = io.try_read_io(|| {
+            // SAFETY: `recv(2)` writes at most `dst.len()` bytes into `dst`, initialized memory
+            // borrowed here; `fd` is open while `io` is borrowed.
+            let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), libc::MSG_PEEK) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return Poll::Ready(r),
+        }
+    })
+    .await
+}
+
 /// Peeks at a new connection's first bytes until they tell HTTP/1.1 from HTTP/2; `None` if
 /// the connection ends first.
-async fn sniff_stream(stream: &tokio::net::TcpStream) -> io::Result<Option<Proto>> {
+async fn sniff_peeked(io: &impl Peek) -> io::Result<Option<Proto>> {
     let mut first = [0u8; PREFACE.len()];
     let mut pause = Duration::from_millis(1);
     loop {
-        let n = stream.peek(&mut first).await?;
+        let n = peek(io, &mut first).await?;
         if n == 0 {
             return Ok(None);
         }
         if let Some(p) = sniff(&first[..n]) {
             return Ok(Some(p));
         }
-        // Part of the preface: a peek would return the same bytes at once, so wait a little
-        // before looking again (a client that splits the preface is rare).
+        // Part of the preface: the socket stays readable, so a peek would return the same bytes
+        // at once; wait a little before looking again (a client that splits the preface is
+        // rare).
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
@@ -293,79 +515,85 @@ struct Http {
 }
 
 /// Serves one HTTP connection: HTTP/1.1, or HTTP/2 when its first bytes are the preface.
-async fn serve_http<S: ConnService>(
-    stream: tokio::net::TcpStream,
+async fn serve_http<A: Accept, S: ConnService>(
+    stream: A::Io,
+    fd: Option<RawFd>,
     svc: S,
     http: &Http,
     ctl: Arc<Control>,
     mut drain: watch::Receiver<bool>,
     cut: Arc<tokio::sync::Notify>,
 ) {
-    let fd = stream.as_raw_fd();
     let cut_off = || {
-        // SAFETY: the connection owns the socket and is alive where this is called, so the
-        // descriptor is open.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-    };
-    if let Some(h2) = &http.http2 {
-        let proto;
-        let sniffed = async {
-            match http.head_limit {
-                Some(t) => tokio::time::timeout(t, sniff_stream(&stream)).await.ok(),
-                None => Some(sniff_stream(&stream).await),
-            }
-        };
-        tokio::select! {
-            sniffed = sniffed => match sniffed {
-                Some(Ok(Some(p))) => proto = p,
-                // Closed, failed, or silent past the time limit.
-                _ => return,
-            },
-            _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
-            _ = cut.notified() => return,
+        if let Some(fd) = fd {
+            // SAFETY: the connection owns the socket and is alive where this is called, so
+            // the descriptor is open.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
         }
-        if proto == Proto::Http2 {
-            let exec = StreamExec::default();
-            let streams = exec.0.clone();
-            let conn = h2
-                .builder(exec)
-                .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
-            tokio::pin!(conn);
-            let mut closing = false;
-            let idle = async {
-                match h2.idle_timeout {
-                    Some(t) => streams.idle_for(t).await,
-                    None => std::future::pending().await,
+    };
+    let stream = match &http.http2 {
+        None => A::plain(stream),
+        Some(h2) => {
+            let sniffed = async {
+                match http.head_limit {
+                    Some(t) => tokio::time::timeout(t, A::sniff(stream)).await.ok(),
+                    None => Some(A::sniff(stream).await),
                 }
             };
-            tokio::pin!(idle);
-            loop {
-                tokio::select! {
-                    res = conn.as_mut() => {
-                        if let Err(e) = res {
-                            tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+            let (proto, stream) = tokio::select! {
+                sniffed = sniffed => match sniffed {
+                    Some(Ok(Some(s))) => s,
+                    // Closed, failed, or silent past the time limit.
+                    _ => return,
+                },
+                _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
+                _ = cut.notified() => return,
+            };
+            if proto == Proto::Http1 {
+                stream
+            } else {
+                let exec = StreamExec::default();
+                let streams = exec.0.clone();
+                let conn = h2
+                    .builder(exec)
+                    .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
+                tokio::pin!(conn);
+                let mut closing = false;
+                let idle = async {
+                    match h2.idle_timeout {
+                        Some(t) => streams.idle_for(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(idle);
+                loop {
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(e) = res {
+                                tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                            }
+                            break;
                         }
-                        break;
-                    }
-                    _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = idle.as_mut(), if !closing => {
-                        tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = cut.notified() => {
-                        cut_off();
-                        break;
+                        _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ = idle.as_mut(), if !closing => {
+                            tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ = cut.notified() => {
+                            cut_off();
+                            break;
+                        }
                     }
                 }
+                return;
             }
-            return;
         }
-    }
+    };
     let conn = http
         .http1
         .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
@@ -388,6 +616,75 @@ async fn serve_http<S: ConnService>(
                 cut_off();
                 break;
             }
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+mod replay {
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::{Buf, Bytes};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A stream with bytes already read from it put back in front: a generic listener's
+    /// connection after its first bytes were read to tell the protocol.
+    pub(crate) struct Replay<T> {
+        prefix: Bytes,
+        io: T,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Replay<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if !self.prefix.is_empty() {
+                let n = self.prefix.len().min(buf.remaining());
+                buf.put_slice(&self.prefix[..n]);
+                self.prefix.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.io.is_write_vectored()
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    impl<T> Replay<T> {
+        pub(crate) fn new(prefix: Bytes, io: T) -> Self {
+            Replay { prefix, io }
         }
     }
 }

@@ -36,8 +36,10 @@
 //!   writes), `conn::current` and `conn::takeover`;
 //! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
 //!   local tasks;
-//! - `handler`: the read-handler machinery both backends share; `service` and `app`: what
-//!   `serve` accepts; `baseline`: the tokio backend.
+//! - `handler`: the read-handler machinery both backends share; `listener`, `service` and
+//!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
+//!   [`IntoListener`]; an app, see [`IntoConnService`]); `baseline`: the tokio backend (and
+//!   the tokio-task path for generic listeners).
 
 #![warn(missing_docs)]
 
@@ -48,6 +50,7 @@ mod conn;
 mod handler;
 mod hijack;
 mod http2;
+mod listener;
 mod reactor;
 mod rt;
 mod server;
@@ -59,10 +62,12 @@ pub mod ws;
 
 pub use conn::stream::{HopStream, Socket};
 pub use hijack::{Hijack, HijackRejection};
+#[allow(deprecated)]
+pub use server::IntoStdListener;
 pub use server::{
-    bind, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoStdListener, Serve,
-    Server, Stats, WithGracefulShutdown,
+    bind, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoListener, Serve, Server,
+    Stats, WithGracefulShutdown,
 };
 pub use service::{
-    marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService,
+    marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService, PeerCred,
 };

@@ -1,9 +1,10 @@
 //! The pollers: N threads, each with its own `mio::Poll`, listener, slab, timer, wake queue and
 //! local tasks.
 //!
-//! A poller accepts on its listener (its own `SO_REUSEPORT` socket when the listener given to
-//! `serve` has `SO_REUSEPORT` set, as [`crate::bind`] does; otherwise a duplicate of the one
-//! listener, all pollers accepting from the same queue), drives each new connection at once (its
+//! A poller accepts on its listener, TCP or Unix (its own `SO_REUSEPORT` socket when the TCP
+//! listener given to `serve` has `SO_REUSEPORT` set, as [`crate::bind`] does; otherwise, and
+//! always for a Unix socket, a duplicate of the one listener, all pollers accepting from the
+//! same queue), drives each new connection at once (its
 //! first request has often arrived), registers its socket edge-triggered under its slab slot if
 //! it outlives that first drive, and drives slab entries ([`crate::conn::Entry`]: connections
 //! and local tasks) when their socket is ready, their waker fires or their deadline is due. It
@@ -16,23 +17,23 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::app::{App, NewConn};
 use crate::conn::http::{HttpConfig, HttpConn};
-use crate::conn::stream::{Fd, Socket};
+use crate::conn::stream::{Fd, Socket, StreamIo};
 use crate::conn::tcp::TcpConn;
 use crate::conn::{Drive, Entry, Kind, Verdict};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::{ConnCore, TcpConfig};
+use crate::listener::Native;
 use crate::rt::tasks::{self, Task};
 use crate::rt::timer::Timer;
 use crate::rt::wake::{self, Key, Remote};
@@ -65,34 +66,75 @@ impl Drop for LatchGuard {
     }
 }
 
-/// One listener per poller: `SO_REUSEPORT` siblings when possible, duplicates otherwise.
-fn listeners(
-    listener: std::net::TcpListener,
-    n: usize,
-    backlog: i32,
-) -> io::Result<Vec<std::net::TcpListener>> {
-    listener.set_nonblocking(true)?;
-    let sock = socket2::SockRef::from(&listener);
-    // Re-listening adjusts the backlog of a listening socket.
-    let _ = sock.listen(backlog);
-    let addr = listener.local_addr()?;
-    let reuseport = sock.reuse_port().unwrap_or(false);
-    let mut out = Vec::with_capacity(n);
-    for _ in 1..n {
-        let extra = if reuseport {
-            match sibling(addr, backlog) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::debug!(error = %e, "SO_REUSEPORT sibling failed; sharing one listener");
-                    listener.try_clone()?
-                }
-            }
-        } else {
-            listener.try_clone()?
-        };
-        out.push(extra);
+/// A poller's listener: TCP or Unix.
+enum Listener {
+    Tcp(mio::net::TcpListener),
+    Unix(mio::net::UnixListener),
+}
+
+/// A connection a poller accepted.
+enum Accepted {
+    Tcp(mio::net::TcpStream, SocketAddr),
+    Unix(mio::net::UnixStream, std::os::unix::net::SocketAddr),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, a)| Accepted::Tcp(s, a)),
+            Listener::Unix(l) => l.accept().map(|(s, a)| Accepted::Unix(s, a)),
+        }
     }
-    out.insert(0, listener);
+
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Listener::Tcp(l) => l,
+            Listener::Unix(l) => l,
+        }
+    }
+}
+
+/// One listener per poller: for TCP, `SO_REUSEPORT` siblings when possible, duplicates
+/// otherwise; for a Unix socket, always duplicates (all pollers accept from one queue).
+fn listeners(listener: Native, n: usize, backlog: i32) -> io::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(n);
+    match listener {
+        Native::Tcp(listener) => {
+            listener.set_nonblocking(true)?;
+            let sock = socket2::SockRef::from(&listener);
+            // Re-listening adjusts the backlog of a listening socket.
+            let _ = sock.listen(backlog);
+            let addr = listener.local_addr()?;
+            let reuseport = sock.reuse_port().unwrap_or(false);
+            for _ in 1..n {
+                let extra = if reuseport {
+                    match sibling(addr, backlog) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "SO_REUSEPORT sibling failed; sharing one listener");
+                            listener.try_clone()?
+                        }
+                    }
+                } else {
+                    listener.try_clone()?
+                };
+                out.push(Listener::Tcp(mio::net::TcpListener::from_std(extra)));
+            }
+            out.insert(0, Listener::Tcp(mio::net::TcpListener::from_std(listener)));
+        }
+        Native::Unix(listener) => {
+            listener.set_nonblocking(true)?;
+            let _ = socket2::SockRef::from(&listener).listen(backlog);
+            for _ in 1..n {
+                let extra = listener.try_clone()?;
+                out.push(Listener::Unix(mio::net::UnixListener::from_std(extra)));
+            }
+            out.insert(
+                0,
+                Listener::Unix(mio::net::UnixListener::from_std(listener)),
+            );
+        }
+    }
     Ok(out)
 }
 
@@ -113,13 +155,17 @@ fn sibling(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> 
 /// Starts the pollers; `done` fires when the last one has stopped.
 pub(crate) fn start<P: App>(
     cfg: &Config,
-    listener: std::net::TcpListener,
+    listener: Native,
     app: P,
     ctl: Arc<Control>,
     rt: tokio::runtime::Handle,
     done: tokio::sync::oneshot::Sender<()>,
 ) -> io::Result<()> {
-    let local_addr = listener.local_addr()?;
+    // Only TCP connections use it (`IncomingStream`).
+    let local_addr = match &listener {
+        Native::Tcp(l) => l.local_addr()?,
+        Native::Unix(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
     let listeners = listeners(listener, cfg.pollers, cfg.backlog)?;
     let latch = Arc::new(Latch {
         remaining: AtomicUsize::new(listeners.len()),
@@ -127,12 +173,11 @@ pub(crate) fn start<P: App>(
     });
     let tcp = Arc::new(cfg.tcp.clone());
     let mut parts = Vec::with_capacity(listeners.len());
-    for l in listeners {
+    for mut listener in listeners {
         let poll = Poll::new()?;
         let remote = Arc::new(Remote::new(mio::Waker::new(poll.registry(), WAKER)?));
-        let mut listener = TcpListener::from_std(l);
         poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+            .register(listener.source(), LISTENER, Interest::READABLE)?;
         parts.push((poll, remote, listener));
     }
     for (i, (poll, remote, listener)) in parts.into_iter().enumerate() {
@@ -202,7 +247,8 @@ struct Poller<P: App> {
     id: u16,
     poll: Poll,
     remote: Arc<Remote>,
-    listener: Option<TcpListener>,
+    listener: Option<Listener>,
+    /// The TCP listener's address (unused for a Unix socket).
     local_addr: SocketAddr,
     conns: Slab<Entry<P::Svc>>,
     /// The generation the next entry gets (wrapping): a late wake for a slot's earlier entry
@@ -377,7 +423,7 @@ impl<P: App> Poller<P> {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, now, ready),
+                Ok(accepted) => self.admit(accepted, now, ready),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
@@ -412,43 +458,35 @@ impl<P: App> Poller<P> {
         Key::new(self.id, self.conns.vacant_key(), self.next_generation)
     }
 
-    fn admit(
-        &mut self,
-        stream: mio::net::TcpStream,
-        peer: SocketAddr,
-        now: Instant,
-        ready: &mut Vec<Key>,
-    ) {
+    fn admit(&mut self, accepted: Accepted, now: Instant, ready: &mut Vec<Key>) {
         if !self.ctl.admit(self.max_connections) {
-            tracing::debug!(%peer, "max_connections reached; closing");
+            tracing::debug!("max_connections reached; closing");
             return;
         }
-        let _ = stream.set_nodelay(true);
-        if let Some(t) = self.tcp_keepalive {
-            let ka = socket2::TcpKeepalive::new().with_time(t);
-            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
-        }
-        let local_addr = crate::service::local_addr_of(self.local_addr, || stream.local_addr());
-        let app = &mut self.app;
-        let new = catch_unwind(AssertUnwindSafe(|| {
-            app.accept(IncomingStream::new(local_addr, peer))
-        }));
-        let new = match new {
-            Ok(Some(new)) => new,
-            Ok(None) => {
-                tracing::error!(%peer, "the make-service was not ready; closing");
-                self.ctl.release(false);
-                return;
+        let (io, new) = match accepted {
+            Accepted::Tcp(stream, peer) => {
+                let _ = stream.set_nodelay(true);
+                if let Some(t) = self.tcp_keepalive {
+                    let ka = socket2::TcpKeepalive::new().with_time(t);
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+                }
+                let local_addr =
+                    crate::service::local_addr_of(self.local_addr, || stream.local_addr());
+                let new = self.make(IncomingStream::new(local_addr, peer));
+                (StreamIo::Tcp(stream), new)
             }
-            Err(panic) => {
-                self.ctl.contained_panic("the make-service", &*panic);
-                self.ctl.release(false);
-                return;
+            Accepted::Unix(stream, peer) => {
+                let new = self.make(IncomingStream::unix(stream.as_fd(), &peer));
+                (StreamIo::Unix(stream), new)
             }
+        };
+        let Some(new) = new else {
+            self.ctl.release(false);
+            return;
         };
         let key = self.next_key();
         // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
-        let fd = Fd::new(stream);
+        let fd = Fd::new(io);
         let kind = match new {
             NewConn::Http(svc) => Kind::Http(HttpConn::new(
                 Arc::new(Socket::new(fd)),
@@ -464,6 +502,23 @@ impl<P: App> Poller<P> {
         };
         self.conns.insert(Entry::new(key, kind));
         ready.push(key);
+    }
+
+    /// Asks the app what a new connection becomes (user code: a panic is contained); `None`
+    /// closes it.
+    fn make(&mut self, stream: IncomingStream<'_>) -> Option<NewConn<P::Svc>> {
+        let app = &mut self.app;
+        match catch_unwind(AssertUnwindSafe(|| app.accept(stream))) {
+            Ok(Some(new)) => Some(new),
+            Ok(None) => {
+                tracing::error!(?stream, "the make-service was not ready; closing");
+                None
+            }
+            Err(panic) => {
+                self.ctl.contained_panic("the make-service", &*panic);
+                None
+            }
+        }
     }
 
     /// Puts a task spawned during this turn in the slab, with its owner if that is still
@@ -601,7 +656,7 @@ impl<P: App> Poller<P> {
     fn begin_drain(&mut self, ready: &mut Vec<Key>) {
         self.draining = true;
         if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
+            let _ = self.poll.registry().deregister(l.source());
         }
         for (_, entry) in self.conns.iter_mut() {
             entry.begin_drain();

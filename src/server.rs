@@ -2,7 +2,8 @@
 //! [`Handle`] that reads counters and stops a running server.
 //!
 //! This module picks the backend (builder first, then `HOP_BACKEND`, then the reactor), finds
-//! or starts the tokio runtime that handlers run in, starts the backend, and waits for the
+//! or starts the tokio runtime that handlers run in, starts the backend (or, for a generic
+//! `axum::serve::Listener`, the tokio-task path whatever the backend), and waits for the
 //! shutdown signal and for the backend to finish draining.
 
 use std::fmt;
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::app::{App, HttpApp, TcpApp};
 use crate::handler::Handler;
+use crate::listener::Bound;
+pub use crate::listener::IntoListener;
 use crate::service::{IncomingStream, IntoConnService};
 pub use crate::settings::{Backend, Stats};
 use crate::settings::{Config, Control};
@@ -56,7 +59,8 @@ impl Handle {
         self.ctl.stats()
     }
 
-    /// The address the server listens on (once it has started).
+    /// The address the server listens on; `None` for a Unix socket, or a generic listener
+    /// whose address is not a `SocketAddr`.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         *self
             .ctl
@@ -333,28 +337,29 @@ impl Builder {
     }
 
     /// Serves `app` on `listener` with these settings.
-    pub fn serve<L, A, M>(self, listener: L, app: A) -> Serve<HttpApp<A, M>>
+    pub fn serve<L, LM, A, M>(self, listener: L, app: A) -> Serve<HttpApp<A, M>>
     where
-        L: IntoStdListener,
+        L: IntoListener<LM>,
         A: IntoConnService<M>,
         M: 'static,
     {
         self.start(listener, HttpApp::new(app))
     }
 
-    /// Serves a raw TCP protocol: `factory` makes one [`Handler`] per connection.
-    pub fn serve_tcp<L, F, H>(self, listener: L, factory: F) -> Serve<TcpApp<F>>
+    /// Serves a raw byte-stream protocol (over TCP, or any listener [`serve`](Self::serve)
+    /// takes): `factory` makes one [`Handler`] per connection.
+    pub fn serve_tcp<L, LM, F, H>(self, listener: L, factory: F) -> Serve<TcpApp<F>>
     where
-        L: IntoStdListener,
+        L: IntoListener<LM>,
         F: FnMut(IncomingStream<'_>) -> H + Clone + Send + 'static,
         H: Handler,
     {
         self.start(listener, TcpApp::new(factory))
     }
 
-    fn start<L: IntoStdListener, P>(self, listener: L, app: P) -> Serve<P> {
+    fn start<L: IntoListener<LM>, LM, P>(self, listener: L, app: P) -> Serve<P> {
         let ctl = Arc::new(Control::default());
-        let listener = listener.into_std_listener();
+        let listener = listener.into_bound();
         if let Ok(l) = &listener {
             *ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()) = l.local_addr().ok();
         }
@@ -367,12 +372,17 @@ impl Builder {
     }
 }
 
-/// Listeners `serve` accepts: `std::net::TcpListener` and `tokio::net::TcpListener`.
+/// TCP listeners that convert into a non-blocking `std::net::TcpListener`.
+///
+/// `serve` used to take these only; it now takes any [`IntoListener`] (Unix sockets and
+/// axum `Listener`s too).
+#[deprecated(note = "serve takes any hop::IntoListener now")]
 pub trait IntoStdListener {
     /// Converts into a non-blocking std listener.
     fn into_std_listener(self) -> io::Result<std::net::TcpListener>;
 }
 
+#[allow(deprecated)]
 impl IntoStdListener for std::net::TcpListener {
     fn into_std_listener(self) -> io::Result<std::net::TcpListener> {
         self.set_nonblocking(true)?;
@@ -380,6 +390,7 @@ impl IntoStdListener for std::net::TcpListener {
     }
 }
 
+#[allow(deprecated)]
 impl IntoStdListener for tokio::net::TcpListener {
     fn into_std_listener(self) -> io::Result<std::net::TcpListener> {
         self.into_std()
@@ -486,6 +497,9 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 
 /// Serves `app` on `listener` with the default settings: the counterpart of `axum::serve`.
 ///
+/// `listener` is a TCP or Unix listener from std or tokio, or any `axum::serve::Listener`:
+/// see [`IntoListener`].
+///
 /// `.await` it under any runtime, or call [`Serve::run`] to block without one.
 ///
 /// ```no_run
@@ -498,20 +512,21 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 ///     hop::serve(listener, app).await
 /// }
 /// ```
-pub fn serve<L, A, M>(listener: L, app: A) -> Serve<HttpApp<A, M>>
+pub fn serve<L, LM, A, M>(listener: L, app: A) -> Serve<HttpApp<A, M>>
 where
-    L: IntoStdListener,
+    L: IntoListener<LM>,
     A: IntoConnService<M>,
     M: 'static,
 {
     Builder::default().serve(listener, app)
 }
 
-/// Serves a raw TCP protocol with the default settings: `factory` makes one
-/// [`Handler`](crate::tcp::Handler) per connection. See [`crate::tcp`].
-pub fn serve_tcp<L, F, H>(listener: L, factory: F) -> Serve<TcpApp<F>>
+/// Serves a raw byte-stream protocol (over TCP, a Unix socket, or any listener [`serve`]
+/// takes) with the default settings: `factory` makes one [`Handler`](crate::tcp::Handler) per
+/// connection. See [`crate::tcp`].
+pub fn serve_tcp<L, LM, F, H>(listener: L, factory: F) -> Serve<TcpApp<F>>
 where
-    L: IntoStdListener,
+    L: IntoListener<LM>,
     F: FnMut(IncomingStream<'_>) -> H + Clone + Send + 'static,
     H: Handler,
 {
@@ -522,7 +537,7 @@ where
 #[must_use = "a server does nothing until it is awaited or run"]
 pub struct Serve<P> {
     cfg: Config,
-    listener: io::Result<std::net::TcpListener>,
+    listener: io::Result<Bound>,
     app: P,
     ctl: Arc<Control>,
 }
@@ -554,7 +569,8 @@ impl<P: App> Serve<P> {
         }
     }
 
-    /// The address the listener is bound to.
+    /// The address the listener is bound to; an `Unsupported` error for a Unix socket, or a
+    /// generic listener whose address is not a `SocketAddr`.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match &self.listener {
             Ok(l) => l.local_addr(),
@@ -668,8 +684,29 @@ where
     let _abort = AbortOnDrop(ctl.clone());
     // Keeps a runtime we had to start alive until the server is done.
     let mut own_runtime = None;
-    match backend {
-        Backend::Reactor => {
+    let unix_path = match &listener {
+        Bound::Native(crate::listener::Native::Unix(l)) => l.local_addr().ok(),
+        _ => None,
+    };
+    match (backend, listener) {
+        #[cfg(feature = "axum")]
+        (_, Bound::Generic(listener)) => {
+            // hop cannot see the socket: hyper-util on tokio tasks, whatever the backend.
+            tracing::info!(
+                listener = listener.type_name(),
+                "a generic axum Listener: its connections are served on tokio tasks (hyper-util), whatever the backend"
+            );
+            #[cfg(feature = "tokio-baseline")]
+            crate::baseline::start(&cfg, Bound::Generic(listener), app, ctl.clone(), done_tx)?;
+            #[cfg(not(feature = "tokio-baseline"))]
+            {
+                drop((listener, app, done_tx));
+                return Err(io::Error::other(
+                    "serving a generic axum Listener needs hop's `tokio-baseline` feature",
+                ));
+            }
+        }
+        (Backend::Reactor, Bound::Native(listener)) => {
             let handle = match tokio::runtime::Handle::try_current() {
                 Ok(h) => h,
                 Err(_) => {
@@ -685,9 +722,9 @@ where
             };
             crate::reactor::start(&cfg, listener, app, ctl.clone(), handle, done_tx)?;
         }
-        Backend::Tokio => {
+        (Backend::Tokio, Bound::Native(listener)) => {
             #[cfg(feature = "tokio-baseline")]
-            crate::baseline::start(&cfg, listener, app, ctl.clone(), done_tx)?;
+            crate::baseline::start(&cfg, Bound::Native(listener), app, ctl.clone(), done_tx)?;
             #[cfg(not(feature = "tokio-baseline"))]
             {
                 drop((listener, app, done_tx));
@@ -697,7 +734,12 @@ where
             }
         }
     }
-    tracing::info!(%backend, addr = ?ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()), "hop serving");
+    match unix_path {
+        Some(path) => tracing::info!(%backend, unix = ?path, "hop serving"),
+        None => {
+            tracing::info!(%backend, addr = ?ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()), "hop serving")
+        }
+    }
     let mut done_rx = done_rx;
     tokio::select! {
         _ = signal => {

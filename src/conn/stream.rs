@@ -1,5 +1,5 @@
 //! The socket type hyper reads and writes: `hyper::rt::Read`/`Write` straight on a
-//! non-blocking `mio::net::TcpStream`.
+//! non-blocking socket, a `mio::net::TcpStream` or a `mio::net::UnixStream` ([`StreamIo`]).
 //!
 //! The socket itself lives in a [`Socket`], shared (by `Arc`) between the poller's slab and the
 //! [`HopStream`] handed to hyper, so the poller keeps the socket when it drops hyper's state
@@ -28,6 +28,53 @@ use hyper::rt::ReadBufCursor;
 
 use crate::rt::wake::Key;
 
+/// A connection's socket: TCP or Unix. Reads go through `recv(2)` on the descriptor either
+/// way; writes and shutdowns through the stream's own type, one `match` away.
+#[derive(Debug)]
+pub(crate) enum StreamIo {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl StreamIo {
+    /// Shuts down one or both directions.
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            StreamIo::Tcp(s) => s.shutdown(how),
+            StreamIo::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl AsRawFd for StreamIo {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            StreamIo::Tcp(s) => s.as_raw_fd(),
+            StreamIo::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Write for &StreamIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            StreamIo::Tcp(s) => (&*s).write(buf),
+            StreamIo::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            StreamIo::Tcp(s) => (&*s).write_vectored(bufs),
+            StreamIo::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A socket's descriptor and its readiness as its poller tracks it: all a read-handler
 /// connection needs (it owns one outright), and the core of a [`Socket`].
 ///
@@ -37,7 +84,7 @@ use crate::rt::wake::Key;
 /// an upgrade's task; only the poller sets them.
 #[derive(Debug)]
 pub(crate) struct Fd {
-    pub(crate) io: mio::net::TcpStream,
+    pub(crate) io: StreamIo,
     readable: AtomicBool,
     writable: AtomicBool,
     read_closed: AtomicBool,
@@ -46,7 +93,7 @@ pub(crate) struct Fd {
 }
 
 impl Fd {
-    pub(crate) fn new(io: mio::net::TcpStream) -> Self {
+    pub(crate) fn new(io: StreamIo) -> Self {
         Fd {
             io,
             // Optimistic: a new connection's first request has often arrived by the time it is
@@ -156,10 +203,7 @@ impl Fd {
     }
 
     /// One write with `op` (retried if interrupted).
-    fn send(
-        &self,
-        op: &mut impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
-    ) -> io::Result<usize> {
+    fn send(&self, op: &mut impl FnMut(&StreamIo) -> io::Result<usize>) -> io::Result<usize> {
         loop {
             match op(&self.io) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -186,7 +230,7 @@ impl Fd {
     pub(crate) fn poll_send(
         &self,
         len: usize,
-        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+        mut op: impl FnMut(&StreamIo) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         if !self.writable.load(Ordering::Relaxed) {
             return Poll::Pending;
@@ -307,7 +351,7 @@ impl Socket {
         cx: &Context<'_>,
         local: bool,
         len: usize,
-        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+        mut op: impl FnMut(&StreamIo) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         if local {
             return self.fd.poll_send(len, op);
@@ -554,7 +598,7 @@ impl HopStream {
         cx: &mut Context<'_>,
         len: usize,
         append: impl FnOnce(&mut BytesMut, usize),
-        direct: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+        direct: impl FnMut(&StreamIo) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         let res = self.coalesce(cx, len, append, direct);
         self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
@@ -566,7 +610,7 @@ impl HopStream {
         cx: &mut Context<'_>,
         len: usize,
         append: impl FnOnce(&mut BytesMut, usize),
-        direct: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+        direct: impl FnMut(&StreamIo) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         let local = self.local(cx);
         let socket = self.socket();
