@@ -492,6 +492,9 @@ backend_tests! {
         let srv = start(backend, app, |b| b);
         let client = h2_connect(srv.addr).await;
         assert_eq!(client.get("/hello").await.0, StatusCode::OK);
+        // A second connection, idle when the shutdown comes.
+        let idle = h2_connect(srv.addr).await;
+        assert_eq!(idle.get("/hello").await.0, StatusCode::OK);
         let slow: Vec<_> = (0..3)
             .map(|_| tokio::spawn(client.send(client.req(Method::GET, "/slow", empty()))))
             .collect();
@@ -521,10 +524,15 @@ backend_tests! {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let refused = refused.unwrap_or_else(|| panic!("[{backend}] new streams still served"));
-        eprintln!("[{backend}] a new stream after GOAWAY: {refused:?}");
+        // The idle connection is closed (cleanly) at once.
+        let res = within("the idle connection to close", idle.conn)
+            .await
+            .unwrap();
+        assert!(res.is_ok(), "[{backend}] idle connection: {res:?}");
         assert!(
             slow.iter().all(|s| !s.is_finished()),
-            "[{backend}] refused ({refused}) only after the streams in flight finished"
+            "[{backend}] refused ({refused}) or closed the idle connection only after the \
+             streams in flight finished"
         );
 
         for s in slow {
@@ -800,6 +808,10 @@ backend_tests! {
                 .header("host", "localhost")
                 .body(full(body))
                 .unwrap();
+            // hyper's HTTP/1 client takes one request at a time.
+            within("HTTP/1.1 ready", send.ready())
+                .await
+                .unwrap_or_else(|e| panic!("[{backend}] HTTP/1.1 connection: {e}"));
             let res = within("HTTP/1.1 request", send.send_request(req))
                 .await
                 .unwrap();
@@ -1049,6 +1061,136 @@ backend_tests! {
         assert_eq!(client.get("/hello").await.1, "hello", "[{backend}]");
         assert!(!client.closed());
         assert_eq!(srv.handle.stats().http2_connections, 1);
+    }
+    /// 20 connections with 50 streams each at once, handlers sleeping a little: every
+    /// response right, on both pollers.
+    async fn many_connections_many_streams(backend) {
+        let app = Router::new().route(
+            "/echo/{c}/{i}",
+            get(|Path((c, i)): Path<(u32, u32)>| async move {
+                tokio::time::sleep(Duration::from_millis(u64::from(i % 7) * 10)).await;
+                format!("{c}/{i}")
+            }),
+        );
+        let srv = start(backend, app, |b| b);
+        let conns = (0..20u32).map(|c| async move {
+            let client = h2_connect(srv.addr).await;
+            let calls = (0..50u32).map(|i| {
+                let sent = client.send(client.req(Method::GET, &format!("/echo/{c}/{i}"), empty()));
+                async move {
+                    let res = sent
+                        .await
+                        .unwrap_or_else(|e| panic!("[{backend}] {c}/{i}: {e}"));
+                    assert_eq!(res.status(), StatusCode::OK, "[{backend}] {c}/{i}");
+                    let body = res.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(body, format!("{c}/{i}"), "[{backend}]");
+                }
+            });
+            futures_util::future::join_all(calls).await;
+            client
+        });
+        let clients = within("1,000 streams", futures_util::future::join_all(conns)).await;
+        assert!(
+            clients.iter().all(|c| !c.closed()),
+            "[{backend}] a connection closed"
+        );
+        let stats = srv.handle.stats();
+        assert_eq!(stats.http2_connections, 20, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_streams, 1000, "[{backend}] {stats:?}");
+    }
+
+    /// A client that goes away (its TCP connection closed) with streams in flight: the server
+    /// drops every handler of that connection and closes it.
+    async fn client_disconnect_drops_every_stream(backend) {
+        let (tx, mut dropped) = tokio::sync::mpsc::unbounded_channel();
+        let started = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route(
+                "/hang",
+                get({
+                    let started = started.clone();
+                    move || async move {
+                        let _guard = DropGuard(tx, "hang");
+                        started.fetch_add(1, Ordering::SeqCst);
+                        std::future::pending::<()>().await;
+                        "never"
+                    }
+                }),
+            )
+            .route(
+                "/endless",
+                get(|| async { lazy_body(1 << 30, 16 << 10, Arc::new(StreamProbe::default())) }),
+            );
+        let srv = start(backend, app, |b| b);
+        // A second handle on the client's socket, to close it under hyper (hyper's client runs
+        // the connection on a task of its own, which in-flight requests keep alive).
+        let std = tcp(srv.addr).await.into_std().unwrap();
+        let socket = std.try_clone().unwrap();
+        let client = h2_over(srv.addr, TcpStream::from_std(std).unwrap()).await;
+        let hanging: Vec<_> = (0..10)
+            .map(|_| tokio::spawn(client.send(client.req(Method::GET, "/hang", empty()))))
+            .collect();
+        // And a response body blocked on flow control (nobody reads it).
+        let endless = within(
+            "GET /endless",
+            client.send(client.req(Method::GET, "/endless", empty())),
+        )
+        .await
+        .unwrap();
+        assert!(
+            wait_until(WAIT, || started.load(Ordering::SeqCst) == 10).await,
+            "[{backend}] handlers did not start"
+        );
+        assert_eq!(srv.handle.stats().active, 1);
+        // Gone, as when the client process exits: the socket is closed.
+        socket.shutdown(std::net::Shutdown::Both).unwrap();
+        for n in 0..10 {
+            let what = within("the handlers to be dropped", dropped.recv()).await;
+            assert_eq!(what, Some("hang"), "[{backend}] after {n} dropped");
+        }
+        for h in hanging {
+            assert!(within("a hanging stream", h).await.unwrap().is_err());
+        }
+        drop(endless);
+        assert!(
+            wait_until(WAIT, || srv.handle.stats().active == 0).await,
+            "[{backend}] the connection was not closed: {:?}",
+            srv.handle.stats()
+        );
+    }
+
+    /// The default `http2_max_header_list_size` (16 KiB): an 8 KiB header is served, a 32 KiB
+    /// one is refused (431 or a reset stream) and the connection goes on.
+    async fn header_list_size_limit(backend) {
+        let app = Router::new().route(
+            "/len",
+            get(|headers: HeaderMap| async move {
+                headers.get("x-big").map_or(0, |v| v.len()).to_string()
+            }),
+        );
+        let srv = start(backend, app, |b| b);
+        let client = h2_connect(srv.addr).await;
+        let big = |n: usize| {
+            let mut req = client.req(Method::GET, "/len", empty());
+            req.headers_mut()
+                .insert("x-big", HeaderValue::from_str(&"a".repeat(n)).unwrap());
+            client.send(req)
+        };
+        let res = within("8 KiB header", big(8 << 10)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "[{backend}]");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, (8 << 10).to_string());
+        match within("32 KiB header", big(32 << 10)).await {
+            Ok(res) => assert_eq!(
+                res.status(),
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "[{backend}]"
+            ),
+            Err(e) => eprintln!("[{backend}] a 32 KiB header: {e:?}"),
+        }
+        let res = within("8 KiB header again", big(8 << 10)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "[{backend}]");
+        assert!(!client.closed(), "[{backend}] the connection closed");
     }
 }
 
