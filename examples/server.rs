@@ -14,7 +14,7 @@ use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, get_service, post};
+use axum::routing::{any, get, get_service, post};
 use axum::{Json, Router};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hop::sse::{Event, Hub};
@@ -134,9 +134,9 @@ fn app(hub: Hub) -> Router {
             "/json",
             get(|| async { Json(serde_json::json!({ "message": "Hello, World!" })) }),
         )
-        .route("/ws", get(ws_hop))
-        .route("/ws-frames", get(ws_hop))
-        .route("/ws-axum", get(ws_axum))
+        .route("/ws", any(ws_hop))
+        .route("/ws-frames", any(ws_hop))
+        .route("/ws-axum", any(ws_axum))
         .route("/ws-tungstenite", get(ws_tungstenite))
         .route("/sse", get(sse))
         .route("/sse/broadcast", post(broadcast))

@@ -89,7 +89,8 @@ impl Hijack {
     }
 
     /// Hands the connection to `handler` once the response is written. The response must be a
-    /// `101 Switching Protocols` for the connection to be handed over.
+    /// `101 Switching Protocols` (HTTP/1.1), or a `2xx` to an extended CONNECT (HTTP/2, RFC 8441:
+    /// the handler then gets the stream), for the connection to be handed over.
     pub fn on_read<H: Handler>(self, handler: H) {
         // Within its connection's drive, the connection takes the handler over.
         let mut takeover = Takeover::after_upgrade(Box::new(handler), self.on_upgrade);

@@ -8,6 +8,10 @@
 //! for UTF-8 (`1007`) and protocol errors closed with `1002`. A partial frame simply waits in the
 //! connection's input buffer for more bytes.
 //!
+//! Over HTTP/2 the handshake is RFC 8441's extended CONNECT (`:protocol websocket`), answered
+//! `200`; the handler then runs over the HTTP/2 stream (as a task, not in place). Route with
+//! `any(..)` to accept both handshakes.
+//!
 //! ```no_run
 //! use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 //!
@@ -457,8 +461,10 @@ impl<H: WsHandler> Handler for WsProtocol<H> {
 /// answers `400` (or `426`) when the request is not a valid handshake.
 pub fn upgrade<B, H: WsHandler>(mut req: Request<B>, handler: H) -> Response<Full<Bytes>> {
     let hijack = Hijack::from_request(&mut req);
+    let h2 = is_extended_connect(req.method(), req.extensions());
     respond(
         req.method(),
+        h2,
         req.headers(),
         hijack,
         &[],
@@ -481,22 +487,34 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
+/// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §4).
+fn is_extended_connect(method: &Method, ext: &http::Extensions) -> bool {
+    method == Method::CONNECT
+        && ext
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Answers a handshake: RFC 6455's `GET` with `Upgrade` over HTTP/1.1 (`101`), or RFC 8441's
+/// extended CONNECT over HTTP/2 (`h2`: `200`, no key).
 fn respond<H: WsHandler>(
     method: &Method,
+    h2: bool,
     headers: &HeaderMap,
     hijack: Option<Hijack>,
     protocols: &[String],
     cfg: WsConfig,
     handler: H,
 ) -> Response<Full<Bytes>> {
-    if method != Method::GET {
+    if !h2 && method != Method::GET {
         return bad(
             StatusCode::METHOD_NOT_ALLOWED,
             "websocket handshake must be GET",
         );
     }
-    if !header_has_token(headers, header::CONNECTION, "upgrade")
-        || !header_has_token(headers, header::UPGRADE, "websocket")
+    if !h2
+        && (!header_has_token(headers, header::CONNECTION, "upgrade")
+            || !header_has_token(headers, header::UPGRADE, "websocket"))
     {
         return bad(StatusCode::UPGRADE_REQUIRED, "expected a websocket upgrade");
     }
@@ -512,16 +530,16 @@ fn respond<H: WsHandler>(
         );
         return res;
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+    let key = headers.get(header::SEC_WEBSOCKET_KEY);
+    if key.is_none() && !h2 {
         return bad(StatusCode::BAD_REQUEST, "missing sec-websocket-key");
-    };
+    }
     let Some(hijack) = hijack else {
         return bad(
             StatusCode::UPGRADE_REQUIRED,
             "this connection cannot be upgraded",
         );
     };
-    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let chosen = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -538,14 +556,20 @@ fn respond<H: WsHandler>(
         close_received: None,
     });
     let mut res = Response::new(Full::new(Bytes::new()));
-    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    // Over HTTP/2 a 2xx to the CONNECT opens the tunnel (RFC 8441 §5): 200, no key.
+    if !h2 {
+        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
     let h = res.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
+    if let (false, Some(key)) = (h2, key) {
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        );
+    }
     if let Some(p) = chosen.and_then(|p| HeaderValue::from_str(&p).ok()) {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
@@ -557,6 +581,8 @@ fn respond<H: WsHandler>(
 #[derive(Debug)]
 pub struct WsUpgrade {
     method: Method,
+    /// An HTTP/2 extended CONNECT handshake.
+    h2: bool,
     headers: HeaderMap,
     hijack: Option<Hijack>,
     protocols: Vec<String>,
@@ -583,6 +609,7 @@ impl WsUpgrade {
         use axum::response::IntoResponse;
         respond(
             &self.method,
+            self.h2,
             &self.headers,
             self.hijack,
             &self.protocols,
@@ -607,6 +634,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for WsUpgrade {
             .map(Hijack::from_on_upgrade);
         Ok(WsUpgrade {
             method: parts.method.clone(),
+            h2: is_extended_connect(&parts.method, &parts.extensions),
             headers: parts.headers.clone(),
             hijack,
             protocols: Vec::new(),

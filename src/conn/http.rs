@@ -476,7 +476,11 @@ impl<S: ConnService> HttpConn<S> {
                                 h2.idle_since = None;
                                 return Verdict::Keep;
                             }
-                            let since = *h2.idle_since.get_or_insert(d.now);
+                            let since = *h2.idle_since.get_or_insert_with(|| {
+                                // Idle: the coalescing buffer is not kept meanwhile.
+                                self.socket.release_buffers();
+                                d.now
+                            });
                             let limit = cfg.http2.as_ref().and_then(|c| c.idle_timeout);
                             if expired(d, since, limit) {
                                 tracing::debug!("HTTP/2 connection idle: sending GOAWAY");

@@ -1,0 +1,92 @@
+//! WebSockets over HTTP/2 (RFC 8441 extended CONNECT), on both backends: `hop::ws` and axum's
+//! `WebSocketUpgrade`, each called by hyper's HTTP/2 client with `:protocol websocket` and
+//! driven by tokio-tungstenite over the upgraded stream; several sockets share one connection.
+
+use compat_tests::{axum_ws_echo, backend_tests, start, ws_echo, IO_TIMEOUT};
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>;
+
+/// Opens a WebSocket on `path` over the HTTP/2 connection `send`.
+async fn open(send: &mut Sender, path: &str) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://localhost{path}"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .unwrap();
+    let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+        .await
+        .expect("CONNECT answered in time")
+        .expect("CONNECT sent");
+    assert_eq!(res.status(), StatusCode::OK, "extended CONNECT on {path}");
+    let upgraded = hyper::upgrade::on(res).await.expect("upgraded");
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
+}
+
+async fn echo_twice(ws: &mut WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, tag: &str) {
+    for i in 0..2 {
+        let text = format!("{tag} {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let got = tokio::time::timeout(IO_TIMEOUT, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("no error");
+        assert_eq!(got, Message::text(text));
+    }
+    let big = vec![7u8; 200_000];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let got = tokio::time::timeout(IO_TIMEOUT, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("a message")
+        .expect("no error");
+    assert_eq!(got.into_data().as_ref(), &big[..]);
+}
+
+backend_tests! {
+    async fn websockets_over_http2(backend) {
+        let app = axum::Router::new()
+            .route("/ws", axum::routing::any(ws_echo))
+            .route("/ws-axum", axum::routing::any(axum_ws_echo));
+        let server = start(backend, app, |b| b);
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut hop_ws = open(&mut send, "/ws").await;
+        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        echo_twice(&mut hop_ws, "hop").await;
+        echo_twice(&mut axum_ws, "axum").await;
+        // Both close cleanly, and the connection serves on.
+        hop_ws.close(None).await.unwrap();
+        axum_ws.close(None).await.unwrap();
+        let mut again = open(&mut send, "/ws").await;
+        echo_twice(&mut again, "again").await;
+        let stats = server.handle.stats();
+        assert_eq!(stats.http2_connections, 1, "[{backend}] {stats:?}");
+        assert!(stats.http2_streams >= 3, "[{backend}] {stats:?}");
+    }
+
+    async fn http1_websocket_still_answers_101(backend) {
+        let app = axum::Router::new().route("/ws", axum::routing::any(ws_echo));
+        let server = start(backend, app, |b| b);
+        let (mut ws, res) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .expect("h1 websocket");
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text("h1")).await.unwrap();
+        let got = ws.next().await.unwrap().unwrap();
+        assert_eq!(got, Message::text("h1"));
+    }
+}
