@@ -221,8 +221,8 @@ backend_tests! {
     }
 
     /// 8 MiB up and 8 MiB down on one stream, through the default windows (256 KiB a stream,
-    /// 1 MiB the connection), to a client that reads the response slowly; once streamed
-    /// straight back, once collected by the handler first.
+    /// 1 MiB the connection), to a client that reads the response slowly; streamed straight
+    /// back, collected by the handler first, and read slowly by the handler.
     async fn large_bodies_under_flow_control(backend) {
         const BIG: usize = 8 << 20;
         const CHUNK: usize = 64 << 10;
@@ -233,6 +233,25 @@ backend_tests! {
                 post(|body: Body| async move { Body::from_stream(body.into_data_stream()) }),
             )
             .route(
+                "/slow-read",
+                post(|body: Body| async move {
+                    // Reads slowly: a pause every 64 KiB; answers the bytes back.
+                    let mut body = body.into_data_stream();
+                    let mut all = Vec::with_capacity(BIG);
+                    let mut since_pause = 0;
+                    while let Some(data) = body.next().await {
+                        let data = data.expect("request body");
+                        since_pause += data.len();
+                        all.extend_from_slice(&data);
+                        if since_pause >= 64 << 10 {
+                            since_pause = 0;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                    Body::from(all)
+                }),
+            )
+            .route(
                 "/collect",
                 post(|body: Body| async move {
                     let bytes = body.collect().await.expect("request body").to_bytes();
@@ -241,7 +260,7 @@ backend_tests! {
             );
         let srv = start(backend, app, |b| b);
         let client = h2_connect(srv.addr).await;
-        for path in ["/echo", "/collect"] {
+        for path in ["/echo", "/collect", "/slow-read"] {
             let upload = futures_util::stream::iter(0..BIG / CHUNK)
                 .map(|i| Ok::<_, BoxError>(Frame::data(pattern(i * CHUNK, CHUNK))));
             let req = client.req(Method::POST, path, StreamBody::new(upload).boxed_unsync());
@@ -1185,6 +1204,45 @@ backend_tests! {
         let res = within("8 KiB header again", big(8 << 10)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK, "[{backend}]");
         assert!(!client.closed(), "[{backend}] the connection closed");
+    }
+
+    /// `http2_keep_alive_interval` (200 ms here, timeout 500 ms): a client that answers the
+    /// server's PINGs (hyper's) keeps its idle connection; one that never reads (a raw socket
+    /// after its preface and SETTINGS) is closed.
+    async fn keep_alive_pings(backend) {
+        let srv = start(backend, hello_app(), |b| {
+            b.http2_keep_alive_interval(Duration::from_millis(200))
+                .http2_keep_alive_timeout(Duration::from_millis(500))
+                .http2_idle_timeout(None)
+        });
+        let client = h2_connect(srv.addr).await;
+        assert_eq!(client.get("/hello").await.1, "hello");
+
+        let mut mute = RawConn::connect(srv.addr).await;
+        let t0 = Instant::now();
+        mute.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        // Not reading does not stop the server's frames from arriving (small, they fit the
+        // socket buffers): it is the missing PING ack that closes the connection.
+        let (end, _) = mute.wait_close(WAIT).await;
+        let elapsed = t0.elapsed();
+        assert!(
+            end.closed(),
+            "[{backend}] a client that never answers PINGs: {end:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(500),
+            "[{backend}] closed after {elapsed:?}"
+        );
+
+        // The answering client, idle all this time (and for several intervals), still served.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !client.closed(),
+            "[{backend}] a client answering PINGs was closed"
+        );
+        assert_eq!(client.get("/hello").await.1, "hello");
     }
 }
 
