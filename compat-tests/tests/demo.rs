@@ -1,0 +1,99 @@
+//! The demo server's contract, checked on the binary itself (`examples/server.rs`, built by
+//! `cargo test --workspace`): on both backends (`--backend`), one `--addr` answers HTTP/1.1 and
+//! HTTP/2 with prior knowledge (h2c), called with curl.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The demo binary next to this test's own target directory, if it was built.
+fn demo_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/demo-<hash> -> target/<profile>/examples/server
+    let bin = exe.parent()?.parent()?.join("examples").join("server");
+    bin.exists().then_some(bin)
+}
+
+/// Fails under CI (where everything is built and installed), says SKIPPED elsewhere.
+fn unavailable(what: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} (needed under CI)");
+    }
+    eprintln!("SKIPPED: {what}");
+}
+
+/// A free loopback port (bound, then released for the demo to bind).
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// Kills the demo however the test ends.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` with `flag`: the HTTP version and status it saw, and the body.
+fn curl(flag: &str, url: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "20",
+            flag,
+            "-w",
+            "\n%{http_version} %{http_code}",
+            url,
+        ])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_owned(), body.to_owned())
+}
+
+#[test]
+fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    if Command::new("curl").arg("--version").output().is_err() {
+        return unavailable("curl is not installed");
+    }
+    for backend in ["reactor", "tokio"] {
+        let addr = free_addr();
+        let child = Command::new(&bin)
+            .args(["--backend", backend, "--addr", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the demo starts");
+        let _demo = Demo(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "[{backend}] demo not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let url = format!("http://{addr}/plaintext");
+        assert_eq!(
+            curl("--http1.1", &url),
+            ("1.1 200".to_owned(), "Hello, World!".to_owned()),
+            "[{backend}] HTTP/1.1"
+        );
+        assert_eq!(
+            curl("--http2-prior-knowledge", &url),
+            ("2 200".to_owned(), "Hello, World!".to_owned()),
+            "[{backend}] h2c"
+        );
+    }
+}
