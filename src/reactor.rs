@@ -172,6 +172,12 @@ pub(crate) fn start<P: App>(
         done: Mutex::new(Some(done)),
     });
     let tcp = Arc::new(cfg.tcp.clone());
+    // What runs off the loop (a WebSocket or an SSE stream over HTTP/2, a hijack as a task)
+    // hears of a graceful shutdown through this.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    ctl.on_shutdown(Box::new(move || {
+        shutdown_tx.send_replace(true);
+    }));
     let mut parts = Vec::with_capacity(listeners.len());
     for mut listener in listeners {
         let poll = Poll::new()?;
@@ -185,6 +191,7 @@ pub(crate) fn start<P: App>(
         let r = remote.clone();
         ctl.on_shutdown(Box::new(move || r.notify()));
         let (app, tcp, ctl, rt) = (app.clone(), tcp.clone(), ctl.clone(), rt.clone());
+        let shutdown = shutdown_rx.clone();
         let http = HttpConfig::new(cfg, ctl.clone());
         let (max_connections, tcp_keepalive) = (cfg.max_connections, cfg.tcp_keepalive);
         let guard = LatchGuard(latch.clone());
@@ -195,7 +202,7 @@ pub(crate) fn start<P: App>(
                 let _rt = rt.enter();
                 server::set_thread_context(ServerContext {
                     tcp: tcp.clone(),
-                    shutdown: None,
+                    shutdown: Some(shutdown),
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
                 });
                 Poller {

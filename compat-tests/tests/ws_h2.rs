@@ -1,8 +1,10 @@
 //! WebSockets over HTTP/2 (RFC 8441 extended CONNECT), on both backends: `hop::ws` and axum's
 //! `WebSocketUpgrade`, each called by hyper's HTTP/2 client with `:protocol websocket` and
 //! driven by tokio-tungstenite over the upgraded stream; several sockets share one connection.
+//! At a graceful shutdown, a `hop::ws` socket and a `hop::sse` stream on an HTTP/2 connection
+//! are told (close 1001, end of stream) and the server drains without forcing anything.
 
-use compat_tests::{axum_ws_echo, backend_tests, start, ws_echo, IO_TIMEOUT};
+use compat_tests::{axum_ws_echo, backend_tests, start, start_with_shutdown, ws_echo, IO_TIMEOUT};
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
@@ -88,5 +90,72 @@ backend_tests! {
         ws.send(Message::text("h1")).await.unwrap();
         let got = ws.next().await.unwrap().unwrap();
         assert_eq!(got, Message::text("h1"));
+    }
+
+    async fn ws_and_sse_over_http2_are_told_of_a_graceful_shutdown(backend) {
+        use http_body_util::BodyExt;
+        let hub = hop::sse::Hub::new();
+        let sse_hub = hub.clone();
+        let app = axum::Router::new()
+            .route("/ws", axum::routing::any(ws_echo))
+            .route(
+                "/sse",
+                axum::routing::get(move |req: axum::extract::Request| {
+                    let hub = sse_hub.clone();
+                    async move { axum::response::IntoResponse::into_response(hub.subscribe(&req)) }
+                }),
+            );
+        let (server, stop) = start_with_shutdown(backend, app, |b| b);
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut ws = open(&mut send, "/ws").await;
+        echo_twice(&mut ws, "before").await;
+        let req = Request::get("http://localhost/sse").body(Empty::new()).unwrap();
+        let res = send.send_request(req).await.expect("GET /sse");
+        assert_eq!(res.status(), StatusCode::OK);
+        let mut sse = res.into_body();
+        let t0 = std::time::Instant::now();
+        while hub.is_empty() {
+            assert!(t0.elapsed() < IO_TIMEOUT, "[{backend}] no SSE subscriber");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+
+        let _ = stop.send(());
+        // The WebSocket is closed with 1001 (going away)...
+        let close = tokio::time::timeout(IO_TIMEOUT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame,
+                    Some(Ok(_)) => continue,
+                    other => panic!("[{backend}] no close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("close in time");
+        assert_eq!(
+            close.map(|f| u16::from(f.code)),
+            Some(1001),
+            "[{backend}] close code"
+        );
+        // ...and the SSE stream ends.
+        tokio::time::timeout(IO_TIMEOUT, async {
+            while let Some(frame) = sse.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("[SSE] the stream ends in time");
+        drop(ws);
+        // Well within the 30 s drain timeout, and nothing forced.
+        let handle = server.handle.clone();
+        server.join(IO_TIMEOUT).await;
+        assert_eq!(handle.stats().forced, 0, "[{backend}] {:?}", handle.stats());
     }
 }

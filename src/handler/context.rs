@@ -39,7 +39,7 @@ pub(crate) fn cut_signal() -> Option<Arc<tokio::sync::Notify>> {
 #[derive(Clone, Debug)]
 pub(crate) struct ServerContext {
     pub(crate) tcp: Arc<TcpConfig>,
-    /// Turns `true` when a graceful shutdown starts (tokio backend).
+    /// Turns `true` when a graceful shutdown starts.
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
     /// Hijacked connections running as tasks (tokio backend), which the drain waits for.
     pub(crate) tasks: Arc<tokio::sync::watch::Sender<usize>>,
@@ -61,8 +61,8 @@ pub(crate) fn thread_context() -> ServerContext {
         })
 }
 
-/// Resolves when this thread's server starts a graceful shutdown (tokio backend); never for a
-/// thread without one.
+/// Resolves when this thread's server starts a graceful shutdown; never for a thread without
+/// one.
 pub(crate) async fn shutdown_signal(ctx: Option<tokio::sync::watch::Receiver<bool>>) {
     match ctx {
         Some(mut rx) => {
