@@ -651,8 +651,23 @@ backend_tests! {
             assert!(res.is_ok(), "[{backend}] {path}: {res:?}");
         });
         futures_util::future::join_all(busy).await;
+
+        // Quick requests one after another, 100 ms apart for 1.5 s (5 idle timeouts): each
+        // stream ends at once, yet the connection is never idle for 300 ms, so no GOAWAY.
+        let steady = h2_connect(srv.addr).await;
+        for i in 0..15 {
+            assert_eq!(
+                steady.get("/hello").await.1,
+                "hello",
+                "[{backend}] request {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!steady.send.is_closed(), "[{backend}] GOAWAY while in use");
+        drop(steady);
+
         let stats = srv.handle.stats();
-        assert_eq!(stats.http2_connections, 3, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, 4, "[{backend}] {stats:?}");
         assert!(
             wait_until(WAIT, || srv.handle.stats().active == 0).await,
             "[{backend}] {:?}",

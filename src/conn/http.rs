@@ -233,7 +233,8 @@ enum State<S: ConnService> {
 /// An HTTP/2 connection.
 struct H2<S: ConnService> {
     conn: H2Conn<S>,
-    /// Since when no stream has been open.
+    /// Since when no stream has been open (reset when one starts, see
+    /// [`HttpConn::stream_started`]).
     idle_since: Option<Instant>,
     /// When GOAWAY was asked for (idle timeout or shutdown): hyper closes once streams are
     /// done and the GOAWAY is sent, which a peer that stops reading can hold off until the close
@@ -315,6 +316,14 @@ impl<S: ConnService> HttpConn<S> {
                 h2.closing.get_or_insert_with(Instant::now);
             }
             _ => {}
+        }
+    }
+
+    /// A stream of this HTTP/2 connection started (its task was adopted): the idle time starts
+    /// over once no stream is open again.
+    pub(crate) fn stream_started(&mut self) {
+        if let State::Http2(h2) = &mut self.state {
+            h2.idle_since = None;
         }
     }
 

@@ -202,8 +202,12 @@ impl<S: ConnService> Entry<S> {
         }
     }
 
-    /// Records a local task that belongs to this entry.
+    /// Records a local task that belongs to this entry (for an HTTP/2 connection, a stream has
+    /// started: it is not idle).
     pub(crate) fn adopt(&mut self, task: Key) {
+        if let Kind::Http(conn) = &mut self.kind {
+            conn.stream_started();
+        }
         self.owned
             .get_or_insert_with(Default::default)
             .tasks
