@@ -158,4 +158,27 @@ backend_tests! {
         server.join(IO_TIMEOUT).await;
         assert_eq!(handle.stats().forced, 0, "[{backend}] {:?}", handle.stats());
     }
+
+    async fn websocket_over_http2_outlives_the_idle_goaway(backend) {
+        // A WebSocket is an upgraded stream, no handler task: silent for longer than the idle
+        // timeout plus the close timeout (both set small here to observe them), it still works.
+        let app = axum::Router::new()
+            .route("/ws", axum::routing::any(ws_echo))
+            .route("/ws-axum", axum::routing::any(axum_ws_echo));
+        let server = start(backend, app, |b| {
+            b.http2_idle_timeout(std::time::Duration::from_millis(300))
+                .close_timeout(std::time::Duration::from_millis(500))
+        });
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut hop_ws = open(&mut send, "/ws").await;
+        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        echo_twice(&mut hop_ws, "hop").await;
+        echo_twice(&mut axum_ws, "axum").await;
+    }
 }

@@ -18,7 +18,8 @@
 //!   sees it still held), or until no bytes have moved for the idle timeout.
 //! - `Http2`: a boxed `hyper::server::conn::http2::Connection` over a [`HopStream`]. Its
 //!   streams run as local tasks that belong to the connection (`LocalExec`), so they go with
-//!   it; the open streams are the tasks it owns. With none open for `http2_idle_timeout`, it is
+//!   it; the open streams are the tasks it owns (an upgraded stream, a WebSocket over HTTP/2,
+//!   keeps hyper's task that sends its data). With none open for `http2_idle_timeout`, it is
 //!   sent GOAWAY and closes (hyper has no such timeout). It is never parked: hyper's HTTP/2
 //!   state (HPACK tables, stream states, its codec's buffers) cannot be given back and resumed.
 //!
