@@ -160,8 +160,9 @@ backend_tests! {
     }
 
     async fn websocket_over_http2_outlives_the_idle_goaway(backend) {
-        // A WebSocket is an upgraded stream, no handler task: silent for longer than the idle
-        // timeout plus the close timeout (both set small here to observe them), it still works.
+        // A WebSocket is an upgraded stream, open as long as hyper's task that sends its data:
+        // silent for longer than the idle timeout plus the close timeout (both set small here
+        // to observe them), it still works.
         let app = axum::Router::new()
             .route("/ws", axum::routing::any(ws_echo))
             .route("/ws-axum", axum::routing::any(axum_ws_echo));
