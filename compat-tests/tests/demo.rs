@@ -1,6 +1,6 @@
 //! The demo server's contract, checked on the binary itself (`examples/server.rs`, built by
 //! `cargo test --workspace`): on both backends (`--backend`), one `--addr` answers HTTP/1.1 and
-//! HTTP/2 with prior knowledge (h2c), called with curl.
+//! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -94,6 +94,12 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
             curl("--http2-prior-knowledge", &url),
             ("2 200".to_owned(), "Hello, World!".to_owned()),
             "[{backend}] h2c"
+        );
+        // `Upgrade: h2c` (curl's `--http2` on http://) is answered over HTTP/1.1.
+        assert_eq!(
+            curl("--http2", &url),
+            ("1.1 200".to_owned(), "Hello, World!".to_owned()),
+            "[{backend}] Upgrade: h2c"
         );
     }
 }
