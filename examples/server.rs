@@ -1,6 +1,9 @@
 //! The demo server:
 //! `cargo run --release --example server -- --backend reactor|tokio --addr 127.0.0.1:1826`.
 //!
+//! With `--tls-cert CERT.pem --tls-key KEY.pem` it serves HTTPS instead (rustls, ALPN `h2` and
+//! `http/1.1`; the same routes, `/ws` over wss), on either backend.
+//!
 //! Routes: `/` (an HTML overview whose script uses `/ws` and `/sse`), `/plaintext`, `/json`,
 //! `/ws` (hop::ws echo), `/ws-frames` (the same, until a frame-level API exists), `/ws-axum`
 //! (axum's `WebSocketUpgrade`), `/ws-tungstenite` (a tokio-tungstenite loop, tuned: 4 KiB read
@@ -24,7 +27,7 @@ const INDEX: &str = include_str!("assets/index.html");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never]"
+        "usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never] [--tls-cert CERT.pem --tls-key KEY.pem]"
     );
     std::process::exit(2)
 }
@@ -157,6 +160,8 @@ fn main() -> std::io::Result<()> {
     let mut addr: SocketAddr = "127.0.0.1:1826".parse().unwrap();
     let mut pollers = None;
     let mut park = None;
+    let mut tls_cert = None;
+    let mut tls_key = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -177,6 +182,8 @@ fn main() -> std::io::Result<()> {
                     )),
                 })
             }
+            "--tls-cert" => tls_cert = Some(val()),
+            "--tls-key" => tls_key = Some(val()),
             _ => usage(),
         }
     }
@@ -190,6 +197,19 @@ fn main() -> std::io::Result<()> {
     if let Some(p) = park {
         builder = builder.park_idle_after(p);
     }
+    let scheme = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &str| {
+                std::fs::read(path)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))
+            };
+            let tls = hop::tls::RustlsConfig::from_pem(&read(&cert)?, &read(&key)?)?;
+            builder = builder.tls(tls);
+            "https"
+        }
+        (None, None) => "http",
+        _ => usage(),
+    };
 
     // The hub ticks once a second.
     let hub = Hub::new();
@@ -204,7 +224,7 @@ fn main() -> std::io::Result<()> {
         })?;
 
     let listener = hop::bind(addr)?;
-    println!("hop demo on http://{addr} (backend: {backend})");
+    println!("hop demo on {scheme}://{addr} (backend: {backend})");
     builder
         .serve(listener, app(hub))
         // Ctrl-C or SIGTERM (kill, systemd, Docker): close WebSockets with 1001, end SSE

@@ -94,6 +94,11 @@ pub(crate) fn start<P: App>(
         http1,
         http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
         head_limit: header_timeout,
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        tls: cfg.tls.clone().map(|config| Tls {
+            config,
+            handshake_timeout: cfg.tls_handshake_timeout,
+        }),
     });
     let cfg = cfg.clone();
     std::thread::Builder::new()
@@ -325,6 +330,22 @@ async fn accept_loop<P: App, A: Accept>(
                         let conn = crate::handler::Conn::new(A::tcp_fd(&stream), &tcp);
                         let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
                         let drain = drain_rx.clone();
+                        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+                        if http.tls.is_some() {
+                            let http = http.clone();
+                            let ctl = ctl.clone();
+                            tasks.spawn(async move {
+                                let _guard = guard;
+                                let Some(tls) = &http.tls else { return };
+                                let mut hs_drain = drain.clone();
+                                let never = tokio::sync::Notify::new();
+                                let Some(stream) = tls_handshake(stream, tls, false, &ctl, &mut hs_drain, &never).await else {
+                                    return;
+                                };
+                                crate::handler::run_task(core, stream, drain).await;
+                            });
+                            continue;
+                        }
                         tasks.spawn(async move {
                             let _guard = guard;
                             crate::handler::run_task(core, stream, drain).await;
@@ -343,6 +364,11 @@ async fn accept_loop<P: App, A: Accept>(
                 let ctl = ctl.clone();
                 tasks.spawn(server::with_cut(cut.clone(), async move {
                     let _guard = guard;
+                    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+                    if let Some(tls) = &http.tls {
+                        serve_tls::<A, _>(stream, fd, svc, &http, tls, ctl, drain, cut).await;
+                        return;
+                    }
                     serve_http::<A, _>(stream, fd, svc, &http, ctl, drain, cut).await;
                 }));
             }
@@ -512,9 +538,13 @@ struct Http {
     http1: hyper::server::conn::http1::Builder,
     http2: Option<Http2Config>,
     head_limit: Option<Duration>,
+    /// TLS, when configured: every connection starts with a handshake.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    tls: Option<Tls>,
 }
 
 /// Serves one HTTP connection: HTTP/1.1, or HTTP/2 when its first bytes are the preface.
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<A: Accept, S: ConnService>(
     stream: A::Io,
     fd: Option<RawFd>,
@@ -524,6 +554,45 @@ async fn serve_http<A: Accept, S: ConnService>(
     mut drain: watch::Receiver<bool>,
     cut: Arc<tokio::sync::Notify>,
 ) {
+    let (proto, stream) = match &http.http2 {
+        None => (Proto::Http1, A::plain(stream)),
+        Some(_) => {
+            let sniffed = async {
+                match http.head_limit {
+                    Some(t) => tokio::time::timeout(t, A::sniff(stream)).await.ok(),
+                    None => Some(A::sniff(stream).await),
+                }
+            };
+            tokio::select! {
+                sniffed = sniffed => match sniffed {
+                    Some(Ok(Some(s))) => s,
+                    // Closed, failed, or silent past the time limit.
+                    _ => return,
+                },
+                _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
+                _ = cut.notified() => return,
+            }
+        }
+    };
+    serve_proto(proto, stream, fd, svc, http, ctl, drain, cut).await;
+}
+
+/// Serves one connection whose protocol is known: hyper's HTTP/2 connection (if HTTP/2 is
+/// on), else its HTTP/1.1 one with upgrades; graceful shutdown on `drain`, a reset on `cut`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_proto<IO, S>(
+    proto: Proto,
+    stream: IO,
+    fd: Option<RawFd>,
+    svc: S,
+    http: &Http,
+    ctl: Arc<Control>,
+    mut drain: watch::Receiver<bool>,
+    cut: Arc<tokio::sync::Notify>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+{
     let cut_off = || {
         if let Some(fd) = fd {
             // SAFETY: the connection owns the socket and is alive where this is called, so
@@ -532,68 +601,46 @@ async fn serve_http<A: Accept, S: ConnService>(
             let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
         }
     };
-    let stream = match &http.http2 {
-        None => A::plain(stream),
-        Some(h2) => {
-            let sniffed = async {
-                match http.head_limit {
-                    Some(t) => tokio::time::timeout(t, A::sniff(stream)).await.ok(),
-                    None => Some(A::sniff(stream).await),
-                }
-            };
-            let (proto, stream) = tokio::select! {
-                sniffed = sniffed => match sniffed {
-                    Some(Ok(Some(s))) => s,
-                    // Closed, failed, or silent past the time limit.
-                    _ => return,
-                },
-                _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
-                _ = cut.notified() => return,
-            };
-            if proto == Proto::Http1 {
-                stream
-            } else {
-                let exec = StreamExec::default();
-                let streams = exec.0.clone();
-                let conn = h2
-                    .builder(exec)
-                    .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
-                tokio::pin!(conn);
-                let mut closing = false;
-                let idle = async {
-                    match h2.idle_timeout {
-                        Some(t) => streams.idle_for(t).await,
-                        None => std::future::pending().await,
+    if let (Proto::Http2, Some(h2)) = (proto, &http.http2) {
+        let exec = StreamExec::default();
+        let streams = exec.0.clone();
+        let conn = h2
+            .builder(exec)
+            .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
+        tokio::pin!(conn);
+        let mut closing = false;
+        let idle = async {
+            match h2.idle_timeout {
+                Some(t) => streams.idle_for(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
                     }
-                };
-                tokio::pin!(idle);
-                loop {
-                    tokio::select! {
-                        res = conn.as_mut() => {
-                            if let Err(e) = res {
-                                tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
-                            }
-                            break;
-                        }
-                        _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        _ = idle.as_mut(), if !closing => {
-                            tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        _ = cut.notified() => {
-                            cut_off();
-                            break;
-                        }
-                    }
+                    break;
                 }
-                return;
+                _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = idle.as_mut(), if !closing => {
+                    tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = cut.notified() => {
+                    cut_off();
+                    break;
+                }
             }
         }
-    };
+        return;
+    }
     let conn = http
         .http1
         .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
@@ -618,6 +665,79 @@ async fn serve_http<A: Accept, S: ConnService>(
             }
         }
     }
+}
+
+/// TLS: the configuration new handshakes use, and their time limit.
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+struct Tls {
+    config: crate::tls::RustlsConfig,
+    handshake_timeout: Duration,
+}
+
+/// Runs a new connection's TLS handshake under the handshake timeout, counting how it ends;
+/// `None` if it failed, timed out, or the server is draining or cutting connections.
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+async fn tls_handshake<IO>(
+    stream: IO,
+    tls: &Tls,
+    http2: bool,
+    ctl: &Control,
+    drain: &mut watch::Receiver<bool>,
+    cut: &tokio::sync::Notify,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.current(http2));
+    let handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
+    tokio::select! {
+        res = handshake => match res {
+            Ok(Ok(stream)) => {
+                ctl.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                Some(stream)
+            }
+            Ok(Err(e)) => {
+                ctl.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                ctl.tls_handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("TLS handshake timed out");
+                None
+            }
+        },
+        _ = async { drain.wait_for(|d| *d).await.is_ok() } => None,
+        _ = cut.notified() => None,
+    }
+}
+
+/// Serves one TLS connection: the handshake, then HTTP/2 if ALPN agreed on `h2`, else
+/// HTTP/1.1, with a [`TlsInfo`](crate::tls::TlsInfo) in every request.
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls<A: Accept, S: ConnService>(
+    stream: A::Io,
+    fd: Option<RawFd>,
+    svc: S,
+    http: &Http,
+    tls: &Tls,
+    ctl: Arc<Control>,
+    mut drain: watch::Receiver<bool>,
+    cut: Arc<tokio::sync::Notify>,
+) {
+    let http2 = http.http2.is_some();
+    let Some(stream) = tls_handshake(stream, tls, http2, &ctl, &mut drain, &cut).await else {
+        return;
+    };
+    let conn = stream.get_ref().1;
+    let proto = if http2 && conn.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+        Proto::Http2
+    } else {
+        Proto::Http1
+    };
+    let svc = crate::tls::WithTlsInfo::new(svc, crate::tls::TlsInfo::new(conn));
+    serve_proto(proto, stream, fd, svc, http, ctl, drain, cut).await;
 }
 
 #[cfg(feature = "axum")]

@@ -39,7 +39,9 @@
 //! - `handler`: the read-handler machinery both backends share; `listener`, `service` and
 //!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
 //!   [`IntoListener`]; an app, see [`IntoConnService`]); `baseline`: the tokio backend (and
-//!   the tokio-task path for generic listeners).
+//!   the tokio-task path for generic listeners, and for now for TLS connections); [`tls`]
+//!   (features `tls`, `tls-ring`): TLS's API, the reloadable rustls configuration and the
+//!   request extension, below the backends.
 
 #![warn(missing_docs)]
 
@@ -58,6 +60,8 @@ mod service;
 mod settings;
 pub mod sse;
 pub mod tcp;
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+pub mod tls;
 pub mod ws;
 
 pub use conn::stream::{HopStream, Socket};

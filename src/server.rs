@@ -249,6 +249,38 @@ impl Builder {
         self
     }
 
+    /// Serve TLS (HTTPS) with rustls (features `tls`, `tls-ring`): every connection starts
+    /// with a TLS handshake, then ALPN picks HTTP/2 (`h2`, when HTTP/2 is on) or HTTP/1.1 (any
+    /// other answer, or no ALPN); no preface is peeked at. Takes a
+    /// [`RustlsConfig`](crate::tls::RustlsConfig) (reloadable) or an
+    /// `Arc<rustls::ServerConfig>` of your own. Handlers find a
+    /// [`TlsInfo`](crate::tls::TlsInfo) in each request's extensions.
+    ///
+    /// For now both backends serve TLS connections on tokio tasks with tokio-rustls (under the
+    /// reactor, as generic listeners are; it logs so once at start).
+    ///
+    /// ```no_run
+    /// # async fn run(app: axum::Router) -> std::io::Result<()> {
+    /// let listener = std::net::TcpListener::bind("0.0.0.0:443")?;
+    /// let tls = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;
+    /// hop::Server::builder().tls(tls).serve(listener, app).await
+    /// # }
+    /// ```
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub fn tls(mut self, config: impl Into<crate::tls::RustlsConfig>) -> Self {
+        self.cfg.tls = Some(config.into());
+        self
+    }
+
+    /// TLS: how long a new connection may take to complete its handshake (default 10 s). A
+    /// client that sends nothing, or dribbles its ClientHello, is closed then and counted in
+    /// [`Stats::tls_handshake_timeouts`].
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub fn tls_handshake_timeout(mut self, t: Duration) -> Self {
+        self.cfg.tls_handshake_timeout = t;
+        self
+    }
+
     /// HTTP/2: most streams a client may have open at once per connection (default 100; hyper's
     /// is 200). Each open stream may hold a request body up to the stream window and a
     /// response up to [`http2_max_send_buf_size`](Self::http2_max_send_buf_size).
@@ -705,6 +737,14 @@ where
                     "serving a generic axum Listener needs hop's `tokio-baseline` feature",
                 ));
             }
+        }
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        (Backend::Reactor, Bound::Native(listener)) if cfg.tls.is_some() => {
+            // The reactor's own TLS socket is yet to come: the tokio-task path meanwhile.
+            tracing::info!(
+                "TLS: connections are served on tokio tasks (tokio-rustls, hyper-util) under the reactor backend for now"
+            );
+            crate::baseline::start(&cfg, Bound::Native(listener), app, ctl.clone(), done_tx)?;
         }
         (Backend::Reactor, Bound::Native(listener)) => {
             let handle = match tokio::runtime::Handle::try_current() {

@@ -76,6 +76,10 @@ pub(crate) struct Config {
     pub(crate) compat_workers: usize,
     pub(crate) tcp: TcpConfig,
     pub(crate) http2: Http2Config,
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) tls: Option<crate::tls::RustlsConfig>,
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) tls_handshake_timeout: Duration,
 }
 
 impl Default for Config {
@@ -96,6 +100,10 @@ impl Default for Config {
             compat_workers: 1,
             tcp: TcpConfig::default(),
             http2: Http2Config::default(),
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            tls: None,
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -208,6 +216,12 @@ pub struct Stats {
     pub http2_connections: u64,
     /// HTTP/2 streams (requests) served.
     pub http2_streams: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS handshakes that failed (not TLS, a protocol error, no certificate for the name...).
+    pub tls_handshake_failures: u64,
+    /// TLS handshakes closed at `tls_handshake_timeout`.
+    pub tls_handshake_timeouts: u64,
 }
 
 /// State shared by the front, the backend threads and every [`Handle`](crate::Handle).
@@ -225,6 +239,9 @@ pub(crate) struct Control {
     pub(crate) panics: AtomicU64,
     pub(crate) http2_connections: AtomicU64,
     pub(crate) http2_streams: AtomicU64,
+    pub(crate) tls_handshakes: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) tls_handshake_timeouts: AtomicU64,
     pub(crate) local_addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -282,6 +299,9 @@ impl Control {
             panics: self.panics.load(Ordering::Relaxed),
             http2_connections: self.http2_connections.load(Ordering::Relaxed),
             http2_streams: self.http2_streams.load(Ordering::Relaxed),
+            tls_handshakes: self.tls_handshakes.load(Ordering::Relaxed),
+            tls_handshake_failures: self.tls_handshake_failures.load(Ordering::Relaxed),
+            tls_handshake_timeouts: self.tls_handshake_timeouts.load(Ordering::Relaxed),
         }
     }
 
