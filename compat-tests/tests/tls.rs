@@ -1,0 +1,676 @@
+//! TLS (rustls) on both backends: hyper's HTTP/1.1 and HTTP/2 clients over tokio-rustls (ALPN
+//! picks the protocol), curl, `openssl s_client` without ALPN, wss with tokio-tungstenite
+//! (`hop::ws` and axum's `WebSocketUpgrade`), a hijacked connection, SSE, `TlsInfo`,
+//! `close_notify` on close and on graceful shutdown, hostile handshakes (plaintext, garbage, a
+//! truncated ClientHello, a stalled and a dribbled one), certificate reload while connections
+//! are open, and 200 concurrent handshakes. Certificates are made at test time with rcgen.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Extension, Router};
+use bytes::{Bytes, BytesMut};
+use compat_tests::{backend_tests, start, start_with_shutdown, IO_TIMEOUT};
+use futures_util::{SinkExt, StreamExt};
+use hop::sse::{Event, Hub};
+use hop::tcp::{Conn, Handler};
+use hop::tls::{RustlsConfig, TlsInfo};
+use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message as TMessage;
+
+/// A CA and a leaf certificate for `localhost` and 127.0.0.1 signed by it.
+struct Pki {
+    ca: CertificateDer<'static>,
+    ca_pem: String,
+    leaf: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki(name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("hop test CA {name}"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("hop test {name}"));
+    let leaf = params.signed_by(&key, &ca).expect("leaf");
+    Pki {
+        ca: ca.der().clone(),
+        ca_pem: ca.pem(),
+        leaf: leaf.der().clone(),
+        cert_pem: leaf.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+impl Pki {
+    fn server_config(&self) -> RustlsConfig {
+        RustlsConfig::from_pem(self.cert_pem.as_bytes(), self.key_pem.as_bytes())
+            .expect("server config")
+    }
+}
+
+/// A file in the temporary directory, removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> TempFile {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hop-tls-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).expect("write temp file");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A rustls client configuration (ring) trusting `cas`, offering `alpn`.
+fn client_config(cas: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add((*ca).clone()).expect("add CA");
+    }
+    let mut cfg =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(IO_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {IO_TIMEOUT:?}"))
+}
+
+async fn tls_connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> TlsStream<TcpStream> {
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake")
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+type H2 = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+async fn h1(addr: SocketAddr, cfg: Arc<ClientConfig>) -> H1 {
+    let tls = tls_connect(addr, cfg).await;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn.with_upgrades());
+    send
+}
+
+async fn h2(addr: SocketAddr, cfg: Arc<ClientConfig>) -> H2 {
+    let tls = tls_connect(addr, cfg).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// GET `path` on an HTTP/1.1 connection: status, version and body.
+async fn get1(send: &mut H1, path: &str) -> (StatusCode, http::Version, String) {
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::new())
+        .expect("request");
+    within("GET", async {
+        send.ready().await.expect("ready");
+        let res = send.send_request(req).await.expect("response");
+        let (status, version) = (res.status(), res.version());
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        (status, version, String::from_utf8_lossy(&body).into_owned())
+    })
+    .await
+}
+
+async fn get2(send: &mut H2, path: &str) -> (StatusCode, http::Version, String) {
+    let req = http::Request::get(format!("https://localhost{path}"))
+        .body(Empty::new())
+        .expect("request");
+    within("GET", async {
+        send.ready().await.expect("ready");
+        let res = send.send_request(req).await.expect("response");
+        let (status, version) = (res.status(), res.version());
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        (status, version, String::from_utf8_lossy(&body).into_owned())
+    })
+    .await
+}
+
+struct Echo;
+
+impl WsHandler for Echo {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
+        ws.send(msg)
+    }
+}
+
+struct RawEcho;
+
+impl Handler for RawEcho {
+    fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+        Ok(conn.write(&input.split())?)
+    }
+}
+
+async fn info(Extension(tls): Extension<TlsInfo>, req: Request) -> String {
+    format!(
+        "sni={} alpn={} version={:?}",
+        tls.server_name().unwrap_or("-"),
+        tls.alpn_protocol()
+            .map_or("-".into(), String::from_utf8_lossy),
+        req.version()
+    )
+}
+
+async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            if let AxumMessage::Text(_) | AxumMessage::Binary(_) = msg {
+                if socket.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+async fn sse(State(hub): State<Hub>, req: Request) -> Response {
+    hub.subscribe(&req).into_response()
+}
+
+async fn hijack(hijack: hop::Hijack) -> impl IntoResponse {
+    hijack.on_read(RawEcho);
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [("connection", "upgrade"), ("upgrade", "echo")],
+    )
+}
+
+fn app(hub: Hub) -> Router {
+    Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route("/info", get(info))
+        .route("/ws", get(|u: WsUpgrade| async move { u.on_upgrade(Echo) }))
+        .route("/ws-axum", any(ws_axum))
+        .route("/sse", get(sse))
+        .route("/hijack", get(hijack))
+        .with_state(hub)
+}
+
+/// Reads until the peer closes: `Ok(bytes)` after a `close_notify`, an error if the connection
+/// ended without one.
+async fn read_to_close(tls: &mut TlsStream<TcpStream>) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    within("the server's close", tls.read_to_end(&mut out)).await?;
+    Ok(out)
+}
+
+/// Reads from a raw socket until the server closes it (`true`), or `within` passes (`false`).
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_all).await.is_ok()
+}
+
+/// A ClientHello as a rustls client writes it.
+fn client_hello(ca: &CertificateDer<'static>) -> Vec<u8> {
+    let mut conn = rustls::ClientConnection::new(
+        client_config(&[ca], &[b"h2", b"http/1.1"]),
+        ServerName::try_from("localhost").expect("name"),
+    )
+    .expect("client connection");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write_tls");
+    }
+    assert!(out.len() > 100, "a ClientHello: {} bytes", out.len());
+    out
+}
+
+/// Runs a command-line client; its stdout, or `None` if it is not installed (a failure under CI,
+/// where it must be).
+async fn run_tool(tool: &str, args: &[&str], stdin: &[u8]) -> Option<String> {
+    let child = tokio::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::env::var_os("CI").is_some() {
+                panic!("{tool} is not installed (CI must have it: see .ci/run)");
+            }
+            eprintln!("SKIPPED: {tool} is not installed");
+            return None;
+        }
+        Err(e) => panic!("running {tool}: {e}"),
+    };
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    drop(input);
+    let out = within(tool, child.wait_with_output())
+        .await
+        .expect("wait for the tool");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}
+
+backend_tests! {
+    /// ALPN picks the protocol: `http/1.1` (or no ALPN) gets HTTP/1.1, `h2` HTTP/2; each
+    /// request carries a `TlsInfo`; a `Connection: close` ends with `close_notify`.
+    async fn http1_and_http2_by_alpn(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+
+        let mut c1 = h1(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        let (status, version, body) = get1(&mut c1, "/info").await;
+        assert_eq!(status, StatusCode::OK, "[{backend}]");
+        assert_eq!(version, http::Version::HTTP_11, "[{backend}]");
+        assert_eq!(body, "sni=localhost alpn=http/1.1 version=HTTP/1.1", "[{backend}]");
+        assert_eq!(get1(&mut c1, "/hello").await.2, "hello", "[{backend}] keep-alive");
+
+        let mut c2 = h2(srv.addr, client_config(&[&pki.ca], &[b"h2", b"http/1.1"])).await;
+        let (status, version, body) = get2(&mut c2, "/info").await;
+        assert_eq!(status, StatusCode::OK, "[{backend}]");
+        assert_eq!(version, http::Version::HTTP_2, "[{backend}]");
+        assert_eq!(body, "sni=localhost alpn=h2 version=HTTP/2.0", "[{backend}]");
+
+        // No ALPN at all: HTTP/1.1.
+        let mut c3 = h1(srv.addr, client_config(&[&pki.ca], &[])).await;
+        assert_eq!(
+            get1(&mut c3, "/info").await.2,
+            "sni=localhost alpn=- version=HTTP/1.1",
+            "[{backend}]"
+        );
+
+        // `Connection: close`: the response, then close_notify (rustls reports a close
+        // without it as an error).
+        let mut tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        tls.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let out = read_to_close(&mut tls).await.expect("a close with close_notify");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("hello"), "[{backend}] {out}");
+
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 4, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_failures, 0, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, 1, "[{backend}] {stats:?}");
+    }
+
+    /// HTTP/2 off: the server does not offer `h2`, so a client offering both gets HTTP/1.1.
+    async fn http2_off_offers_http1_only(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()).http2(false));
+        let tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"h2", b"http/1.1"])).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]), "[{backend}]");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        assert_eq!(get1(&mut send, "/hello").await.2, "hello", "[{backend}]");
+    }
+
+    /// curl `--http1.1` and `--http2` with `--cacert`.
+    async fn curl_over_tls(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let ca = TempFile::new("ca.pem", &pki.ca_pem);
+        let resolve = format!("localhost:{}:127.0.0.1", srv.addr.port());
+        let url = format!("https://localhost:{}/info", srv.addr.port());
+        for (flag, want) in [
+            ("--http1.1", "sni=localhost alpn=http/1.1 version=HTTP/1.1\n1.1 200"),
+            ("--http2", "sni=localhost alpn=h2 version=HTTP/2.0\n2 200"),
+        ] {
+            let args = [
+                flag, "-sS", "--max-time", "30", "--cacert", ca.path(), "--resolve", &resolve,
+                "-w", "\n%{http_version} %{http_code}", &url,
+            ];
+            if let Some(out) = run_tool("curl", &args, b"").await {
+                assert_eq!(out.trim(), want, "[{backend}] curl {flag}");
+            }
+        }
+    }
+
+    /// `openssl s_client` offers no ALPN: HTTP/1.1.
+    async fn openssl_s_client_without_alpn(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let ca = TempFile::new("ca.pem", &pki.ca_pem);
+        let connect = srv.addr.to_string();
+        let args = [
+            "-quiet", "-connect", &connect, "-servername", "localhost", "-CAfile", ca.path(),
+            "-verify_return_error",
+        ];
+        let req = b"GET /info HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+        if let Some(out) = run_tool("openssl", &["s_client"].iter().chain(&args).copied().collect::<Vec<_>>(), req).await {
+            assert!(out.starts_with("HTTP/1.1 200"), "[{backend}] {out}");
+            assert!(out.ends_with("sni=localhost alpn=- version=HTTP/1.1"), "[{backend}] {out}");
+        }
+    }
+
+    /// wss: `hop::ws` and axum's `WebSocketUpgrade`, with tokio-tungstenite over tokio-rustls.
+    async fn wss_echo(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        for path in ["/ws", "/ws-axum"] {
+            let tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+            let url = format!("wss://localhost{path}");
+            let (mut ws, res) = within("wss handshake", tokio_tungstenite::client_async(url, tls))
+                .await
+                .expect("wss handshake");
+            assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS, "[{backend}] {path}");
+            for i in 0..3 {
+                let text = format!("hello {i} over {path}");
+                ws.send(TMessage::text(text.clone())).await.expect("send");
+                let got = within("echo", ws.next()).await.expect("a message").expect("echo");
+                assert_eq!(got, TMessage::text(text), "[{backend}] {path}");
+            }
+            let big = vec![7u8; 100_000];
+            ws.send(TMessage::binary(big.clone())).await.expect("send");
+            let got = within("echo", ws.next()).await.expect("a message").expect("echo");
+            assert_eq!(got, TMessage::binary(big), "[{backend}] {path}");
+            ws.close(None).await.expect("close");
+            // The server answers the close, then ends the connection.
+            while let Some(Ok(_)) = within("close", ws.next()).await {}
+        }
+    }
+
+    /// `hop::Hijack` over TLS: the read handler gets the decrypted bytes and its output is
+    /// encrypted.
+    async fn hijack_over_tls(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let mut tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        tls.write_all(b"GET /hijack HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = within("101", tls.read(&mut buf)).await.expect("read");
+            assert!(n > 0, "[{backend}] closed before the 101");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "[{backend}] {}", String::from_utf8_lossy(&got));
+        for msg in [&b"ping"[..], b"and more bytes"] {
+            tls.write_all(msg).await.expect("write");
+            let mut echo = vec![0u8; msg.len()];
+            within("echo", tls.read_exact(&mut echo)).await.expect("echo");
+            assert_eq!(echo, msg, "[{backend}]");
+        }
+    }
+
+    /// An SSE stream (`hop::sse`) over TLS, on HTTP/1.1 and HTTP/2.
+    async fn sse_over_tls(backend) {
+        let pki = pki("a");
+        let hub = Hub::new();
+        let srv = start(backend, app(hub.clone()), |b| b.tls(pki.server_config()));
+        let mut c1 = h1(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        let mut c2 = h2(srv.addr, client_config(&[&pki.ca], &[b"h2"])).await;
+        let req1 = http::Request::get("/sse").header("host", "localhost").body(Empty::new()).unwrap();
+        let req2 = http::Request::get("https://localhost/sse").body(Empty::new()).unwrap();
+        let res1 = within("SSE", c1.send_request(req1)).await.expect("response");
+        let res2 = within("SSE", c2.send_request(req2)).await.expect("response");
+        for res in [&res1, &res2] {
+            assert_eq!(res.status(), StatusCode::OK, "[{backend}]");
+            assert_eq!(res.headers()["content-type"], "text/event-stream", "[{backend}]");
+        }
+        within("2 subscribers", async {
+            while hub.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        hub.send(&Event::new("over tls").id("1"));
+        for mut body in [res1.into_body(), res2.into_body()] {
+            let mut got = Vec::new();
+            while !String::from_utf8_lossy(&got).contains("data: over tls\n\n") {
+                let frame = within("an event", body.frame()).await.expect("a frame").expect("frame");
+                if let Ok(data) = frame.into_data() {
+                    got.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+
+    /// Hostile handshakes each end in a close, are counted, and the server goes on serving:
+    /// plaintext HTTP, garbage, a truncated ClientHello, a client that sends nothing and one that
+    /// dribbles its ClientHello (both closed at the handshake timeout).
+    async fn bad_handshakes_close_cleanly(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| {
+            b.tls(pki.server_config()).tls_handshake_timeout(Duration::from_millis(500))
+        });
+        let hello = client_hello(&pki.ca);
+        let wait = IO_TIMEOUT;
+
+        // Plaintext HTTP to the TLS port.
+        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        tcp.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("write");
+        assert!(closed_within(&mut tcp, wait).await, "[{backend}] plaintext: not closed");
+
+        // Garbage.
+        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        tcp.write_all(&[0xffu8; 64]).await.expect("write");
+        assert!(closed_within(&mut tcp, wait).await, "[{backend}] garbage: not closed");
+
+        // A truncated ClientHello, then the client's FIN.
+        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        tcp.write_all(&hello[..hello.len() / 2]).await.expect("write");
+        tcp.shutdown().await.expect("shutdown");
+        assert!(closed_within(&mut tcp, wait).await, "[{backend}] truncated: not closed");
+
+        within("the failures counted", async {
+            while srv.handle.stats().tls_handshake_failures < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+
+        // Nothing at all: closed at the handshake timeout.
+        let mut silent = TcpStream::connect(srv.addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        assert!(closed_within(&mut silent, wait).await, "[{backend}] silent: not closed");
+        assert!(started.elapsed() >= Duration::from_millis(400), "[{backend}] closed early");
+
+        // A ClientHello dribbled a byte every 50 ms: closed at the timeout too.
+        let mut dribble = TcpStream::connect(srv.addr).await.expect("connect");
+        let closed = within("the dribbler's close", async {
+            for b in &hello {
+                if dribble.write_all(&[*b]).await.is_err() {
+                    return true;
+                }
+                let mut buf = [0u8; 64];
+                match tokio::time::timeout(Duration::from_millis(50), dribble.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    _ => {}
+                }
+            }
+            false
+        })
+        .await;
+        assert!(closed, "[{backend}] dribbled: the whole ClientHello went through");
+
+        within("the timeouts counted", async {
+            while srv.handle.stats().tls_handshake_timeouts < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+
+        // Still serving.
+        let mut c = h1(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        assert_eq!(get1(&mut c, "/hello").await.2, "hello", "[{backend}]");
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshake_failures, 3, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_timeouts, 2, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshakes, 1, "[{backend}] {stats:?}");
+        within("the bad connections gone", async {
+            while srv.handle.stats().active > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    /// A reload applies to new handshakes; an open connection keeps working.
+    async fn certificate_reload(backend) {
+        let (a, b) = (pki("a"), pki("b"));
+        let (cert_a, key_a) = (TempFile::new("a.pem", &a.cert_pem), TempFile::new("a.key", &a.key_pem));
+        let (cert_b, key_b) = (TempFile::new("b.pem", &b.cert_pem), TempFile::new("b.key", &b.key_pem));
+        let config = RustlsConfig::from_pem_file(cert_a.path(), key_a.path()).await.expect("config");
+        let srv = start(backend, app(Hub::new()), |bld| bld.tls(config.clone()));
+        let trust = client_config(&[&a.ca, &b.ca], &[b"http/1.1"]);
+
+        let old = tls_connect(srv.addr, trust.clone()).await;
+        assert_eq!(old.get_ref().1.peer_certificates().expect("certs")[0], a.leaf, "[{backend}]");
+        let (mut old, conn) = hyper::client::conn::http1::handshake(TokioIo::new(old))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        assert_eq!(get1(&mut old, "/hello").await.2, "hello", "[{backend}]");
+
+        config.reload_from_pem_file(cert_b.path(), key_b.path()).await.expect("reload");
+        // A bad reload keeps the configuration in use.
+        assert!(config.reload_from_pem(b"not a cert", b"not a key").is_err());
+
+        let new = tls_connect(srv.addr, trust.clone()).await;
+        assert_eq!(new.get_ref().1.peer_certificates().expect("certs")[0], b.leaf, "[{backend}]");
+        // A client that trusts only the old CA fails now.
+        let tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        let only_a = tokio_rustls::TlsConnector::from(client_config(&[&a.ca], &[]));
+        let res = within("handshake", only_a.connect(ServerName::try_from("localhost").unwrap(), tcp)).await;
+        assert!(res.is_err(), "[{backend}] the old CA still verifies the new certificate");
+
+        assert_eq!(get1(&mut old, "/hello").await.2, "hello", "[{backend}] old connection");
+    }
+
+    /// Graceful shutdown ends an idle keep-alive TLS connection with `close_notify`.
+    async fn graceful_shutdown_sends_close_notify(backend) {
+        let pki = pki("a");
+        let (srv, stop) = start_with_shutdown(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let mut tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        tls.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"hello") {
+            let n = within("response", tls.read(&mut buf)).await.expect("read");
+            assert!(n > 0, "[{backend}] closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let _ = stop.send(());
+        let rest = read_to_close(&mut tls).await.expect("a close with close_notify");
+        assert!(rest.is_empty(), "[{backend}] {}", String::from_utf8_lossy(&rest));
+        let handle = srv.handle.clone();
+        srv.join(IO_TIMEOUT).await;
+        let stats = handle.stats();
+        assert_eq!(stats.forced, 0, "[{backend}] {stats:?}");
+    }
+
+    /// 200 clients handshaking at once.
+    async fn concurrent_handshakes(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let cfg = client_config(&[&pki.ca], &[b"h2", b"http/1.1"]);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let cfg = cfg.clone();
+            let addr = srv.addr;
+            tasks.spawn(async move {
+                if i % 2 == 0 {
+                    let mut c = h2(addr, cfg).await;
+                    get2(&mut c, "/hello").await.2
+                } else {
+                    let cfg = client_config_h1(&cfg);
+                    let mut c = h1(addr, cfg).await;
+                    get1(&mut c, "/hello").await.2
+                }
+            });
+        }
+        while let Some(res) = tasks.join_next().await {
+            assert_eq!(res.expect("client task"), "hello", "[{backend}]");
+        }
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 200, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, 100, "[{backend}] {stats:?}");
+    }
+}
+
+/// The same client configuration, offering only `http/1.1`.
+fn client_config_h1(cfg: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut c = (**cfg).clone();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
