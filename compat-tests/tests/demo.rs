@@ -1,6 +1,7 @@
 //! The demo server's contract, checked on the binary itself (`examples/server.rs`, built by
 //! `cargo test --workspace`): on both backends (`--backend`), one `--addr` answers HTTP/1.1 and
-//! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1.
+//! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1; with
+//! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -102,4 +103,61 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
             "[{backend}] Upgrade: h2c"
         );
     }
+}
+
+/// With `--tls-cert` and `--tls-key` the demo serves HTTPS on `--addr`, ALPN choosing HTTP/1.1
+/// or HTTP/2, on both backends.
+#[test]
+fn demo_serves_https_with_alpn_on_both_backends() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    if Command::new("curl").arg("--version").output().is_err() {
+        return unavailable("curl is not installed");
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let dir = std::env::temp_dir().join(format!("hop-demo-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    for backend in ["reactor", "tokio"] {
+        let addr = free_addr();
+        let child = Command::new(&bin)
+            .args(["--backend", backend, "--addr", &addr.to_string()])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the demo starts");
+        let _demo = Demo(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "[{backend}] demo not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let url = format!("https://localhost:{}/plaintext", addr.port());
+        for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "20", flag, "--cacert"])
+                .arg(&cert_path)
+                .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
+                .args(["-w", "\n%{http_version} %{http_code}", &url])
+                .output()
+                .expect("curl runs");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("Hello, World!\n{version} 200"),
+                "[{backend}] curl {flag}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@
 //! truncated ClientHello, a stalled and a dribbled one), certificate reload while connections
 //! are open, and 200 concurrent handshakes. Certificates are made at test time with rcgen.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +99,7 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -326,6 +327,48 @@ async fn run_tool(tool: &str, args: &[&str], stdin: &[u8]) -> Option<String> {
 }
 
 backend_tests! {
+    /// TLS over a Unix socket and over a generic axum Listener (`tap_io`).
+    async fn unix_and_generic_listeners(backend) {
+        use axum::serve::ListenerExt;
+        let pki = pki("a");
+        let dir = TempFile::new("dir", "");
+        std::fs::remove_file(&dir.0).expect("remove");
+        std::fs::create_dir(&dir.0).expect("mkdir");
+        let sock = dir.0.join("s.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let serve = compat_tests::builder(backend).tls(pki.server_config()).serve(unix, app(Hub::new()));
+        let unix_handle = serve.handle();
+        tokio::spawn(serve.into_future());
+        let generic = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = generic.local_addr().expect("addr");
+        let generic = generic.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = compat_tests::builder(backend).tls(pki.server_config()).serve(generic, app(Hub::new()));
+        let generic_handle = serve.handle();
+        tokio::spawn(serve.into_future());
+
+        let cfg = client_config(&[&pki.ca], &[b"http/1.1"]);
+        let name = ServerName::try_from("localhost").expect("name");
+        let io = within("connect", tokio::net::UnixStream::connect(&sock)).await.expect("connect");
+        let tls = within("handshake", tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, io))
+            .await
+            .expect("handshake over Unix");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1");
+        tokio::spawn(conn);
+        assert_eq!(get1(&mut send, "/info").await.2, "sni=localhost alpn=http/1.1 version=HTTP/1.1", "[{backend}] unix");
+
+        let mut c = h2(addr, client_config(&[&pki.ca], &[b"h2"])).await;
+        assert_eq!(get2(&mut c, "/info").await.2, "sni=localhost alpn=h2 version=HTTP/2.0", "[{backend}] generic");
+        let mut c = h1(addr, cfg).await;
+        assert_eq!(get1(&mut c, "/hello").await.2, "hello", "[{backend}] generic");
+
+        assert_eq!(unix_handle.stats().tls_handshakes, 1, "[{backend}]");
+        assert_eq!(generic_handle.stats().tls_handshakes, 2, "[{backend}]");
+        unix_handle.shutdown();
+        generic_handle.shutdown();
+    }
+
     /// ALPN picks the protocol: `http/1.1` (or no ALPN) gets HTTP/1.1, `h2` HTTP/2; each
     /// request carries a `TlsInfo`; a `Connection: close` ends with `close_notify`.
     async fn http1_and_http2_by_alpn(backend) {
