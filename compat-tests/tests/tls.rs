@@ -3,7 +3,11 @@
 //! (`hop::ws` and axum's `WebSocketUpgrade`), a hijacked connection, SSE, `TlsInfo`,
 //! `close_notify` on close and on graceful shutdown, hostile handshakes (plaintext, garbage, a
 //! truncated ClientHello, a stalled and a dribbled one), certificate reload while connections
-//! are open, and 200 concurrent handshakes. Certificates are made at test time with rcgen.
+//! are open, 200 and then 1,000 concurrent handshakes, a SNI resolver (each name its
+//! certificate, an unknown name or none rejected), mTLS (`TlsInfo` has the client's chain;
+//! another CA's certificate or none rejected), and requests written before the handshake ends
+//! (the same flight as the client's Finished, pipelined in one record). Certificates are made
+//! at test time with rcgen.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -716,4 +720,464 @@ fn client_config_h1(cfg: &Arc<ClientConfig>) -> Arc<ClientConfig> {
     let mut c = (**cfg).clone();
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
+}
+
+/// ring, the crypto provider the tests' own configurations use.
+fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A CA that signs leaf certificates on demand (the SNI and mTLS tests).
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A leaf certificate signed by a [`TestCa`], and its key (PKCS#8 DER).
+struct Leaf {
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Leaf {
+    fn key(&self) -> rustls::pki_types::PrivateKeyDer<'static> {
+        rustls::pki_types::PrivatePkcs8KeyDer::from(self.key.clone()).into()
+    }
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("hop test CA {name}"));
+        let key = KeyPair::generate().expect("CA key");
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA"),
+        }
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// A server certificate for `dns` names, or (`dns` empty) a client certificate.
+    fn leaf(&self, cn: &str, dns: &[&str]) -> Leaf {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![if dns.is_empty() {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        Leaf {
+            cert: cert.der().clone(),
+            key: key.serialize_der(),
+        }
+    }
+}
+
+/// A TLS connection to `addr` asking for `name` (a DNS name is sent as SNI, an IP address is
+/// not): the handshake's error if it fails.
+async fn tls_connect_to(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let name = ServerName::try_from(name.to_owned()).expect("server name");
+    within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+}
+
+/// A GET of `path` over a connected TLS stream, on HTTP/2 if ALPN agreed on `h2`, else on
+/// HTTP/1.1: the response's body.
+async fn get_over(tls: TlsStream<TcpStream>, path: &str) -> String {
+    if tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        let (status, _, body) = get2(&mut send, path).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        let (status, _, body) = get1(&mut send, path).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+}
+
+/// Whether an error is a TLS alert the peer sent (a clean handshake failure: not a reset, not
+/// a timeout).
+fn is_alert(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(_))
+    )
+}
+
+/// A client the server rejects: the handshake fails, or (TLS 1.3, where the client finishes
+/// its side before the server has checked its certificate) the first read does. Either way
+/// with an alert from the server, and no response.
+async fn assert_rejected(addr: SocketAddr, cfg: Arc<ClientConfig>, name: &str, what: &str) {
+    let err = match tls_connect_to(addr, cfg, name).await {
+        Err(e) => e,
+        Ok(mut tls) => {
+            let mut out = Vec::new();
+            match within("the server's alert", tls.read_to_end(&mut out)).await {
+                Err(e) => e,
+                Ok(_) => panic!("{what}: served: {}", String::from_utf8_lossy(&out)),
+            }
+        }
+    };
+    assert!(
+        is_alert(&err),
+        "{what}: not an alert from the server: {err}"
+    );
+}
+
+/// Waits until `stats()` says `failures` handshakes failed.
+async fn wait_failures(handle: &hop::Handle, failures: u64) {
+    within("the failures counted", async {
+        while handle.stats().tls_handshake_failures < failures {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The peer's certificate chain as `TlsInfo` has it: each certificate in hex, comma-separated.
+async fn peer(Extension(tls): Extension<TlsInfo>, req: Request) -> String {
+    let chain = tls.peer_certificates().map_or("-".to_owned(), |certs| {
+        certs.iter().map(|c| hex(c)).collect::<Vec<_>>().join(",")
+    });
+    format!("{:?} {chain}", req.version())
+}
+
+backend_tests! {
+    /// A configuration with a SNI resolver (`ResolvesServerCertUsingSni`): each known name gets
+    /// its certificate and `TlsInfo::server_name` reports it, on HTTP/1.1 and HTTP/2; an
+    /// unknown name, and no SNI at all, fail the handshake with an alert, are counted, and the
+    /// server goes on serving.
+    async fn sni_resolver_and_an_unknown_name(backend) {
+        use rustls::server::ResolvesServerCertUsingSni;
+        use rustls::sign::CertifiedKey;
+        let ca = TestCa::new("sni");
+        let (a, b) = (ca.leaf("a", &["a.test"]), ca.leaf("b", &["b.test"]));
+        let mut resolver = ResolvesServerCertUsingSni::new();
+        for (name, leaf) in [("a.test", &a), ("b.test", &b)] {
+            let key = CertifiedKey::from_der(vec![leaf.cert.clone()], leaf.key(), &ring()).expect("key");
+            resolver.add(name, key).expect("add a name");
+        }
+        let config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        let srv = start(backend, app(Hub::new()), |bld| bld.tls(RustlsConfig::from_config(Arc::new(config))));
+
+        let mut handshakes = 0;
+        for (name, leaf) in [("a.test", &a), ("b.test", &b)] {
+            for (alpn, version) in [(&b"http/1.1"[..], "HTTP/1.1"), (b"h2", "HTTP/2.0")] {
+                let tls = tls_connect_to(srv.addr, client_config(&[&ca.der()], &[alpn]), name)
+                    .await
+                    .unwrap_or_else(|e| panic!("[{backend}] {name}: {e}"));
+                assert_eq!(tls.get_ref().1.peer_certificates().expect("certs")[0], leaf.cert, "[{backend}] {name}");
+                let want = format!("sni={name} alpn={} version={version}", String::from_utf8_lossy(alpn));
+                assert_eq!(get_over(tls, "/info").await, want, "[{backend}]");
+                handshakes += 1;
+            }
+        }
+
+        let cfg = client_config(&[&ca.der()], &[b"h2", b"http/1.1"]);
+        assert_rejected(srv.addr, cfg.clone(), "c.test", &format!("[{backend}] unknown name")).await;
+        assert_rejected(srv.addr, cfg.clone(), "127.0.0.1", &format!("[{backend}] no SNI")).await;
+        wait_failures(&srv.handle, 2).await;
+
+        let tls = tls_connect_to(srv.addr, cfg, "a.test").await.expect("still serving");
+        assert_eq!(get_over(tls, "/info").await, "sni=a.test alpn=h2 version=HTTP/2.0", "[{backend}]");
+        handshakes += 1;
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, handshakes, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_failures, 2, "[{backend}] {stats:?}");
+    }
+
+    /// mTLS (`WebPkiClientVerifier` trusting a client CA): a client with a good certificate is
+    /// served and `TlsInfo` has the chain it sent, on HTTP/1.1 and HTTP/2; a client with a
+    /// certificate from another CA, and one with none, fail with an alert, are counted, and the
+    /// server goes on serving.
+    async fn mtls_client_certificates(backend) {
+        use rustls::pki_types::pem::PemObject;
+        let server = pki("a");
+        let (clients, others) = (TestCa::new("clients"), TestCa::new("others"));
+        let (good, bad) = (clients.leaf("good client", &[]), others.leaf("bad client", &[]));
+        let mut roots = RootCertStore::empty();
+        roots.add(clients.der()).expect("client CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), ring())
+            .build()
+            .expect("verifier");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![server.leaf.clone()], key)
+            .expect("server config");
+        let app = app(Hub::new()).route("/peer", get(peer));
+        let srv = start(backend, app, |bld| bld.tls(RustlsConfig::from_config(Arc::new(config))));
+
+        let client = |alpn: &[u8], leaf: Option<&Leaf>, ca: &TestCa| {
+            let mut roots = RootCertStore::empty();
+            roots.add(server.ca.clone()).expect("server CA");
+            let builder = ClientConfig::builder_with_provider(ring())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots);
+            let mut cfg = match leaf {
+                Some(leaf) => builder
+                    .with_client_auth_cert(vec![leaf.cert.clone(), ca.der()], leaf.key())
+                    .expect("client certificate"),
+                None => builder.with_no_client_auth(),
+            };
+            cfg.alpn_protocols = vec![alpn.to_vec()];
+            Arc::new(cfg)
+        };
+
+        let chain = format!("{},{}", hex(&good.cert), hex(&clients.der()));
+        for (alpn, version) in [(&b"http/1.1"[..], "HTTP/1.1"), (b"h2", "HTTP/2.0")] {
+            let tls = tls_connect_to(srv.addr, client(alpn, Some(&good), &clients), "localhost")
+                .await
+                .unwrap_or_else(|e| panic!("[{backend}] good client: {e}"));
+            assert_eq!(get_over(tls, "/peer").await, format!("{version} {chain}"), "[{backend}]");
+        }
+
+        let (to_other, none) = (client(b"http/1.1", Some(&bad), &others), client(b"http/1.1", None, &clients));
+        assert_rejected(srv.addr, to_other, "localhost", &format!("[{backend}] another CA")).await;
+        assert_rejected(srv.addr, none, "localhost", &format!("[{backend}] no certificate")).await;
+        wait_failures(&srv.handle, 2).await;
+
+        let tls = tls_connect_to(srv.addr, client(b"h2", Some(&good), &clients), "localhost")
+            .await
+            .expect("still serving");
+        assert_eq!(get_over(tls, "/peer").await, format!("HTTP/2.0 {chain}"), "[{backend}]");
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 3, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_failures, 2, "[{backend}] {stats:?}");
+    }
+}
+
+/// Three pipelined HTTP/1.1 requests written in one piece into a rustls client before its
+/// handshake has started: rustls holds them, then sends them in one record right after its
+/// Finished (TLS 1.3: in the same flight as the end of the server's handshake). Drives the
+/// client by hand over a blocking socket and reads until the server's `close_notify` (the last
+/// request says `Connection: close`): everything the server sent, and how many writes the
+/// client made on the socket.
+fn pipelined_in_the_handshake_flight(addr: SocketAddr, cfg: Arc<ClientConfig>) -> (String, usize) {
+    use std::io::{Read, Write};
+
+    /// A socket that counts the client's writes (rustls writes all it has in one vectored
+    /// write).
+    struct Counted(std::net::TcpStream, usize);
+    impl Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Counted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1 += 1;
+            self.0.write(buf)
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            self.1 += 1;
+            self.0.write_vectored(bufs)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    let mut conn = rustls::ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
+        .expect("client connection");
+    assert!(conn.is_handshaking());
+    conn.writer()
+        .write_all(
+            b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n\
+              GET /info HTTP/1.1\r\nhost: localhost\r\n\r\n\
+              GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        )
+        .expect("early plaintext");
+    let sock = std::net::TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    sock.set_nodelay(true).expect("nodelay");
+    let mut sock = Counted(sock, 0);
+    let mut out = Vec::new();
+    rustls::Stream::new(&mut conn, &mut sock)
+        .read_to_end(&mut out)
+        .unwrap_or_else(|e| {
+            panic!(
+                "reading the responses (after {:?}): {e}",
+                String::from_utf8_lossy(&out)
+            )
+        });
+    (String::from_utf8_lossy(&out).into_owned(), sock.1)
+}
+
+/// Raises this process's soft limit on open files to at least `want` (up to the hard limit).
+fn at_least_open_files(want: libc::rlim_t) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid `rlimit`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = lim.rlim_max.min(want);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= want,
+        "the open-file limit ({}) is too low for this test",
+        lim.rlim_cur
+    );
+}
+
+backend_tests! {
+    /// A request in the same TLS record, and flight, as the client's Finished, and pipelined
+    /// requests in one record: rustls on the server decrypts them all at once with the end of
+    /// the handshake, and each is answered (TLS 1.3 and 1.2, ALPN `http/1.1` and none).
+    async fn requests_in_the_handshake_flight(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca.clone()).expect("CA");
+        let mut handshakes = 0;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            for alpn in [&b"http/1.1"[..], b""] {
+                let mut cfg = ClientConfig::builder_with_provider(ring())
+                    .with_protocol_versions(&[version])
+                    .expect("version")
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth();
+                if !alpn.is_empty() {
+                    cfg.alpn_protocols = vec![alpn.to_vec()];
+                }
+                let (addr, cfg) = (srv.addr, Arc::new(cfg));
+                let (out, writes) = within(
+                    "3 responses",
+                    tokio::task::spawn_blocking(move || pipelined_in_the_handshake_flight(addr, cfg)),
+                )
+                .await
+                .expect("client thread");
+                let what = format!("[{backend}] {version:?} alpn {:?}", String::from_utf8_lossy(alpn));
+                if version == &rustls::version::TLS13 {
+                    // The ClientHello, then the Finished with the requests: one flight.
+                    assert_eq!(writes, 2, "{what}: the requests went in a flight of their own");
+                }
+                assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{what}: {out}");
+                let alpn = if alpn.is_empty() { "-".into() } else { String::from_utf8_lossy(alpn) };
+                let info = format!("sni=localhost alpn={alpn} version=HTTP/1.1");
+                let (first, rest) = out.split_once(&info).unwrap_or_else(|| panic!("{what}: {out}"));
+                assert!(first.contains("\r\n\r\nhelloHTTP/1.1 200 OK\r\n") && first.ends_with("\r\n\r\n"), "{what}: {out}");
+                assert!(rest.ends_with("\r\n\r\nhello"), "{what}: {out}");
+                handshakes += 1;
+            }
+        }
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, handshakes, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_failures, 0, "[{backend}] {stats:?}");
+    }
+
+    /// 1,000 clients handshaking at once (half HTTP/2, half HTTP/1.1), every connection kept
+    /// open until all are served. No per-step timeouts: a loaded machine gets one generous
+    /// deadline for the lot.
+    async fn thousand_concurrent_handshakes(backend) {
+        const N: usize = 1000;
+        at_least_open_files(4 * N as libc::rlim_t + 1000);
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let cfg_h2 = client_config(&[&pki.ca], &[b"h2"]);
+        let cfg_h1 = client_config(&[&pki.ca], &[b"http/1.1"]);
+        let all = async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..N {
+                let (addr, cfg) = (srv.addr, if i % 2 == 0 { cfg_h2.clone() } else { cfg_h1.clone() });
+                tasks.spawn(async move {
+                    let tcp = TcpStream::connect(addr).await.expect("connect");
+                    let name = ServerName::try_from("localhost").unwrap();
+                    let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("handshake");
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+                    assert_eq!(h2, i % 2 == 0, "ALPN");
+                    let res = if h2 {
+                        let (mut send, conn) =
+                            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                                .await
+                                .expect("HTTP/2 handshake");
+                        let conn = tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        let req = http::Request::get("https://localhost/hello").body(Empty::<Bytes>::new()).unwrap();
+                        let res = send.send_request(req).await;
+                        (res, conn, Box::new(send) as Box<dyn std::any::Any + Send>)
+                    } else {
+                        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                            .await
+                            .expect("HTTP/1.1 handshake");
+                        let conn = tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        let req = http::Request::get("/hello").header("host", "localhost").body(Empty::<Bytes>::new()).unwrap();
+                        let res = send.send_request(req).await;
+                        (res, conn, Box::new(send) as Box<dyn std::any::Any + Send>)
+                    };
+                    let (res, conn, send) = res;
+                    let body = res.expect("response").into_body().collect().await.expect("body").to_bytes();
+                    // The sender and the connection's task keep the connection open.
+                    (body, (conn, send))
+                });
+            }
+            let mut conns = Vec::with_capacity(N);
+            while let Some(res) = tasks.join_next().await {
+                let (body, conn) = res.expect("client task");
+                assert_eq!(body, "hello", "[{backend}]");
+                conns.push(conn);
+            }
+            conns
+        };
+        let conns = tokio::time::timeout(Duration::from_secs(100), all)
+            .await
+            .unwrap_or_else(|_| panic!("[{backend}] {N} handshakes not done in 100 s: {:?}", srv.handle.stats()));
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, N as u64, "[{backend}] {stats:?}");
+        assert_eq!(stats.tls_handshake_failures + stats.tls_handshake_timeouts, 0, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, N as u64 / 2, "[{backend}] {stats:?}");
+        assert_eq!(stats.active, N as u64, "[{backend}] all open at once: {stats:?}");
+        for (conn, send) in conns {
+            drop(send);
+            conn.abort();
+        }
+    }
 }
