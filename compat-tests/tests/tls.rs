@@ -6,8 +6,8 @@
 //! are open, 200 and then 1,000 concurrent handshakes, a SNI resolver (each name its
 //! certificate, an unknown name or none rejected), mTLS (`TlsInfo` has the client's chain;
 //! another CA's certificate or none rejected), and requests written before the handshake ends
-//! (the same flight as the client's Finished, pipelined in one record). Certificates are made
-//! at test time with rcgen.
+//! (the same flight as the client's Finished, pipelined in one record; HTTP/1.1 and HTTP/2).
+//! Certificates are made at test time with rcgen.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -987,61 +987,131 @@ backend_tests! {
     }
 }
 
-/// Three pipelined HTTP/1.1 requests written in one piece into a rustls client before its
-/// handshake has started: rustls holds them, then sends them in one record right after its
-/// Finished (TLS 1.3: in the same flight as the end of the server's handshake). Drives the
-/// client by hand over a blocking socket and reads until the server's `close_notify` (the last
-/// request says `Connection: close`): everything the server sent, and how many writes the
-/// client made on the socket.
-fn pipelined_in_the_handshake_flight(addr: SocketAddr, cfg: Arc<ClientConfig>) -> (String, usize) {
+/// A socket that counts the client's writes (rustls writes all it has in one vectored write).
+struct CountedWrites(std::net::TcpStream, usize);
+
+impl std::io::Read for CountedWrites {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut self.0, buf)
+    }
+}
+
+impl std::io::Write for CountedWrites {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1 += 1;
+        self.0.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.1 += 1;
+        self.0.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Writes `early` in one piece into a rustls client before its handshake has started: rustls
+/// holds it, then sends it in one record right after its Finished (TLS 1.3: in the same flight
+/// as the end of the server's handshake). Drives the client by hand over a blocking socket and
+/// reads until `done` says so or the server closes with `close_notify`: everything the server
+/// sent, and how many writes the client made on the socket.
+fn early_exchange(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    early: &[u8],
+    done: impl Fn(&[u8]) -> bool,
+) -> (Vec<u8>, usize) {
     use std::io::{Read, Write};
-
-    /// A socket that counts the client's writes (rustls writes all it has in one vectored
-    /// write).
-    struct Counted(std::net::TcpStream, usize);
-    impl Read for Counted {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-    impl Write for Counted {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.1 += 1;
-            self.0.write(buf)
-        }
-        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-            self.1 += 1;
-            self.0.write_vectored(bufs)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
-
     let mut conn = rustls::ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
         .expect("client connection");
     assert!(conn.is_handshaking());
-    conn.writer()
-        .write_all(
-            b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n\
-              GET /info HTTP/1.1\r\nhost: localhost\r\n\r\n\
-              GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-        )
-        .expect("early plaintext");
+    conn.writer().write_all(early).expect("early plaintext");
     let sock = std::net::TcpStream::connect(addr).expect("connect");
     sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     sock.set_nodelay(true).expect("nodelay");
-    let mut sock = Counted(sock, 0);
+    let mut sock = CountedWrites(sock, 0);
+    let mut stream = rustls::Stream::new(&mut conn, &mut sock);
     let mut out = Vec::new();
-    rustls::Stream::new(&mut conn, &mut sock)
-        .read_to_end(&mut out)
-        .unwrap_or_else(|e| {
-            panic!(
+    let mut buf = [0u8; 16 * 1024];
+    while !done(&out) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
                 "reading the responses (after {:?}): {e}",
                 String::from_utf8_lossy(&out)
-            )
-        });
-    (String::from_utf8_lossy(&out).into_owned(), sock.1)
+            ),
+        }
+    }
+    (out, sock.1)
+}
+
+/// The complete HTTP/2 frames at the start of `bytes`: (type, flags, stream, payload).
+fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, u8, u32, &[u8])> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        if bytes.len() < 9 + len {
+            break;
+        }
+        let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        frames.push((bytes[3], bytes[4], stream, &bytes[9..9 + len]));
+        bytes = &bytes[9 + len..];
+    }
+    frames
+}
+
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A GET of `path` on `stream` (HPACK without Huffman or indexing), ending the stream.
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    // :method GET, :scheme https (static table), :path and :authority literal values.
+    let mut block = vec![0x82, 0x87, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"localhost");
+    h2_frame(0x1, 0x4 | 0x1, stream, &block)
+}
+
+/// The body of `stream` (its DATA frames) once the stream has ended, else `None`.
+fn h2_body(frames: &[(u8, u8, u32, &[u8])], stream: u32) -> Option<String> {
+    let ours = frames.iter().filter(|f| f.2 == stream);
+    if !ours
+        .clone()
+        .any(|f| (f.0 == 0x0 || f.0 == 0x1) && f.1 & 0x1 != 0)
+    {
+        return None;
+    }
+    let data = ours
+        .filter(|f| f.0 == 0x0)
+        .flat_map(|f| f.3.iter().copied());
+    Some(String::from_utf8_lossy(&data.collect::<Vec<_>>()).into_owned())
+}
+
+/// A client configuration trusting `ca`, with one protocol version and `alpn` (none if empty).
+fn client_config_version(
+    ca: &CertificateDer<'static>,
+    version: &'static rustls::SupportedProtocolVersion,
+    alpn: &[u8],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).expect("CA");
+    let mut cfg = ClientConfig::builder_with_provider(ring())
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !alpn.is_empty() {
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+    }
+    Arc::new(cfg)
 }
 
 /// Raises this process's soft limit on open files to at least `want` (up to the hard limit).
@@ -1072,26 +1142,23 @@ backend_tests! {
     async fn requests_in_the_handshake_flight(backend) {
         let pki = pki("a");
         let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
-        let mut roots = RootCertStore::empty();
-        roots.add(pki.ca.clone()).expect("CA");
         let mut handshakes = 0;
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             for alpn in [&b"http/1.1"[..], b""] {
-                let mut cfg = ClientConfig::builder_with_provider(ring())
-                    .with_protocol_versions(&[version])
-                    .expect("version")
-                    .with_root_certificates(roots.clone())
-                    .with_no_client_auth();
-                if !alpn.is_empty() {
-                    cfg.alpn_protocols = vec![alpn.to_vec()];
-                }
-                let (addr, cfg) = (srv.addr, Arc::new(cfg));
+                let (addr, cfg) = (srv.addr, client_config_version(&pki.ca, version, alpn));
                 let (out, writes) = within(
                     "3 responses",
-                    tokio::task::spawn_blocking(move || pipelined_in_the_handshake_flight(addr, cfg)),
+                    tokio::task::spawn_blocking(move || {
+                        let requests = b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n\
+                            GET /info HTTP/1.1\r\nhost: localhost\r\n\r\n\
+                            GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+                        // Until the server closes (the last request says `Connection: close`).
+                        early_exchange(addr, cfg, requests, |_| false)
+                    }),
                 )
                 .await
                 .expect("client thread");
+                let out = String::from_utf8_lossy(&out);
                 let what = format!("[{backend}] {version:?} alpn {:?}", String::from_utf8_lossy(alpn));
                 if version == &rustls::version::TLS13 {
                     // The ClientHello, then the Finished with the requests: one flight.
@@ -1109,6 +1176,47 @@ backend_tests! {
         let stats = srv.handle.stats();
         assert_eq!(stats.tls_handshakes, handshakes, "[{backend}] {stats:?}");
         assert_eq!(stats.tls_handshake_failures, 0, "[{backend}] {stats:?}");
+    }
+
+    /// The same over HTTP/2 (ALPN `h2`): the client preface, SETTINGS and two GETs on streams 1
+    /// and 3 in one record with the client's Finished; both are answered, and `TlsInfo` says
+    /// `h2` (TLS 1.3 and 1.2).
+    async fn h2_requests_in_the_handshake_flight(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (addr, cfg) = (srv.addr, client_config_version(&pki.ca, version, b"h2"));
+            let (out, writes) = within(
+                "2 responses",
+                tokio::task::spawn_blocking(move || {
+                    let mut early = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                    early.extend(h2_frame(0x4, 0, 0, &[]));
+                    early.extend(h2_get(1, "/hello"));
+                    early.extend(h2_get(3, "/info"));
+                    early_exchange(addr, cfg, &early, |out| {
+                        let frames = h2_frames(out);
+                        h2_body(&frames, 1).is_some() && h2_body(&frames, 3).is_some()
+                    })
+                }),
+            )
+            .await
+            .expect("client thread");
+            let what = format!("[{backend}] {version:?}");
+            if version == &rustls::version::TLS13 {
+                assert_eq!(writes, 2, "{what}: the requests went in a flight of their own");
+            }
+            let frames = h2_frames(&out);
+            assert!(!frames.iter().any(|f| f.0 == 0x7), "{what}: GOAWAY: {frames:?}");
+            assert_eq!(h2_body(&frames, 1).as_deref(), Some("hello"), "{what}: {frames:?}");
+            assert_eq!(
+                h2_body(&frames, 3).as_deref(),
+                Some("sni=localhost alpn=h2 version=HTTP/2.0"),
+                "{what}: {frames:?}"
+            );
+        }
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 2, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, 2, "[{backend}] {stats:?}");
     }
 
     /// 1,000 clients handshaking at once (half HTTP/2, half HTTP/1.1), every connection kept
