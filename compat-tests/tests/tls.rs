@@ -1224,6 +1224,7 @@ backend_tests! {
     /// deadline for the lot.
     async fn thousand_concurrent_handshakes(backend) {
         const N: usize = 1000;
+        // Two sockets a connection, and both backends' runs of this test may overlap.
         at_least_open_files(4 * N as libc::rlim_t + 1000);
         let pki = pki("a");
         let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
