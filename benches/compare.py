@@ -1051,9 +1051,8 @@ def main():
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    peers = [b for b in BACKENDS if b in PEERS]
-    if want(12) or want(13) or want(14):
-        peers += [b for b in TLS_BACKENDS if b in TLS_PEERS]
+    # The peers with a column in the table.
+    peers = [b for b in list(PEERS) + list(TLS_PEERS) if any(b in r[3] for r in table.rows)]
     print(f"### hop: reactor vs tokio backend{' and ' + ', '.join(peers) if peers else ''} "
           f"({'quick' if quick else 'full'} run)\n")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; "
