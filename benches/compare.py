@@ -7,7 +7,11 @@ run it (stock settings, a 1-worker multi-thread runtime), `hyper-tuned` a tuned 
 server (tokio current_thread, TCP_NODELAY, pipeline_flush). They get columns in rows 1, 2, 3, 4, 5
 and 9; the HTTP/2 rows (10: h2load, 11: idle h2c connections) compare hop's backends with
 axum-serve only (hyper-tuned speaks HTTP/1 alone); rows 6-8 compare hop's two backends only.
-`--no-peers` leaves the peers out everywhere.
+The TLS rows (12: new TLS 1.3 handshakes, 13: keep-alive over TLS, 14: idle TLS connections)
+compare hop's backends serving HTTPS (`examples/server --tls-cert --tls-key`) with `axum-server`
+(`axum_server::bind_rustls`, stock settings), the peer users pick for TLS, on a throwaway ECDSA
+P-256 certificate made with the openssl CLI at run time. `--no-peers` leaves the peers out
+everywhere.
 
 Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
 CPU 1 (one churn row caps the server at half a CPU with a cgroup quota; row 9 counts
@@ -43,6 +47,10 @@ PEERS = {name: os.path.join(REL, name) for name in ("axum-serve", "hyper-tuned")
 BACKENDS = HOP + list(PEERS)
 # The HTTP/2 rows (10, 11) leave out hyper-tuned, an http1-only server.
 H2_PEERS = ["axum-serve"]
+# The peer of the TLS rows (12-14): axum-server over rustls (aws-lc-rs, as hop's default).
+TLS_PEERS = {"axum-server": os.path.join(REL, "axum-server")}
+# The columns of the TLS rows; `--no-peers` makes it HOP.
+TLS_BACKENDS = HOP + list(TLS_PEERS)
 # Requests per h2load run for each second of a measurement: 200,000 quick, 1,000,000 full (about
 # 1 s and 5 s at axum-serve's 200,000 req/s on a quiet core; the warm-up's share likewise).
 H2_REQUESTS_PER_SEC = 100_000
@@ -62,21 +70,25 @@ def next_port():
     return PORT[0]
 
 
-def server_argv(binary, backend, addr):
+def server_argv(binary, backend, addr, tls=None):
     """The command line of `binary` (a hop example) on `backend`, or of the peer server named
-    `backend`, with one poller / one worker."""
+    `backend`, with one poller / one worker; with `tls` (a (cert, key) pair of PEM files) it
+    serves HTTPS."""
+    tls_args = ["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []
     if backend in PEERS:
         return [PEERS[backend], "--addr", addr, "--workers", "1"]
-    return [binary, "--backend", backend, "--addr", addr, "--pollers", "1"]
+    if backend in TLS_PEERS:
+        return [TLS_PEERS[backend], "--addr", addr, "--workers", "1", *tls_args]
+    return [binary, "--backend", backend, "--addr", addr, "--pollers", "1", *tls_args]
 
 
 class Server:
-    def __init__(self, binary, backend):
+    def __init__(self, binary, backend, tls=None):
         self.port = next_port()
         self.addr = f"127.0.0.1:{self.port}"
         env = dict(os.environ, RUST_LOG="warn")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *server_argv(binary, backend, self.addr)],
+            ["taskset", "-c", SERVER_CPU, *server_argv(binary, backend, self.addr, tls)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         STARTED.append(self.proc)
         self.pid = self.proc.pid
@@ -300,6 +312,159 @@ def hop_load(args, timeout=120):
     return v
 
 
+def make_cert(directory):
+    """A throwaway self-signed ECDSA P-256 certificate for `localhost` (and 127.0.0.1), valid
+    for a day, made with the openssl CLI: (cert.pem, key.pem) in `directory`, or None (with
+    the reason logged) when openssl is missing or fails."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    if not shutil.which("openssl"):
+        log("TLS rows: openssl is missing (apt-get install openssl)")
+        return None
+    p = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         # An end-entity certificate (req -x509 makes a CA by default, which webpki refuses).
+         "-addext", "basicConstraints=critical,CA:FALSE"],
+        capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        log(f"TLS rows: openssl req failed: {p.stderr.strip()[-300:]}")
+        return None
+    return cert, key
+
+
+def wrk_https(addr, conns, secs):
+    """wrk on https://localhost:PORT/plaintext (wrk's OpenSSL client: TLS 1.3, no ALPN, so
+    HTTP/1.1, and no certificate check), one thread, `conns` keep-alive connections."""
+    port = addr.rsplit(":", 1)[1]
+    return wrk(f"https://localhost:{port}/plaintext", conns, secs, "report.lua")
+
+
+def tls_targets(hs, ka, idle_tls):
+    """A markdown table of the TLS targets for each of hop's backends measured, against
+    axum-server's medians: new handshakes/s at least 1.1× (row 12), server CPU per keep-alive
+    request over TLS at most 0.9× (row 13), idle TLS memory per connection at most 0.3× (row
+    14). Empty when none of the rows ran or axum-server has no column."""
+    peer = "axum-server"
+    hop = [b for b in HOP if b in TLS_BACKENDS]
+
+    def against(cell, b, limit, at_least):
+        mine = cell[b].median()
+        theirs = cell[peer].median() if peer in cell else None
+        if mine is None or not theirs:
+            return "n/a"
+        x = mine / theirs
+        met = x >= limit if at_least else x <= limit
+        return f"{x:.2f}× ({'met' if met else 'no'})"
+
+    rows = []
+    if hs is not None:
+        rows.append(("new TLS handshakes/s ≥ 1.1× axum-server",
+                     [against(hs["cps"], b, 1.1, True) for b in hop]))
+    if ka is not None:
+        rows.append(("server CPU µs/request over TLS (keep-alive) ≤ 0.9× axum-server",
+                     [against(ka["cpu"], b, 0.9, False) for b in hop]))
+    if idle_tls is not None:
+        rows.append(("idle TLS keep-alive KB/conn ≤ 0.3× axum-server",
+                     [against(idle_tls["kb"], b, 0.3, False) for b in hop]))
+    if not rows or peer not in TLS_BACKENDS:
+        return ""
+    out = ["| target | " + " | ".join(hop) + " |", "|---|" + "---|" * len(hop)]
+    out += [f"| {what} | " + " | ".join(vals) + " |" for what, vals in rows]
+    return "\n".join(out)
+
+
+def tls_rows(table, raw, runs, idle_runs, warm, secs, want, tmp):
+    """Rows 12-14, on servers serving HTTPS with a throwaway certificate made in `tmp`: returns
+    the cells of each row (None for a row that did not run) for the targets."""
+    hs = ka = idle_tls = None
+    tb = TLS_BACKENDS
+    w12 = "new TLS 1.3 handshakes (full, no resumption), a connection per request, 32 workers"
+    w13 = "keep-alive over TLS 1.3 (HTTP/1.1), wrk 10 conns"
+    w14 = "10,000 idle TLS keep-alive (TLS 1.3, one GET /plaintext over HTTP/1.1)"
+    pair = make_cert(tmp)
+    if pair is None:
+        for n, w in ((12, w12), (13, w13), (14, w14)):
+            if want(n):
+                table.num = n
+                table.na(w, "n/a", "no certificate (the openssl CLI is missing or failed)", tb)
+        return hs, ka, idle_tls
+    cert = pair[0]
+    tls_args = ["--tls", "--ca", cert, "--server-name", "localhost"]
+    if want(12) or want(13):
+        servers = {b: Server(SERVER, b, pair) for b in tb}
+        try:
+            # 12. New TLS handshakes: hop-load churn over TLS 1.3, no session resumption.
+            if want(12):
+                hs = cells("cps", "p99", "cpu", "busy", backends=tb)
+                for i, b in interleave(runs, tb):
+                    s = servers[b]
+                    hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr, *tls_args])
+                    r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
+                                  "--server-pid", s.pid, *tls_args])
+                    raw.append({"row": 12, "backend": b, **r})
+                    hs["cps"][b].add(r["conn_per_s"])
+                    hs["p99"][b].add(r["latency"].get("p99_us", 0) / 1000)
+                    cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
+                    hs["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
+                    hs["busy"][b].add(cpu / max(r["secs"], 1e-9) * 100)
+                    first = f", first: {r['first_error']}" if r.get("first_error") else ""
+                    log(f"12 tls churn {b} run {i + 1}: {r['conn_per_s']:,.0f} conn/s "
+                        f"({r['errors']} errors{first})")
+                table.num = 12
+                table.add(w12, "connections/s", hs["cps"])
+                table.add(w12, "p99 ms (connect to close)", hs["p99"], 2)
+                table.add(w12, "server CPU µs/conn", hs["cpu"], 1)
+                table.add(w12, "server CPU busy % (below 100: the client set the pace)",
+                          hs["busy"], 0)
+            # 13. Keep-alive requests over TLS: wrk, 10 connections, /plaintext.
+            if want(13):
+                ka = cells("rps", "p99", "cpu", backends=tb)
+                for i, b in interleave(runs, tb):
+                    s = servers[b]
+                    wrk_https(s.addr, 10, warm)
+                    t0 = cpu_ticks(s.pid)
+                    r = wrk_https(s.addr, 10, secs)
+                    dt = cpu_ticks(s.pid) - t0
+                    raw.append({"row": 13, "backend": b, **r, "cpu_ticks": dt})
+                    n = r["requests"]
+                    ka["rps"][b].add(n / (r["duration_us"] / 1e6))
+                    ka["p99"][b].add(r["p99_us"] / 1000)
+                    ka["cpu"][b].add(dt / HZ * 1e6 / max(n, 1))
+                    log(f"13 tls keep-alive {b} run {i + 1}: "
+                        f"{n / (r['duration_us'] / 1e6):,.0f} req/s")
+                table.num = 13
+                table.add(w13, "req/s", ka["rps"])
+                table.add(w13, "p99 ms", ka["p99"], 2)
+                table.add(w13, "server CPU µs/req", ka["cpu"], 2)
+        finally:
+            for s in servers.values():
+                s.stop()
+    # 14. Idle TLS keep-alive connections: a fresh server for each measurement, as in row 5.
+    if want(14):
+        idle_tls = cells("kb", "thr", backends=tb)
+        for i, b in interleave(idle_runs, tb):
+            s = Server(SERVER, b, pair)
+            try:
+                r = hop_load(["idle", "--kind", "https", "-n", 10000, "--addr", s.addr,
+                              "--server-pid", s.pid, "--ca", cert, "--server-name", "localhost"])
+            finally:
+                s.stop()
+            raw.append({"row": 14, "backend": b, **r})
+            if r["failed"]:
+                log(f"14 idle https {b}: {r['failed']} failed ({r['first_error']})")
+            if r.get("closed_by_server"):
+                log(f"14 idle https {b}: the server closed {r['closed_by_server']}")
+            idle_tls["kb"][b].add(r["rss_per_conn_bytes"] / 1024)
+            idle_tls["thr"][b].add(r["threads_after"])
+            log(f"14 idle https {b}: {r['rss_per_conn_bytes']:.0f} B/conn, "
+                f"{r['threads_after']} threads")
+        table.num = 14
+        table.add(w14, "server RSS growth KB/conn", idle_tls["kb"], 2)
+        table.add(w14, "server threads", idle_tls["thr"], 0)
+    return hs, ka, idle_tls
+
+
 def h2_backends():
     """The columns of the HTTP/2 rows: hop's backends and the peers that speak h2c."""
     return [b for b in BACKENDS if b in HOP or b in H2_PEERS]
@@ -400,7 +565,8 @@ class Table:
                           {b: "n/a" for b in backends if b != "reactor"}, note))
 
     def render(self):
-        cols = [b for b in HOP + list(PEERS) if any(b in r[3] for r in self.rows)]
+        cols = [b for b in HOP + list(PEERS) + list(TLS_PEERS)
+                if any(b in r[3] for r in self.rows)]
         others = [b for b in cols if b != "reactor"]
         head = ["#", "measurement", "metric", *cols, *(f"reactor/{b}" for b in others)]
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -464,26 +630,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-11)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-14)")
     ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
     ap.add_argument("--json-out", default="", help="also write every raw result here")
     ap.add_argument("--no-peers", action="store_true",
                     help="hop's two backends only (no axum-serve / hyper-tuned columns)")
     ap.add_argument("--backends", default="",
-                    help="the columns of the peer rows (1-5, 9; 10-11 without hyper-tuned), "
-                         "comma-separated; reactor and any of tokio, axum-serve, hyper-tuned "
-                         "(default: all)")
+                    help="the columns of the peer rows (1-5, 9; 10-11 without hyper-tuned; "
+                         "12-14: reactor, tokio, axum-server), comma-separated; reactor and "
+                         "any of tokio, axum-serve, hyper-tuned, axum-server (default: all)")
     a = ap.parse_args()
-    global BACKENDS
+    global BACKENDS, TLS_BACKENDS
     if a.no_peers:
         BACKENDS = list(HOP)
+        TLS_BACKENDS = list(HOP)
     if a.backends:
-        BACKENDS = [b for b in HOP + list(PEERS) if b in a.backends.split(",")]
-        if "reactor" not in BACKENDS or set(a.backends.split(",")) - set(BACKENDS):
-            sys.exit(f"compare.py: --backends takes reactor and any of {HOP[1:] + list(PEERS)}")
+        names = a.backends.split(",")
+        BACKENDS = [b for b in HOP + list(PEERS) if b in names]
+        TLS_BACKENDS = [b for b in HOP + list(TLS_PEERS) if b in names]
+        if "reactor" not in BACKENDS or set(names) - set(BACKENDS) - set(TLS_BACKENDS):
+            sys.exit(f"compare.py: --backends takes reactor and any of "
+                     f"{HOP[1:] + list(PEERS) + list(TLS_PEERS)}")
     for b in BACKENDS:
         if b in PEERS and not os.path.exists(PEERS[b]):
             sys.exit(f"compare.py: {PEERS[b]} is missing (cargo build --release -p hop-peers)")
+    for b in TLS_BACKENDS:
+        if b in TLS_PEERS and not os.path.exists(TLS_PEERS[b]):
+            sys.exit(f"compare.py: {TLS_PEERS[b]} is missing (cargo build --release -p hop-peers)")
     quick = a.quick
     secs = 2 if quick else 10
     warm = 1 if quick else 3
@@ -781,6 +954,15 @@ def main():
         table.add(w, "server threads", idle_h2["thr"], 0, note=note)
         table.add(w, "server threads added by the connections", idle_h2["added"], 0, note=note)
 
+    # 12-14. TLS: new handshakes, keep-alive requests and idle connections over HTTPS.
+    tls_cells = (None, None, None)
+    if want(12) or want(13) or want(14):
+        tmp = tempfile.mkdtemp(prefix="hop-tls-")
+        try:
+            tls_cells = tls_rows(table, raw, runs, idle_runs, warm, secs, want, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     for status, v in ws_rows:
         w = ("WebSocket echo, 100 conns, 64-byte text, raw-frame client (reactor: hop::ws /ws; "
              "tokio: tokio-tungstenite /ws-tungstenite)")
@@ -869,7 +1051,8 @@ def main():
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    peers = [b for b in BACKENDS if b in PEERS]
+    # The peers with a column in the table.
+    peers = [b for b in list(PEERS) + list(TLS_PEERS) if any(b in r[3] for r in table.rows)]
     print(f"### hop: reactor vs tokio backend{' and ' + ', '.join(peers) if peers else ''} "
           f"({'quick' if quick else 'full'} run)\n")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; "
@@ -881,6 +1064,10 @@ def main():
     targets = h2_targets(h2, idle_h2, want(10), want(11))
     if targets:
         print("\n#### HTTP/2 targets (rows 10 and 11: hop's backends against axum-serve's medians)\n")
+        print(targets)
+    targets = tls_targets(*tls_cells)
+    if targets:
+        print("\n#### TLS targets (rows 12-14: hop's backends against axum-server's medians)\n")
         print(targets)
     if echo_rows:
         print(f"\n#### 8. TCP echo (examples/echo; `hop-load echo -c {conns} -r R -d {echo_secs}s "

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: hop's reactor backend against its tokio backend and two peer servers
+# Side-by-side benchmark: hop's reactor backend against its tokio backend and the peer servers
 # (benches/peers: axum-serve and hyper-tuned, in rows 1-5 and 9; axum-serve alone in the HTTP/2
-# rows 10 and 11), same machine, same run.
+# rows 10 and 11; axum-server over TLS in the TLS rows 12-14), same machine, same run.
 #
 #   benches/compare.sh [--quick] [--runs N] [--only 1,2,10] [--json-out FILE] [--no-peers]
-#                      [--backends reactor,tokio,axum-serve,hyper-tuned]
+#                      [--backends reactor,tokio,axum-serve,hyper-tuned,axum-server]
 #
 # Builds the examples, the peers and hop-load in release mode, then runs benches/compare.py, which
 # prints a markdown table (progress on stderr). Needs wrk, taskset (util-linux), python3 and 2+
 # CPUs; as root it installs wrk and h2load (nghttp2-client, for row 10) with apt-get when
 # missing. --quick takes about 9 minutes once built (about 5 with --no-peers). The capped churn
-# row needs root and a cgroup cpu controller; row 9 needs valgrind (n/a without).
+# row needs root and a cgroup cpu controller; row 9 needs valgrind; the TLS rows 12-14 need the
+# openssl CLI, which makes their throwaway certificate (n/a without).
 # SSE_PUBLISH=/path (default /sse/broadcast; empty: wait for the server's own events) is POSTed to
 # publish the SSE fan-out row's events; RATE=N fixes the rate of the fixed-rate row.
 set -euo pipefail

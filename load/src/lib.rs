@@ -8,6 +8,7 @@ pub mod chart;
 pub mod h2c;
 pub mod modes;
 pub mod paced;
+pub mod tls;
 pub mod util;
 
 pub use modes::*;

@@ -14,17 +14,21 @@ hop-load: load generator for hop's benchmarks
 usage: hop-load MODE [OPTIONS] [--json] [--threads N]
 
 modes:
-  idle     --kind http|h2|ws|sse|tcp -n N --addr A [--path P] [--hold SECS] [--server-pid PID]
+  idle     --kind http|https|h2|ws|sse|tcp -n N --addr A [--path P] [--hold SECS]
+           [--server-pid PID] [--ca FILE [--server-name NAME]]
            open N idle connections (source addresses spread over 127.0.0.2-254), sample the
            server's RSS and threads before and after (h2: h2c with prior knowledge, the
-           SETTINGS exchange and one GET on stream 1)
+           SETTINGS exchange and one GET on stream 1; https: a TLS 1.3 handshake, then one
+           GET over HTTP/1.1)
   echo     -c C -r R -d DUR --addr A [--size BYTES] [--server-pid PID]
            TCP echo (the seed tcp-echo-servers bench): C connections, R requests per
            connection (0: unbounded), BYTES per request
   rate     --rps R -d DUR --addr A [--path /plaintext] [-c C] [--server-pid PID]
            fixed-rate HTTP latency, corrected for coordinated omission
   churn    -c C -d DUR --addr A [--path /plaintext] [--server-pid PID]
-           a new connection per request (Connection: close): connections/s
+           [--tls --ca FILE [--server-name NAME]]
+           a new connection per request (Connection: close): connections/s; with --tls each
+           connection is a full TLS 1.3 handshake (no resumption, ALPN http/1.1) first
   ws-echo  -c C -d DUR --addr A [--path /ws] [--size BYTES] [--client raw|tungstenite]
            [--burst K] [--server-pid PID]
            WebSocket echo: messages/s and latency (raw: pre-built frames, the lighter client;
@@ -37,6 +41,8 @@ modes:
   chart    --out FILE --title T --xlabel X --ylabel Y --series NAME=X:Y,X:Y [--series ...]
            an SVG line chart
 
+TLS: --ca FILE is the PEM certificate to trust (the server's own, when self-signed);
+--server-name NAME (default localhost) the name its certificate must carry, sent as SNI.
 --json prints one JSON line; --threads N uses N runtime threads (default 1).
 Durations: 10s, 100ms, 2m, or plain seconds.
 ";
@@ -65,7 +71,7 @@ impl Args {
             let (key, val) = match key.split_once('=') {
                 Some((k, v)) => (k.to_string(), v.to_string()),
                 None => {
-                    let is_flag = matches!(key.as_str(), "json" | "h" | "help");
+                    let is_flag = matches!(key.as_str(), "json" | "h" | "help" | "tls");
                     let val = if is_flag {
                         "true".to_string()
                     } else {
@@ -109,6 +115,16 @@ impl Args {
             .ok_or_else(|| format!("bad address {a:?}"))
     }
 
+    /// The TLS client of `--ca FILE` (and `--server-name NAME`), if given.
+    fn tls(&self) -> Result<Option<tls::TlsClient>, String> {
+        self.get("ca")
+            .map(|ca| {
+                let name = self.get("server-name").unwrap_or("localhost");
+                tls::TlsClient::from_ca_file(std::path::Path::new(ca), name)
+            })
+            .transpose()
+    }
+
     fn pid(&self) -> Result<Option<u32>, String> {
         self.get("server-pid")
             .map(|p| p.parse().map_err(|_| format!("bad --server-pid {p:?}")))
@@ -128,6 +144,7 @@ async fn run(a: &Args) -> Result<Value, String> {
                 settle: a.dur("settle", Some(Duration::from_secs(1)))?,
                 server_pid: a.pid()?,
                 concurrency: a.num("concurrency", Some(256))?,
+                tls: a.tls()?,
             })
             .await
         }
@@ -160,6 +177,10 @@ async fn run(a: &Args) -> Result<Value, String> {
                 addr: a.addr("addr", "127.0.0.1:1826")?,
                 path: a.get("path").unwrap_or("/plaintext").to_string(),
                 server_pid: a.pid()?,
+                tls: match a.flag("tls") {
+                    true => Some(a.tls()?.ok_or("churn --tls needs --ca FILE")?),
+                    false => None,
+                },
             })
             .await
         }

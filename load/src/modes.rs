@@ -16,6 +16,7 @@ use tokio::time::{sleep, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::tls::TlsClient;
 use crate::util::*;
 
 /// How long one connection may take to open (connect and handshake).
@@ -39,6 +40,8 @@ struct Tally {
     /// Connections opened (`echo`).
     connects: AtomicU64,
     errors: AtomicU64,
+    /// The first error's text, where the mode records it (`churn`).
+    first_error: Mutex<Option<String>>,
     hist: Mutex<Histogram<u64>>,
 }
 
@@ -48,6 +51,7 @@ impl Tally {
             done: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
             hist: Mutex::new(histogram()),
         }
     }
@@ -58,6 +62,12 @@ impl Tally {
 
     fn error(&self) {
         self.errors.fetch_add(1, Relaxed);
+    }
+
+    /// An error, whose text is kept if it is the first.
+    fn error_because(&self, why: impl FnOnce() -> String) {
+        self.error();
+        self.first_error.lock().unwrap().get_or_insert_with(why);
     }
 
     /// Adds a worker's latencies (each worker records into its own histogram).
@@ -111,6 +121,9 @@ where
 pub enum Kind {
     /// HTTP/1.1 keep-alive, after one `GET`.
     Http,
+    /// HTTP/1.1 keep-alive over TLS 1.3 (ALPN `http/1.1`), after the handshake and one `GET`;
+    /// needs a [`TlsClient`].
+    Https,
     /// HTTP/2 cleartext with prior knowledge (h2c), after the SETTINGS exchange and one `GET` on
     /// stream 1 (frames written by hand: [`crate::h2c`]).
     H2,
@@ -131,11 +144,14 @@ impl std::str::FromStr for Kind {
     fn from_str(s: &str) -> Result<Kind, String> {
         match s {
             "http" => Ok(Kind::Http),
+            "https" => Ok(Kind::Https),
             "h2" => Ok(Kind::H2),
             "ws" => Ok(Kind::Ws),
             "sse" => Ok(Kind::Sse),
             "tcp" => Ok(Kind::Tcp),
-            _ => Err(format!("unknown kind {s:?} (http, h2, ws, sse, tcp)")),
+            _ => Err(format!(
+                "unknown kind {s:?} (http, https, h2, ws, sse, tcp)"
+            )),
         }
     }
 }
@@ -143,7 +159,7 @@ impl std::str::FromStr for Kind {
 impl Kind {
     fn default_path(self) -> &'static str {
         match self {
-            Kind::Http | Kind::H2 => "/plaintext",
+            Kind::Http | Kind::Https | Kind::H2 => "/plaintext",
             Kind::Ws | Kind::WsRaw => "/ws",
             Kind::Sse => "/sse",
             Kind::Tcp => "",
@@ -156,6 +172,7 @@ pub enum Held {
     Tcp(TcpStream),
     Sse(TcpStream, Vec<u8>),
     Ws(Box<WebSocketStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Why a connection did not open.
@@ -184,12 +201,14 @@ impl std::fmt::Display for OpenError {
     }
 }
 
-/// Opens connection number `i` of kind `kind` (source address spread by `i`).
+/// Opens connection number `i` of kind `kind` (source address spread by `i`); `tls` is the TLS
+/// client of [`Kind::Https`].
 pub async fn open_one(
     kind: Kind,
     addr: SocketAddr,
     i: usize,
     path: &str,
+    tls: Option<&TlsClient>,
 ) -> Result<Held, OpenError> {
     let path = if path.is_empty() {
         kind.default_path()
@@ -217,6 +236,19 @@ pub async fn open_one(
                 return Err(io::Error::other("server closed the keep-alive connection").into());
             }
             Ok(Held::Tcp(s))
+        }
+        Kind::Https => {
+            let tls = tls.ok_or_else(|| io::Error::other("--kind https needs --ca FILE"))?;
+            let mut s = tls.connect(s).await?;
+            let mut buf = Vec::new();
+            let h = http_roundtrip(&mut s, &mut buf, &get_request(path, addr, false)).await?;
+            if h.status != 200 {
+                return Err(OpenError::Absent(h.status));
+            }
+            if h.close {
+                return Err(io::Error::other("server closed the keep-alive connection").into());
+            }
+            Ok(Held::Tls(Box::new(s)))
         }
         Kind::H2 => {
             let answer = crate::h2c::open(&mut s, Some(path), addr).await?;
@@ -344,11 +376,13 @@ impl RawEcho {
 
 /// Opens `n` connections, at most `concurrency` handshakes at a time; each opened one is handed
 /// to `keep` (in its own task). Returns (opened, failed, absent, first error).
+#[allow(clippy::too_many_arguments)]
 async fn open_many<F, Fut>(
     kind: Kind,
     n: usize,
     addr: SocketAddr,
     path: &str,
+    tls: Option<&TlsClient>,
     concurrency: usize,
     keep: F,
 ) -> (usize, usize, usize, Option<String>)
@@ -364,9 +398,10 @@ where
         let tx = tx.clone();
         let keep = keep.clone();
         let path = path.to_string();
+        let tls = tls.cloned();
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
-            let r = timeout(OPEN_TIMEOUT, open_one(kind, addr, i, &path)).await;
+            let r = timeout(OPEN_TIMEOUT, open_one(kind, addr, i, &path, tls.as_ref())).await;
             drop(permit);
             match r {
                 Ok(Ok(held)) => {
@@ -415,6 +450,18 @@ async fn hold(held: Held, mut stop: watch::Receiver<bool>, closed: Arc<AtomicUsi
                 }
             }
         }
+        Held::Tls(mut s) => {
+            let mut b = [0u8; 512];
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = s.read(&mut b) => if !matches!(r, Ok(n) if n > 0) {
+                        closed.fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+            }
+        }
         Held::Ws(mut ws) => loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -441,6 +488,8 @@ pub struct IdleOpts {
     pub settle: Duration,
     pub server_pid: Option<u32>,
     pub concurrency: usize,
+    /// The TLS client of `--kind https`.
+    pub tls: Option<TlsClient>,
 }
 
 /// `idle`: opens `n` connections of one kind, samples the server's RSS and threads before and
@@ -457,6 +506,7 @@ pub async fn idle(o: IdleOpts) -> Result<Value, String> {
         o.n,
         o.addr,
         &o.path,
+        o.tls.as_ref(),
         o.concurrency,
         move |_, held| hold(held, stop_rx.clone(), c2.clone()),
     )
@@ -632,10 +682,15 @@ pub struct ChurnOpts {
     pub addr: SocketAddr,
     pub path: String,
     pub server_pid: Option<u32>,
+    /// With a TLS client, each connection also does a full TLS 1.3 handshake (no resumption)
+    /// before its request: new TLS handshakes per second.
+    pub tls: Option<TlsClient>,
 }
 
 /// `churn`: `c` workers, each opening a connection, sending one request with
-/// `Connection: close`, reading the response to the server's close, and starting again.
+/// `Connection: close`, reading the response to the server's close, and starting again (over
+/// TLS with `tls`: the handshake, the request, then the read to the server's `close_notify` or
+/// close).
 pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
     check_capacity(o.c, o.addr)?;
     let opts = o.clone();
@@ -653,11 +708,27 @@ pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
                 let one = async {
                     let mut s = connect(o.addr, src).await?;
                     buf.clear();
+                    let Some(tls) = &o.tls else {
+                        let head = http_roundtrip(&mut s, &mut buf, &req).await?;
+                        // To the server's close: the whole life of the connection.
+                        let mut b = [0u8; 64];
+                        while s.read(&mut b).await? > 0 {}
+                        return io::Result::Ok(head.status);
+                    };
+                    let mut s = tls.connect(s).await?;
                     let head = http_roundtrip(&mut s, &mut buf, &req).await?;
-                    // To the server's close: the whole life of the connection.
                     let mut b = [0u8; 64];
-                    while s.read(&mut b).await? > 0 {}
-                    io::Result::Ok(head.status)
+                    loop {
+                        match s.read(&mut b).await {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            // A close without close_notify, once the response is in, is a
+                            // close all the same.
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(head.status)
                 };
                 match timeout_at(deadline, one).await {
                     Err(_) => break,
@@ -665,8 +736,11 @@ pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
                         record(&mut h, t.elapsed());
                         tally.add(1);
                     }
-                    Ok(_) => {
-                        tally.error();
+                    Ok(r) => {
+                        tally.error_because(|| match r {
+                            Ok(status) => format!("HTTP {status}"),
+                            Err(e) => e.to_string(),
+                        });
                         sleep(Duration::from_millis(1)).await;
                     }
                 }
@@ -678,10 +752,12 @@ pub async fn churn(o: ChurnOpts) -> Result<Value, String> {
     let n = run.tally.done.load(Relaxed);
     let mut v = json!({
         "mode": "churn",
+        "tls": o.tls.is_some(),
         "workers": o.c,
         "secs": run.secs.as_secs_f64(),
         "connections": n,
         "errors": run.tally.errors.load(Relaxed),
+        "first_error": run.tally.first_error.lock().unwrap().clone(),
         "conn_per_s": rate(n, run.secs),
         "latency": run.tally.latency(),
     });
@@ -718,6 +794,7 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
         o.c,
         o.addr,
         &o.path,
+        None,
         256,
         move |_, held| {
             let tx = tx.clone();
@@ -757,7 +834,7 @@ pub async fn ws_echo(o: WsEchoOpts) -> Result<Value, String> {
                 let (mut sock, mut ws) = match held {
                     Held::Tcp(s) => (Some(s), None),
                     Held::Ws(ws) => (None, Some(ws)),
-                    Held::Sse(..) => return,
+                    Held::Sse(..) | Held::Tls(_) => return,
                 };
                 loop {
                     let t = Instant::now();
@@ -848,11 +925,16 @@ pub async fn sse(o: SseOpts) -> Result<Value, String> {
     check_capacity(o.n + 1, o.addr)?;
     let round = Arc::new(Mutex::new(Round::default()));
     let r2 = round.clone();
-    let (opened, failed, absent, first_error) =
-        open_many(Kind::Sse, o.n, o.addr, &o.path, 256, move |_, held| {
-            subscriber(held, r2.clone())
-        })
-        .await;
+    let (opened, failed, absent, first_error) = open_many(
+        Kind::Sse,
+        o.n,
+        o.addr,
+        &o.path,
+        None,
+        256,
+        move |_, held| subscriber(held, r2.clone()),
+    )
+    .await;
     if opened == 0 {
         return Ok(json!({
             "mode": "sse",

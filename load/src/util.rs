@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Source addresses used for loopback targets: 127.0.0.2 ..= 127.0.0.254 (253 of them), so that
@@ -321,14 +321,17 @@ pub fn parse_head(raw: &[u8]) -> io::Result<Head> {
     Ok(head)
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> io::Result<usize> {
     buf.reserve(4096);
     let n = stream.read_buf(buf).await?;
     Ok(n)
 }
 
 /// Reads one response head from `stream` (bytes beyond it stay in `buf`).
-pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Head> {
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<Head> {
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
             let head = parse_head(&buf[..end])?;
@@ -343,7 +346,10 @@ pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
 
 /// Reads one whole response (head and body) from `stream`; bytes of the next response stay in
 /// `buf`. Returns the head.
-pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Head> {
+pub async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<Head> {
     let head = read_head(stream, buf).await?;
     if let Some(len) = head.content_length {
         while buf.len() < len {
@@ -380,8 +386,8 @@ pub fn get_request(path: &str, host: SocketAddr, close: bool) -> Vec<u8> {
 }
 
 /// Sends one request and reads its response.
-pub async fn http_roundtrip(
-    stream: &mut TcpStream,
+pub async fn http_roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     req: &[u8],
 ) -> io::Result<Head> {

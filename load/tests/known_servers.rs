@@ -62,39 +62,78 @@ async fn http_server(delay: Duration) -> (SocketAddr, Arc<Counts>) {
     let c = counts.clone();
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
             c.accepted.fetch_add(1, Relaxed);
-            let c = c.clone();
+            tokio::spawn(serve_http(s, delay, c.clone()));
+        }
+    });
+    (addr, counts)
+}
+
+/// The same server over TLS (tokio-rustls, a certificate for `localhost` made by rcgen);
+/// `accepted` counts completed handshakes. Returns the certificate's PEM too.
+async fn https_server() -> (SocketAddr, Arc<Counts>, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (l, addr) = listener().await;
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let (acceptor, c) = (acceptor.clone(), c.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut b = [0u8; 1024];
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
-                    c.requests.fetch_add(1, Relaxed);
-                    tokio::time::sleep(delay).await;
-                    let close = head.contains("connection: close");
-                    let res = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: 13\r\n{}\r\nHello, World!",
-                        if close { "connection: close\r\n" } else { "" }
-                    );
-                    if s.write_all(res.as_bytes()).await.is_err() || close {
-                        return;
-                    }
+                if let Ok(s) = acceptor.accept(s).await {
+                    c.accepted.fetch_add(1, Relaxed);
+                    serve_http(s, Duration::ZERO, c).await;
                 }
             });
         }
     });
-    (addr, counts)
+    (addr, counts, pem)
+}
+
+/// Serves HTTP/1.1 requests on `s` as [`http_server`] describes.
+async fn serve_http<S>(mut s: S, delay: Duration, c: Arc<Counts>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut b = [0u8; 1024];
+            match s.read(&mut b).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        c.requests.fetch_add(1, Relaxed);
+        tokio::time::sleep(delay).await;
+        let close = head.contains("connection: close");
+        let res = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 13\r\n{}\r\nHello, World!",
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if s.write_all(res.as_bytes()).await.is_err() || close {
+            // Over TLS: close_notify.
+            let _ = s.shutdown().await;
+            return;
+        }
+    }
 }
 
 fn us(v: &serde_json::Value, k: &str) -> u64 {
@@ -201,6 +240,7 @@ async fn churn_opens_one_connection_per_request() {
         addr,
         path: "/plaintext".into(),
         server_pid: None,
+        tls: None,
     })
     .await
     .unwrap();
@@ -212,6 +252,83 @@ async fn churn_opens_one_connection_per_request() {
         "server accepted {acc}, client counted {n}"
     );
     assert_eq!(acc, req);
+}
+
+/// `churn --tls`: one full handshake per request, each read to the server's close_notify.
+#[tokio::test]
+async fn churn_over_tls_handshakes_once_per_request() {
+    let (addr, counts, pem) = https_server().await;
+    let v = churn(ChurnOpts {
+        c: 4,
+        duration: Duration::from_millis(500),
+        addr,
+        path: "/plaintext".into(),
+        server_pid: None,
+        tls: Some(hop_load::tls::TlsClient::from_ca_pem(pem.as_bytes(), "localhost").unwrap()),
+    })
+    .await
+    .unwrap();
+    let n = us(&v, "connections");
+    assert!(n > 0, "{v}");
+    assert_eq!(us(&v, "errors"), 0, "{v}");
+    assert_eq!(v["tls"], true);
+    let (acc, req) = (counts.accepted.load(Relaxed), counts.requests.load(Relaxed));
+    assert!(
+        acc >= n && acc <= n + 4,
+        "server handshakes {acc}, client counted {n}"
+    );
+    assert!(
+        req >= n && req <= n + 4,
+        "server requests {req}, client counted {n}"
+    );
+}
+
+/// A certificate the client does not trust is an error, not a connection.
+#[tokio::test]
+async fn tls_checks_the_certificate() {
+    let (addr, counts, _) = https_server().await;
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let tls = hop_load::tls::TlsClient::from_ca_pem(other.cert.pem().as_bytes(), "localhost");
+    let v = idle(IdleOpts {
+        kind: Kind::Https,
+        n: 2,
+        addr,
+        path: String::new(),
+        hold: Duration::ZERO,
+        settle: Duration::ZERO,
+        server_pid: None,
+        concurrency: 2,
+        tls: Some(tls.unwrap()),
+    })
+    .await
+    .unwrap();
+    assert_eq!((us(&v, "opened"), us(&v, "failed")), (0, 2), "{v}");
+    assert_eq!(counts.accepted.load(Relaxed), 0);
+    assert!(hop_load::tls::TlsClient::from_ca_pem(b"", "localhost").is_err());
+}
+
+/// `idle --kind https`: a handshake and one keep-alive request per connection, then held.
+#[tokio::test]
+async fn idle_https_opens_and_holds_n_connections() {
+    let (addr, counts, pem) = https_server().await;
+    let v = idle(IdleOpts {
+        kind: Kind::Https,
+        n: 300,
+        addr,
+        path: String::new(),
+        hold: Duration::from_millis(100),
+        settle: Duration::ZERO,
+        server_pid: Some(std::process::id()),
+        concurrency: 64,
+        tls: Some(hop_load::tls::TlsClient::from_ca_pem(pem.as_bytes(), "localhost").unwrap()),
+    })
+    .await
+    .unwrap();
+    assert_eq!(us(&v, "opened"), 300, "{v}");
+    assert_eq!(v["kind"], "https");
+    assert_eq!(counts.accepted.load(Relaxed), 300);
+    assert_eq!(counts.requests.load(Relaxed), 300);
+    assert_eq!(us(&v, "closed_by_server"), 0);
 }
 
 #[tokio::test]
@@ -226,6 +343,7 @@ async fn idle_opens_and_holds_n_connections() {
         settle: Duration::ZERO,
         server_pid: Some(std::process::id()),
         concurrency: 64,
+        tls: None,
     })
     .await
     .unwrap();
@@ -263,6 +381,7 @@ async fn idle_reports_an_absent_route() {
             settle: Duration::ZERO,
             server_pid: None,
             concurrency: 3,
+            tls: None,
         })
         .await
         .unwrap();
@@ -317,6 +436,7 @@ async fn idle_h2_speaks_to_a_real_http2_server() {
         settle: Duration::ZERO,
         server_pid: Some(std::process::id()),
         concurrency: 64,
+        tls: None,
     };
     let v = idle(opts.clone()).await.unwrap();
     assert_eq!(us(&v, "opened"), 300, "{v}");

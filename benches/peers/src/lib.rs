@@ -1,6 +1,6 @@
 //! The peer servers of hop's benchmark harness (`benches/compare.sh`, issue 11).
 //!
-//! Both serve the same axum [`Router`] ([`app`]) with the routes the harness's peer rows hit,
+//! They serve the same axum [`Router`] ([`app`]) with the routes the harness's peer rows hit,
 //! written the way an axum user would write them:
 //!
 //! - `/plaintext`: `Hello, World!`; `/json`: `{"message":"Hello, World!"}`
@@ -8,7 +8,7 @@
 //! - `/sse`: axum's `Sse` over a tokio broadcast channel that ticks once a second (as the hop
 //!   demo's hub does); `POST /sse/broadcast` sends its body to every subscriber
 //!
-//! The two servers:
+//! The servers:
 //!
 //! - [`run_axum_serve`] (binary `axum-serve`): `axum::serve` as users run it, stock settings,
 //!   a `tokio::net::TcpListener`, on a multi-thread runtime with N workers.
@@ -17,13 +17,17 @@
 //!   through `TowerToHyperService`, one task per connection, no timer (so no header-read
 //!   timeout and no per-request sleep). For N > 1 it runs N such runtimes on N threads, each
 //!   with its own `SO_REUSEPORT` listener on the same address (the kernel spreads connections).
+//! - [`run_axum_server`] (binary `axum-server`, the peer of the TLS rows): axum-server as users
+//!   run it over TLS, `axum_server::bind_rustls(addr, RustlsConfig::from_pem_file(cert, key))`,
+//!   stock settings, on a multi-thread runtime with N workers.
 //!
-//! Both take `--addr HOST:PORT` and `--workers N` (`--pollers N` is the same, as the harness
+//! All take `--addr HOST:PORT` and `--workers N` (`--pollers N` is the same, as the harness
 //! passes it; `--backend X` is accepted and ignored).
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -32,6 +36,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
 use futures_util::{Stream, StreamExt};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -127,21 +132,32 @@ pub fn app(hub: Hub) -> Router {
         .with_state(hub)
 }
 
-/// Command-line settings shared by both binaries.
+/// Command-line settings shared by the binaries.
 #[derive(Debug, Clone)]
 pub struct Args {
     pub addr: SocketAddr,
     pub workers: usize,
+    /// `--tls-cert PATH` (PEM): the certificate chain `axum-server` serves (the others ignore it).
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key PATH` (PEM): its private key.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Args {
-    /// Parses `--addr HOST:PORT`, `--workers N` / `--pollers N` and an ignored `--backend X`
-    /// (default `127.0.0.1:1826`, one worker).
+    /// Parses `--addr HOST:PORT`, `--workers N` / `--pollers N`, `--tls-cert PATH`,
+    /// `--tls-key PATH` and an ignored `--backend X` (default `127.0.0.1:1826`, one worker, no
+    /// TLS).
     pub fn parse(name: &str, args: impl IntoIterator<Item = String>) -> Result<Args, String> {
-        let usage = || format!("usage: {name} [--addr HOST:PORT] [--workers N]");
+        let usage = || {
+            format!(
+                "usage: {name} [--addr HOST:PORT] [--workers N] [--tls-cert PATH --tls-key PATH]"
+            )
+        };
         let mut out = Args {
             addr: "127.0.0.1:1826".parse().unwrap(),
             workers: 1,
+            tls_cert: None,
+            tls_key: None,
         };
         let mut args = args.into_iter();
         while let Some(a) = args.next() {
@@ -154,9 +170,14 @@ impl Args {
                         return Err(usage());
                     }
                 }
+                "--tls-cert" => out.tls_cert = Some(val.into()),
+                "--tls-key" => out.tls_key = Some(val.into()),
                 "--backend" => {}
                 _ => return Err(usage()),
             }
+        }
+        if out.tls_cert.is_some() != out.tls_key.is_some() {
+            return Err(usage());
         }
         Ok(out)
     }
@@ -171,6 +192,30 @@ pub fn run_axum_serve(args: &Args, app: Router) -> io::Result<()> {
         .block_on(async {
             let listener = tokio::net::TcpListener::bind(args.addr).await?;
             axum::serve(listener, app).await
+        })
+}
+
+/// axum-server over TLS as users run it: `axum_server::bind_rustls(addr,
+/// RustlsConfig::from_pem_file(cert, key).await?)` serving the Router, stock settings (hyper-util's
+/// auto builder, ALPN `h2` and `http/1.1`, a 10 s handshake timeout, rustls on aws-lc-rs), on a
+/// tokio multi-thread runtime with `workers` workers. Without `--tls-cert`/`--tls-key` it serves
+/// plain HTTP with `axum_server::bind`.
+pub fn run_axum_server(args: &Args, app: Router) -> io::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let make = app.into_make_service();
+            match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let config = RustlsConfig::from_pem_file(cert, key).await?;
+                    axum_server::bind_rustls(args.addr, config)
+                        .serve(make)
+                        .await
+                }
+                _ => axum_server::bind(args.addr).serve(make).await,
+            }
         })
 }
 
