@@ -16,9 +16,10 @@
 //!
 //! Two backends serve the same API:
 //! - [`Backend::Reactor`] (default): N poller threads, each with its own `mio::Poll`, listener,
-//!   slab of connections, timer and wake queue. A connection is hyper's `http1` connection over
-//!   a [`HopStream`], polled on readiness; an idle keep-alive connection is parked down to its
-//!   socket. Handlers run on the poller threads inside a tokio runtime context, so tokio's APIs
+//!   slab of connections, timer and wake queue. A connection is hyper's `http1` or `http2`
+//!   connection (HTTP/2 with prior knowledge, told apart by peeking at the preface) over a
+//!   [`HopStream`], polled on readiness, its HTTP/2 streams local tasks on the same poller; an
+//!   idle keep-alive HTTP/1.1 connection is parked down to its socket. Handlers run on the poller threads inside a tokio runtime context, so tokio's APIs
 //!   work in them unchanged.
 //! - [`Backend::Tokio`] (feature `tokio-baseline`): tokio + hyper, a task per connection, tuned
 //!   the same way; the baseline hop is measured against.
@@ -31,12 +32,14 @@
 //!   ([`Hijack`]);
 //! - `settings`: what the builder sets, shutdown state and counters, below the fronts;
 //! - `reactor`: the pollers (accept, poll, drive, close, drain);
-//! - `conn`: one slab entry and all it owns: `conn::http` (hyper's connection, parking),
+//! - `conn`: one slab entry and all it owns: `conn::http` (hyper's connection, protocol
+//!   detection, parking),
 //!   `conn::tcp` (a read handler on the loop), `conn::stream` (the socket hyper reads and
 //!   writes), `conn::current` and `conn::takeover`;
 //! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
 //!   local tasks;
-//! - `handler`: the read-handler machinery both backends share; `listener`, `service` and
+//! - `handler`: the read-handler machinery both backends share; `http2`: the preface check and
+//!   the service HTTP/2 connections call, shared by both backends; `listener`, `service` and
 //!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
 //!   [`IntoListener`]; an app, see [`IntoConnService`]); `baseline`: the tokio backend (and
 //!   the tokio-task path for generic listeners, and for now for TLS connections); [`tls`]

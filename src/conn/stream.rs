@@ -260,7 +260,7 @@ impl Fd {
     }
 }
 
-/// An HTTP connection's socket: its [`Fd`], shared by the slab and the [`HopStream`] hyper
+/// An HTTP connection's socket: its descriptor and readiness (`Fd`), shared by the slab and the [`HopStream`] hyper
 /// owns (and an upgrade's task after it), the wakers of such a task, and the output hyper
 /// wrote during a drive.
 #[derive(Debug)]
