@@ -260,9 +260,9 @@ impl Fd {
     }
 }
 
-/// An HTTP connection's socket: its descriptor and readiness (`Fd`), shared by the slab and the [`HopStream`] hyper
-/// owns (and an upgrade's task after it), the wakers of such a task, and the output hyper
-/// wrote during a drive.
+/// An HTTP connection's socket: its descriptor and readiness (`Fd`), shared by the slab and
+/// the [`HopStream`] hyper owns (and an upgrade's task after it), the wakers of such a task,
+/// and the output hyper wrote during a drive.
 #[derive(Debug)]
 pub struct Socket {
     pub(crate) fd: Fd,
