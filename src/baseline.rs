@@ -21,6 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -593,75 +594,79 @@ async fn serve_proto<IO, S>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: ConnService,
 {
-    let cut_off = || {
-        if let Some(fd) = fd {
-            // SAFETY: the connection owns the socket and is alive where this is called, so
-            // the descriptor is open.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-        }
-    };
     if let (Proto::Http2, Some(h2)) = (proto, &http.http2) {
         let exec = StreamExec::default();
         let streams = exec.0.clone();
         let conn = h2
             .builder(exec)
             .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
-        tokio::pin!(conn);
-        let mut closing = false;
         let idle = async {
             match h2.idle_timeout {
                 Some(t) => streams.idle_for(t).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(idle);
-        loop {
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
-                    }
-                    break;
-                }
-                _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = idle.as_mut(), if !closing => {
-                    tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = cut.notified() => {
-                    cut_off();
-                    break;
-                }
-            }
-        }
+        drive(conn, |c| c.graceful_shutdown(), idle, fd, &mut drain, &cut).await;
         return;
     }
     let conn = http
         .http1
         .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
         .with_upgrades();
+    let no_idle = std::future::pending();
+    drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        no_idle,
+        fd,
+        &mut drain,
+        &cut,
+    )
+    .await;
+}
+
+/// Drives a hyper connection (HTTP/1.1 or HTTP/2) to its end: `graceful_shutdown` once the
+/// server drains or `idle` completes (HTTP/2's idle timeout: GOAWAY), a reset of the socket
+/// `fd` (when hop may touch it) when the drain deadline cuts it.
+async fn drive<C, E>(
+    conn: C,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    idle: impl Future<Output = ()>,
+    fd: Option<RawFd>,
+    drain: &mut watch::Receiver<bool>,
+    cut: &tokio::sync::Notify,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
-    let mut draining = false;
+    tokio::pin!(idle);
+    let mut closing = false;
     loop {
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                break;
+                return;
             }
-            _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+            _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
+                closing = true;
+                graceful_shutdown(conn.as_mut());
+            }
+            _ = idle.as_mut(), if !closing => {
+                tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+                closing = true;
+                graceful_shutdown(conn.as_mut());
             }
             _ = cut.notified() => {
-                cut_off();
-                break;
+                if let Some(fd) = fd {
+                    // SAFETY: the connection owns the socket and is alive here (`conn` is
+                    // dropped after this returns), so the descriptor is open.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                }
+                return;
             }
         }
     }
