@@ -3,8 +3,9 @@
 //! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1; with
 //! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1.
 
+use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,29 @@ impl Drop for Demo {
     }
 }
 
+/// Starts the demo binary `bin` on `backend` and a free port, with `extra` arguments, and
+/// waits until it listens.
+fn start_demo(bin: &Path, backend: &str, extra: &[&OsStr]) -> (Demo, SocketAddr) {
+    let addr = free_addr();
+    let child = Command::new(bin)
+        .args(["--backend", backend, "--addr", &addr.to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let demo = Demo(child);
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "[{backend}] demo not listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (demo, addr)
+}
+
 /// `curl` with `flag`: the HTTP version and status it saw, and the body.
 fn curl(flag: &str, url: &str) -> (String, String) {
     let out = Command::new("curl")
@@ -69,22 +93,7 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
         return unavailable("curl is not installed");
     }
     for backend in ["reactor", "tokio"] {
-        let addr = free_addr();
-        let child = Command::new(&bin)
-            .args(["--backend", backend, "--addr", &addr.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the demo starts");
-        let _demo = Demo(child);
-        let t0 = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "[{backend}] demo not listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (_demo, addr) = start_demo(&bin, backend, &[]);
         let url = format!("http://{addr}/plaintext");
         assert_eq!(
             curl("--http1.1", &url),
@@ -122,26 +131,13 @@ fn demo_serves_https_with_alpn_on_both_backends() {
     std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
     for backend in ["reactor", "tokio"] {
-        let addr = free_addr();
-        let child = Command::new(&bin)
-            .args(["--backend", backend, "--addr", &addr.to_string()])
-            .arg("--tls-cert")
-            .arg(&cert_path)
-            .arg("--tls-key")
-            .arg(&key_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the demo starts");
-        let _demo = Demo(child);
-        let t0 = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "[{backend}] demo not listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let tls = [
+            "--tls-cert".as_ref(),
+            cert_path.as_os_str(),
+            "--tls-key".as_ref(),
+            key_path.as_os_str(),
+        ];
+        let (_demo, addr) = start_demo(&bin, backend, &tls);
         let url = format!("https://localhost:{}/plaintext", addr.port());
         for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
             let out = Command::new("curl")
