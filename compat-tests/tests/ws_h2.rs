@@ -15,6 +15,17 @@ use tokio_tungstenite::WebSocketStream;
 
 type Sender = hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>;
 
+/// An HTTP/2 connection (prior knowledge) to `addr`, driven by a task of its own.
+async fn h2_connect(addr: std::net::SocketAddr) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
 /// Opens a WebSocket on `path` over the HTTP/2 connection `send`.
 async fn open(send: &mut Sender, path: &str) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
     let req = Request::builder()
@@ -60,12 +71,7 @@ backend_tests! {
             .route("/ws", axum::routing::any(ws_echo))
             .route("/ws-axum", axum::routing::any(axum_ws_echo));
         let server = start(backend, app, |b| b);
-        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+        let mut send = h2_connect(server.addr).await;
         let mut hop_ws = open(&mut send, "/ws").await;
         let mut axum_ws = open(&mut send, "/ws-axum").await;
         echo_twice(&mut hop_ws, "hop").await;
@@ -106,12 +112,7 @@ backend_tests! {
                 }),
             );
         let (server, stop) = start_with_shutdown(backend, app, |b| b);
-        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+        let mut send = h2_connect(server.addr).await;
         let mut ws = open(&mut send, "/ws").await;
         echo_twice(&mut ws, "before").await;
         let req = Request::get("http://localhost/sse").body(Empty::new()).unwrap();
@@ -170,12 +171,7 @@ backend_tests! {
             b.http2_idle_timeout(std::time::Duration::from_millis(300))
                 .close_timeout(std::time::Duration::from_millis(500))
         });
-        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+        let mut send = h2_connect(server.addr).await;
         let mut hop_ws = open(&mut send, "/ws").await;
         let mut axum_ws = open(&mut send, "/ws-axum").await;
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
