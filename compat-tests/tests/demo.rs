@@ -3,6 +3,7 @@
 //! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1; with
 //! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1.
 
+use compat_tests::unavailable;
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,14 +16,6 @@ fn demo_binary() -> Option<PathBuf> {
     // target/<profile>/deps/demo-<hash> -> target/<profile>/examples/server
     let bin = exe.parent()?.parent()?.join("examples").join("server");
     bin.exists().then_some(bin)
-}
-
-/// Fails under CI (where everything is built and installed), says SKIPPED elsewhere.
-fn unavailable(what: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} (needed under CI)");
-    }
-    eprintln!("SKIPPED: {what}");
 }
 
 /// A free loopback port (bound, then released for the demo to bind).
