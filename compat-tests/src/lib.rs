@@ -706,3 +706,52 @@ pub async fn axum_ws_echo(
         }
     })
 }
+
+/// Closes a client WebSocket that runs over an HTTP/2 stream (RFC 8441) and checks that the
+/// server answered the close frame before the stream ended.
+///
+/// The server answers the close, ends its side of the stream and, as RFC 9113 §8.1 asks of a
+/// server that has answered while the client's side is still open, resets the stream with
+/// `NO_ERROR`. hyper's client reports that reset to a write or flush still in flight as an
+/// error (`BodyWrite`, `NO_ERROR`): it is the end of a clean close, not a failure. Any other
+/// error fails.
+pub async fn close_ws_over_h2<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    match ws.close(None).await {
+        Ok(()) | Err(Error::ConnectionClosed) => {}
+        Err(Error::Io(e)) if reset_with_no_error(&e) => {}
+        Err(e) => return Err(format!("sending the close frame: {e:?}")),
+    }
+    let mut answered = false;
+    loop {
+        match tokio::time::timeout(IO_TIMEOUT, ws.next()).await {
+            Err(_) => return Err("the stream did not end after the close".into()),
+            Ok(None) | Ok(Some(Err(Error::ConnectionClosed))) => break,
+            Ok(Some(Ok(Message::Close(_)))) => answered = true,
+            Ok(Some(other)) => return Err(format!("after the close: {other:?}")),
+        }
+    }
+    if answered {
+        Ok(())
+    } else {
+        Err("the server did not answer the close frame".into())
+    }
+}
+
+/// Whether `e` is hyper's report of a stream reset with `NO_ERROR` (RFC 9113 §8.1).
+fn reset_with_no_error(e: &io::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(err) = cause {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cause = err.source();
+    }
+    false
+}

@@ -27,7 +27,9 @@ use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use axum::Router;
 use bytes::Bytes;
-use compat_tests::{backend_tests, lazy_body, rss_bytes, start, wait_until, RawConn, StreamProbe};
+use compat_tests::{
+    backend_tests, close_ws_over_h2, lazy_body, rss_bytes, start, wait_until, RawConn, StreamProbe,
+};
 use eventsource_stream::Eventsource;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
@@ -1069,20 +1071,9 @@ backend_tests! {
             assert_eq!(client.get("/hello").await.1, "hello", "[{backend}]");
         }
         for (n, mut ws) in sockets.into_iter().enumerate() {
-            ws.close(None).await.unwrap();
-            // The server answers the close, then ends the stream.
-            let mut answered = false;
-            while let Some(msg) = within("the close", ws.next()).await {
-                match msg {
-                    Ok(Message::Close(_)) => answered = true,
-                    Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed) => break,
-                    other => panic!("[{backend}] socket {n} after close: {other:?}"),
-                }
-            }
-            assert!(
-                answered,
-                "[{backend}] socket {n}: the close was not answered"
-            );
+            close_ws_over_h2(&mut ws)
+                .await
+                .unwrap_or_else(|e| panic!("[{backend}] socket {n}: {e}"));
         }
 
         assert_eq!(client.get("/hello").await.1, "hello", "[{backend}]");

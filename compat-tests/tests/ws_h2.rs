@@ -4,7 +4,9 @@
 //! At a graceful shutdown, a `hop::ws` socket and a `hop::sse` stream on an HTTP/2 connection
 //! are told (close 1001, end of stream) and the server drains without forcing anything.
 
-use compat_tests::{axum_ws_echo, backend_tests, start, start_with_shutdown, ws_echo, IO_TIMEOUT};
+use compat_tests::{
+    axum_ws_echo, backend_tests, close_ws_over_h2, start, start_with_shutdown, ws_echo, IO_TIMEOUT,
+};
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
@@ -77,8 +79,8 @@ backend_tests! {
         echo_twice(&mut hop_ws, "hop").await;
         echo_twice(&mut axum_ws, "axum").await;
         // Both close cleanly, and the connection serves on.
-        hop_ws.close(None).await.unwrap();
-        axum_ws.close(None).await.unwrap();
+        close_ws_over_h2(&mut hop_ws).await.expect("hop::ws closes");
+        close_ws_over_h2(&mut axum_ws).await.expect("axum's WebSocket closes");
         let mut again = open(&mut send, "/ws").await;
         echo_twice(&mut again, "again").await;
         let stats = server.handle.stats();
