@@ -599,7 +599,7 @@ async fn serve_proto<IO, S>(
         let streams = exec.0.clone();
         let conn = h2
             .builder(exec)
-            .serve_connection(TokioIo::new(stream), Http2Svc::new(svc, ctl));
+            .serve_connection(TokioIo::new(stream), Http2Svc::new(HyperSvc::new(svc), ctl));
         let idle = async {
             match h2.idle_timeout {
                 Some(t) => streams.idle_for(t).await,

@@ -46,12 +46,9 @@ pub(crate) struct Http2Svc<S> {
 }
 
 impl<S> Http2Svc<S> {
-    pub(crate) fn new(svc: S, ctl: Arc<Control>) -> Self {
+    pub(crate) fn new(inner: HyperSvc<S>, ctl: Arc<Control>) -> Self {
         ctl.http2_connections.fetch_add(1, Ordering::Relaxed);
-        Http2Svc {
-            inner: HyperSvc::new(svc),
-            ctl,
-        }
+        Http2Svc { inner, ctl }
     }
 }
 

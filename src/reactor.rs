@@ -493,7 +493,17 @@ impl<P: App> Poller<P> {
         };
         let key = self.next_key();
         // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
-        let fd = Fd::new(io);
+        #[allow(unused_mut)]
+        let mut fd = Fd::new(io);
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        match self.http.tls_connection() {
+            None => {}
+            Some(Ok(tls)) => fd.start_tls(tls),
+            Some(Err(())) => {
+                self.ctl.release(false);
+                return;
+            }
+        }
         let kind = match new {
             NewConn::Http(svc) => Kind::Http(HttpConn::new(
                 Arc::new(Socket::new(fd)),

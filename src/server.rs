@@ -738,14 +738,6 @@ where
                 ));
             }
         }
-        #[cfg(any(feature = "tls", feature = "tls-ring"))]
-        (Backend::Reactor, Bound::Native(listener)) if cfg.tls.is_some() => {
-            // The reactor's own TLS socket is yet to come: the tokio-task path meanwhile.
-            tracing::info!(
-                "TLS: connections are served on tokio tasks (tokio-rustls, hyper-util) under the reactor backend for now"
-            );
-            crate::baseline::start(&cfg, Bound::Native(listener), app, ctl.clone(), done_tx)?;
-        }
         (Backend::Reactor, Bound::Native(listener)) => {
             let handle = match tokio::runtime::Handle::try_current() {
                 Ok(h) => h,

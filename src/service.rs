@@ -408,11 +408,25 @@ where
 #[derive(Debug, Clone)]
 pub(crate) struct HyperSvc<S> {
     inner: S,
+    /// Put into every request of a TLS connection.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    tls: Option<crate::tls::TlsInfo>,
 }
 
 impl<S> HyperSvc<S> {
     pub(crate) fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            tls: None,
+        }
+    }
+
+    /// Puts `info` (a TLS connection's) into every request.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) fn with_tls(mut self, info: Option<crate::tls::TlsInfo>) -> Self {
+        self.tls = info;
+        self
     }
 
     pub(crate) fn into_inner(self) -> S {
@@ -431,7 +445,11 @@ where
     type Error = BoxError;
     type Future = CatchPanic<Oneshot<S, Request<Incoming>>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, #[allow(unused_mut)] mut req: Request<Incoming>) -> Self::Future {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(info) = &self.tls {
+            req.extensions_mut().insert(info.clone());
+        }
         CatchPanic {
             inner: self.inner.clone().oneshot(req),
         }

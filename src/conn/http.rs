@@ -87,8 +87,12 @@ pub(crate) struct HttpConfig {
     /// How long an HTTP/2 connection that was sent GOAWAY may take to close once its streams
     /// are done (the read handlers' `close_timeout`).
     close_timeout: Duration,
-    /// Where parks and HTTP/2 streams are counted.
+    /// Where parks, HTTP/2 streams and TLS handshakes are counted.
     ctl: Arc<Control>,
+    /// TLS, on a TLS listener: the configuration each new connection starts from, and how
+    /// long its handshake may take.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) tls: Option<(crate::tls::RustlsConfig, Duration)>,
 }
 
 impl HttpConfig {
@@ -106,7 +110,21 @@ impl HttpConfig {
             http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
             close_timeout: cfg.tcp.close_timeout,
             ctl,
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            tls: cfg.tls.clone().map(|c| (c, cfg.tls_handshake_timeout)),
         }
+    }
+
+    /// A new connection's TLS state, if this is a TLS listener (`None` also if rustls refuses
+    /// the configuration, which is logged).
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) fn tls_connection(&self) -> Option<Result<rustls::ServerConnection, ()>> {
+        let (config, _) = self.tls.as_ref()?;
+        Some(
+            rustls::ServerConnection::new(config.current(self.http2.is_some())).map_err(|e| {
+                tracing::error!(error = %e, "rustls refused its configuration; closing");
+            }),
+        )
     }
 }
 
@@ -280,20 +298,54 @@ pub(crate) struct HttpConn<S: ConnService> {
     state: State<S>,
     /// A request has been dispatched on this connection.
     served: bool,
-    /// The first bytes have not yet told HTTP/1.1 from HTTP/2.
-    sniffing: bool,
+    /// How the protocol is decided, or what it was decided to be.
+    opening: Opening,
+}
+
+/// How a new connection's protocol is decided.
+#[derive(Clone, Copy)]
+enum Opening {
+    /// Decided: HTTP/1.1 when HTTP/2 is off, what the first bytes or ALPN told otherwise.
+    Known(Proto),
+    /// The first bytes will tell ([`sniff`]).
+    Sniff,
+    /// The TLS handshake is under way; ALPN will tell.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    Handshake,
+}
+
+/// hyper's service for a connection on `socket`: with its [`TlsInfo`](crate::tls::TlsInfo) in
+/// every request if it is a TLS connection.
+fn hyper_svc<S>(svc: S, socket: &Socket) -> HyperSvc<S> {
+    let svc = HyperSvc::new(svc);
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    let svc = svc.with_tls(socket.fd.tls_info());
+    let _ = socket;
+    svc
 }
 
 impl<S: ConnService> HttpConn<S> {
     pub(crate) fn new(socket: Arc<Socket>, svc: S, cfg: &HttpConfig, now: Instant) -> Self {
         HttpConn {
-            socket,
             state: State::Parked {
                 svc,
                 since: Tick::of(now),
             },
             served: false,
-            sniffing: cfg.http2.is_some(),
+            opening: Self::opening(&socket, cfg),
+            socket,
+        }
+    }
+
+    fn opening(socket: &Socket, cfg: &HttpConfig) -> Opening {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if socket.fd.tls_handshaking() {
+            return Opening::Handshake;
+        }
+        let _ = socket;
+        match cfg.http2 {
+            Some(_) => Opening::Sniff,
+            None => Opening::Known(Proto::Http1),
         }
     }
 
@@ -354,6 +406,39 @@ impl<S: ConnService> HttpConn<S> {
         }
     }
 
+    /// Drives a new TLS connection's handshake (a parked connection since `since`): the
+    /// verdict while it waits or once it failed, `None` once it is done and ALPN has decided
+    /// the protocol. Counted in the stats either way.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    fn handshake(&mut self, cfg: &HttpConfig, d: &mut Drive, since: Instant) -> Option<Verdict> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.socket.fd.poll_handshake() {
+            Poll::Pending => {
+                if expired(d, since, cfg.tls.as_ref().map(|(_, t)| *t)) {
+                    tracing::debug!("TLS handshake timed out; closing");
+                    cfg.ctl.tls_handshake_timeouts.fetch_add(1, Relaxed);
+                    return Some(Verdict::Close);
+                }
+                Some(Verdict::Keep)
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed; closing");
+                cfg.ctl.tls_handshake_failures.fetch_add(1, Relaxed);
+                Some(Verdict::Close)
+            }
+            Poll::Ready(Ok(())) => {
+                cfg.ctl.tls_handshakes.fetch_add(1, Relaxed);
+                let h2 = cfg.http2.is_some() && self.socket.fd.tls_alpn_is(crate::tls::ALPN_H2);
+                self.opening = Opening::Known(if h2 { Proto::Http2 } else { Proto::Http1 });
+                // The first request's time limits count from here.
+                if let State::Parked { since, .. } = &mut self.state {
+                    *since = Tick::of(d.now);
+                }
+                None
+            }
+        }
+    }
+
     /// Polls the connection after an event, a wake or a timer.
     pub(crate) fn drive(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive) -> Verdict {
         loop {
@@ -363,15 +448,25 @@ impl<S: ConnService> HttpConn<S> {
                         return Verdict::Close;
                     }
                     let since = since.instant();
-                    let mut proto = Some(Proto::Http1);
-                    if self.sniffing && self.socket.fd.maybe_readable() {
-                        proto = match Self::sniff(&self.socket) {
-                            Ok(p) => p,
-                            Err(()) => return Verdict::Close,
-                        };
-                        self.sniffing = proto.is_none();
+                    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+                    if let Opening::Handshake = self.opening {
+                        match self.handshake(cfg, d, since) {
+                            Some(verdict) => return verdict,
+                            None => continue,
+                        }
                     }
+                    let proto = match self.opening {
+                        Opening::Known(p) => Some(p),
+                        Opening::Sniff if self.socket.fd.maybe_readable() => {
+                            match Self::sniff(&self.socket) {
+                                Ok(p) => p,
+                                Err(()) => return Verdict::Close,
+                            }
+                        }
+                        _ => None,
+                    };
                     if let (Some(proto), true) = (proto, self.socket.fd.maybe_readable()) {
+                        self.opening = Opening::Known(proto);
                         let State::Parked { svc, .. } =
                             std::mem::replace(&mut self.state, State::Done)
                         else {
@@ -382,6 +477,11 @@ impl<S: ConnService> HttpConn<S> {
                             _ => self.activate(key, cfg, svc, None, None),
                         }
                         continue;
+                    }
+                    // What TLS still has to send (session tickets after the handshake).
+                    if let Err(e) = self.socket.fd.flush(true) {
+                        tracing::debug!(error = %e, "write failed");
+                        return Verdict::Close;
                     }
                     if expired(d, since, self.idle_limit(cfg)) {
                         tracing::debug!("closing a parked connection at its idle limit");
@@ -543,9 +643,10 @@ impl<S: ConnService> HttpConn<S> {
     /// to this connection.
     fn start_http2(&mut self, key: Key, cfg: &HttpConfig, h2: &Http2Config, svc: S) {
         let io = HopStream::new(self.socket.clone(), key, None, cfg.coalesce);
-        let conn = h2
-            .builder(LocalExec::new(Some(key)))
-            .serve_connection(io, Http2Svc::new(svc, cfg.ctl.clone()));
+        let conn = h2.builder(LocalExec::new(Some(key))).serve_connection(
+            io,
+            Http2Svc::new(hyper_svc(svc, &self.socket), cfg.ctl.clone()),
+        );
         self.state = State::Http2(Box::new(H2 {
             conn,
             idle_since: None,
@@ -585,7 +686,7 @@ impl<S: ConnService> HttpConn<S> {
         let io = HopStream::new(self.socket.clone(), key, prefix, cfg.coalesce);
         let conn = cfg
             .http1
-            .serve_connection(io, Counted(HyperSvc::new(svc)))
+            .serve_connection(io, Counted(hyper_svc(svc, &self.socket)))
             .with_upgrades();
         let mut cur = Current::new(key);
         cur.requests = resume.map_or(0, |(_, n)| n);

@@ -5,13 +5,16 @@
 //! to it, and what it is: an HTTP connection ([`http`]), a read-handler connection ([`tcp`]) or
 //! a local task ([`crate::rt::tasks`]). What hyper and handlers record during a drive goes onto
 //! the entry through [`current`]; a read handler taking a connection over from hyper goes
-//! through [`takeover`]. [`stream`] is the socket type hyper reads and writes.
+//! through [`takeover`]. [`stream`] is the socket type hyper reads and writes, and `tls` the
+//! rustls connection a TLS listener's sockets go through.
 
 pub(crate) mod current;
 pub(crate) mod http;
 pub(crate) mod stream;
 pub(crate) mod takeover;
 pub(crate) mod tcp;
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+pub(crate) mod tls;
 
 use std::any::Any;
 use std::os::fd::AsRawFd;

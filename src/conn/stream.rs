@@ -26,6 +26,8 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+use super::tls::Tls;
 use crate::rt::wake::Key;
 
 /// A connection's socket: TCP or Unix. Reads go through `recv(2)` on the descriptor either
@@ -90,6 +92,9 @@ pub(crate) struct Fd {
     read_closed: AtomicBool,
     /// Registered with the poller's `mio::Poll` (see [`Fd::needs_registration`]).
     registered: AtomicBool,
+    /// TLS, on a TLS listener's connections: every read and write goes through it.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    tls: Option<Box<Mutex<Tls>>>,
 }
 
 impl Fd {
@@ -102,6 +107,8 @@ impl Fd {
             writable: AtomicBool::new(true),
             read_closed: AtomicBool::new(false),
             registered: AtomicBool::new(false),
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            tls: None,
         }
     }
 
@@ -133,9 +140,17 @@ impl Fd {
         !self.registered.load(Ordering::Relaxed) && !self.registered.swap(true, Ordering::Relaxed)
     }
 
-    /// The last read did not end in `WouldBlock` (or an event said bytes arrived since).
+    /// The last read did not end in `WouldBlock` (or an event said bytes arrived since), or
+    /// TLS holds decrypted bytes not read yet.
     pub(crate) fn maybe_readable(&self) -> bool {
-        self.readable.load(Ordering::Relaxed)
+        if self.readable.load(Ordering::Relaxed) {
+            return true;
+        }
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            return lock(tls).has_plaintext();
+        }
+        false
     }
 
     /// No write is waiting for the socket to drain.
@@ -202,61 +217,211 @@ impl Fd {
         }
     }
 
-    /// One write with `op` (retried if interrupted).
-    fn send(&self, op: &mut impl FnMut(&StreamIo) -> io::Result<usize>) -> io::Result<usize> {
+    /// One write of `bufs` (retried if interrupted).
+    fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         loop {
-            match op(&self.io) {
+            let r = match bufs {
+                [one] => (&self.io).write(one),
+                _ => (&self.io).write_vectored(bufs),
+            };
+            match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return r,
             }
         }
     }
 
+    /// The socket as a `Read` and `Write`, keeping the readiness flags if `local` (the
+    /// poller's own I/O: see the type's docs).
+    fn raw(&self, local: bool) -> Raw<'_> {
+        Raw { fd: self, local }
+    }
+
+    /// Reads into `dst`: decrypted bytes on a TLS connection. `WouldBlock` when there is
+    /// nothing; `local` as for [`raw`](Self::raw).
+    pub(crate) fn read(&self, dst: &mut [MaybeUninit<u8>], local: bool) -> io::Result<usize> {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            return lock(tls).read(&mut self.raw(local), dst);
+        }
+        self.raw(local).recv(dst)
+    }
+
+    /// Writes `bufs`: encrypted on a TLS connection, where the records may wait in rustls for
+    /// [`flush`](Self::flush). `local` as for [`raw`](Self::raw).
+    pub(crate) fn write(&self, bufs: &[IoSlice<'_>], local: bool) -> io::Result<usize> {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            return lock(tls).write(&mut self.raw(local), bufs);
+        }
+        self.raw(local).write_vectored(bufs)
+    }
+
+    /// Sends what TLS holds encrypted: `Ok(true)` when nothing is left (always, without TLS).
+    pub(crate) fn flush(&self, local: bool) -> io::Result<bool> {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            return lock(tls).send(&mut self.raw(local));
+        }
+        let _ = local;
+        Ok(true)
+    }
+
+    /// TLS holds encrypted output not sent yet.
+    pub(crate) fn has_output(&self) -> bool {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            return lock(tls).has_output();
+        }
+        false
+    }
+
     /// Reads into `dst` as the poller (see the type's docs).
     pub(crate) fn poll_recv(&self, dst: &mut [MaybeUninit<u8>]) -> Poll<io::Result<usize>> {
-        if !self.readable.load(Ordering::Relaxed) && !self.read_closed.load(Ordering::Relaxed) {
-            return Poll::Pending;
-        }
-        match self.recv(dst) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.readable.store(false, Ordering::Relaxed);
-                Poll::Pending
-            }
-            r => Poll::Ready(r),
-        }
+        pending_if_blocked(self.read(dst, true))
     }
 
-    /// Writes with `op` (`len` bytes offered) as the poller.
-    pub(crate) fn poll_send(
-        &self,
-        len: usize,
-        mut op: impl FnMut(&StreamIo) -> io::Result<usize>,
-    ) -> Poll<io::Result<usize>> {
-        if !self.writable.load(Ordering::Relaxed) {
-            return Poll::Pending;
-        }
-        match self.send(&mut op) {
-            Ok(n) => {
-                if n > 0 && n < len {
-                    // A short write filled the send buffer; wait for the next edge.
-                    self.writable.store(false, Ordering::Relaxed);
-                }
-                Poll::Ready(Ok(n))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.writable.store(false, Ordering::Relaxed);
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(e)),
-        }
+    /// Writes `bufs` as the poller.
+    pub(crate) fn poll_send(&self, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        pending_if_blocked(self.write(bufs, true))
     }
 
-    /// Shuts down the write side (a `NotConnected` peer is not an error).
+    /// Shuts down the write side (a `NotConnected` peer is not an error), after TLS's
+    /// `close_notify`.
     pub(crate) fn shutdown_write(&self) -> io::Result<()> {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &self.tls {
+            lock(tls).close(&mut self.raw(false));
+        }
         match self.io.shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+impl Fd {
+    /// Puts TLS on the socket: every read and write from now on goes through `conn`.
+    pub(crate) fn start_tls(&mut self, conn: rustls::ServerConnection) {
+        self.tls = Some(Box::new(Mutex::new(Tls::new(conn))));
+    }
+
+    /// A TLS handshake is under way.
+    pub(crate) fn tls_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| lock(t).handshaking())
+    }
+
+    /// Drives the TLS handshake as the poller: `Ready(Ok(()))` once it is done (at once
+    /// without TLS).
+    pub(crate) fn poll_handshake(&self) -> Poll<io::Result<()>> {
+        let Some(tls) = &self.tls else {
+            return Poll::Ready(Ok(()));
+        };
+        match lock(tls).handshake(&mut self.raw(true)) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Whether ALPN agreed on `proto`.
+    pub(crate) fn tls_alpn_is(&self, proto: &[u8]) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| lock(t).conn().alpn_protocol() == Some(proto))
+    }
+
+    /// What the TLS handshake agreed on: `None` without TLS.
+    pub(crate) fn tls_info(&self) -> Option<crate::tls::TlsInfo> {
+        let tls = self.tls.as_ref()?;
+        Some(crate::tls::TlsInfo::new(lock(tls).conn()))
+    }
+}
+
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+impl Drop for Fd {
+    /// Sends TLS's `close_notify` (if the socket takes it), however the connection closes.
+    fn drop(&mut self) {
+        if let Some(tls) = &self.tls {
+            lock(tls).close(&mut self.raw(false));
+        }
+    }
+}
+
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+fn lock(tls: &Mutex<Tls>) -> std::sync::MutexGuard<'_, Tls> {
+    tls.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `WouldBlock` as `Pending`.
+fn pending_if_blocked(r: io::Result<usize>) -> Poll<io::Result<usize>> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+        r => Poll::Ready(r),
+    }
+}
+
+/// A socket's descriptor as a `Read` and `Write`. For the poller's own I/O (`local`), the
+/// readiness flags are kept: an operation the flags say would block is not tried, and one that
+/// ends in `WouldBlock` (or a short write) clears its flag until the next event.
+struct Raw<'a> {
+    fd: &'a Fd,
+    local: bool,
+}
+
+impl Raw<'_> {
+    fn recv(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+        let fd = self.fd;
+        if self.local
+            && !fd.readable.load(Ordering::Relaxed)
+            && !fd.read_closed.load(Ordering::Relaxed)
+        {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let r = fd.recv(dst);
+        if self.local && matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            fd.readable.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl io::Read for Raw<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and `recv` only writes
+        // initialized bytes into it.
+        let dst = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        self.recv(dst)
+    }
+}
+
+impl Write for Raw<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let fd = self.fd;
+        if self.local && !fd.writable.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let r = fd.send(bufs);
+        if self.local {
+            let full = match &r {
+                Ok(n) => *n > 0 && *n < bufs.iter().map(|b| b.len()).sum::<usize>(),
+                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            };
+            if full {
+                // The send buffer is full; wait for the next edge.
+                fd.writable.store(false, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -342,21 +507,20 @@ impl Socket {
         if local {
             return self.fd.poll_recv(dst);
         }
-        self.poll_foreign(cx, &self.read_waker, || self.fd.recv(dst))
+        self.poll_foreign(cx, &self.read_waker, || self.fd.read(dst, false))
     }
 
-    /// Writes with `op` (`len` bytes offered); `local` as for [`poll_recv`](Self::poll_recv).
+    /// Writes `bufs`; `local` as for [`poll_recv`](Self::poll_recv).
     pub(crate) fn poll_send(
         &self,
         cx: &Context<'_>,
         local: bool,
-        len: usize,
-        mut op: impl FnMut(&StreamIo) -> io::Result<usize>,
+        bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if local {
-            return self.fd.poll_send(len, op);
+            return self.fd.poll_send(bufs);
         }
-        self.poll_foreign(cx, &self.write_waker, || self.fd.send(&mut op))
+        self.poll_foreign(cx, &self.write_waker, || self.fd.write(bufs, false))
     }
 
     /// Runs `op` (a read or a write) for a task other than the poller: on `WouldBlock` its
@@ -385,14 +549,29 @@ impl Socket {
         }
     }
 
-    /// Sends coalesced output; `Ready` once none is left. `release` gives the buffer back
-    /// once empty.
+    /// Sends coalesced output, then what TLS holds encrypted; `Ready` once none is left.
     pub(crate) fn poll_flush_pending(&self, cx: &Context<'_>, local: bool) -> Poll<io::Result<()>> {
-        if !self.has_pending.load(Ordering::Relaxed) {
-            return Poll::Ready(Ok(()));
+        if self.has_pending.load(Ordering::Relaxed) {
+            let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            ready!(self.flush_locked(&mut out, cx, local))?;
         }
-        let mut out = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        Self::flush_locked(self, &mut out, cx, local)
+        self.poll_flush_tls(cx, local)
+    }
+
+    /// Sends what TLS holds encrypted (nothing to do without TLS).
+    fn poll_flush_tls(&self, cx: &Context<'_>, local: bool) -> Poll<io::Result<()>> {
+        let flushed = |done: bool| match done {
+            true => Ok(0),
+            false => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+        };
+        let sent = if local {
+            pending_if_blocked(self.fd.flush(true).and_then(flushed))
+        } else {
+            self.poll_foreign(cx, &self.write_waker, || {
+                self.fd.flush(false).and_then(flushed)
+            })
+        };
+        sent.map_ok(|_| ())
     }
 
     fn flush_locked(
@@ -402,7 +581,7 @@ impl Socket {
         local: bool,
     ) -> Poll<io::Result<()>> {
         while !out.is_empty() {
-            let n = ready!(self.poll_send(cx, local, out.len(), |mut io| io.write(out)))?;
+            let n = ready!(self.poll_send(cx, local, &[IoSlice::new(out)]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -421,9 +600,9 @@ impl Socket {
         Poll::Ready(Ok(()))
     }
 
-    /// Nothing coalesced is waiting to be sent.
+    /// Nothing coalesced, and nothing TLS encrypted, is waiting to be sent.
     pub(crate) fn nothing_pending(&self) -> bool {
-        !self.has_pending.load(Ordering::Relaxed)
+        !self.has_pending.load(Ordering::Relaxed) && !self.fd.has_output()
     }
 
     /// Frees the coalescing buffer if it is empty (the connection is parking, or a read handler
@@ -596,11 +775,10 @@ impl HopStream {
     fn poll_coalesce(
         &mut self,
         cx: &mut Context<'_>,
-        len: usize,
-        append: impl FnOnce(&mut BytesMut, usize),
-        direct: impl FnMut(&StreamIo) -> io::Result<usize>,
+        bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let res = self.coalesce(cx, len, append, direct);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let res = self.coalesce(cx, len, bufs);
         self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
         res
     }
@@ -609,8 +787,7 @@ impl HopStream {
         &self,
         cx: &mut Context<'_>,
         len: usize,
-        append: impl FnOnce(&mut BytesMut, usize),
-        direct: impl FnMut(&StreamIo) -> io::Result<usize>,
+        bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let local = self.local(cx);
         let socket = self.socket();
@@ -618,7 +795,7 @@ impl HopStream {
         if !local {
             ready!(socket.flush_locked(&mut out, cx, false))?;
             drop(out);
-            return socket.poll_send(cx, false, len, direct);
+            return socket.poll_send(cx, false, bufs);
         }
         if out.len() + len > COALESCE_MAX {
             if let Poll::Ready(Err(e)) = socket.flush_locked(&mut out, cx, true) {
@@ -626,7 +803,7 @@ impl HopStream {
             }
             if out.is_empty() && len >= COALESCE_MAX {
                 drop(out);
-                return socket.poll_send(cx, true, len, direct);
+                return socket.poll_send(cx, true, bufs);
             }
         }
         let room = COALESCE_MAX.saturating_sub(out.len());
@@ -634,7 +811,16 @@ impl HopStream {
             return Poll::Pending;
         }
         let n = len.min(room);
-        append(&mut out, n);
+        out.reserve(n);
+        let mut left = n;
+        for b in bufs {
+            let take = b.len().min(left);
+            out.extend_from_slice(&b[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
         socket.has_pending.store(true, Ordering::Relaxed);
         Poll::Ready(Ok(n))
     }
@@ -652,12 +838,7 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_coalesce(
-            cx,
-            buf.len(),
-            |out, n| out.extend_from_slice(&buf[..n]),
-            |mut io| io.write(buf),
-        )
+        self.poll_coalesce(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -665,23 +846,7 @@ impl hyper::rt::Write for HopStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let len = bufs.iter().map(|b| b.len()).sum();
-        self.poll_coalesce(
-            cx,
-            len,
-            |out, mut n| {
-                out.reserve(n);
-                for b in bufs {
-                    let take = b.len().min(n);
-                    out.extend_from_slice(&b[..take]);
-                    n -= take;
-                    if n == 0 {
-                        break;
-                    }
-                }
-            },
-            |mut io| io.write_vectored(bufs),
-        )
+        self.poll_coalesce(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

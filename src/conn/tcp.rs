@@ -25,8 +25,7 @@ impl RawIo for LoopIo<'_> {
     }
 
     fn poll_write(&mut self, _cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
-        use std::io::Write;
-        self.0.poll_send(src.len(), |mut io| io.write(src))
+        self.0.poll_send(&[std::io::IoSlice::new(src)])
     }
 
     fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
