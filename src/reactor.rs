@@ -514,7 +514,13 @@ impl<P: App> Poller<P> {
             NewConn::Tcp(handler) => {
                 let conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), &self.tcp);
                 let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
-                Kind::Tcp(Box::new(TcpConn::new(fd, core)))
+                let conn = TcpConn::new(fd, core);
+                #[cfg(any(feature = "tls", feature = "tls-ring"))]
+                let conn = match &self.http.tls {
+                    Some((_, timeout)) => conn.after_handshake(now + *timeout, self.ctl.clone()),
+                    None => conn,
+                };
+                Kind::Tcp(Box::new(conn))
             }
         };
         self.conns.insert(Entry::new(key, kind));

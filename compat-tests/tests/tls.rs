@@ -516,6 +516,41 @@ backend_tests! {
         }
     }
 
+    /// A `hop::tcp` read handler served straight on a TLS listener: the handshake comes first
+    /// (under its timeout, and counted), then the handler reads decrypted bytes and its output
+    /// is encrypted, more than one TLS record's worth included.
+    async fn tcp_handler_over_tls(backend) {
+        let pki = pki("a");
+        let (addr, handle) = compat_tests::start_tcp(
+            backend,
+            |b| b.tls(pki.server_config()).tls_handshake_timeout(Duration::from_millis(500)),
+            |_| RawEcho,
+        );
+        let mut tls = tls_connect(addr, client_config(&[&pki.ca], &[])).await;
+        let big: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        for msg in [&b"hello"[..], &big[..]] {
+            tls.write_all(msg).await.expect("write");
+            let mut echo = vec![0u8; msg.len()];
+            within("the echo", tls.read_exact(&mut echo)).await.expect("echo");
+            assert!(echo == msg, "[{backend}] the echo differs");
+        }
+        // A client that sends nothing is closed at the handshake timeout.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        assert!(closed_within(&mut silent, IO_TIMEOUT).await, "[{backend}] silent: not closed");
+        within("the timeout counted", async {
+            while handle.stats().tls_handshake_timeouts < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(handle.stats().tls_handshakes, 1, "[{backend}]");
+        // The first connection still echoes.
+        tls.write_all(b"still here").await.expect("write");
+        let mut echo = [0u8; 10];
+        within("the echo", tls.read_exact(&mut echo)).await.expect("echo");
+        assert_eq!(&echo, b"still here", "[{backend}]");
+    }
+
     /// An SSE stream (`hop::sse`) over TLS, on HTTP/1.1 and HTTP/2.
     async fn sse_over_tls(backend) {
         let pki = pki("a");

@@ -37,15 +37,68 @@ impl RawIo for LoopIo<'_> {
 pub(crate) struct TcpConn {
     pub(crate) fd: Fd,
     core: ConnCore,
+    /// On a TLS listener, until the handshake is done: when it must be, and where it is
+    /// counted.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    handshake: Option<(std::time::Instant, std::sync::Arc<crate::settings::Control>)>,
 }
 
 impl TcpConn {
     pub(crate) fn new(fd: Fd, core: ConnCore) -> Self {
-        TcpConn { fd, core }
+        TcpConn {
+            fd,
+            core,
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            handshake: None,
+        }
+    }
+
+    /// A new connection on a TLS listener: the handler sees it once its handshake is done,
+    /// which must be by `deadline` (counted in `ctl`'s stats).
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    pub(crate) fn after_handshake(
+        mut self,
+        deadline: std::time::Instant,
+        ctl: std::sync::Arc<crate::settings::Control>,
+    ) -> Self {
+        self.handshake = Some((deadline, ctl));
+        self
+    }
+
+    /// Drives the TLS handshake: `Some(closed)` while it is not done.
+    #[cfg(any(feature = "tls", feature = "tls-ring"))]
+    fn handshake(&mut self, d: &mut Drive) -> Option<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (deadline, ctl) = self.handshake.as_ref()?;
+        match self.fd.poll_handshake() {
+            Poll::Pending if d.now >= *deadline => {
+                tracing::debug!("TLS handshake timed out; closing");
+                ctl.tls_handshake_timeouts.fetch_add(1, Relaxed);
+                Some(true)
+            }
+            Poll::Pending => {
+                d.wake_at(*deadline);
+                Some(false)
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed; closing");
+                ctl.tls_handshake_failures.fetch_add(1, Relaxed);
+                Some(true)
+            }
+            Poll::Ready(Ok(())) => {
+                ctl.tls_handshakes.fetch_add(1, Relaxed);
+                self.handshake = None;
+                None
+            }
+        }
     }
 
     /// Drives the connection on its poller; `true` when it has closed.
     pub(crate) fn drive(&mut self, key: Key, d: &mut Drive) -> bool {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(closed) = self.handshake(d) {
+            return closed;
+        }
         if d.draining {
             self.core.begin_shutdown();
         }
@@ -55,6 +108,11 @@ impl TcpConn {
         // Lent so that a handler opening on it (an SSE subscriber) knows its connection.
         let mut cur = Current::new(key);
         let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(fd), now));
+        // What TLS holds encrypted goes out (it waits for this drive on a writable edge).
+        if let Err(e) = fd.flush(true) {
+            self.core.finish(CloseReason::Error(e));
+            return true;
+        }
         match polled {
             Poll::Ready(reason) => {
                 let reason = match reason {
