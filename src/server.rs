@@ -256,8 +256,8 @@ impl Builder {
     /// `Arc<rustls::ServerConfig>` of your own. Handlers find a
     /// [`TlsInfo`](crate::tls::TlsInfo) in each request's extensions.
     ///
-    /// For now both backends serve TLS connections on tokio tasks with tokio-rustls (under the
-    /// reactor, as generic listeners are; it logs so once at start).
+    /// The reactor runs rustls in place in its socket type (no task per connection); the tokio
+    /// backend, and generic listeners under either backend, use tokio-rustls.
     ///
     /// ```no_run
     /// # async fn run(app: axum::Router) -> std::io::Result<()> {

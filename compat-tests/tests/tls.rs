@@ -551,6 +551,43 @@ backend_tests! {
         assert_eq!(&echo, b"still here", "[{backend}]");
     }
 
+    /// A read handler that writes more than the socket takes and closes: the peer still gets
+    /// every byte (what TLS held encrypted included), then `close_notify`, not a cut.
+    async fn read_handler_close_sends_everything_first(backend) {
+        const LEN: usize = 16 << 20;
+        struct WriteAndClose;
+        impl Handler for WriteAndClose {
+            fn on_open(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+                conn.write(&vec![7u8; LEN])?;
+                conn.close();
+                Ok(())
+            }
+            fn on_read(&mut self, _: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+                input.clear();
+                Ok(())
+            }
+        }
+        let pki = pki("a");
+        let (addr, _handle) =
+            compat_tests::start_tcp(backend, |b| b.tls(pki.server_config()), |_| WriteAndClose);
+        // A small receive buffer, not read for a while: the socket fills up, and TLS holds
+        // records the socket did not take when the handler closes.
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let tcp = sock.connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client_config(&[&pki.ca], &[]))
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = within("everything", read_to_close(&mut tls))
+            .await
+            .expect("a clean close (close_notify), after every byte");
+        assert_eq!(got.len(), LEN, "[{backend}]");
+        assert!(got.iter().all(|b| *b == 7), "[{backend}]");
+    }
+
     /// An SSE stream (`hop::sse`) over TLS, on HTTP/1.1 and HTTP/2.
     async fn sse_over_tls(backend) {
         let pki = pki("a");

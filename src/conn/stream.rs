@@ -560,6 +560,9 @@ impl Socket {
 
     /// Sends what TLS holds encrypted (nothing to do without TLS).
     fn poll_flush_tls(&self, cx: &Context<'_>, local: bool) -> Poll<io::Result<()>> {
+        if !self.fd.has_output() {
+            return Poll::Ready(Ok(()));
+        }
         let flushed = |done: bool| match done {
             true => Ok(0),
             false => Err(io::Error::from(io::ErrorKind::WouldBlock)),

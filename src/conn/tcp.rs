@@ -28,7 +28,17 @@ impl RawIo for LoopIo<'_> {
         self.0.poll_send(&[std::io::IoSlice::new(src)])
     }
 
-    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.0.flush(true) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What TLS holds encrypted goes out before its `close_notify` and the FIN.
+        std::task::ready!(self.poll_flush(cx))?;
         Poll::Ready(self.0.shutdown_write())
     }
 }
@@ -38,9 +48,9 @@ pub(crate) struct TcpConn {
     pub(crate) fd: Fd,
     core: ConnCore,
     /// On a TLS listener, until the handshake is done: when it must be, and where it is
-    /// counted.
+    /// counted (boxed: a pointer in every read-handler connection, most of which have none).
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
-    handshake: Option<(std::time::Instant, std::sync::Arc<crate::settings::Control>)>,
+    handshake: Option<Box<(std::time::Instant, std::sync::Arc<crate::settings::Control>)>>,
 }
 
 impl TcpConn {
@@ -61,7 +71,7 @@ impl TcpConn {
         deadline: std::time::Instant,
         ctl: std::sync::Arc<crate::settings::Control>,
     ) -> Self {
-        self.handshake = Some((deadline, ctl));
+        self.handshake = Some(Box::new((deadline, ctl)));
         self
     }
 
@@ -69,7 +79,7 @@ impl TcpConn {
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
     fn handshake(&mut self, d: &mut Drive) -> Option<bool> {
         use std::sync::atomic::Ordering::Relaxed;
-        let (deadline, ctl) = self.handshake.as_ref()?;
+        let (deadline, ctl) = &**self.handshake.as_ref()?;
         match self.fd.poll_handshake() {
             Poll::Pending if d.now >= *deadline => {
                 tracing::debug!("TLS handshake timed out; closing");

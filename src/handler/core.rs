@@ -29,6 +29,8 @@ pub(crate) trait RawIo {
     ) -> Poll<io::Result<usize>>;
     /// Writes from `src`.
     fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>>;
+    /// Sends what the stream itself still holds (TLS records), once all output was written.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Shuts the write side down.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -49,6 +51,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RawIo for TokioIo<T> {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, src: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, src)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -276,12 +282,20 @@ impl ConnCore {
                     }
                 }
                 if self.conn.closing {
-                    return Err(CloseReason::Local);
+                    // Closed once the stream has sent what it holds too (TLS records); until
+                    // then the close clock bounds the wait, as for queued output.
+                    match io.poll_flush(cx) {
+                        Poll::Ready(Ok(())) => return Err(CloseReason::Local),
+                        Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
+                        Poll::Pending => {}
+                    }
                 }
                 if self.conn.shutdown_requested && !self.write_shut {
-                    self.write_shut = true;
-                    if let Poll::Ready(Err(e)) = io.poll_shutdown(cx) {
-                        return Err(peer_or_error(e));
+                    // Retried on the next drive while the stream still sends what it holds.
+                    match io.poll_shutdown(cx) {
+                        Poll::Ready(Ok(())) => self.write_shut = true,
+                        Poll::Ready(Err(e)) => return Err(peer_or_error(e)),
+                        Poll::Pending => {}
                     }
                 }
                 if self.eof && self.write_shut {
