@@ -193,19 +193,19 @@ def callgrind_calls(path):
     return calls
 
 
-def callgrind_per_unit(backend, warm_up, measure):
+def callgrind_per_unit(backend, warm_up, measure, tls=None):
     """Instructions the server executes in user space per unit of work (callgrind), and heap
     allocations (calls to malloc, calloc and the aligned allocators) and reallocs per unit.
 
     The server starts uninstrumented; `warm_up(addr)` runs, instrumentation is switched on,
     `measure(addr)` runs and returns how many units it completed, and the counts are dumped
-    when the server exits."""
+    when the server exits. With `tls` (a (cert, key) pair) the server serves HTTPS."""
     port = next_port()
     addr = f"127.0.0.1:{port}"
     out = os.path.join(tempfile.mkdtemp(prefix="hop-cg-"), "callgrind.out")
     proc = subprocess.Popen(
         ["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", "--instr-atstart=no",
-         f"--callgrind-out-file={out}", *server_argv(SERVER, backend, addr)],
+         f"--callgrind-out-file={out}", *server_argv(SERVER, backend, addr, tls)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(proc)
     try:
@@ -366,6 +366,9 @@ def tls_targets(hs, ka, idle_tls):
     if ka is not None:
         rows.append(("server CPU µs/request over TLS (keep-alive) ≤ 0.9× axum-server",
                      [against(ka["cpu"], b, 0.9, False) for b in hop]))
+        if "ins" in ka:
+            rows.append(("user-space instructions/request over TLS (callgrind) ≤ 0.9× axum-server",
+                         [against(ka["ins"], b, 0.9, False) for b in hop]))
     if idle_tls is not None:
         rows.append(("idle TLS keep-alive KB/conn ≤ 0.3× axum-server",
                      [against(idle_tls["kb"], b, 0.3, False) for b in hop]))
@@ -471,6 +474,20 @@ def tls_rows(table, raw, runs, idle_runs, warm, secs, want, tmp):
                 table.add(w13, "req/s", ka["rps"])
                 table.add(w13, "p99 ms", ka["p99"], 2)
                 table.add(w13, "server CPU µs/req", ka["cpu"], 2)
+                # User-space instructions per request (callgrind, which repeats to about 1%,
+                # where CPU time moves by 10% between runs here), once per server, as row 9.
+                if shutil.which("valgrind") and shutil.which("callgrind_control"):
+                    ka["ins"] = {b: Cell() for b in tb}
+                    for b in tb:
+                        ins, allocs, _ = callgrind_per_unit(
+                            b, lambda addr: wrk_https(addr, 10, 2),
+                            lambda addr: wrk_https(addr, 10, 8)["requests"], tls=pair)
+                        ka["ins"][b].add(ins)
+                        log(f"13 tls callgrind {b}: {ins:,.0f} instructions/req, "
+                            f"{allocs:.2f} allocations/req")
+                    table.add(w13, "user-space instructions/req (callgrind)", ka["ins"], 0)
+                else:
+                    table.na(w13, "user-space instructions/req (callgrind)", "no valgrind", tb)
         finally:
             for s in servers.values():
                 s.stop()
