@@ -5,7 +5,8 @@
 //! `http/1.1`; the same routes, `/ws` over wss), on either backend.
 //!
 //! Routes: `/` (an HTML overview whose script uses `/ws` and `/sse`), `/plaintext`, `/json`,
-//! `/ws` (hop::ws echo), `/ws-frames` (the same, until a frame-level API exists), `/ws-axum`
+//! `/ws` (hop::ws echo), `/ws-frames` (hop::ws's frame API: each piece of each frame echoed as
+//! it arrives, as a frame of its own, so a message comes back whole), `/ws-axum`
 //! (axum's `WebSocketUpgrade`), `/ws-tungstenite` (a tokio-tungstenite loop, tuned: 4 KiB read
 //! buffer, one flush per batch), `/sse` (the hub, ticking once a second), `POST /sse/broadcast`,
 //! `/file` (tower-http `ServeFile`).
@@ -21,7 +22,7 @@ use axum::routing::{any, get, get_service, post};
 use axum::{Json, Router};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hop::sse::{Event, Hub};
-use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
+use hop::ws::{FrameChunk, FrameKind, Message, WsConn, WsFrameHandler, WsHandler, WsUpgrade};
 
 const INDEX: &str = include_str!("assets/index.html");
 
@@ -43,6 +44,33 @@ impl WsHandler for Echo {
 
 async fn ws_hop(upgrade: WsUpgrade) -> Response {
     upgrade.on_upgrade(Echo)
+}
+
+/// hop::ws frame echo: each piece of a frame goes back as it arrived, as a frame of its own
+/// (the first of a message with the message's opcode, the others as continuations), so no
+/// message or frame is ever held whole.
+#[derive(Default)]
+struct FrameEcho {
+    /// A message is being echoed (its first frame has gone back).
+    in_message: bool,
+}
+
+impl WsFrameHandler for FrameEcho {
+    fn on_frame(&mut self, ws: &mut WsConn<'_>, chunk: FrameChunk) -> std::io::Result<()> {
+        let kind = if self.in_message {
+            FrameKind::Continue
+        } else {
+            chunk.kind
+        };
+        let ends = chunk.fin && chunk.last;
+        ws.send_frame(kind, ends, &chunk.payload)?;
+        self.in_message = !ends;
+        Ok(())
+    }
+}
+
+async fn ws_frames(upgrade: WsUpgrade) -> Response {
+    upgrade.on_upgrade_frames(FrameEcho::default())
 }
 
 async fn ws_axum(upgrade: WebSocketUpgrade) -> Response {
@@ -138,7 +166,7 @@ fn app(hub: Hub) -> Router {
             get(|| async { Json(serde_json::json!({ "message": "Hello, World!" })) }),
         )
         .route("/ws", any(ws_hop))
-        .route("/ws-frames", any(ws_hop))
+        .route("/ws-frames", any(ws_frames))
         .route("/ws-axum", any(ws_axum))
         .route("/ws-tungstenite", get(ws_tungstenite))
         .route("/sse", get(sse))

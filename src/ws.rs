@@ -8,6 +8,13 @@
 //! for UTF-8 (`1007`) and protocol errors closed with `1002`. A partial frame simply waits in the
 //! connection's input buffer for more bytes.
 //!
+//! A [`WsFrameHandler`] gets frames instead, as they arrive ([`upgrade_frames`],
+//! [`WsUpgrade::on_upgrade_frames`]): each data frame's payload in the pieces the socket
+//! delivered it in, with its opcode and FIN bit, so a proxy or a stream of large binary data
+//! never holds a whole message (or a whole frame). The limits and the control frames are
+//! handled as for messages, and text is checked for UTF-8 as it goes. It sends frames with
+//! [`WsConn::send_frame`] and [`WsHandle::send_frame`].
+//!
 //! Over HTTP/2 the handshake is RFC 8441's extended CONNECT (`:protocol websocket`), answered
 //! `200`; the handler then runs over the HTTP/2 stream (as a task, not in place). Route with
 //! `any(..)` to accept both handshakes.
@@ -80,6 +87,109 @@ pub trait WsHandler: Send + 'static {
     }
 }
 
+/// A data frame's opcode, as a [`WsFrameHandler`] gets and sends frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// The first frame of a text message.
+    Text,
+    /// The first frame of a binary message.
+    Binary,
+    /// A later frame of the message.
+    Continue,
+}
+
+impl FrameKind {
+    fn opcode(self) -> OpCode {
+        OpCode::Data(match self {
+            FrameKind::Text => Data::Text,
+            FrameKind::Binary => Data::Binary,
+            FrameKind::Continue => Data::Continue,
+        })
+    }
+}
+
+/// Part of a data frame's payload, as it arrived (unmasked).
+#[derive(Debug, Clone)]
+pub struct FrameChunk {
+    /// The frame's opcode.
+    pub kind: FrameKind,
+    /// The frame's FIN bit: the message ends with this frame.
+    pub fin: bool,
+    /// The first piece of this frame's payload.
+    pub first: bool,
+    /// The last piece of this frame's payload (an empty frame is one piece, first and last).
+    pub last: bool,
+    /// The bytes. In a text message the UTF-8 so far is valid; a character may be split
+    /// between pieces.
+    pub payload: Bytes,
+}
+
+/// A WebSocket handler that gets frames as they arrive rather than whole messages: see the
+/// module docs. Pings are answered, a close is answered, and the limits hold as for
+/// [`WsHandler`]. Returning an error closes the connection with `1011`.
+pub trait WsFrameHandler: Send + 'static {
+    /// The handshake is done.
+    fn on_open(&mut self, ws: &mut WsConn<'_>) -> io::Result<()> {
+        let _ = ws;
+        Ok(())
+    }
+
+    /// Part of a data frame arrived.
+    fn on_frame(&mut self, ws: &mut WsConn<'_>, chunk: FrameChunk) -> io::Result<()>;
+
+    /// The connection is gone; `code` and `reason` come from the close frame, if any.
+    fn on_close(&mut self, code: Option<CloseCode>, reason: &str) {
+        let _ = (code, reason);
+    }
+}
+
+/// What a connection's frames go to: whole messages to a [`WsHandler`], or pieces of frames as
+/// they arrive to a [`WsFrameHandler`].
+trait Endpoint: Send + 'static {
+    /// Data frames are handed on as they arrive, not assembled into messages.
+    const STREAMING: bool;
+    fn open(&mut self, ws: &mut WsConn<'_>) -> io::Result<()>;
+    fn message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> io::Result<()>;
+    fn chunk(&mut self, ws: &mut WsConn<'_>, chunk: FrameChunk) -> io::Result<()>;
+    fn close(&mut self, code: Option<CloseCode>, reason: &str);
+}
+
+struct Messages<H>(H);
+
+impl<H: WsHandler> Endpoint for Messages<H> {
+    const STREAMING: bool = false;
+    fn open(&mut self, ws: &mut WsConn<'_>) -> io::Result<()> {
+        self.0.on_open(ws)
+    }
+    fn message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> io::Result<()> {
+        self.0.on_message(ws, msg)
+    }
+    fn chunk(&mut self, _: &mut WsConn<'_>, _: FrameChunk) -> io::Result<()> {
+        unreachable!("a message handler is given messages")
+    }
+    fn close(&mut self, code: Option<CloseCode>, reason: &str) {
+        self.0.on_close(code, reason)
+    }
+}
+
+struct Frames<H>(H);
+
+impl<H: WsFrameHandler> Endpoint for Frames<H> {
+    const STREAMING: bool = true;
+    fn open(&mut self, ws: &mut WsConn<'_>) -> io::Result<()> {
+        self.0.on_open(ws)
+    }
+    fn message(&mut self, _: &mut WsConn<'_>, _: Message) -> io::Result<()> {
+        unreachable!("a frame handler is given frames")
+    }
+    fn chunk(&mut self, ws: &mut WsConn<'_>, chunk: FrameChunk) -> io::Result<()> {
+        self.0.on_frame(ws, chunk)
+    }
+    fn close(&mut self, code: Option<CloseCode>, reason: &str) {
+        self.0.on_close(code, reason)
+    }
+}
+
 /// The WebSocket as a handler sees it.
 pub struct WsConn<'a> {
     conn: &'a mut Conn,
@@ -104,6 +214,21 @@ impl WsConn<'_> {
         }
         let (op, payload) = message_parts(msg);
         write_frame(self.conn, op, &payload)
+    }
+
+    /// Sends one data frame: `kind` `Text` or `Binary` starts a message, `Continue` goes on with
+    /// it, `fin` ends it. Control frames go through [`send`](Self::send) and
+    /// [`close`](Self::close), and may come between a message's frames.
+    pub fn send_frame(&mut self, kind: FrameKind, fin: bool, payload: &[u8]) -> io::Result<()> {
+        if *self.close_sent {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "close already sent",
+            ));
+        }
+        let (head, n) = frame_header(kind.opcode(), fin, payload.len());
+        self.conn.write_parts(&[&head[..n], payload])?;
+        Ok(())
     }
 
     /// Sends a text message.
@@ -156,6 +281,20 @@ impl WsHandle {
         self.inner.write(out.freeze())
     }
 
+    /// Queues one data frame (see [`WsConn::send_frame`]); refused as [`send`](Self::send) is.
+    pub fn send_frame(
+        &self,
+        kind: FrameKind,
+        fin: bool,
+        payload: &[u8],
+    ) -> Result<(), crate::tcp::WriteError> {
+        let (head, n) = frame_header(kind.opcode(), fin, payload.len());
+        let mut out = BytesMut::with_capacity(n + payload.len());
+        out.extend_from_slice(&head[..n]);
+        out.extend_from_slice(payload);
+        self.inner.write(out.freeze())
+    }
+
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
         self.inner.is_closed()
@@ -173,10 +312,11 @@ fn message_parts(msg: Message) -> (OpCode, Bytes) {
     }
 }
 
-/// A server frame's header (unmasked, final) for `len` payload bytes: the buffer and its length.
-fn frame_header(opcode: OpCode, len: usize) -> ([u8; 14], usize) {
+/// A server frame's header (unmasked) for `len` payload bytes: the buffer and its length.
+fn frame_header(opcode: OpCode, fin: bool, len: usize) -> ([u8; 14], usize) {
     let header = FrameHeader {
         opcode,
+        is_final: fin,
         ..FrameHeader::default()
     };
     let mut head = [0u8; 14];
@@ -189,14 +329,14 @@ fn frame_header(opcode: OpCode, len: usize) -> ([u8; 14], usize) {
 }
 
 fn format_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
-    let (head, n) = frame_header(opcode, payload.len());
+    let (head, n) = frame_header(opcode, true, payload.len());
     out.reserve(n + payload.len());
     out.extend_from_slice(&head[..n]);
     out.extend_from_slice(payload);
 }
 
 fn write_frame(conn: &mut Conn, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
-    let (head, n) = frame_header(opcode, payload.len());
+    let (head, n) = frame_header(opcode, true, payload.len());
     conn.write_parts(&[&head[..n], payload])?;
     Ok(())
 }
@@ -223,22 +363,56 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     }
 }
 
-/// The read handler that speaks WebSocket for a [`WsHandler`].
-struct WsProtocol<H> {
-    handler: H,
+/// The read handler that speaks WebSocket for a [`WsHandler`] or a [`WsFrameHandler`].
+struct WsProtocol<E> {
+    handler: E,
     cfg: WsConfig,
     /// A fragmented message being assembled: its opcode and bytes so far.
-    /// (Boxed, as is `close_received`: an idle connection has neither, and its state stays
-    /// small.)
+    /// (Boxed, as are `streaming` and `close_received`: an idle connection has none of them,
+    /// and its state stays small.)
     partial: Option<Box<(Data, BytesMut)>>,
+    /// For a frame handler: the message and the frame in progress.
+    streaming: Option<Box<Streaming>>,
     close_sent: bool,
     close_received: Option<Box<(Option<CloseCode>, String)>>,
+}
+
+/// A frame handler's message in progress, and the frame whose payload is arriving.
+#[derive(Default)]
+struct Streaming {
+    /// The message's kind and its bytes so far.
+    message: Option<(Data, usize)>,
+    /// The end of a text message's UTF-8 so far, if it stopped inside a character.
+    carry: Utf8Carry,
+    /// The frame being handed on.
+    frame: Option<InFrame>,
+}
+
+/// A data frame whose payload is being handed on as it arrives.
+struct InFrame {
+    kind: FrameKind,
+    fin: bool,
+    mask: [u8; 4],
+    /// Payload bytes handed on, and still to come.
+    done: usize,
+    left: usize,
 }
 
 /// Why the protocol closes the connection.
 struct Fail(CloseCode, &'static str);
 
-impl<H: WsHandler> WsProtocol<H> {
+impl<E: Endpoint> WsProtocol<E> {
+    fn new(handler: E, cfg: WsConfig) -> Self {
+        WsProtocol {
+            handler,
+            cfg,
+            partial: None,
+            streaming: None,
+            close_sent: false,
+            close_received: None,
+        }
+    }
+
     fn ws<'a>(conn: &'a mut Conn, close_sent: &'a mut bool) -> WsConn<'a> {
         WsConn { conn, close_sent }
     }
@@ -263,6 +437,12 @@ impl<H: WsHandler> WsProtocol<H> {
                 conn.want_writable = true;
                 return Ok(());
             }
+            if E::STREAMING && self.streaming.as_ref().is_some_and(|s| s.frame.is_some()) {
+                if !self.stream_payload(conn, input)? {
+                    return Ok(());
+                }
+                continue;
+            }
             let mut cur = Cursor::new(&input[..]);
             let (header, len) = match FrameHeader::parse(&mut cur) {
                 Ok(Some(h)) => h,
@@ -275,14 +455,23 @@ impl<H: WsHandler> WsProtocol<H> {
             }
             let len = len as usize;
             if let OpCode::Data(Data::Continue) = header.opcode {
-                let so_far = self.partial.as_ref().map_or(0, |p| p.1.len());
+                let so_far = match E::STREAMING {
+                    true => self
+                        .streaming
+                        .as_ref()
+                        .and_then(|s| s.message)
+                        .map_or(0, |m| m.1),
+                    false => self.partial.as_ref().map_or(0, |p| p.1.len()),
+                };
                 if so_far + len > self.cfg.max_message_size {
                     return Err(Fail(CloseCode::Size, "message too large"));
                 }
             } else if len > self.cfg.max_message_size {
                 return Err(Fail(CloseCode::Size, "message too large"));
             }
-            if input.len() < head_len + len {
+            // A frame handler gets a data frame's payload as it arrives.
+            let streamed = E::STREAMING && matches!(header.opcode, OpCode::Data(_));
+            if !streamed && input.len() < head_len + len {
                 // Wait for the rest. The input buffer grows with what arrives, in the read
                 // loop's chunks, never by what a header claims: a header that declares 16 MiB
                 // costs nothing until 16 MiB are sent.
@@ -295,10 +484,103 @@ impl<H: WsHandler> WsProtocol<H> {
                 return Err(Fail(CloseCode::Protocol, "unmasked client frame"));
             };
             input.advance(head_len);
+            if streamed {
+                self.start_frame(header.is_final, header.opcode, mask, len)?;
+                continue;
+            }
             let mut payload = input.split_to(len);
             unmask(&mut payload, mask);
             self.frame(conn, header.is_final, header.opcode, payload)?;
         }
+    }
+
+    /// A frame handler's data frame begins (its header read): checks that it fits the message
+    /// in progress, and starts handing its payload on.
+    fn start_frame(
+        &mut self,
+        fin: bool,
+        op: OpCode,
+        mask: [u8; 4],
+        len: usize,
+    ) -> Result<(), Fail> {
+        let st = self.streaming.get_or_insert_with(Default::default);
+        let kind = match (op, st.message) {
+            (OpCode::Data(Data::Continue), Some(_)) => FrameKind::Continue,
+            (OpCode::Data(Data::Continue), None) => {
+                return Err(Fail(CloseCode::Protocol, "continuation without a message"))
+            }
+            (OpCode::Data(Data::Text | Data::Binary), Some(_)) => {
+                return Err(Fail(
+                    CloseCode::Protocol,
+                    "new message inside a fragmented one",
+                ))
+            }
+            (OpCode::Data(Data::Text), None) => FrameKind::Text,
+            (OpCode::Data(Data::Binary), None) => FrameKind::Binary,
+            _ => return Err(Fail(CloseCode::Protocol, "reserved opcode")),
+        };
+        let message = match (kind, st.message) {
+            (FrameKind::Text, _) => (Data::Text, len),
+            (FrameKind::Binary, _) => (Data::Binary, len),
+            (FrameKind::Continue, Some((data, so_far))) => (data, so_far + len),
+            (FrameKind::Continue, None) => unreachable!("checked above"),
+        };
+        st.message = Some(message);
+        st.frame = Some(InFrame {
+            kind,
+            fin,
+            mask,
+            done: 0,
+            left: len,
+        });
+        Ok(())
+    }
+
+    /// Hands on what has arrived of the current frame's payload; `false` if nothing has (wait
+    /// for more).
+    fn stream_payload(&mut self, conn: &mut Conn, input: &mut BytesMut) -> Result<bool, Fail> {
+        let st = self.streaming.as_deref_mut().expect("a frame in progress");
+        let frame = st.frame.as_mut().expect("a frame in progress");
+        let n = frame.left.min(input.len());
+        if n == 0 && frame.left > 0 {
+            return Ok(false);
+        }
+        let mut piece = input.split_to(n);
+        unmask_from(&mut piece, frame.mask, frame.done);
+        let first = frame.done == 0;
+        frame.done += n;
+        frame.left -= n;
+        let last = frame.left == 0;
+        let (kind, fin) = (frame.kind, frame.fin);
+        let ends = fin && last;
+        if let Some((Data::Text, _)) = st.message {
+            if !st.carry.check(&piece, ends) {
+                return Err(Fail(CloseCode::Invalid, "text is not UTF-8"));
+            }
+        }
+        if last {
+            st.frame = None;
+            if fin {
+                // Nothing is kept between messages.
+                self.streaming = None;
+            }
+        }
+        if self.close_sent {
+            return Ok(true);
+        }
+        let chunk = FrameChunk {
+            kind,
+            fin,
+            first,
+            last,
+            payload: piece.freeze(),
+        };
+        let mut ws = Self::ws(conn, &mut self.close_sent);
+        if let Err(e) = self.handler.chunk(&mut ws, chunk) {
+            tracing::debug!(error = %e, "websocket frame handler failed");
+            return Err(Fail(CloseCode::Error, "handler error"));
+        }
+        Ok(true)
     }
 
     fn frame(
@@ -369,7 +651,7 @@ impl<H: WsHandler> WsProtocol<H> {
             return Ok(());
         }
         let mut ws = Self::ws(conn, &mut self.close_sent);
-        if let Err(e) = self.handler.on_message(&mut ws, msg) {
+        if let Err(e) = self.handler.message(&mut ws, msg) {
             tracing::debug!(error = %e, "websocket handler failed");
             return Err(Fail(CloseCode::Error, "handler error"));
         }
@@ -416,12 +698,67 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-impl<H: WsHandler> Handler for WsProtocol<H> {
+/// Unmasks `buf`, the payload bytes from `offset` on.
+fn unmask_from(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    let mut m = mask;
+    m.rotate_left(offset % 4);
+    unmask(buf, m);
+}
+
+/// The end of a text message's bytes so far when it stopped inside a character (at most three
+/// bytes of a valid start).
+#[derive(Default)]
+struct Utf8Carry {
+    bytes: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Carry {
+    /// Whether the text goes on validly with `piece`; `end`: the message ends with it, so no
+    /// character may be left unfinished.
+    fn check(&mut self, piece: &[u8], end: bool) -> bool {
+        let mut rest = piece;
+        if self.len > 0 {
+            let have = self.len as usize;
+            let need = match self.bytes[0] {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (need - have).min(rest.len());
+            self.bytes[have..have + take].copy_from_slice(&rest[..take]);
+            self.len += take as u8;
+            rest = &rest[take..];
+            let so_far = &self.bytes[..self.len as usize];
+            if (self.len as usize) < need {
+                // Still unfinished: a valid start, unless the message ends here.
+                return !end
+                    && matches!(std::str::from_utf8(so_far), Err(e) if e.error_len().is_none());
+            }
+            if std::str::from_utf8(so_far).is_err() {
+                return false;
+            }
+            self.len = 0;
+        }
+        match std::str::from_utf8(rest) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_none() && !end => {
+                let tail = &rest[e.valid_up_to()..];
+                self.bytes[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len() as u8;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl<E: Endpoint> Handler for WsProtocol<E> {
     fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
         // A whole frame (and its header) must fit the input buffer.
         conn.set_max_read_buffer(self.cfg.max_frame_size + 14);
         let mut ws = Self::ws(conn, &mut self.close_sent);
-        self.handler.on_open(&mut ws)
+        self.handler.open(&mut ws)
     }
 
     fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
@@ -453,13 +790,22 @@ impl<H: WsHandler> Handler for WsProtocol<H> {
             .close_received
             .take()
             .map_or((None, String::new()), |c| *c);
-        self.handler.on_close(code, &text);
+        self.handler.close(code, &text);
     }
 }
 
 /// Validates a WebSocket handshake and answers `101`, handing the connection to `handler`;
 /// answers `400` (or `426`) when the request is not a valid handshake.
-pub fn upgrade<B, H: WsHandler>(mut req: Request<B>, handler: H) -> Response<Full<Bytes>> {
+pub fn upgrade<B, H: WsHandler>(req: Request<B>, handler: H) -> Response<Full<Bytes>> {
+    upgrade_to(req, Messages(handler))
+}
+
+/// As [`upgrade`], for a [`WsFrameHandler`]: it gets frames as they arrive.
+pub fn upgrade_frames<B, H: WsFrameHandler>(req: Request<B>, handler: H) -> Response<Full<Bytes>> {
+    upgrade_to(req, Frames(handler))
+}
+
+fn upgrade_to<B, E: Endpoint>(mut req: Request<B>, handler: E) -> Response<Full<Bytes>> {
     let hijack = Hijack::from_request(&mut req);
     let h2 = is_extended_connect(req.method(), req.extensions());
     respond(
@@ -497,14 +843,14 @@ fn is_extended_connect(method: &Method, ext: &http::Extensions) -> bool {
 
 /// Answers a handshake: RFC 6455's `GET` with `Upgrade` over HTTP/1.1 (`101`), or RFC 8441's
 /// extended CONNECT over HTTP/2 (`h2`: `200`, no key).
-fn respond<H: WsHandler>(
+fn respond<E: Endpoint>(
     method: &Method,
     h2: bool,
     headers: &HeaderMap,
     hijack: Option<Hijack>,
     protocols: &[String],
     cfg: WsConfig,
-    handler: H,
+    handler: E,
 ) -> Response<Full<Bytes>> {
     if !h2 && method != Method::GET {
         return bad(
@@ -548,13 +894,7 @@ fn respond<H: WsHandler>(
         .map(str::trim)
         .find(|p| protocols.iter().any(|q| q == p))
         .map(str::to_owned);
-    hijack.on_read(WsProtocol {
-        handler,
-        cfg,
-        partial: None,
-        close_sent: false,
-        close_received: None,
-    });
+    hijack.on_read(WsProtocol::new(handler, cfg));
     let mut res = Response::new(Full::new(Bytes::new()));
     // Over HTTP/2 a 2xx to the CONNECT opens the tunnel (RFC 8441 §5): 200, no key.
     if !h2 {
@@ -606,6 +946,16 @@ impl WsUpgrade {
 
     /// Answers the handshake and hands the connection to `handler`.
     pub fn on_upgrade<H: WsHandler>(self, handler: H) -> axum::response::Response {
+        self.respond(Messages(handler))
+    }
+
+    /// Answers the handshake and hands the connection to a frame handler: it gets frames as
+    /// they arrive.
+    pub fn on_upgrade_frames<H: WsFrameHandler>(self, handler: H) -> axum::response::Response {
+        self.respond(Frames(handler))
+    }
+
+    fn respond<E: Endpoint>(self, handler: E) -> axum::response::Response {
         use axum::response::IntoResponse;
         respond(
             &self.method,

@@ -755,3 +755,79 @@ fn reset_with_no_error(e: &io::Error) -> bool {
     }
     false
 }
+
+/// A client WebSocket frame, written by hand (masked with a fixed key if `masked`): for
+/// what a well-behaved client never sends, or sends only in whole frames.
+pub fn ws_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// A raw socket to `addr` after a successful WebSocket handshake (HTTP/1.1) on `path`.
+pub async fn ws_handshake(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut b))
+            .await
+            .expect("handshake in time")
+            .expect("handshake read");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// Reads one server WebSocket frame (unmasked): its FIN bit, opcode and payload.
+pub async fn ws_read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut h))
+        .await
+        .expect("a frame in time")
+        .expect("frame header");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.expect("length");
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.expect("length");
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut payload))
+        .await
+        .expect("a payload in time")
+        .expect("payload");
+    (h[0] & 0x80 != 0, h[0] & 0x0f, payload)
+}

@@ -1,7 +1,8 @@
 //! The demo server's contract, checked on the binary itself (`examples/server.rs`, built by
 //! `cargo test --workspace`): on both backends (`--backend`), one `--addr` answers HTTP/1.1 and
 //! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1; with
-//! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1.
+//! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1; `/ws-frames` (the frame API's
+//! echo) gives a WebSocket client its messages back whole.
 
 use compat_tests::unavailable;
 use std::ffi::OsStr;
@@ -149,4 +150,34 @@ fn demo_serves_https_with_alpn_on_both_backends() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `/ws-frames` echoes each piece of each frame as it arrives; tokio-tungstenite gets its
+/// messages back whole (a text one, a 1 MiB binary one), on both backends.
+#[test]
+fn demo_ws_frames_echoes_messages_on_both_backends() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    for backend in ["reactor", "tokio"] {
+        let (_demo, addr) = start_demo(&bin, backend, &[]);
+        rt.block_on(async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws-frames"))
+                .await
+                .expect("handshake");
+            let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 253) as u8).collect();
+            for msg in [Message::text("héllo, frames"), Message::binary(big)] {
+                ws.send(msg.clone()).await.expect("send");
+                let got = tokio::time::timeout(Duration::from_secs(20), ws.next())
+                    .await
+                    .expect("the echo in time")
+                    .expect("a message")
+                    .expect("no error");
+                assert!(got == msg, "[{backend}] the echo differs");
+            }
+        });
+    }
 }

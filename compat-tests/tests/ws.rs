@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use compat_tests::backend_tests;
+use compat_tests::{backend_tests, ws_frame as frame};
 use futures_util::{SinkExt, StreamExt};
 use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 use hop::Backend;
@@ -56,31 +56,6 @@ async fn next(ws: &mut Client) -> Message {
         .expect("timed out waiting for a message")
         .expect("stream ended")
         .expect("websocket error")
-}
-
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            f.push(mask_bit | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(mask_bit | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
 }
 
 /// A raw socket after a successful handshake.
