@@ -3,7 +3,9 @@
 //!
 //! A new connection's first bytes are peeked ([`crate::http2::sniff`]): the HTTP/2 preface
 //! makes it an HTTP/2 connection, any other byte an HTTP/1.1 one; until they decide (a short
-//! read never does), it waits as a parked connection, under the same time limit.
+//! read never does), it waits as a parked connection, under the same time limit. On a TLS
+//! listener the TLS handshake takes that place (under `tls_handshake_timeout`, with no hyper
+//! state), and ALPN decides; the first request's time limits count from its end.
 //!
 //! An [`HttpConn`] is in one of these states:
 //! - `Parked`: only the socket and the per-connection service; no hyper state, no buffer. New

@@ -1,5 +1,7 @@
 //! The socket type hyper reads and writes: `hyper::rt::Read`/`Write` straight on a
-//! non-blocking socket, a `mio::net::TcpStream` or a `mio::net::UnixStream` ([`StreamIo`]).
+//! non-blocking socket, a `mio::net::TcpStream` or a `mio::net::UnixStream` ([`StreamIo`]), or
+//! through the rustls connection (`super::tls`) that a TLS listener's sockets carry in their
+//! [`Fd`]: reads, writes and flushes all go through `Fd`, which picks the way.
 //!
 //! The socket itself lives in a [`Socket`], shared (by `Arc`) between the poller's slab and the
 //! [`HopStream`] handed to hyper, so the poller keeps the socket when it drops hyper's state
