@@ -588,6 +588,64 @@ backend_tests! {
         assert!(got.iter().all(|b| *b == 7), "[{backend}]");
     }
 
+    /// Large bodies over TLS: an 8 MiB response to a client that reads slowly (HTTP/1.1), and
+    /// 8 MiB streamed up and echoed back as it arrives (HTTP/2, both ways at once).
+    async fn large_bodies_over_tls(backend) {
+        const LEN: usize = 8 << 20;
+        let body: Bytes = (0..LEN).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+        let big = body.clone();
+        let app = Router::new()
+            .route("/big", get(move || async move { big.clone() }))
+            .route(
+                "/echo",
+                axum::routing::post(|req: Request| async move { Response::new(req.into_body()) }),
+            );
+        let pki = pki("a");
+        let srv = start(backend, app, |b| b.tls(pki.server_config()));
+
+        // HTTP/1.1, read slowly: the server's writes wait on the socket, and TLS holds records.
+        let tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get("/big").header("host", "localhost").body(Empty::new()).unwrap();
+        let res = within("the response", send.send_request(req)).await.expect("response");
+        let mut res = res.into_body();
+        let mut got = Vec::with_capacity(LEN);
+        let mut frames = 0;
+        while let Some(frame) = within("a body frame", res.frame()).await {
+            if let Ok(data) = frame.expect("body").into_data() {
+                got.extend_from_slice(&data);
+            }
+            frames += 1;
+            if frames % 64 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(got == body, "[{backend}] HTTP/1.1: {} of {LEN} bytes, or different", got.len());
+
+        // HTTP/2: up and back at once.
+        let tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"h2"])).await;
+        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        let req = http::Request::post("https://localhost/echo")
+            .body(http_body_util::Full::new(body.clone()))
+            .unwrap();
+        let res = within("the echo", send.send_request(req)).await.expect("response");
+        assert_eq!(res.status(), StatusCode::OK, "[{backend}]");
+        let echoed = within("the echo's body", res.into_body().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(echoed == body, "[{backend}] HTTP/2: {} of {LEN} bytes, or different", echoed.len());
+    }
+
     /// An SSE stream (`hop::sse`) over TLS, on HTTP/1.1 and HTTP/2.
     async fn sse_over_tls(backend) {
         let pki = pki("a");
