@@ -213,7 +213,7 @@ impl WsConn<'_> {
             ));
         }
         let (op, payload) = message_parts(msg);
-        write_frame(self.conn, op, &payload)
+        write_frame(self.conn, op, true, &payload)
     }
 
     /// Sends one data frame: `kind` `Text` or `Binary` starts a message, `Continue` goes on with
@@ -226,14 +226,12 @@ impl WsConn<'_> {
                 "close already sent",
             ));
         }
-        let (head, n) = frame_header(kind.opcode(), fin, payload.len());
-        self.conn.write_parts(&[&head[..n], payload])?;
-        Ok(())
+        write_frame(self.conn, kind.opcode(), fin, payload)
     }
 
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> io::Result<()> {
-        write_frame(self.conn, OpCode::Data(Data::Text), text.as_bytes())
+        write_frame(self.conn, OpCode::Data(Data::Text), true, text.as_bytes())
     }
 
     /// Starts the close handshake; the connection closes when the peer answers.
@@ -277,7 +275,7 @@ impl WsHandle {
             other => message_parts(other),
         };
         let mut out = BytesMut::new();
-        format_frame(&mut out, op, &payload);
+        format_frame(&mut out, op, true, &payload);
         self.inner.write(out.freeze())
     }
 
@@ -288,10 +286,8 @@ impl WsHandle {
         fin: bool,
         payload: &[u8],
     ) -> Result<(), crate::tcp::WriteError> {
-        let (head, n) = frame_header(kind.opcode(), fin, payload.len());
-        let mut out = BytesMut::with_capacity(n + payload.len());
-        out.extend_from_slice(&head[..n]);
-        out.extend_from_slice(payload);
+        let mut out = BytesMut::new();
+        format_frame(&mut out, kind.opcode(), fin, payload);
         self.inner.write(out.freeze())
     }
 
@@ -328,15 +324,15 @@ fn frame_header(opcode: OpCode, fin: bool, len: usize) -> ([u8; 14], usize) {
     (head, n)
 }
 
-fn format_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
-    let (head, n) = frame_header(opcode, true, payload.len());
+fn format_frame(out: &mut BytesMut, opcode: OpCode, fin: bool, payload: &[u8]) {
+    let (head, n) = frame_header(opcode, fin, payload.len());
     out.reserve(n + payload.len());
     out.extend_from_slice(&head[..n]);
     out.extend_from_slice(payload);
 }
 
-fn write_frame(conn: &mut Conn, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
-    let (head, n) = frame_header(opcode, true, payload.len());
+fn write_frame(conn: &mut Conn, opcode: OpCode, fin: bool, payload: &[u8]) -> io::Result<()> {
+    let (head, n) = frame_header(opcode, fin, payload.len());
     conn.write_parts(&[&head[..n], payload])?;
     Ok(())
 }
@@ -358,7 +354,7 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     conn.start_close_clock();
     let payload = close_payload(code, reason);
     // If even a close frame does not fit, the peer is not reading: just close.
-    if write_frame(conn, OpCode::Control(Control::Close), &payload).is_err() {
+    if write_frame(conn, OpCode::Control(Control::Close), true, &payload).is_err() {
         conn.close();
     }
 }
@@ -598,7 +594,7 @@ impl<E: Endpoint> WsProtocol<E> {
                 match c {
                     Control::Ping => {
                         if !self.close_sent {
-                            write_frame(conn, OpCode::Control(Control::Pong), &payload)
+                            write_frame(conn, OpCode::Control(Control::Pong), true, &payload)
                                 .map_err(|_| Fail(CloseCode::Size, "outbound buffer full"))?;
                         }
                     }

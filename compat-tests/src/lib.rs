@@ -831,3 +831,39 @@ pub async fn ws_read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
         .expect("payload");
     (h[0] & 0x80 != 0, h[0] & 0x0f, payload)
 }
+
+/// Runs a command-line client (curl, nghttp, openssl) with `stdin`, failing the test if it
+/// fails or takes longer than `limit`: its stdout, or `None` if it is not installed (a failure
+/// under CI, where it must be: see [`unavailable`]).
+pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) -> Option<String> {
+    let child = tokio::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            unavailable(&format!("{tool} is not installed"));
+            return None;
+        }
+        Err(e) => panic!("running {tool}: {e}"),
+    };
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    drop(input);
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{tool}: no answer within {limit:?}"))
+        .expect("wait for the tool");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}

@@ -1262,29 +1262,10 @@ fn ws_connect(client: &H2, path: &str) -> Request<ClientBody> {
     req
 }
 
-/// Runs a command-line client; its trimmed stdout, or `None` if it is not installed (a test
-/// failure under CI, where it must be).
+/// Runs a command-line client: its trimmed stdout, or `None` if it is not installed.
 async fn run_tool(tool: &str, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new(tool)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = match within(tool, out).await {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            compat_tests::unavailable(&format!("{tool} is not installed"));
-            return None;
-        }
-        Err(e) => panic!("running {tool}: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}): {stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(stdout)
+    let out = compat_tests::run_tool(tool, args, b"", WAIT).await?;
+    Some(out.trim().to_owned())
 }
 
 /// A stream that writes the first 16 bytes ("PRI * HTTP/2.0\r\n") and waits 200 ms before

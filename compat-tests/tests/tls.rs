@@ -293,38 +293,9 @@ fn client_hello(ca: &CertificateDer<'static>) -> Vec<u8> {
     out
 }
 
-/// Runs a command-line client; its stdout, or `None` if it is not installed (a failure under CI,
-/// where it must be).
+/// Runs a command-line client with `stdin`: its stdout, or `None` if it is not installed.
 async fn run_tool(tool: &str, args: &[&str], stdin: &[u8]) -> Option<String> {
-    let child = tokio::process::Command::new(tool)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            compat_tests::unavailable(&format!("{tool} is not installed"));
-            return None;
-        }
-        Err(e) => panic!("running {tool}: {e}"),
-    };
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin).await.expect("write stdin");
-    drop(input);
-    let out = within(tool, child.wait_with_output())
-        .await
-        .expect("wait for the tool");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}): {stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(stdout)
+    compat_tests::run_tool(tool, args, stdin, IO_TIMEOUT).await
 }
 
 backend_tests! {

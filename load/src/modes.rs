@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{sleep, timeout, timeout_at};
@@ -201,6 +201,23 @@ impl std::fmt::Display for OpenError {
     }
 }
 
+/// One keep-alive `GET path` on `s`, which must answer 200 and keep the connection open.
+async fn keep_alive_get<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    path: &str,
+    addr: SocketAddr,
+) -> Result<(), OpenError> {
+    let mut buf = Vec::new();
+    let h = http_roundtrip(s, &mut buf, &get_request(path, addr, false)).await?;
+    if h.status != 200 {
+        return Err(OpenError::Absent(h.status));
+    }
+    if h.close {
+        return Err(io::Error::other("server closed the keep-alive connection").into());
+    }
+    Ok(())
+}
+
 /// Opens connection number `i` of kind `kind` (source address spread by `i`); `tls` is the TLS
 /// client of [`Kind::Https`].
 pub async fn open_one(
@@ -227,27 +244,13 @@ pub async fn open_one(
             Ok(Held::Tcp(s))
         }
         Kind::Http => {
-            let mut buf = Vec::new();
-            let h = http_roundtrip(&mut s, &mut buf, &get_request(path, addr, false)).await?;
-            if h.status != 200 {
-                return Err(OpenError::Absent(h.status));
-            }
-            if h.close {
-                return Err(io::Error::other("server closed the keep-alive connection").into());
-            }
+            keep_alive_get(&mut s, path, addr).await?;
             Ok(Held::Tcp(s))
         }
         Kind::Https => {
             let tls = tls.ok_or_else(|| io::Error::other("--kind https needs --ca FILE"))?;
             let mut s = tls.connect(s).await?;
-            let mut buf = Vec::new();
-            let h = http_roundtrip(&mut s, &mut buf, &get_request(path, addr, false)).await?;
-            if h.status != 200 {
-                return Err(OpenError::Absent(h.status));
-            }
-            if h.close {
-                return Err(io::Error::other("server closed the keep-alive connection").into());
-            }
+            keep_alive_get(&mut s, path, addr).await?;
             Ok(Held::Tls(Box::new(s)))
         }
         Kind::H2 => {
