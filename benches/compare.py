@@ -340,6 +340,53 @@ def wrk_https(addr, conns, secs):
     return wrk(f"https://localhost:{port}/plaintext", conns, secs, "report.lua")
 
 
+def target_cell(cell, b, peer, limit, at_least):
+    """A target's cell: `b`'s median over `peer`'s, and whether it is at least (`at_least`) or
+    at most `limit`; n/a when either has no median."""
+    mine = cell[b].median()
+    theirs = cell[peer].median() if peer in cell else None
+    if mine is None or not theirs:
+        return "n/a"
+    x = mine / theirs
+    met = x >= limit if at_least else x <= limit
+    return f"{x:.2f}× ({'met' if met else 'no'})"
+
+
+def capped_churn(table, raw, what, row, backends, runs, warm, secs, tls=None, extra=()):
+    """Connection churn (`hop-load churn -c 32`, `extra` added: the TLS arguments) with each
+    server capped at half a CPU by a cgroup quota, on fresh servers (`tls`: a (cert, key) pair
+    to serve HTTPS): connections/s and server CPU per connection, added to `table` as `what`,
+    each run to `raw` as row `row`-capped. Uncapped, the load generator's CPU runs out first,
+    so connections/s says little about the server; capped, it is the server's capacity.
+    Returns the cells, or None (a row of n/a) where the cgroup is not available."""
+    cap = CpuCap(0.5)
+    if not cap.ok:
+        table.na(what, "connections/s", cap.why, backends)
+        return None
+    capped = {b: Server(SERVER, b, tls) for b in backends}
+    try:
+        for s in capped.values():
+            cap.add(s.pid)
+        cc = cells("cps", "cpu", backends=backends)
+        for i, b in interleave(runs, backends):
+            s = capped[b]
+            hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr, *extra])
+            r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
+                          "--server-pid", s.pid, *extra])
+            raw.append({"row": f"{row}-capped", "backend": b, **r})
+            cc["cps"][b].add(r["conn_per_s"])
+            cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
+            cc["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
+            log(f"{row} churn capped {b} run {i + 1}: {r['conn_per_s']:,.0f} conn/s")
+    finally:
+        for s in capped.values():
+            s.stop()
+        cap.remove()
+    table.add(what, "connections/s", cc["cps"])
+    table.add(what, "server CPU µs/conn", cc["cpu"], 1)
+    return cc
+
+
 def tls_targets(hs, ka, idle_tls):
     """A markdown table of the TLS targets for each of hop's backends measured, against
     axum-server's medians: new handshakes/s at least 1.1× (row 12), server CPU per keep-alive
@@ -349,13 +396,7 @@ def tls_targets(hs, ka, idle_tls):
     hop = [b for b in HOP if b in TLS_BACKENDS]
 
     def against(cell, b, limit, at_least):
-        mine = cell[b].median()
-        theirs = cell[peer].median() if peer in cell else None
-        if mine is None or not theirs:
-            return "n/a"
-        x = mine / theirs
-        met = x >= limit if at_least else x <= limit
-        return f"{x:.2f}× ({'met' if met else 'no'})"
+        return target_cell(cell, b, peer, limit, at_least)
 
     rows = []
     if hs is not None:
@@ -422,37 +463,11 @@ def tls_rows(table, raw, runs, idle_runs, warm, secs, want, tmp):
                 table.add(w12, "server CPU µs/conn", hs["cpu"], 1)
                 table.add(w12, "server CPU busy % (below 100: the client set the pace)",
                           hs["busy"], 0)
-                # The same with the server capped at half a CPU, as row 3: uncapped, the load
-                # generator's CPU (its own handshakes, and the kernel's work for both ends) runs
-                # out first, so connections/s says little about the server. Capped, it is the
-                # server's capacity, and the handshake target reads it.
-                cap = CpuCap(0.5)
-                wc = "new TLS 1.3 handshakes, server capped at 0.5 CPU (cgroup quota)"
-                if not cap.ok:
-                    table.na(wc, "connections/s", cap.why, tb)
-                else:
-                    capped = {b: Server(SERVER, b, pair) for b in tb}
-                    try:
-                        for s in capped.values():
-                            cap.add(s.pid)
-                        hc = cells("cps", "cpu", backends=tb)
-                        for i, b in interleave(runs, tb):
-                            s = capped[b]
-                            hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr, *tls_args])
-                            r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
-                                          "--server-pid", s.pid, *tls_args])
-                            raw.append({"row": "12-capped", "backend": b, **r})
-                            hc["cps"][b].add(r["conn_per_s"])
-                            cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
-                            hc["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
-                            log(f"12 tls churn capped {b} run {i + 1}: "
-                                f"{r['conn_per_s']:,.0f} conn/s")
-                    finally:
-                        for s in capped.values():
-                            s.stop()
-                        cap.remove()
-                    table.add(wc, "connections/s", hc["cps"])
-                    table.add(wc, "server CPU µs/conn", hc["cpu"], 1)
+                # The same with the server capped at half a CPU, as row 3 (the client's own
+                # handshakes make it run out first here too); the handshake target reads it.
+                hc = capped_churn(table, raw, "new TLS 1.3 handshakes, server capped at 0.5 CPU "
+                                  "(cgroup quota)", "12", tb, runs, warm, secs, pair, tls_args)
+                if hc is not None:
                     hs["capped"] = hc["cps"]
             # 13. Keep-alive requests over TLS: wrk, 10 connections, /plaintext.
             if want(13):
@@ -648,13 +663,7 @@ def h2_targets(h2, idle_h2, row10, row11):
     hop = [b for b in HOP if b in h2["rps"]]
 
     def against(cell, b, limit, at_least):
-        peer = cell.get("axum-serve")
-        mine, theirs = cell[b].median(), peer and peer.median()
-        if mine is None or not theirs:
-            return "n/a"
-        x = mine / theirs
-        met = x >= limit if at_least else x <= limit
-        return f"{x:.2f}× ({'met' if met else 'no'})"
+        return target_cell(cell, b, "axum-serve", limit, at_least)
 
     rows = []
     if row10:
@@ -779,32 +788,8 @@ def main():
             table.add(w, "server CPU µs/conn", ch["cpu"], 1)
             # The same with the server capped at half a CPU: uncapped, the load generator's CPU
             # (which also does the kernel's work for every handshake on loopback) runs out first.
-            cap = CpuCap(0.5)
-            w = "connection churn, server capped at 0.5 CPU (cgroup quota)"
-            if not cap.ok:
-                table.na(w, "connections/s", cap.why)
-            else:
-                capped = {b: Server(SERVER, b) for b in BACKENDS}
-                try:
-                    for s in capped.values():
-                        cap.add(s.pid)
-                    cc = cells("cps", "cpu")
-                    for i, b in interleave(runs):
-                        s = capped[b]
-                        hop_load(["churn", "-c", 32, "-d", warm, "--addr", s.addr])
-                        r = hop_load(["churn", "-c", 32, "-d", secs, "--addr", s.addr,
-                                      "--server-pid", s.pid])
-                        raw.append({"row": "3-capped", "backend": b, **r})
-                        cc["cps"][b].add(r["conn_per_s"])
-                        cpu = r.get("server_cpu_user_s", 0) + r.get("server_cpu_sys_s", 0)
-                        cc["cpu"][b].add(cpu * 1e6 / max(r["connections"], 1))
-                        log(f"3 churn capped {b} run {i + 1}: {r['conn_per_s']:,.0f} conn/s")
-                finally:
-                    for s in capped.values():
-                        s.stop()
-                    cap.remove()
-                table.add(w, "connections/s", cc["cps"])
-                table.add(w, "server CPU µs/conn", cc["cpu"], 1)
+            capped_churn(table, raw, "connection churn, server capped at 0.5 CPU (cgroup quota)",
+                         "3", BACKENDS, runs, warm, secs)
 
         # 4. fixed-rate latency (coordinated omission corrected)
         if want(4):
