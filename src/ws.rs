@@ -51,13 +51,21 @@ use tungstenite::Utf8Bytes;
 use crate::tcp::{CloseReason, Conn, ConnHandle, Handler};
 use crate::Hijack;
 
-/// Limits of a WebSocket connection.
+mod deflate;
+pub use deflate::Deflate;
+use deflate::{Codec, InflateError};
+
+/// Limits and compression of a WebSocket connection.
 #[derive(Debug, Clone, Copy)]
 pub struct WsConfig {
     /// Largest frame payload accepted (default 16 MiB); more closes with `1009`.
     pub max_frame_size: usize,
-    /// Largest message accepted (default 64 MiB); more closes with `1009`.
+    /// Largest message accepted (default 64 MiB), compressed or once inflated; more closes
+    /// with `1009`, before a compressed message is inflated past it.
     pub max_message_size: usize,
+    /// permessage-deflate (on by default for [`WsHandler`]s; a [`WsFrameHandler`] gets the
+    /// frames as they are on the wire, so it never negotiates it).
+    pub deflate: Deflate,
 }
 
 impl Default for WsConfig {
@@ -65,6 +73,7 @@ impl Default for WsConfig {
         WsConfig {
             max_frame_size: 16 << 20,
             max_message_size: 64 << 20,
+            deflate: Deflate::default(),
         }
     }
 }
@@ -194,6 +203,8 @@ impl<H: WsFrameHandler> Endpoint for Frames<H> {
 pub struct WsConn<'a> {
     conn: &'a mut Conn,
     close_sent: &'a mut bool,
+    /// permessage-deflate, when negotiated.
+    codec: Option<&'a mut Codec>,
 }
 
 impl WsConn<'_> {
@@ -213,12 +224,13 @@ impl WsConn<'_> {
             ));
         }
         let (op, payload) = message_parts(msg);
-        write_frame(self.conn, op, true, &payload)
+        send_message(self.conn, self.codec.as_deref_mut(), op, &payload)
     }
 
     /// Sends one data frame: `kind` `Text` or `Binary` starts a message, `Continue` goes on with
     /// it, `fin` ends it. Control frames go through [`send`](Self::send) and
-    /// [`close`](Self::close), and may come between a message's frames.
+    /// [`close`](Self::close), and may come between a message's frames. Frames are sent
+    /// uncompressed, even where permessage-deflate was negotiated.
     pub fn send_frame(&mut self, kind: FrameKind, fin: bool, payload: &[u8]) -> io::Result<()> {
         if *self.close_sent {
             return Err(io::Error::new(
@@ -226,12 +238,17 @@ impl WsConn<'_> {
                 "close already sent",
             ));
         }
-        write_frame(self.conn, kind.opcode(), fin, payload)
+        write_frame(self.conn, kind.opcode(), fin, false, payload)
     }
 
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> io::Result<()> {
-        write_frame(self.conn, OpCode::Data(Data::Text), true, text.as_bytes())
+        send_message(
+            self.conn,
+            self.codec.as_deref_mut(),
+            OpCode::Data(Data::Text),
+            text.as_bytes(),
+        )
     }
 
     /// Starts the close handshake; the connection closes when the peer answers.
@@ -248,7 +265,14 @@ impl WsConn<'_> {
     pub fn handle(&mut self) -> WsHandle {
         WsHandle {
             inner: self.conn.handle(),
+            compressed: self.codec.is_some(),
         }
+    }
+
+    /// Whether permessage-deflate was negotiated: messages of
+    /// [`Deflate::threshold`] bytes or more are sent compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.codec.is_some()
     }
 }
 
@@ -256,6 +280,9 @@ impl WsConn<'_> {
 #[derive(Debug, Clone)]
 pub struct WsHandle {
     inner: ConnHandle,
+    /// permessage-deflate was negotiated: messages go to the connection's own thread to be
+    /// compressed there, against its history.
+    compressed: bool,
 }
 
 impl WsHandle {
@@ -274,6 +301,12 @@ impl WsHandle {
             }
             other => message_parts(other),
         };
+        if self.compressed && matches!(op, OpCode::Data(_)) {
+            let mut out = BytesMut::with_capacity(1 + payload.len());
+            out.extend_from_slice(&[u8::from(op)]);
+            out.extend_from_slice(&payload);
+            return self.inner.deliver(out.freeze());
+        }
         let mut out = BytesMut::new();
         format_frame(&mut out, op, true, &payload);
         self.inner.write(out.freeze())
@@ -309,10 +342,12 @@ fn message_parts(msg: Message) -> (OpCode, Bytes) {
 }
 
 /// A server frame's header (unmasked) for `len` payload bytes: the buffer and its length.
-fn frame_header(opcode: OpCode, fin: bool, len: usize) -> ([u8; 14], usize) {
+/// `rsv1` marks a compressed message's first frame.
+fn frame_header(opcode: OpCode, fin: bool, rsv1: bool, len: usize) -> ([u8; 14], usize) {
     let header = FrameHeader {
         opcode,
         is_final: fin,
+        rsv1,
         ..FrameHeader::default()
     };
     let mut head = [0u8; 14];
@@ -325,16 +360,54 @@ fn frame_header(opcode: OpCode, fin: bool, len: usize) -> ([u8; 14], usize) {
 }
 
 fn format_frame(out: &mut BytesMut, opcode: OpCode, fin: bool, payload: &[u8]) {
-    let (head, n) = frame_header(opcode, fin, payload.len());
+    let (head, n) = frame_header(opcode, fin, false, payload.len());
     out.reserve(n + payload.len());
     out.extend_from_slice(&head[..n]);
     out.extend_from_slice(payload);
 }
 
-fn write_frame(conn: &mut Conn, opcode: OpCode, fin: bool, payload: &[u8]) -> io::Result<()> {
-    let (head, n) = frame_header(opcode, fin, payload.len());
+fn write_frame(
+    conn: &mut Conn,
+    opcode: OpCode,
+    fin: bool,
+    rsv1: bool,
+    payload: &[u8],
+) -> io::Result<()> {
+    let (head, n) = frame_header(opcode, fin, rsv1, payload.len());
     conn.write_parts(&[&head[..n], payload])?;
     Ok(())
+}
+
+/// Sends a whole message in one frame, compressed when permessage-deflate was negotiated and
+/// the message is long enough.
+fn send_message(
+    conn: &mut Conn,
+    codec: Option<&mut Codec>,
+    opcode: OpCode,
+    payload: &[u8],
+) -> io::Result<()> {
+    match codec {
+        Some(codec) if matches!(opcode, OpCode::Data(_)) && codec.compresses(payload.len()) => {
+            if crate::handler::over_mark(conn.queued(), conn.max_output) {
+                // Refused before compressing, as the write below would be: nothing is
+                // remembered for a message the client never gets.
+                conn.want_writable = true;
+                return Err(crate::tcp::WriteError::Full { capacity: 0 }.into());
+            }
+            let z = compress(conn, codec, payload);
+            write_frame(conn, opcode, true, true, &z)
+        }
+        _ => write_frame(conn, opcode, true, false, payload),
+    }
+}
+
+/// Compresses a message, arming the connection's timer when its history starts.
+fn compress(conn: &mut Conn, codec: &mut Codec, payload: &[u8]) -> Vec<u8> {
+    let (z, arm) = codec.compress(payload);
+    if arm.is_some() {
+        conn.set_timer(arm);
+    }
+    z
 }
 
 fn close_payload(code: CloseCode, reason: &str) -> Bytes {
@@ -354,7 +427,7 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     conn.start_close_clock();
     let payload = close_payload(code, reason);
     // If even a close frame does not fit, the peer is not reading: just close.
-    if write_frame(conn, OpCode::Control(Control::Close), true, &payload).is_err() {
+    if write_frame(conn, OpCode::Control(Control::Close), true, false, &payload).is_err() {
         conn.close();
     }
 }
@@ -363,10 +436,12 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
 struct WsProtocol<E> {
     handler: E,
     cfg: WsConfig,
-    /// A fragmented message being assembled: its opcode and bytes so far.
-    /// (Boxed, as are `streaming` and `close_received`: an idle connection has none of them,
-    /// and its state stays small.)
-    partial: Option<Box<(Data, BytesMut)>>,
+    /// A fragmented message being assembled: its opcode, whether it is compressed, and its
+    /// bytes so far. (Boxed, as are `streaming`, `codec` and `close_received`: an idle
+    /// connection has none of them but `codec`, and its state stays small.)
+    partial: Option<Box<(Data, bool, BytesMut)>>,
+    /// permessage-deflate, when negotiated.
+    codec: Option<Box<Codec>>,
     /// For a frame handler: the message and the frame in progress.
     streaming: Option<Box<Streaming>>,
     close_sent: bool,
@@ -398,19 +473,28 @@ struct InFrame {
 struct Fail(CloseCode, &'static str);
 
 impl<E: Endpoint> WsProtocol<E> {
-    fn new(handler: E, cfg: WsConfig) -> Self {
+    fn new(handler: E, cfg: WsConfig, codec: Option<Codec>) -> Self {
         WsProtocol {
             handler,
             cfg,
             partial: None,
+            codec: codec.map(Box::new),
             streaming: None,
             close_sent: false,
             close_received: None,
         }
     }
 
-    fn ws<'a>(conn: &'a mut Conn, close_sent: &'a mut bool) -> WsConn<'a> {
-        WsConn { conn, close_sent }
+    fn ws<'a>(
+        conn: &'a mut Conn,
+        close_sent: &'a mut bool,
+        codec: &'a mut Option<Box<Codec>>,
+    ) -> WsConn<'a> {
+        WsConn {
+            conn,
+            close_sent,
+            codec: codec.as_deref_mut(),
+        }
     }
 
     fn fail(&mut self, conn: &mut Conn, f: Fail) {
@@ -457,7 +541,7 @@ impl<E: Endpoint> WsProtocol<E> {
                         .as_ref()
                         .and_then(|s| s.message)
                         .map_or(0, |m| m.1),
-                    false => self.partial.as_ref().map_or(0, |p| p.1.len()),
+                    false => self.partial.as_ref().map_or(0, |p| p.2.len()),
                 };
                 if so_far + len > self.cfg.max_message_size {
                     return Err(Fail(CloseCode::Size, "message too large"));
@@ -473,7 +557,14 @@ impl<E: Endpoint> WsProtocol<E> {
                 // costs nothing until 16 MiB are sent.
                 return Ok(());
             }
-            if header.rsv1 || header.rsv2 || header.rsv3 {
+            // RSV1 marks a compressed message: only on its first frame, only if negotiated.
+            let compressed = header.rsv1;
+            if header.rsv2
+                || header.rsv3
+                || (compressed
+                    && (self.codec.is_none()
+                        || !matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary))))
+            {
                 return Err(Fail(CloseCode::Protocol, "reserved bits set"));
             }
             let Some(mask) = header.mask else {
@@ -486,7 +577,7 @@ impl<E: Endpoint> WsProtocol<E> {
             }
             let mut payload = input.split_to(len);
             unmask(&mut payload, mask);
-            self.frame(conn, header.is_final, header.opcode, payload)?;
+            self.frame(conn, header.is_final, header.opcode, compressed, payload)?;
         }
     }
 
@@ -571,7 +662,7 @@ impl<E: Endpoint> WsProtocol<E> {
             last,
             payload: piece.freeze(),
         };
-        let mut ws = Self::ws(conn, &mut self.close_sent);
+        let mut ws = Self::ws(conn, &mut self.close_sent, &mut self.codec);
         if let Err(e) = self.handler.chunk(&mut ws, chunk) {
             tracing::debug!(error = %e, "websocket frame handler failed");
             return Err(Fail(CloseCode::Error, "handler error"));
@@ -584,6 +675,7 @@ impl<E: Endpoint> WsProtocol<E> {
         conn: &mut Conn,
         fin: bool,
         op: OpCode,
+        compressed: bool,
         payload: BytesMut,
     ) -> Result<(), Fail> {
         match op {
@@ -594,8 +686,14 @@ impl<E: Endpoint> WsProtocol<E> {
                 match c {
                     Control::Ping => {
                         if !self.close_sent {
-                            write_frame(conn, OpCode::Control(Control::Pong), true, &payload)
-                                .map_err(|_| Fail(CloseCode::Size, "outbound buffer full"))?;
+                            write_frame(
+                                conn,
+                                OpCode::Control(Control::Pong),
+                                true,
+                                false,
+                                &payload,
+                            )
+                            .map_err(|_| Fail(CloseCode::Size, "outbound buffer full"))?;
                         }
                     }
                     Control::Pong => {}
@@ -608,13 +706,13 @@ impl<E: Endpoint> WsProtocol<E> {
             }
             OpCode::Data(Data::Reserved(_)) => Err(Fail(CloseCode::Protocol, "reserved opcode")),
             OpCode::Data(Data::Continue) => {
-                let Some((_, buf)) = self.partial.as_deref_mut() else {
+                let Some((_, _, buf)) = self.partial.as_deref_mut() else {
                     return Err(Fail(CloseCode::Protocol, "continuation without a message"));
                 };
                 buf.extend_from_slice(&payload);
                 if fin {
-                    let (kind, buf) = *self.partial.take().expect("checked above");
-                    self.message(conn, kind, buf)?;
+                    let (kind, compressed, buf) = *self.partial.take().expect("checked above");
+                    self.message(conn, kind, compressed, buf)?;
                 }
                 Ok(())
             }
@@ -626,27 +724,45 @@ impl<E: Endpoint> WsProtocol<E> {
                     ));
                 }
                 if fin {
-                    self.message(conn, kind, payload)
+                    self.message(conn, kind, compressed, payload)
                 } else {
-                    self.partial = Some(Box::new((kind, payload)));
+                    self.partial = Some(Box::new((kind, compressed, payload)));
                     Ok(())
                 }
             }
         }
     }
 
-    fn message(&mut self, conn: &mut Conn, kind: Data, payload: BytesMut) -> Result<(), Fail> {
+    fn message(
+        &mut self,
+        conn: &mut Conn,
+        kind: Data,
+        compressed: bool,
+        payload: BytesMut,
+    ) -> Result<(), Fail> {
+        let payload = match (compressed, self.codec.as_deref_mut()) {
+            (true, Some(codec)) => match codec.decompress(&payload, self.cfg.max_message_size) {
+                Ok(inflated) => Bytes::from(inflated),
+                Err(InflateError::TooLarge) => {
+                    return Err(Fail(CloseCode::Size, "message too large once inflated"))
+                }
+                Err(InflateError::Invalid) => {
+                    return Err(Fail(CloseCode::Invalid, "invalid compressed data"))
+                }
+            },
+            _ => payload.freeze(),
+        };
         let msg = match kind {
-            Data::Text => match Utf8Bytes::try_from(payload.freeze()) {
+            Data::Text => match Utf8Bytes::try_from(payload) {
                 Ok(t) => Message::Text(t),
                 Err(_) => return Err(Fail(CloseCode::Invalid, "text is not UTF-8")),
             },
-            _ => Message::Binary(payload.freeze()),
+            _ => Message::Binary(payload),
         };
         if self.close_sent {
             return Ok(());
         }
-        let mut ws = Self::ws(conn, &mut self.close_sent);
+        let mut ws = Self::ws(conn, &mut self.close_sent, &mut self.codec);
         if let Err(e) = self.handler.message(&mut ws, msg) {
             tracing::debug!(error = %e, "websocket handler failed");
             return Err(Fail(CloseCode::Error, "handler error"));
@@ -753,7 +869,7 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
     fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
         // A whole frame (and its header) must fit the input buffer.
         conn.set_max_read_buffer(self.cfg.max_frame_size + 14);
-        let mut ws = Self::ws(conn, &mut self.close_sent);
+        let mut ws = Self::ws(conn, &mut self.close_sent, &mut self.codec);
         self.handler.open(&mut ws)
     }
 
@@ -768,6 +884,40 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
     fn on_eof(&mut self, conn: &mut Conn) -> io::Result<()> {
         conn.close();
         Ok(())
+    }
+
+    fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
+        // The only timer: the compression history's release once idle.
+        if let Some(codec) = self.codec.as_deref_mut() {
+            conn.set_timer(codec.release_if_idle());
+        }
+        Ok(())
+    }
+
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
+        // A message from a `WsHandle` on a compressed connection: its opcode, then its payload.
+        let Some((&op, payload)) = bytes.split_first() else {
+            return;
+        };
+        if self.close_sent {
+            return;
+        }
+        // Bounded by the handle already: queued whatever the mark.
+        let op = OpCode::from(op);
+        let sent = match self.codec.as_deref_mut() {
+            Some(codec) if codec.compresses(payload.len()) => {
+                let z = compress(conn, codec, payload);
+                let (head, n) = frame_header(op, true, true, z.len());
+                conn.queue_parts(&[&head[..n], &z])
+            }
+            _ => {
+                let (head, n) = frame_header(op, true, false, payload.len());
+                conn.queue_parts(&[&head[..n], payload])
+            }
+        };
+        if sent.is_err() {
+            conn.close();
+        }
     }
 
     fn on_shutdown(&mut self, conn: &mut Conn) {
@@ -890,7 +1040,13 @@ fn respond<E: Endpoint>(
         .map(str::trim)
         .find(|p| protocols.iter().any(|q| q == p))
         .map(str::to_owned);
-    hijack.on_read(WsProtocol::new(handler, cfg));
+    // A frame handler gets the frames as they are on the wire: no compression.
+    let deflate = match E::STREAMING {
+        true => None,
+        false => deflate::negotiate(&cfg.deflate, headers),
+    };
+    let (codec, extensions) = deflate.unzip();
+    hijack.on_read(WsProtocol::new(handler, cfg, codec));
     let mut res = Response::new(Full::new(Bytes::new()));
     // Over HTTP/2 a 2xx to the CONNECT opens the tunnel (RFC 8441 §5): 200, no key.
     if !h2 {
@@ -908,6 +1064,9 @@ fn respond<E: Endpoint>(
     }
     if let Some(p) = chosen.and_then(|p| HeaderValue::from_str(&p).ok()) {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    if let Some(e) = extensions {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
     }
     res
 }

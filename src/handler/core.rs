@@ -198,15 +198,24 @@ impl ConnCore {
             st.waker = Some(cx.waker().clone());
         }
         // Taken, not drained: an idle connection keeps no mailbox allocation.
-        for b in std::mem::take(&mut st.writes) {
-            self.conn.out.extend_from_slice(&b);
-        }
+        let writes = std::mem::take(&mut st.writes);
+        let (close, shutdown) = (st.close, st.shutdown_write);
         st.bytes = 0;
-        st.out_len = self.conn.out.len();
-        if st.close {
+        drop(st);
+        for (b, deliver) in writes {
+            match deliver {
+                // The handler runs without the mailbox locked: it may use a handle itself.
+                true => self.deliver(b),
+                false => self.conn.out.extend_from_slice(&b),
+            }
+        }
+        if let Some(mb) = &self.conn.mailbox {
+            mb.lock().out_len = self.conn.out.len();
+        }
+        if close {
             self.conn.closing = true;
         }
-        if st.shutdown_write {
+        if shutdown {
             self.conn.shutdown_requested = true;
         }
     }

@@ -253,12 +253,19 @@ impl Conn {
     /// Queues `parts` back to back, whole, or refuses them whole, as [`write`](Self::write)
     /// does (one check, no intermediate buffer: a protocol's header and payload, say).
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), WriteError> {
-        if self.closing || self.shutdown_requested {
-            return Err(WriteError::Closed);
-        }
-        if over_mark(self.out.len(), self.max_output) {
+        if over_mark(self.out.len(), self.max_output) && !(self.closing || self.shutdown_requested)
+        {
             self.want_writable = true;
             return Err(WriteError::Full { capacity: 0 });
+        }
+        self.queue_parts(parts)
+    }
+
+    /// Queues `parts` whatever the high-water mark (what a handle wrote, already bounded
+    /// there); refused only once the connection is closing.
+    pub(crate) fn queue_parts(&mut self, parts: &[&[u8]]) -> Result<(), WriteError> {
+        if self.closing || self.shutdown_requested {
+            return Err(WriteError::Closed);
         }
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.out.capacity() == 0 {
@@ -354,7 +361,9 @@ pub(crate) struct Mailbox {
 
 #[derive(Debug, Default)]
 pub(crate) struct MailboxState {
-    pub(crate) writes: Vec<Bytes>,
+    /// Handle writes in order: bytes to queue as they are, or (`true`) bytes for the
+    /// handler's [`Handler::on_deliver`].
+    pub(crate) writes: Vec<(Bytes, bool)>,
     pub(crate) bytes: usize,
     /// Bytes queued on the connection's side, not yet written to the socket.
     pub(crate) out_len: usize,
@@ -399,13 +408,22 @@ impl ConnHandle {
     /// Queues `data` whole; refused while what is queued for the connection (here and on
     /// its side) is at or above its high-water mark, as [`Conn::write`] is.
     pub fn write(&self, data: impl Into<Bytes>) -> Result<(), WriteError> {
-        let data = data.into();
+        self.queue(data.into(), false)
+    }
+
+    /// Queues `data` for the handler's [`Handler::on_deliver`], on the connection's own
+    /// thread, in order with [`write`](Self::write)s, and bounded as they are.
+    pub(crate) fn deliver(&self, data: Bytes) -> Result<(), WriteError> {
+        self.queue(data, true)
+    }
+
+    fn queue(&self, data: Bytes, deliver: bool) -> Result<(), WriteError> {
         self.send(|st| {
             if over_mark(st.bytes + st.out_len, st.max) {
                 return Err(WriteError::Full { capacity: 0 });
             }
             st.bytes += data.len();
-            st.writes.push(data);
+            st.writes.push((data, deliver));
             Ok(())
         })
     }

@@ -1,0 +1,521 @@
+//! permessage-deflate (RFC 7692) for `hop::ws`: the offer/response negotiation, and a codec
+//! whose cost while a connection is idle is a few dozen bytes.
+//!
+//! A zlib stream that keeps its context holds its window and its tables: about 300 KB for a
+//! compressor and 40 KB for a decompressor, per connection, for as long as it lives. That would
+//! undo the 0.4 KB idle WebSocket. So the zlib streams here are not the connection's: each
+//! thread (each poller) keeps one compressor per level and window size, and one decompressor,
+//! and lends them to a connection for one message at a time. What a connection keeps is
+//! [`Codec`]: the agreed parameters and, for the server's context, the last
+//! [`history`](Deflate::history) bytes it sent compressed. Each compressed message is
+//! compressed against that history, set as the compressor's dictionary, so the client (which
+//! keeps its window) decodes back-references into earlier messages as with full context
+//! takeover; on a JSON stream, 4 KiB of history lands within a few percent of a 32 KiB window.
+//! The history is released when the connection has sent nothing compressed for
+//! [`history_idle`](Deflate::history_idle). In the other direction hop asks the client for
+//! `client_no_context_takeover` (a client must honour it), so each message decodes alone with
+//! the thread's decompressor; a server that allows client context takeover keeps a
+//! decompressor per connection instead.
+//!
+//! A compressor for window bits 9 never refers back further than 250 bytes (zlib's limit is
+//! the window less 262 bytes of lookahead), so it also serves a client that asks for
+//! `server_max_window_bits=8`, which zlib cannot set.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use http::{header, HeaderMap, HeaderValue};
+
+/// permessage-deflate settings ([`WsConfig::deflate`](super::WsConfig::deflate)).
+///
+/// The defaults: on, level 6, messages under 32 bytes sent as they are, 15-bit windows, the
+/// server keeps 4 KiB of context for 10 s after its last compressed message, and the client is
+/// asked not to keep context (`client_no_context_takeover`), so that an idle compressed
+/// WebSocket costs what an uncompressed one does.
+#[derive(Debug, Clone, Copy)]
+pub struct Deflate {
+    /// Accept a client's permessage-deflate offer (default `true`).
+    pub enabled: bool,
+    /// zlib compression level, 0 to 9 (default 6).
+    pub level: u32,
+    /// Messages shorter than this are sent uncompressed (default 32 bytes).
+    pub threshold: usize,
+    /// The largest LZ77 window the server compresses with, 8 to 15 (default 15); a client's
+    /// `server_max_window_bits` can lower it.
+    pub server_max_window_bits: u8,
+    /// The largest window the client may compress with, 8 to 15 (default 15). Below 15 it is
+    /// sent as `client_max_window_bits`, and an offer that does not allow that is declined
+    /// unless the client is also asked not to keep context.
+    pub client_max_window_bits: u8,
+    /// Answer `server_no_context_takeover`: every message is compressed alone (default
+    /// `false`; a client can ask for it).
+    pub server_no_context_takeover: bool,
+    /// Answer `client_no_context_takeover`: the client compresses every message alone, and
+    /// hop keeps no decompressor per connection (default `true`). With `false`, a client that
+    /// keeps context costs a zlib decompressor and its 32 KiB window for the connection's life.
+    pub client_no_context_takeover: bool,
+    /// How much of what the server sent it compresses against (default 4 KiB; at most the
+    /// window). 0 compresses each message alone.
+    pub history: usize,
+    /// The history is dropped once the connection has sent no compressed message for this
+    /// long (default 10 s), so an idle connection keeps none.
+    pub history_idle: Duration,
+}
+
+impl Default for Deflate {
+    fn default() -> Self {
+        Deflate {
+            enabled: true,
+            level: 6,
+            threshold: 32,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+            server_no_context_takeover: false,
+            client_no_context_takeover: true,
+            history: 4096,
+            history_idle: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Deflate {
+    /// permessage-deflate off: offers are declined.
+    pub fn disabled() -> Self {
+        Deflate {
+            enabled: false,
+            ..Deflate::default()
+        }
+    }
+}
+
+/// One permessage-deflate offer's parameters.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Offer {
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_max_window_bits: Option<u8>,
+    /// `Some(None)`: offered without a value.
+    client_max_window_bits: Option<Option<u8>>,
+}
+
+/// A window-bits value: 8 to 15, digits only.
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.len() > 2 || !v.bytes().all(|b| b.is_ascii_digit()) || v.starts_with('0') {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+/// Parses one offer's parameters; `None` if any is unknown, repeated or has a bad value
+/// (RFC 7692 §5: such an offer is declined).
+fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<Offer> {
+    let mut o = Offer::default();
+    for p in params {
+        let (name, value) = match p.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (p.trim(), None),
+        };
+        match (name.to_ascii_lowercase().as_str(), value) {
+            ("server_no_context_takeover", None) if !o.server_no_context_takeover => {
+                o.server_no_context_takeover = true
+            }
+            ("client_no_context_takeover", None) if !o.client_no_context_takeover => {
+                o.client_no_context_takeover = true
+            }
+            ("server_max_window_bits", Some(v)) if o.server_max_window_bits.is_none() => {
+                o.server_max_window_bits = Some(window_bits(v)?)
+            }
+            ("client_max_window_bits", v) if o.client_max_window_bits.is_none() => {
+                o.client_max_window_bits = Some(match v {
+                    Some(v) => Some(window_bits(v)?),
+                    None => None,
+                })
+            }
+            _ => return None,
+        }
+    }
+    Some(o)
+}
+
+/// What both sides agreed to.
+#[derive(Debug, Clone, Copy)]
+struct Agreed {
+    level: u8,
+    /// The window the server compresses with (8 to 15).
+    server_bits: u8,
+    /// The server may refer to earlier messages: how much of them, at most.
+    history: usize,
+    history_idle: Duration,
+    threshold: usize,
+    /// The client may refer to earlier messages: keep a decompressor.
+    client_takeover: bool,
+}
+
+/// Accepts the first acceptable permessage-deflate offer in `headers`, in the client's order:
+/// the connection's codec and the `Sec-WebSocket-Extensions` value to answer with. `None`
+/// declines them all (the WebSocket then runs uncompressed).
+pub(crate) fn negotiate(cfg: &Deflate, headers: &HeaderMap) -> Option<(Codec, HeaderValue)> {
+    if !cfg.enabled {
+        return None;
+    }
+    let offers = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for ext in offers {
+        let mut parts = ext.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        if !name.eq_ignore_ascii_case("permessage-deflate") {
+            continue;
+        }
+        let Some(offer) = parse_offer(parts.filter(|p| !p.trim().is_empty())) else {
+            continue;
+        };
+        if let Some(accepted) = accept(cfg, &offer) {
+            return Some(accepted);
+        }
+    }
+    None
+}
+
+fn accept(cfg: &Deflate, offer: &Offer) -> Option<(Codec, HeaderValue)> {
+    let mut answer = String::from("permessage-deflate");
+    let server_nct = offer.server_no_context_takeover || cfg.server_no_context_takeover;
+    if server_nct {
+        answer.push_str("; server_no_context_takeover");
+    }
+    let client_nct = cfg.client_no_context_takeover;
+    if client_nct {
+        answer.push_str("; client_no_context_takeover");
+    }
+    let server_bits = cfg
+        .server_max_window_bits
+        .clamp(8, 15)
+        .min(offer.server_max_window_bits.unwrap_or(15));
+    if offer.server_max_window_bits.is_some() {
+        answer.push_str(&format!("; server_max_window_bits={server_bits}"));
+    }
+    let client_takeover = !(client_nct || offer.client_no_context_takeover);
+    let client_bits = cfg.client_max_window_bits.clamp(8, 15);
+    match offer.client_max_window_bits {
+        Some(offered) => {
+            let bits = client_bits.min(offered.unwrap_or(15));
+            if bits < 15 {
+                answer.push_str(&format!("; client_max_window_bits={bits}"));
+            }
+        }
+        // The client will use a 15-bit window; that matters only if it keeps context.
+        None if client_bits < 15 && client_takeover => return None,
+        None => {}
+    }
+    let agreed = Agreed {
+        level: cfg.level.min(9) as u8,
+        server_bits,
+        history: match server_nct {
+            true => 0,
+            false => cfg.history.min(1 << server_bits),
+        },
+        history_idle: cfg.history_idle,
+        threshold: cfg.threshold,
+        client_takeover,
+    };
+    let value = HeaderValue::from_str(&answer).expect("the answer is ASCII");
+    Some((Codec::new(agreed), value))
+}
+
+/// Why a compressed message could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InflateError {
+    /// It inflates past the message size limit.
+    TooLarge,
+    /// It is not valid DEFLATE data.
+    Invalid,
+}
+
+/// The empty stored block that ends every compressed message, removed by the sender
+/// (RFC 7692 §7.2.1) and put back by the receiver.
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// One connection's permessage-deflate state: the agreed parameters, the server's history
+/// while it sends, and a decompressor only if the client keeps context.
+pub(crate) struct Codec {
+    agreed: Agreed,
+    /// The last compressed messages' bytes, at most `agreed.history` (empty when released).
+    history: Vec<u8>,
+    /// When the last compressed message was sent (while there is history).
+    last_sent: Option<Instant>,
+    inflater: Option<Box<Decompress>>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("agreed", &self.agreed)
+            .field("history", &self.history.len())
+            .finish()
+    }
+}
+
+/// A thread's zlib streams, lent to one message at a time.
+#[derive(Default)]
+struct Scratch {
+    /// Keyed by level and window bits (a compressor's window is fixed when it is made).
+    compressors: Vec<(u8, u8, Compress)>,
+    decompressor: Option<Decompress>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+impl Codec {
+    fn new(agreed: Agreed) -> Self {
+        Codec {
+            agreed,
+            history: Vec::new(),
+            last_sent: None,
+            inflater: None,
+        }
+    }
+
+    /// Whether a message of `len` bytes is sent compressed.
+    pub(crate) fn compresses(&self, len: usize) -> bool {
+        len >= self.agreed.threshold
+    }
+
+    /// Compresses one message (RFC 7692 §7.2.1: the DEFLATE data with its closing empty
+    /// block's four bytes removed). `Some(delay)` when the history was just started: the
+    /// connection's timer should fire then, to release it once idle
+    /// ([`release_if_idle`](Self::release_if_idle)).
+    pub(crate) fn compress(&mut self, data: &[u8]) -> (Vec<u8>, Option<Duration>) {
+        let a = self.agreed;
+        // zlib has no 8-bit window for raw deflate; a 9-bit one never reaches back 256 bytes.
+        let bits = a.server_bits.max(9);
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let c = s.compressor(a.level, bits);
+            c.reset();
+            if !self.history.is_empty() {
+                // Only fails for a stream already started, and this one was just reset.
+                let _ = c.set_dictionary(&self.history);
+            }
+            deflate_all(c, data, &mut out);
+        });
+        if out.ends_with(&TAIL) {
+            out.truncate(out.len() - TAIL.len());
+        }
+        let mut arm = None;
+        if a.history > 0 {
+            if self.history.is_empty() {
+                arm = Some(a.history_idle);
+            }
+            self.remember(data);
+            self.last_sent = Some(Instant::now());
+        }
+        (out, arm)
+    }
+
+    /// Keeps the last `history` bytes sent.
+    fn remember(&mut self, data: &[u8]) {
+        let cap = self.agreed.history;
+        if data.len() >= cap {
+            self.history.clear();
+            self.history.extend_from_slice(&data[data.len() - cap..]);
+            return;
+        }
+        let keep = cap - data.len();
+        if self.history.len() > keep {
+            self.history.drain(..self.history.len() - keep);
+        }
+        if self.history.capacity() == 0 {
+            self.history.reserve_exact(cap);
+        }
+        self.history.extend_from_slice(data);
+    }
+
+    /// Drops the history if nothing compressed was sent for `history_idle`; otherwise says
+    /// when to look again.
+    pub(crate) fn release_if_idle(&mut self) -> Option<Duration> {
+        let last = self.last_sent?;
+        let idle = last.elapsed();
+        if idle >= self.agreed.history_idle {
+            self.history = Vec::new();
+            self.last_sent = None;
+            return None;
+        }
+        Some(self.agreed.history_idle - idle)
+    }
+
+    /// Inflates one compressed message, stopping as soon as it would pass `max` bytes.
+    pub(crate) fn decompress(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+        if self.agreed.client_takeover {
+            let d = self
+                .inflater
+                .get_or_insert_with(|| Box::new(Decompress::new(false)));
+            return inflate_all(d, data, max);
+        }
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let d = s.decompressor.get_or_insert_with(|| Decompress::new(false));
+            d.reset(false);
+            inflate_all(d, data, max)
+        })
+    }
+}
+
+impl Scratch {
+    fn compressor(&mut self, level: u8, bits: u8) -> &mut Compress {
+        let i = match self
+            .compressors
+            .iter()
+            .position(|(l, b, _)| (*l, *b) == (level, bits))
+        {
+            Some(i) => i,
+            None => {
+                let c = Compress::new_with_window_bits(Compression::new(level.into()), false, bits);
+                self.compressors.push((level, bits, c));
+                self.compressors.len() - 1
+            }
+        };
+        &mut self.compressors[i].2
+    }
+}
+
+/// Compresses all of `data` with a sync flush, growing `out` as needed.
+fn deflate_all(c: &mut Compress, data: &[u8], out: &mut Vec<u8>) {
+    let start = c.total_in();
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.len().max(256));
+        }
+        let done = (c.total_in() - start) as usize;
+        // Raw deflate into spare capacity cannot fail: the stream is valid and flushed.
+        let _ = c.compress_vec(&data[done..], out, FlushCompress::Sync);
+        // With room left after a sync flush, everything is out.
+        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            return;
+        }
+    }
+}
+
+/// Inflates `data` and the closing empty block into a buffer that never grows past `max + 1`.
+fn inflate_all(d: &mut Decompress, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    let mut out = Vec::with_capacity(data.len().saturating_mul(3).clamp(64, max + 1));
+    for input in [data, &TAIL[..]] {
+        let start = d.total_in();
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() > max {
+                    return Err(InflateError::TooLarge);
+                }
+                let room = (max + 1 - out.len()).min(out.len().max(4096));
+                out.reserve_exact(room);
+            }
+            let done = (d.total_in() - start) as usize;
+            let before = (d.total_in(), d.total_out());
+            let status = d
+                .decompress_vec(&input[done..], &mut out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Invalid)?;
+            if out.len() > max {
+                return Err(InflateError::TooLarge);
+            }
+            if status == Status::StreamEnd {
+                // A final block ended the stream: the next message starts a new one.
+                d.reset(false);
+                return Ok(out);
+            }
+            let consumed = (d.total_in() - start) as usize == input.len();
+            if consumed && out.len() < out.capacity() {
+                break;
+            }
+            if (d.total_in(), d.total_out()) == before && out.len() < out.capacity() {
+                // No progress with room to spare: the input is cut short.
+                return Err(InflateError::Invalid);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(h: &str) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, h.parse().unwrap());
+        negotiate(&Deflate::default(), &headers).map(|(_, v)| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn negotiation_follows_rfc_7692() {
+        let base = "permessage-deflate; client_no_context_takeover";
+        assert_eq!(offer("permessage-deflate").as_deref(), Some(base));
+        assert_eq!(
+            offer("permessage-deflate; client_max_window_bits").as_deref(),
+            Some(base)
+        );
+        assert_eq!(
+            offer("permessage-deflate; client_max_window_bits=10").unwrap(),
+            format!("{base}; client_max_window_bits=10")
+        );
+        assert_eq!(
+            offer("permessage-deflate; server_max_window_bits=8").unwrap(),
+            format!("{base}; server_max_window_bits=8")
+        );
+        assert_eq!(
+            offer("permessage-deflate; server_no_context_takeover").unwrap(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+        // Bad offers are skipped; the next acceptable one in the client's order is taken.
+        assert_eq!(
+            offer("permessage-deflate; server_max_window_bits=16, permessage-deflate; x=1, permessage-deflate; server_max_window_bits=\"9\"").unwrap(),
+            format!("{base}; server_max_window_bits=9")
+        );
+        for bad in [
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; server_max_window_bits=7",
+            "permessage-deflate; client_max_window_bits=010",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+            "x-webkit-deflate-frame",
+        ] {
+            assert_eq!(offer(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_through_history() {
+        let (mut server, _) = accept(&Deflate::default(), &Offer::default()).unwrap();
+        // A client with full context takeover decodes what the server sends.
+        let mut client = Decompress::new(false);
+        for i in 0..200 {
+            let msg = format!(
+                "{{\"type\":\"tick\",\"seq\":{i},\"price\":\"{}.25\"}}",
+                1000 + i
+            );
+            let (z, _) = server.compress(msg.as_bytes());
+            assert_eq!(
+                inflate_all(&mut client, &z, 1 << 20).unwrap(),
+                msg.as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let (mut codec, _) = accept(&Deflate::default(), &Offer::default()).unwrap();
+        let codec2 = &mut codec;
+        let zeros = vec![0u8; 10 << 20];
+        let (z, _) = codec2.compress(&zeros);
+        assert!(z.len() < 20_000);
+        assert_eq!(codec2.decompress(&z, 1 << 20), Err(InflateError::TooLarge));
+        assert_eq!(
+            codec2.decompress(b"\xff\xff\xff", 1 << 20),
+            Err(InflateError::Invalid)
+        );
+    }
+}
