@@ -10,6 +10,10 @@
 //! (axum's `WebSocketUpgrade`), `/ws-tungstenite` (a tokio-tungstenite loop, tuned: 4 KiB read
 //! buffer, one flush per batch), `/sse` (the hub, ticking once a second), `POST /sse/broadcast`,
 //! `/file` (tower-http `ServeFile`).
+//!
+//! `/ws` negotiates permessage-deflate with hop's defaults; `--ws-deflate off`,
+//! `--ws-deflate-level N` and `--ws-deflate-history BYTES` change them (the benchmark's
+//! compression rows compare the settings).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,13 +26,15 @@ use axum::routing::{any, get, get_service, post};
 use axum::{Json, Router};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hop::sse::{Event, Hub};
-use hop::ws::{FrameChunk, FrameKind, Message, WsConn, WsFrameHandler, WsHandler, WsUpgrade};
+use hop::ws::{
+    FrameChunk, FrameKind, Message, WsConfig, WsConn, WsFrameHandler, WsHandler, WsUpgrade,
+};
 
 const INDEX: &str = include_str!("assets/index.html");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never] [--tls-cert CERT.pem --tls-key KEY.pem]"
+        "usage: server [--backend reactor|tokio] [--addr HOST:PORT] [--pollers N] [--park-after-ms MS|never] [--tls-cert CERT.pem --tls-key KEY.pem] [--ws-deflate on|off] [--ws-deflate-level 0-9] [--ws-deflate-history BYTES]"
     );
     std::process::exit(2)
 }
@@ -42,8 +48,12 @@ impl WsHandler for Echo {
     }
 }
 
+/// `/ws`'s settings: the defaults, or permessage-deflate as the `--ws-deflate*` flags say.
+static WS_CONFIG: std::sync::OnceLock<WsConfig> = std::sync::OnceLock::new();
+
 async fn ws_hop(upgrade: WsUpgrade) -> Response {
-    upgrade.on_upgrade(Echo)
+    let cfg = WS_CONFIG.get().copied().unwrap_or_default();
+    upgrade.config(cfg).on_upgrade(Echo)
 }
 
 /// hop::ws frame echo: each piece of a frame goes back as it arrived, as a frame of its own
@@ -190,6 +200,7 @@ fn main() -> std::io::Result<()> {
     let mut park = None;
     let mut tls_cert = None;
     let mut tls_key = None;
+    let mut ws = WsConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -212,9 +223,21 @@ fn main() -> std::io::Result<()> {
             }
             "--tls-cert" => tls_cert = Some(val()),
             "--tls-key" => tls_key = Some(val()),
+            "--ws-deflate" => {
+                ws.deflate.enabled = match val().as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => usage(),
+                }
+            }
+            "--ws-deflate-level" => ws.deflate.level = val().parse().unwrap_or_else(|_| usage()),
+            "--ws-deflate-history" => {
+                ws.deflate.history = val().parse().unwrap_or_else(|_| usage())
+            }
             _ => usage(),
         }
     }
+    WS_CONFIG.set(ws).expect("set once");
     let backend = backend
         .or_else(hop::Backend::from_env)
         .unwrap_or(hop::Backend::Reactor);

@@ -10,6 +10,7 @@
 
 use std::future::IntoFuture;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -25,8 +26,15 @@ const INDEX: &str = include_str!("../../examples/assets/index.html");
 
 struct Echo;
 
+/// Set once an echo went back compressed (permessage-deflate negotiated, and the message over
+/// the threshold).
+static COMPRESSED: AtomicBool = AtomicBool::new(false);
+
 impl WsHandler for Echo {
     fn on_message(&mut self, ws: &mut WsConn<'_>, msg: Message) -> std::io::Result<()> {
+        if ws.is_compressed() && msg.len() >= hop::ws::Deflate::default().threshold {
+            COMPRESSED.store(true, Ordering::Relaxed);
+        }
         ws.send(msg)
     }
 }
@@ -236,7 +244,17 @@ async fn demo_page(backend: compat_tests::Backend, tls: bool, name: &str) {
         last["value"][1], "ok",
         "EventSource failed in the browser: {last}"
     );
-    assert_eq!(last["value"][2], "echo: hello from the browser", "{last}");
+    // Chromium offers permessage-deflate; hop takes it and the echo went back compressed.
+    assert_eq!(
+        last["value"][2],
+        "echo: hello from the browser, long enough to be compressed \
+         (permessage-deflate; client_no_context_takeover)",
+        "{last}"
+    );
+    assert!(
+        COMPRESSED.load(Ordering::Relaxed),
+        "the server did not compress"
+    );
     assert!(
         last["value"][3].as_str().unwrap_or("").contains(": tick "),
         "{last}"

@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""The permessage-deflate rows of hop's benchmark (issue 14), run against the release demo
+server's `/ws` (a hop::ws echo), server pinned to CPU 0 and the client to CPU 1.
+
+    cargo build --release --example server && python3 benches/deflate.py [--quick] [--runs N]
+
+Row A, a JSON message stream: one connection echoes a stream of JSON messages (three kinds of
+event, 208 bytes on average, made the same way every run) one at a time. For each server setting
+it gives the bytes the server sent on the wire (frame headers included) against the payload
+bytes, and the server's CPU time per message (/proc/PID/stat, user + system). The client is
+Python `websockets` (it offers permessage-deflate with `client_max_window_bits`). The reference
+for the ratio is a Python `websockets` server with full context takeover (15-bit window, level
+6): what the stream costs when each side keeps a 32 KiB window for the connection's life.
+
+Row B, idle compressed WebSockets: 10,000 connections (from 127.0.0.2-251, in this process),
+each sends one compressed JSON message and reads its echo, then stays open. The server's RSS
+growth per connection is taken once they are all open (the history of the server's compressor
+is held), and again after `history_idle` (10 s by default) has passed, when it has been
+released; the uncompressed WebSocket is the baseline. Reactor and tokio backends.
+
+Prints markdown tables on stdout, progress on stderr. Needs python3 with `websockets`, taskset.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+SERVER = os.path.join(TARGET, "release", "examples", "server")
+SERVER_CPU, LOAD_CPU = "0", "1"
+HZ = os.sysconf("SC_CLK_TCK")
+PORT = [18900]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def next_port():
+    PORT[0] += 1
+    return PORT[0]
+
+
+def messages(n):
+    """A JSON event stream: trades, chat messages and order-book snapshots, in turn."""
+    rnd = random.Random(7)
+    syms = ["BTC-USD", "ETH-USD", "SOL-USD", "ADA-USD", "DOGE-USD", "XRP-USD"]
+    users = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
+    out = []
+    for i in range(n):
+        k = i % 3
+        if k == 0:
+            m = {"type": "trade", "symbol": rnd.choice(syms),
+                 "price": f"{rnd.uniform(10, 50000):.2f}", "size": f"{rnd.uniform(0, 5):.4f}",
+                 "side": rnd.choice(["buy", "sell"]),
+                 "time": f"2026-11-29T14:{i // 60 % 60:02d}:{i % 60:02d}."
+                         f"{rnd.randint(0, 999999):06d}Z",
+                 "trade_id": 100000000 + i}
+        elif k == 1:
+            m = {"type": "chat", "room": "general",
+                 "user": {"id": rnd.randint(1, 9999), "name": rnd.choice(users),
+                          "roles": ["member"]},
+                 "text": "message number %d about %s" % (i, rnd.choice(syms)),
+                 "sent_at": 1764427000 + i}
+        else:
+            book = lambda: [[f"{rnd.uniform(10, 50000):.2f}", f"{rnd.uniform(0, 5):.4f}"]
+                            for _ in range(5)]
+            m = {"type": "book", "symbol": rnd.choice(syms), "bids": book(), "asks": book(),
+                 "seq": i}
+        out.append(json.dumps(m))
+    return out
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_port(port):
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Proc:
+    def __init__(self, argv, port):
+        self.port = port
+        self.p = subprocess.Popen(["taskset", "-c", SERVER_CPU] + argv,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+        self.pid = self.p.pid
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def hop_server(backend, *flags):
+    port = next_port()
+    return Proc([SERVER, "--backend", backend, "--addr", f"127.0.0.1:{port}", "--pollers", "1",
+                 *flags], port)
+
+
+PY_SERVER = r"""
+import asyncio, sys
+from websockets.asyncio.server import serve
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+
+async def main():
+    f = ServerPerMessageDeflateFactory(server_max_window_bits=15, client_max_window_bits=15,
+                                       compress_settings={"level": 6})
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), extensions=[f], compression=None,
+                     max_size=None):
+        await asyncio.Future()
+
+asyncio.run(main())
+"""
+
+
+def python_server():
+    port = next_port()
+    return Proc([sys.executable, "-c", PY_SERVER, str(port)], port)
+
+
+class Counting(socket.socket):
+    """A client socket that counts what it receives: the server's bytes on the wire."""
+    received = 0
+
+    def recv(self, n, *a):
+        d = super().recv(n, *a)
+        self.received += len(d)
+        return d
+
+
+def stream_run(port, msgs, pid):
+    """Echoes `msgs` one at a time over one WebSocket: (wire bytes from the server after the
+    handshake, payload bytes, server CPU ticks, negotiated extension)."""
+    from websockets.sync.client import connect
+    sock = Counting(socket.AF_INET, socket.SOCK_STREAM)
+    sock.connect(("127.0.0.1", port))
+    with connect(f"ws://127.0.0.1:{port}/ws", sock=sock, max_size=None,
+                 open_timeout=20) as ws:
+        ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        start_wire = sock.received
+        t0 = cpu_ticks(pid)
+        for m in msgs:
+            ws.send(m)
+            assert ws.recv(timeout=20) == m
+        t1 = cpu_ticks(pid)
+        wire = sock.received - start_wire
+    return wire, sum(len(m) for m in msgs), t1 - t0, ext
+
+
+def row_a(runs, n):
+    msgs = messages(n)
+    settings = [
+        ("hop reactor, uncompressed (`--ws-deflate off`)", "hop", "reactor", ["--ws-deflate", "off"]),
+        ("hop reactor, defaults (level 6, 4 KiB history)", "hop", "reactor", []),
+        ("hop tokio backend, defaults", "hop", "tokio", []),
+        ("hop reactor, no history (`--ws-deflate-history 0`)", "hop", "reactor",
+         ["--ws-deflate-history", "0"]),
+        ("hop reactor, 1 KiB history", "hop", "reactor", ["--ws-deflate-history", "1024"]),
+        ("hop reactor, 32 KiB history (the whole window)", "hop", "reactor",
+         ["--ws-deflate-history", "32768"]),
+        ("hop reactor, level 1, 4 KiB history", "hop", "reactor", ["--ws-deflate-level", "1"]),
+        ("Python websockets, full context takeover (reference)", "py", None, []),
+    ]
+    res = {name: {"ratio": [], "cpu": [], "ext": ""} for name, *_ in settings}
+    for r in range(runs):
+        for name, kind, backend, flags in settings:
+            srv = hop_server(backend, *flags) if kind == "hop" else python_server()
+            try:
+                stream_run(srv.port, msgs[: n // 10], srv.pid)  # warm-up
+                wire, payload, ticks, ext = stream_run(srv.port, msgs, srv.pid)
+            finally:
+                srv.stop()
+            res[name]["ratio"].append(wire / payload)
+            res[name]["cpu"].append(ticks / HZ * 1e6 / n)
+            res[name]["ext"] = ext
+            log(f"A run {r + 1} {name}: wire/payload {wire / payload:.3f}, "
+                f"{ticks / HZ * 1e6 / n:.1f} µs/msg, {ext!r}")
+    ref = statistics.median(res[settings[-1][0]]["ratio"])
+    plain_cpu = statistics.median(res[settings[0][0]]["cpu"])
+    avg = sum(len(m) for m in msgs) / len(msgs)
+    print(f"\n#### A. JSON stream: {n:,} messages of {avg:.0f} B on average, echoed one at a time "
+          f"(median of {runs})\n")
+    print("| server setting | wire bytes / payload bytes | vs full context takeover "
+          "| server CPU µs/msg | vs uncompressed | extension answered |")
+    print("|---|---|---|---|---|---|")
+    for name, kind, *_ in settings:
+        ratio = statistics.median(res[name]["ratio"])
+        cpu = statistics.median(res[name]["cpu"])
+        cpu_cell = f"{cpu:.1f}" if kind == "hop" else "(Python)"
+        vs_cpu = f"{cpu / plain_cpu:.2f}×" if kind == "hop" else "—"
+        print(f"| {name} | {ratio:.3f} | {ratio / ref:.3f}× | {cpu_cell} | {vs_cpu} "
+              f"| `{res[name]['ext'] or '-'}` |")
+    return res
+
+
+def mask(payload):
+    key = os.urandom(4)
+    return key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def client_frame(payload, rsv1):
+    head = bytes([0x81 | (0x40 if rsv1 else 0)])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    else:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    return head + mask(payload)
+
+
+def compress(data):
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    z = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert z.endswith(b"\x00\x00\xff\xff")
+    return z[:-4]
+
+
+async def open_one(i, port, deflate, msg, held, errors):
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port,
+                                             local_addr=(f"127.0.0.{2 + i % 250}", 0))
+        ext = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" \
+            if deflate else ""
+        w.write((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 f"{ext}\r\n").encode())
+        head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert (b"permessage-deflate" in head.lower()) == deflate, head
+        w.write(client_frame(compress(msg) if deflate else msg, deflate))
+        h = await r.readexactly(2)
+        n = h[1] & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", await r.readexactly(2))[0]
+        await r.readexactly(n)
+        assert bool(h[0] & 0x40) == deflate
+        held.append(w)
+    except Exception as e:  # noqa: BLE001 - counted and reported
+        errors.append(repr(e))
+
+
+async def open_idle(port, n, deflate, msg):
+    held, errors = [], []
+    sem = asyncio.Semaphore(200)
+
+    async def one(i):
+        async with sem:
+            await open_one(i, port, deflate, msg, held, errors)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return held, errors
+
+
+def row_b(runs, n, release_wait):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    msg = messages(1)[0].encode()
+    res = {}
+    for r in range(runs):
+        for backend in ("reactor", "tokio"):
+            for deflate in (False, True):
+                srv = hop_server(backend)
+                try:
+                    before = rss_kb(srv.pid)
+                    loop = asyncio.new_event_loop()
+                    held, errors = loop.run_until_complete(open_idle(srv.port, n, deflate, msg))
+                    time.sleep(1)
+                    open_kb = (rss_kb(srv.pid) - before) * 1024 / max(len(held), 1) / 1024
+                    released_kb = None
+                    if deflate:
+                        time.sleep(release_wait)
+                        released_kb = (rss_kb(srv.pid) - before) * 1024 / max(len(held), 1) / 1024
+                    for w in held:
+                        w.close()
+                    loop.close()
+                finally:
+                    srv.stop()
+                key = (backend, deflate)
+                res.setdefault(key, {"open": [], "released": []})
+                res[key]["open"].append(open_kb)
+                if released_kb is not None:
+                    res[key]["released"].append(released_kb)
+                log(f"B run {r + 1} {backend} deflate={deflate}: {len(held)} open, "
+                    f"{len(errors)} failed {errors[:1]}, {open_kb:.2f} KB/conn"
+                    + (f", {released_kb:.2f} KB/conn after {release_wait} s" if deflate else ""))
+    print(f"\n#### B. {n:,} idle WebSockets, each after one echoed JSON message "
+          f"(server RSS growth KB per connection, median of {runs})\n")
+    print("| backend | uncompressed | compressed, history held | compressed, after "
+          f"{release_wait} s (history released) |")
+    print("|---|---|---|---|")
+    for backend in ("reactor", "tokio"):
+        plain = statistics.median(res[(backend, False)]["open"])
+        held = statistics.median(res[(backend, True)]["open"])
+        rel = statistics.median(res[(backend, True)]["released"])
+        print(f"| {backend} | {plain:.2f} | {held:.2f} | {rel:.2f} |")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="AB")
+    a = ap.parse_args()
+    if not os.path.exists(SERVER):
+        sys.exit(f"deflate.py: {SERVER} is missing (cargo build --release --example server)")
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    runs = 1 if a.quick else a.runs
+    if "A" in a.only:
+        row_a(runs, 2000 if a.quick else 20000)
+    if "B" in a.only:
+        row_b(runs, 1000 if a.quick else 10000, 12)
+
+
+if __name__ == "__main__":
+    threading.stack_size(1 << 20)
+    main()
