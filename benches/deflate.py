@@ -165,23 +165,88 @@ class Counting(socket.socket):
         return d
 
 
-def stream_run(port, msgs, pid):
-    """Echoes `msgs` one at a time over one WebSocket: (wire bytes from the server after the
-    handshake, payload bytes, server CPU ticks, negotiated extension)."""
+def stream_run(port, msgs, conns):
+    """Echoes `msgs` over each of `conns` WebSockets, one message at a time, taking the
+    connections in turn: (wire bytes from the server after the handshakes, payload bytes,
+    negotiated extension)."""
+    from contextlib import ExitStack
     from websockets.sync.client import connect
-    sock = Counting(socket.AF_INET, socket.SOCK_STREAM)
-    sock.connect(("127.0.0.1", port))
-    with connect(f"ws://127.0.0.1:{port}/ws", sock=sock, max_size=None,
-                 open_timeout=20) as ws:
-        ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
-        start_wire = sock.received
-        t0 = cpu_ticks(pid)
+    socks, wss = [], []
+    with ExitStack() as stack:
+        for _ in range(conns):
+            sock = Counting(socket.AF_INET, socket.SOCK_STREAM)
+            sock.connect(("127.0.0.1", port))
+            wss.append(stack.enter_context(connect(f"ws://127.0.0.1:{port}/ws", sock=sock,
+                                                   max_size=None, open_timeout=20)))
+            socks.append(sock)
+        ext = wss[0].response.headers.get("Sec-WebSocket-Extensions", "")
+        start = [s.received for s in socks]
         for m in msgs:
-            ws.send(m)
-            assert ws.recv(timeout=20) == m
-        t1 = cpu_ticks(pid)
-        wire = sock.received - start_wire
-    return wire, sum(len(m) for m in msgs), t1 - t0, ext
+            for ws in wss:
+                ws.send(m)
+            for ws in wss:
+                assert ws.recv(timeout=20) == m
+        wire = sum(s.received - b for s, b in zip(socks, start))
+    return wire, sum(len(m) for m in msgs) * conns, ext
+
+
+def ws_open_raw(port, deflate):
+    s = socket.create_connection(("127.0.0.1", port))
+    ext = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" \
+        if deflate else ""
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"{ext}\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101") and (b"permessage-deflate" in head) == deflate, head
+    assert not buf
+    return s
+
+
+def read_frames(s, buf, want, deflate):
+    """Reads `want` server frames from `s` (after `buf`): what is left over."""
+    got = 0
+    while got < want:
+        if len(buf) >= 2:
+            n, off = buf[1] & 0x7F, 2
+            if n == 126:
+                n, off = (struct.unpack(">H", buf[2:4])[0], 4) if len(buf) >= 4 else (None, 4)
+            if n is not None and len(buf) >= off + n:
+                assert bool(buf[0] & 0x40) == deflate or n < 32
+                buf = buf[off + n:]
+                got += 1
+                continue
+        buf += s.recv(1 << 20)
+    return buf
+
+
+def burst_run(port, frames, pid, deflate, total, conns, per_conn):
+    """Echoes pre-built client `frames` (cycled) until `total` messages: each round sends
+    `per_conn` frames in one write to each of `conns` connections, then reads their echoes.
+    (messages, server CPU ticks)."""
+    socks = [ws_open_raw(port, deflate) for _ in range(conns)]
+    bufs = [b""] * conns
+    t0 = cpu_ticks(pid)
+    done, i = 0, 0
+    while done < total:
+        for s in socks:
+            batch = [frames[(i + k) % len(frames)] for k in range(per_conn)]
+            i += per_conn
+            s.sendall(b"".join(batch))
+        for k, s in enumerate(socks):
+            bufs[k] = read_frames(s, bufs[k], per_conn, deflate)
+        done += conns * per_conn
+    t1 = cpu_ticks(pid)
+    for s in socks:
+        s.close()
+    return done, t1 - t0
+
+
+def client_frames(msgs, deflate):
+    return [client_frame(compress(m.encode()) if deflate else m.encode(), deflate) for m in msgs]
 
 
 def row_a(runs, n):
@@ -198,35 +263,56 @@ def row_a(runs, n):
         ("hop reactor, level 1, 4 KiB history", "hop", "reactor", ["--ws-deflate-level", "1"]),
         ("Python websockets, full context takeover (reference)", "py", None, []),
     ]
-    res = {name: {"ratio": [], "cpu": [], "ext": ""} for name, *_ in settings}
+    cols = ["r1", "r10", "c1", "c50"]
+    res = {name: {c: [] for c in cols} | {"ext": ""} for name, *_ in settings}
+    frames = {d: client_frames(msgs, d) for d in (False, True)}
+    total = n * 20
     for r in range(runs):
         for name, kind, backend, flags in settings:
             srv = hop_server(backend, *flags) if kind == "hop" else python_server()
             try:
-                stream_run(srv.port, msgs[: n // 10], srv.pid)  # warm-up
-                wire, payload, ticks, ext = stream_run(srv.port, msgs, srv.pid)
+                wire, payload, ext = stream_run(srv.port, msgs, 1)
+                res[name]["r1"].append(wire / payload)
+                wire, payload, _ = stream_run(srv.port, msgs[: n // 5], 10)
+                res[name]["r10"].append(wire / payload)
+                res[name]["ext"] = ext
+                if kind == "hop":
+                    deflate = "off" not in flags
+                    for col, conns, per in (("c1", 1, 50), ("c50", 50, 1)):
+                        burst_run(srv.port, frames[deflate], srv.pid, deflate, total // 10,
+                                  conns, per)  # warm-up
+                        done, ticks = burst_run(srv.port, frames[deflate], srv.pid, deflate,
+                                                total, conns, per)
+                        res[name][col].append(ticks / HZ * 1e6 / done)
             finally:
                 srv.stop()
-            res[name]["ratio"].append(wire / payload)
-            res[name]["cpu"].append(ticks / HZ * 1e6 / n)
-            res[name]["ext"] = ext
-            log(f"A run {r + 1} {name}: wire/payload {wire / payload:.3f}, "
-                f"{ticks / HZ * 1e6 / n:.1f} µs/msg, {ext!r}")
-    ref = statistics.median(res[settings[-1][0]]["ratio"])
-    plain_cpu = statistics.median(res[settings[0][0]]["cpu"])
+            log(f"A run {r + 1} {name}: " + ", ".join(
+                f"{c} {res[name][c][-1]:.3f}" for c in cols if res[name][c]) + f" {ext!r}")
+    med = lambda name, c: statistics.median(res[name][c]) if res[name][c] else None
+    ref = settings[-1][0]
+    plain = settings[0][0]
     avg = sum(len(m) for m in msgs) / len(msgs)
-    print(f"\n#### A. JSON stream: {n:,} messages of {avg:.0f} B on average, echoed one at a time "
-          f"(median of {runs})\n")
-    print("| server setting | wire bytes / payload bytes | vs full context takeover "
-          "| server CPU µs/msg | vs uncompressed | extension answered |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n#### A. A JSON stream ({n:,} messages, {avg:.0f} B on average), echoed (median of "
+          f"{runs})\n")
+    print("Wire: bytes the server sent (frame headers included) per payload byte, the stream "
+          f"echoed one message at a time over 1 connection, and ({n // 5:,} messages) over 10 "
+          "connections taken in turn. CPU: server CPU µs per echoed message, "
+          f"{total:,} messages, 1 connection sent bursts of 50, or 50 connections sent one "
+          "message each in turn.\n")
+    print("| server setting | wire/payload, 1 conn | vs full takeover | wire/payload, 10 conns "
+          "in turn | vs full takeover | CPU µs/msg, 1 conn | CPU µs/msg, 50 conns in turn "
+          "| extension answered |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, kind, *_ in settings:
-        ratio = statistics.median(res[name]["ratio"])
-        cpu = statistics.median(res[name]["cpu"])
-        cpu_cell = f"{cpu:.1f}" if kind == "hop" else "(Python)"
-        vs_cpu = f"{cpu / plain_cpu:.2f}×" if kind == "hop" else "—"
-        print(f"| {name} | {ratio:.3f} | {ratio / ref:.3f}× | {cpu_cell} | {vs_cpu} "
-              f"| `{res[name]['ext'] or '-'}` |")
+        cells = []
+        for c in ("r1", "r10"):
+            v = med(name, c)
+            cells += [f"{v:.3f}", f"{v / med(ref, c):.3f}×"]
+        for c in ("c1", "c50"):
+            v = med(name, c)
+            cells.append("(Python)" if v is None else
+                         f"{v:.2f} ({v / max(med(plain, c), 1e-9):.1f}×)")
+        print(f"| {name} | " + " | ".join(cells) + f" | `{res[name]['ext'] or '-'}` |")
     return res
 
 
@@ -345,7 +431,7 @@ def main():
     os.sched_setaffinity(0, {int(LOAD_CPU)})
     runs = 1 if a.quick else a.runs
     if "A" in a.only:
-        row_a(runs, 2000 if a.quick else 20000)
+        row_a(runs, 5000 if a.quick else 10000)
     if "B" in a.only:
         row_b(runs, 1000 if a.quick else 10000, 12)
 

@@ -242,8 +242,11 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// while it sends, and a decompressor only if the client keeps context.
 pub(crate) struct Codec {
     agreed: Agreed,
-    /// The last compressed messages' bytes, at most `agreed.history` (empty when released).
-    history: Vec<u8>,
+    id: u64,
+    /// Messages compressed so far.
+    sent: u64,
+    /// The last compressed messages' bytes, at most `agreed.history` (none when released).
+    history: Option<History>,
     /// When the last compressed message was sent (while there is history).
     last_sent: Option<Instant>,
     inflater: Option<Box<Decompress>>,
@@ -253,7 +256,7 @@ impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
             .field("agreed", &self.agreed)
-            .field("history", &self.history.len())
+            .field("history", &self.history.as_ref().map_or(0, |h| h.len))
             .finish()
     }
 }
@@ -262,9 +265,22 @@ impl std::fmt::Debug for Codec {
 #[derive(Default)]
 struct Scratch {
     /// Keyed by level and window bits (a compressor's window is fixed when it is made).
-    compressors: Vec<(u8, u8, Compress)>,
+    compressors: Vec<Slot>,
     decompressor: Option<Decompress>,
 }
+
+/// One of a thread's compressors, and whose stream it holds.
+struct Slot {
+    level: u8,
+    bits: u8,
+    c: Compress,
+    /// The connection ([`Codec::id`]) whose last message ([`Codec::sent`]) it compressed, if
+    /// that connection keeps context.
+    owner: Option<(u64, u64)>,
+}
+
+/// Tells connections apart in [`Slot::owner`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
@@ -274,7 +290,9 @@ impl Codec {
     fn new(agreed: Agreed) -> Self {
         Codec {
             agreed,
-            history: Vec::new(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            sent: 0,
+            history: None,
             last_sent: None,
             inflater: None,
         }
@@ -294,46 +312,41 @@ impl Codec {
         // zlib has no 8-bit window for raw deflate; a 9-bit one never reaches back 256 bytes.
         let bits = a.server_bits.max(9);
         let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let keeps = a.history > 0;
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let c = s.compressor(a.level, bits);
-            c.reset();
-            if !self.history.is_empty() {
-                // Only fails for a stream already started, and this one was just reset.
-                let _ = c.set_dictionary(&self.history);
+            let slot = s.compressor(a.level, bits);
+            let mine = Some((self.id, self.sent));
+            // The thread's compressor still holds this connection's stream, just as it left it
+            // (no other message came between): go on with it, which is what full context
+            // takeover does, at no cost. Otherwise start afresh from the history.
+            if !(keeps && self.history.is_some() && slot.owner == mine) {
+                slot.c.reset();
+                if let Some(h) = self.history.as_ref().filter(|h| h.len > 0) {
+                    // Only fails for a stream already started, and this one was just reset.
+                    let _ = slot.c.set_dictionary(h.bytes());
+                }
             }
-            deflate_all(c, data, &mut out);
+            deflate_all(&mut slot.c, data, &mut out);
+            self.sent += 1;
+            slot.owner = keeps.then_some((self.id, self.sent));
         });
         if out.ends_with(&TAIL) {
             out.truncate(out.len() - TAIL.len());
         }
         let mut arm = None;
         if a.history > 0 {
-            if self.history.is_empty() {
+            if self.history.is_none() {
+                // Without memory for it, messages are compressed alone.
+                self.history = History::new(a.history);
                 arm = Some(a.history_idle);
             }
-            self.remember(data);
+            if let Some(h) = &mut self.history {
+                h.remember(data);
+            }
             self.last_sent = Some(Instant::now());
         }
         (out, arm)
-    }
-
-    /// Keeps the last `history` bytes sent.
-    fn remember(&mut self, data: &[u8]) {
-        let cap = self.agreed.history;
-        if data.len() >= cap {
-            self.history.clear();
-            self.history.extend_from_slice(&data[data.len() - cap..]);
-            return;
-        }
-        let keep = cap - data.len();
-        if self.history.len() > keep {
-            self.history.drain(..self.history.len() - keep);
-        }
-        if self.history.capacity() == 0 {
-            self.history.reserve_exact(cap);
-        }
-        self.history.extend_from_slice(data);
     }
 
     /// Drops the history if nothing compressed was sent for `history_idle`; otherwise says
@@ -342,7 +355,7 @@ impl Codec {
         let last = self.last_sent?;
         let idle = last.elapsed();
         if idle >= self.agreed.history_idle {
-            self.history = Vec::new();
+            self.history = None;
             self.last_sent = None;
             return None;
         }
@@ -366,21 +379,107 @@ impl Codec {
     }
 }
 
+/// The last bytes a connection sent compressed, in pages mapped for it alone: dropping it
+/// gives them back to the kernel at once. (A heap block of a few KiB would go back to the
+/// allocator, which keeps it: the process's memory would not shrink when idle connections
+/// release their history.)
+struct History {
+    pages: std::ptr::NonNull<u8>,
+    /// Bytes mapped: the history's size rounded up to whole pages.
+    mapped: usize,
+    /// The history's size.
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone (nothing else has its address), so it can
+// move between threads with it.
+unsafe impl Send for History {}
+
+impl History {
+    /// `None` if the kernel refuses the mapping.
+    fn new(cap: usize) -> Option<History> {
+        let page = 4096;
+        let mapped = cap.div_ceil(page) * page;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+        // no existing memory; the result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(History {
+            pages: std::ptr::NonNull::new(p.cast())?,
+            mapped,
+            cap,
+            len: 0,
+        })
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: `pages` is a live read-write mapping of `mapped` >= `cap` bytes that only
+        // this value reaches, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_ptr(), self.cap) }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: as in `buf`; the first `len` bytes were written by `remember`.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr(), self.len) }
+    }
+
+    /// Keeps the last `cap` bytes of what was sent, `data` last.
+    fn remember(&mut self, data: &[u8]) {
+        let (cap, len) = (self.cap, self.len);
+        let buf = self.buf();
+        if data.len() >= cap {
+            buf.copy_from_slice(&data[data.len() - cap..]);
+            self.len = cap;
+            return;
+        }
+        let keep = len.min(cap - data.len());
+        buf.copy_within(len - keep..len, 0);
+        buf[keep..keep + data.len()].copy_from_slice(data);
+        self.len = keep + data.len();
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, which nothing uses afterwards.
+        unsafe {
+            libc::munmap(self.pages.as_ptr().cast(), self.mapped);
+        }
+    }
+}
+
 impl Scratch {
-    fn compressor(&mut self, level: u8, bits: u8) -> &mut Compress {
+    fn compressor(&mut self, level: u8, bits: u8) -> &mut Slot {
         let i = match self
             .compressors
             .iter()
-            .position(|(l, b, _)| (*l, *b) == (level, bits))
+            .position(|s| (s.level, s.bits) == (level, bits))
         {
             Some(i) => i,
             None => {
                 let c = Compress::new_with_window_bits(Compression::new(level.into()), false, bits);
-                self.compressors.push((level, bits, c));
+                self.compressors.push(Slot {
+                    level,
+                    bits,
+                    c,
+                    owner: None,
+                });
                 self.compressors.len() - 1
             }
         };
-        &mut self.compressors[i].2
+        &mut self.compressors[i]
     }
 }
 
@@ -503,6 +602,46 @@ mod tests {
                 msg.as_bytes()
             );
         }
+    }
+
+    #[test]
+    fn connections_sharing_a_thread_keep_their_own_context() {
+        let mut conns: Vec<_> = (0..3)
+            .map(|_| {
+                let (codec, _) = accept(&Deflate::default(), &Offer::default()).unwrap();
+                (codec, Decompress::new(false))
+            })
+            .collect();
+        // Runs of one connection (the thread's stream goes on) and alternation (it restarts
+        // from the history) both decode with each client's own window.
+        for i in 0..300usize {
+            let k = if i < 100 { i / 34 } else { i % 3 };
+            let (server, client) = &mut conns[k];
+            let msg = format!(
+                "{{\"conn\":{k},\"seq\":{i},\"text\":\"{}\"}}",
+                "ab".repeat(i % 50)
+            );
+            let (z, _) = server.compress(msg.as_bytes());
+            assert_eq!(
+                inflate_all(client, &z, 1 << 20).unwrap(),
+                msg.as_bytes(),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_last_bytes() {
+        let mut h = History::new(10).unwrap();
+        h.remember(b"abc");
+        h.remember(b"defgh");
+        assert_eq!(h.bytes(), b"abcdefgh");
+        h.remember(b"ijkl");
+        assert_eq!(h.bytes(), b"cdefghijkl");
+        h.remember(b"0123456789abc");
+        assert_eq!(h.bytes(), b"3456789abc");
+        h.remember(b"");
+        assert_eq!(h.bytes(), b"3456789abc");
     }
 
     #[test]
