@@ -396,6 +396,8 @@ def row_b(runs, n, release_wait):
                         released_kb = (rss_kb(srv.pid) - before) * 1024 / max(len(held), 1) / 1024
                     for w in held:
                         w.close()
+                    # Let the transports close their sockets before the next server.
+                    loop.run_until_complete(asyncio.sleep(1))
                     loop.close()
                 finally:
                     srv.stop()
