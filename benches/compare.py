@@ -11,7 +11,8 @@ The TLS rows (12: new TLS 1.3 handshakes, 13: keep-alive over TLS, 14: idle TLS 
 compare hop's backends serving HTTPS (`examples/server --tls-cert --tls-key`) with `axum-server`
 (`axum_server::bind_rustls`, stock settings), the peer users pick for TLS, on a throwaway ECDSA
 P-256 certificate made with the openssl CLI at run time. `--no-peers` leaves the peers out
-everywhere.
+everywhere. Rows 15 and 16 (permessage-deflate) come from benches/deflate.py: hop::ws's settings
+against each other, with a Python `websockets` server as the reference for the ratio.
 
 Servers run pinned to CPU 0 with one poller / one worker, the load (wrk, hop-load) pinned to
 CPU 1 (one churn row caps the server at half a CPU with a cgroup quota; row 9 counts
@@ -690,7 +691,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-14)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-16)")
     ap.add_argument("--svg", default=os.path.join(ROOT, "benches", "idle-memory.svg"))
     ap.add_argument("--json-out", default="", help="also write every raw result here")
     ap.add_argument("--no-peers", action="store_true",
@@ -1129,6 +1130,17 @@ def main():
                   f"{ratio(m['avg']['reactor'], m['avg']['tokio'])} | | | | "
                   f"{ratio(m['p99']['reactor'], m['p99']['tokio'])} | "
                   f"{ratio(m['rss']['reactor'], m['rss']['tokio'])} | | |")
+    # 15. permessage-deflate: a JSON stream (wire bytes, CPU per message) and 16. idle compressed
+    # WebSockets, from benches/deflate.py (Python `websockets` is its client and reference).
+    if want(15) or want(16):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import deflate
+        if want(15):
+            raw.append({"row": 15, **{k: v for k, v in deflate.row_a(
+                1 if quick else runs, 5000 if quick else 10000).items()}})
+        if want(16):
+            raw.append({"row": 16, "result": {f"{b} deflate={d}": v for (b, d), v in deflate.row_b(
+                idle_runs, 1000 if quick else 10000, 12).items()}})
     log(f"total {time.time() - t_start:.0f} s")
     if a.json_out:
         with open(a.json_out, "w") as f:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: hop's reactor backend against its tokio backend and the peer servers
 # (benches/peers: axum-serve and hyper-tuned, in rows 1-5 and 9; axum-serve alone in the HTTP/2
-# rows 10 and 11; axum-server over TLS in the TLS rows 12-14), same machine, same run.
+# rows 10 and 11; axum-server over TLS in the TLS rows 12-14), same machine, same run. Rows 15
+# and 16 (permessage-deflate: a JSON stream, idle compressed WebSockets) run benches/deflate.py,
+# whose client and reference server are Python `websockets`.
 #
 #   benches/compare.sh [--quick] [--runs N] [--only 1,2,10] [--json-out FILE] [--no-peers]
 #                      [--backends reactor,tokio,axum-serve,hyper-tuned,axum-server]

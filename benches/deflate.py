@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
-"""The permessage-deflate rows of hop's benchmark (issue 14), run against the release demo
-server's `/ws` (a hop::ws echo), server pinned to CPU 0 and the client to CPU 1.
+"""The permessage-deflate rows of hop's benchmark (issue 14; rows 15 and 16 of
+benches/compare.sh), run against the release demo server's `/ws` (a hop::ws echo), server pinned
+to CPU 0 with one poller or worker, the client on CPU 1.
 
     cargo build --release --example server && python3 benches/deflate.py [--quick] [--runs N]
+                                                                         [--only A|B|AB]
 
-Row A, a JSON message stream: one connection echoes a stream of JSON messages (three kinds of
-event, 208 bytes on average, made the same way every run) one at a time. For each server setting
-it gives the bytes the server sent on the wire (frame headers included) against the payload
-bytes, and the server's CPU time per message (/proc/PID/stat, user + system). The client is
-Python `websockets` (it offers permessage-deflate with `client_max_window_bits`). The reference
-for the ratio is a Python `websockets` server with full context takeover (15-bit window, level
-6): what the stream costs when each side keeps a 32 KiB window for the connection's life.
+Row A, a JSON event stream (three kinds of event, 208 bytes on average, the same every run), for
+each server setting (the demo's `--ws-deflate*` flags):
+- wire: the bytes the server sends (frame headers included) per payload byte, the stream echoed
+  one message at a time over one connection, and over ten connections taken in turn. The client
+  is Python `websockets`, offering permessage-deflate with `client_max_window_bits`;
+- CPU: the server's CPU time (/proc/PID/stat, user + system) per echoed message, with one
+  connection sending bursts of 50, and with 50 connections sending one message each in turn
+  (hand-made frames, compressed message by message as hop asks of clients).
+The reference for the ratio is a Python `websockets` server with full context takeover (15-bit
+windows kept each way for the connection's life, level 6).
 
-Row B, idle compressed WebSockets: 10,000 connections (from 127.0.0.2-251, in this process),
-each sends one compressed JSON message and reads its echo, then stays open. The server's RSS
-growth per connection is taken once they are all open (the history of the server's compressor
-is held), and again after `history_idle` (10 s by default) has passed, when it has been
-released; the uncompressed WebSocket is the baseline. Reactor and tokio backends.
+Row B, idle compressed WebSockets: 10,000 connections (from 127.0.0.2-251, in this process), each
+sends one compressed JSON message and reads its echo, then stays open. The server's RSS growth
+per connection is taken once they are all open (each holds its compression history), and again
+12 s later, after `history_idle` (10 s by default) released it; uncompressed WebSockets are the
+baseline. Reactor and tokio backends.
 
 Prints markdown tables on stdout, progress on stderr. Needs python3 with `websockets`, taskset.
 """
