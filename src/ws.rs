@@ -15,6 +15,10 @@
 //! handled as for messages, and text is checked for UTF-8 as it goes. It sends frames with
 //! [`WsConn::send_frame`] and [`WsHandle::send_frame`].
 //!
+//! permessage-deflate (RFC 7692) is negotiated for message handlers unless
+//! [`WsConfig::deflate`] turns it off; [`Deflate`] has the settings, and the `deflate` module
+//! says how a compressed connection keeps no zlib state while idle.
+//!
 //! Over HTTP/2 the handshake is RFC 8441's extended CONNECT (`:protocol websocket`), answered
 //! `200`; the handler then runs over the HTTP/2 stream (as a task, not in place). Route with
 //! `any(..)` to accept both handshakes.
