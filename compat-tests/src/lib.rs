@@ -784,10 +784,16 @@ pub fn ws_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> 
 
 /// A raw socket to `addr` after a successful WebSocket handshake (HTTP/1.1) on `path`.
 pub async fn ws_handshake(addr: SocketAddr, path: &str) -> TcpStream {
+    ws_handshake_with(addr, path, "").await.0
+}
+
+/// As [`ws_handshake`], sending `extra` header lines (each ending in `\r\n`) too: the socket
+/// and the response head.
+pub async fn ws_handshake_with(addr: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
     );
     s.write_all(req.as_bytes()).await.expect("write");
     let mut head = Vec::new();
@@ -799,29 +805,28 @@ pub async fn ws_handshake(addr: SocketAddr, path: &str) -> TcpStream {
             .expect("handshake read");
         head.push(b[0]);
     }
-    let head = String::from_utf8_lossy(&head);
+    let head = String::from_utf8_lossy(&head).into_owned();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    (s, head)
 }
 
 /// Reads one server WebSocket frame (unmasked): its FIN bit, opcode and payload.
 pub async fn ws_read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let (b0, payload) = ws_read_raw_frame(s).await;
+    (b0 & 0x80 != 0, b0 & 0x0f, payload)
+}
+
+/// Reads one server WebSocket frame (unmasked): its first byte (FIN, RSV bits, opcode) and
+/// payload.
+pub async fn ws_read_raw_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
     tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut h))
         .await
         .expect("a frame in time")
         .expect("frame header");
     let len = match h[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b).await.expect("length");
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b).await.expect("length");
-            u64::from_be_bytes(b) as usize
-        }
+        126 => s.read_u16().await.expect("length") as usize,
+        127 => s.read_u64().await.expect("length") as usize,
         n => n as usize,
     };
     let mut payload = vec![0u8; len];
@@ -829,7 +834,7 @@ pub async fn ws_read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
         .await
         .expect("a payload in time")
         .expect("payload");
-    (h[0] & 0x80 != 0, h[0] & 0x0f, payload)
+    (h[0], payload)
 }
 
 /// Runs a command-line client (curl, nghttp, openssl) with `stdin`, failing the test if it

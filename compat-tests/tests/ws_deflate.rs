@@ -13,10 +13,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use compat_tests::{backend_tests, run_tool, start, unavailable, ws_frame, IO_TIMEOUT};
+use compat_tests::{
+    backend_tests, run_tool, start, unavailable, ws_frame, ws_handshake_with, ws_read_raw_frame,
+};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use hop::ws::{Deflate, Message, WsConfig, WsConn, WsHandler, WsUpgrade};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ws_deflate_client.py");
@@ -112,24 +114,8 @@ async fn python(addr: SocketAddr, path: &str, case: &str) -> bool {
 
 /// Opens a WebSocket offering `extensions`; the socket and the server's answer header.
 async fn handshake(addr: SocketAddr, path: &str, extensions: &str) -> (TcpStream, Option<String>) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         sec-websocket-extensions: {extensions}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut b))
-            .await
-            .expect("handshake in time")
-            .expect("handshake read");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let extra = format!("sec-websocket-extensions: {extensions}\r\n");
+    let (s, head) = ws_handshake_with(addr, path, &extra).await;
     let ext = head
         .lines()
         .find_map(|l| l.strip_prefix("sec-websocket-extensions: "))
@@ -137,29 +123,9 @@ async fn handshake(addr: SocketAddr, path: &str, extensions: &str) -> (TcpStream
     (s, ext)
 }
 
-/// A server frame: its first byte (FIN, RSV1, opcode) and payload.
-async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut h = [0u8; 2];
-    tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut h))
-        .await
-        .expect("a frame in time")
-        .expect("frame header");
-    let len = match h[1] & 0x7f {
-        126 => s.read_u16().await.expect("length") as usize,
-        127 => s.read_u64().await.expect("length") as usize,
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    tokio::time::timeout(IO_TIMEOUT, s.read_exact(&mut payload))
-        .await
-        .expect("a payload in time")
-        .expect("payload");
-    (h[0], payload)
-}
-
 async fn close_code(s: &mut TcpStream) -> u16 {
     loop {
-        let (b0, payload) = read_frame(s).await;
+        let (b0, payload) = ws_read_raw_frame(s).await;
         if b0 & 0x0f == 0x8 {
             return u16::from_be_bytes([payload[0], payload[1]]);
         }
@@ -265,7 +231,7 @@ backend_tests! {
         for i in 0..100 {
             let msg = json(i);
             s.write_all(&rsv1_frame(true, 0x1, &compress(msg.as_bytes()))).await.unwrap();
-            let (b0, payload) = read_frame(&mut s).await;
+            let (b0, payload) = ws_read_raw_frame(&mut s).await;
             assert_eq!(b0, 0x80 | 0x40 | 0x1, "FIN, RSV1, text");
             assert_eq!(inflate(&mut client, &payload).unwrap(), msg.as_bytes());
             if i > 0 {
@@ -278,7 +244,7 @@ backend_tests! {
         assert!(wire * 3 < raw, "{wire} compressed bytes for {raw}");
         // Under the threshold: sent as it is.
         s.write_all(&ws_frame(true, 0x1, b"short", true)).await.unwrap();
-        assert_eq!(read_frame(&mut s).await, (0x81, b"short".to_vec()));
+        assert_eq!(ws_read_raw_frame(&mut s).await, (0x81, b"short".to_vec()));
     }
 
     /// The history is released once nothing compressed was sent for `history_idle` (300 ms on
@@ -290,12 +256,12 @@ backend_tests! {
         let mut client = Decompress::new(false);
         for _ in 0..2 {
             s.write_all(&rsv1_frame(true, 0x1, &compress(msg.as_bytes()))).await.unwrap();
-            let (_, payload) = read_frame(&mut s).await;
+            let (_, payload) = ws_read_raw_frame(&mut s).await;
             assert_eq!(inflate(&mut client, &payload).unwrap(), msg.as_bytes());
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
         s.write_all(&rsv1_frame(true, 0x1, &compress(msg.as_bytes()))).await.unwrap();
-        let (_, payload) = read_frame(&mut s).await;
+        let (_, payload) = ws_read_raw_frame(&mut s).await;
         assert_eq!(inflate(&mut Decompress::new(false), &payload).unwrap(), msg.as_bytes());
     }
 
@@ -310,11 +276,11 @@ backend_tests! {
         let (b, c) = rest.split_at(rest.len() / 2);
         s.write_all(&rsv1_frame(false, 0x1, a)).await.unwrap();
         s.write_all(&ws_frame(true, 0x9, b"ping!", true)).await.unwrap();
-        assert_eq!(read_frame(&mut s).await, (0x8a, b"ping!".to_vec()));
+        assert_eq!(ws_read_raw_frame(&mut s).await, (0x8a, b"ping!".to_vec()));
         s.write_all(&ws_frame(false, 0x0, b, true)).await.unwrap();
         s.write_all(&ws_frame(true, 0xa, b"pong", true)).await.unwrap();
         s.write_all(&ws_frame(true, 0x0, c, true)).await.unwrap();
-        let (b0, payload) = read_frame(&mut s).await;
+        let (b0, payload) = ws_read_raw_frame(&mut s).await;
         assert_eq!(b0, 0xc1);
         assert_eq!(inflate(&mut Decompress::new(false), &payload).unwrap(), msg.as_bytes());
     }
@@ -360,7 +326,7 @@ backend_tests! {
         let (mut s, _) = handshake(srv.addr, "/ws", "permessage-deflate").await;
         let msg = "still here. ".repeat(5);
         s.write_all(&rsv1_frame(true, 0x1, &compress(msg.as_bytes()))).await.unwrap();
-        let (_, payload) = read_frame(&mut s).await;
+        let (_, payload) = ws_read_raw_frame(&mut s).await;
         assert_eq!(inflate(&mut Decompress::new(false), &payload).unwrap(), msg.as_bytes());
     }
 }
