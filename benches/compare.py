@@ -1134,7 +1134,7 @@ def main():
     # WebSockets, from benches/deflate.py (Python `websockets` is its client and reference).
     if want(15) or want(16):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import deflate
+        import deflate  # it imports this file's helpers as `compare`
         if want(15):
             raw.append({"row": 15, **{k: v for k, v in deflate.row_a(
                 1 if quick else runs, 5000 if quick else 10000).items()}})

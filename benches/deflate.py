@@ -41,16 +41,11 @@ import threading
 import time
 import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-SERVER = os.path.join(TARGET, "release", "examples", "server")
-SERVER_CPU, LOAD_CPU = "0", "1"
-HZ = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import HZ, LOAD_CPU, SERVER, SERVER_CPU, cpu_ticks, log  # noqa: E402
+
+# Ports of their own: rows 15 and 16 run inside compare.py, after its servers.
 PORT = [18900]
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 def next_port():
@@ -86,12 +81,6 @@ def messages(n):
                  "seq": i}
         out.append(json.dumps(m))
     return out
-
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def rss_kb(pid):
