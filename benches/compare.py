@@ -1097,7 +1097,8 @@ def main():
           f"(1 poller / 1 worker), load on CPU {LOAD_CPU}; {secs} s per measurement after a "
           f"{warm} s warm-up; median of {runs} interleaved runs (min–max)"
           f"{'' if idle_runs > 1 else '; idle rows: one run each'}.\n")
-    print(table.render())
+    if table.rows:
+        print(table.render())
     targets = h2_targets(h2, idle_h2, want(10), want(11))
     if targets:
         print("\n#### HTTP/2 targets (rows 10 and 11: hop's backends against axum-serve's medians)\n")
