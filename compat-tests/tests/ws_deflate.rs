@@ -247,6 +247,39 @@ backend_tests! {
         assert_eq!(ws_read_raw_frame(&mut s).await, (0x81, b"short".to_vec()));
     }
 
+    /// Every window size: `client_max_window_bits=8` to 15 and `server_max_window_bits=8` to 15
+    /// are answered as offered, a client compressing with that window is read, and what the
+    /// server sends decodes with a window of that size.
+    async fn every_window_size_on_the_wire(backend) {
+        let srv = start(backend, app(), |b| b);
+        for bits in 8u8..=15 {
+            let offer = format!(
+                "permessage-deflate; client_max_window_bits={bits}; server_max_window_bits={bits}"
+            );
+            let (mut s, ext) = handshake(srv.addr, "/ws", &offer).await;
+            let ext = ext.expect("accepted");
+            assert!(ext.contains(&format!("server_max_window_bits={bits}")), "{ext}");
+            if bits < 15 {
+                assert!(ext.contains(&format!("client_max_window_bits={bits}")), "{ext}");
+            }
+            // zlib compresses with 9 bits at least; 8 is read with a 9-bit window's output.
+            let mut c = Compress::new_with_window_bits(Compression::default(), false, bits.max(9));
+            let mut server = Decompress::new_with_window_bits(false, bits.max(9));
+            let msg: String = (0..40).map(json).collect();
+            for _ in 0..3 {
+                // As hop asked (`client_no_context_takeover`): each message alone.
+                c.reset();
+                let mut z = Vec::with_capacity(msg.len() + 64);
+                c.compress_vec(msg.as_bytes(), &mut z, FlushCompress::Sync).unwrap();
+                z.truncate(z.len() - 4);
+                s.write_all(&rsv1_frame(true, 0x1, &z)).await.unwrap();
+                let (b0, payload) = ws_read_raw_frame(&mut s).await;
+                assert_eq!(b0, 0xc1);
+                assert_eq!(inflate(&mut server, &payload).unwrap(), msg.as_bytes(), "{bits}");
+            }
+        }
+    }
+
     /// The history is released once nothing compressed was sent for `history_idle` (300 ms on
     /// this route, to observe it): the next message stands alone.
     async fn history_is_released_when_idle(backend) {
