@@ -201,16 +201,19 @@ impl ConnCore {
         let writes = std::mem::take(&mut st.writes);
         let (close, shutdown) = (st.close, st.shutdown_write);
         st.bytes = 0;
+        st.out_len = self.conn.out.len();
         drop(st);
-        for (b, deliver) in writes {
-            match deliver {
-                // The handler runs without the mailbox locked: it may use a handle itself.
-                true => self.deliver(b),
-                false => self.conn.out.extend_from_slice(&b),
+        if !writes.is_empty() {
+            for (b, deliver) in writes {
+                match deliver {
+                    // The handler runs without the mailbox locked: it may use a handle itself.
+                    true => self.deliver(b),
+                    false => self.conn.out.extend_from_slice(&b),
+                }
             }
-        }
-        if let Some(mb) = &self.conn.mailbox {
-            mb.lock().out_len = self.conn.out.len();
+            if let Some(mb) = &self.conn.mailbox {
+                mb.lock().out_len = self.conn.out.len();
+            }
         }
         if close {
             self.conn.closing = true;

@@ -115,8 +115,9 @@ pub trait Handler: Send + 'static {
         Ok(())
     }
 
-    /// Bytes handed to this connection by hop itself (the SSE hub's fan-out), on the
-    /// connection's poller. The default queues them, closing the connection if they do not fit.
+    /// Bytes handed to this connection by hop itself (the SSE hub's fan-out; a `WsHandle`'s
+    /// message on a compressed WebSocket, to be compressed here), on the connection's poller.
+    /// The default queues them, closing the connection if they do not fit.
     #[doc(hidden)]
     fn on_deliver(&mut self, conn: &mut Conn, bytes: bytes::Bytes) {
         if conn.write(&bytes).is_err() {
