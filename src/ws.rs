@@ -392,26 +392,29 @@ fn send_message(
 ) -> io::Result<()> {
     match codec {
         Some(codec) if matches!(opcode, OpCode::Data(_)) && codec.compresses(payload.len()) => {
-            if crate::handler::over_mark(conn.queued(), conn.max_output) {
-                // Refused before compressing, as the write below would be: nothing is
-                // remembered for a message the client never gets.
-                conn.want_writable = true;
-                return Err(crate::tcp::WriteError::Full { capacity: 0 }.into());
-            }
-            let z = compress(conn, codec, payload);
-            write_frame(conn, opcode, true, true, &z)
+            // Refused before compressing, as the write would be: nothing is remembered for a
+            // message the client never gets.
+            conn.room()?;
+            Ok(queue_compressed(conn, codec, opcode, payload)?)
         }
         _ => write_frame(conn, opcode, true, false, payload),
     }
 }
 
-/// Compresses a message, arming the connection's timer when its history starts.
-fn compress(conn: &mut Conn, codec: &mut Codec, payload: &[u8]) -> Vec<u8> {
+/// Compresses a message and queues it as one frame (RSV1), whatever the high-water mark (the
+/// caller has checked it, or a handle has); arms the connection's timer when its history starts.
+fn queue_compressed(
+    conn: &mut Conn,
+    codec: &mut Codec,
+    opcode: OpCode,
+    payload: &[u8],
+) -> Result<(), crate::tcp::WriteError> {
     let (z, arm) = codec.compress(payload);
     if arm.is_some() {
         conn.set_timer(arm);
     }
-    z
+    let (head, n) = frame_header(opcode, true, true, z.len());
+    conn.queue_parts(&[&head[..n], &z])
 }
 
 fn close_payload(code: CloseCode, reason: &str) -> Bytes {
@@ -910,9 +913,7 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
         let op = OpCode::from(op);
         let sent = match self.codec.as_deref_mut() {
             Some(codec) if codec.compresses(payload.len()) => {
-                let z = compress(conn, codec, payload);
-                let (head, n) = frame_header(op, true, true, z.len());
-                conn.queue_parts(&[&head[..n], &z])
+                queue_compressed(conn, codec, op, payload)
             }
             _ => {
                 let (head, n) = frame_header(op, true, false, payload.len());

@@ -254,12 +254,21 @@ impl Conn {
     /// Queues `parts` back to back, whole, or refuses them whole, as [`write`](Self::write)
     /// does (one check, no intermediate buffer: a protocol's header and payload, say).
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), WriteError> {
-        if over_mark(self.out.len(), self.max_output) && !(self.closing || self.shutdown_requested)
-        {
+        self.room()?;
+        self.queue_parts(parts)
+    }
+
+    /// Whether a write would be taken now: refused once closing, or while the queue is at or
+    /// above its high-water mark (then [`Handler::on_writable`] is asked for).
+    pub(crate) fn room(&mut self) -> Result<(), WriteError> {
+        if self.closing || self.shutdown_requested {
+            return Err(WriteError::Closed);
+        }
+        if over_mark(self.out.len(), self.max_output) {
             self.want_writable = true;
             return Err(WriteError::Full { capacity: 0 });
         }
-        self.queue_parts(parts)
+        Ok(())
     }
 
     /// Queues `parts` whatever the high-water mark (what a handle wrote, already bounded

@@ -247,8 +247,6 @@ pub(crate) struct Codec {
     sent: u64,
     /// The last compressed messages' bytes, at most `agreed.history` (none when released).
     history: Option<History>,
-    /// When the last compressed message was sent (while there is history).
-    last_sent: Option<Instant>,
     inflater: Option<Box<Decompress>>,
 }
 
@@ -293,7 +291,6 @@ impl Codec {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             sent: 0,
             history: None,
-            last_sent: None,
             inflater: None,
         }
     }
@@ -339,12 +336,12 @@ impl Codec {
             if self.history.is_none() {
                 // Without memory for it, messages are compressed alone.
                 self.history = History::new(a.history);
-                arm = Some(a.history_idle);
+                arm = self.history.is_some().then_some(a.history_idle);
             }
             if let Some(h) = &mut self.history {
                 h.remember(data);
+                h.last_sent = Instant::now();
             }
-            self.last_sent = Some(Instant::now());
         }
         (out, arm)
     }
@@ -352,11 +349,9 @@ impl Codec {
     /// Drops the history if nothing compressed was sent for `history_idle`; otherwise says
     /// when to look again.
     pub(crate) fn release_if_idle(&mut self) -> Option<Duration> {
-        let last = self.last_sent?;
-        let idle = last.elapsed();
+        let idle = self.history.as_ref()?.last_sent.elapsed();
         if idle >= self.agreed.history_idle {
             self.history = None;
-            self.last_sent = None;
             return None;
         }
         Some(self.agreed.history_idle - idle)
@@ -390,6 +385,8 @@ struct History {
     /// The history's size.
     cap: usize,
     len: usize,
+    /// When the last compressed message was sent.
+    last_sent: Instant,
 }
 
 // SAFETY: the mapping belongs to this value alone (nothing else has its address), so it can
@@ -421,6 +418,7 @@ impl History {
             mapped,
             cap,
             len: 0,
+            last_sent: Instant::now(),
         })
     }
 
