@@ -84,12 +84,17 @@ def server_argv(binary, backend, addr, tls=None):
 
 
 class Server:
-    def __init__(self, binary, backend, tls=None):
+    """A server on CPU 0, listening on a port of its own once constructed: `binary` on
+    `backend` (see `server_argv`) with `extra` flags after its own, or, with `argv`, the command
+    line `argv(addr)` gives (another program, say)."""
+
+    def __init__(self, binary, backend, tls=None, extra=(), argv=None):
         self.port = next_port()
         self.addr = f"127.0.0.1:{self.port}"
         env = dict(os.environ, RUST_LOG="warn")
+        cmd = argv(self.addr) if argv else [*server_argv(binary, backend, self.addr, tls), *extra]
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *server_argv(binary, backend, self.addr, tls)],
+            ["taskset", "-c", SERVER_CPU, *cmd],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         STARTED.append(self.proc)
         self.pid = self.proc.pid
@@ -99,9 +104,9 @@ class Server:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{binary} --backend {backend} exited at start")
+                    raise RuntimeError(f"{' '.join(cmd)} exited at start")
                 time.sleep(0.025)
-        raise RuntimeError(f"{binary} did not listen on {self.addr}")
+        raise RuntimeError(f"{cmd[0]} did not listen on {self.addr}")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -1135,7 +1140,9 @@ def main():
     # WebSockets, from benches/deflate.py (Python `websockets` is its client and reference).
     if want(15) or want(16):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import deflate  # it imports this file's helpers as `compare`
+        # deflate.py imports this file's helpers as `compare`: this run's, with its port count.
+        sys.modules.setdefault("compare", sys.modules[__name__])
+        import deflate
         if want(15):
             raw.append({"row": 15, **{k: v for k, v in deflate.row_a(
                 1 if quick else runs, 5000 if quick else 10000).items()}})

@@ -35,22 +35,13 @@ import resource
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import threading
 import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import HZ, LOAD_CPU, SERVER, SERVER_CPU, cpu_ticks, log  # noqa: E402
-
-# Ports of their own: rows 15 and 16 run inside compare.py, after its servers.
-PORT = [18900]
-
-
-def next_port():
-    PORT[0] += 1
-    return PORT[0]
+from compare import LOAD_CPU, HZ, SERVER, Server, cpu_ticks, log  # noqa: E402
 
 
 def messages(n):
@@ -91,37 +82,8 @@ def rss_kb(pid):
     return 0
 
 
-def wait_port(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-class Proc:
-    def __init__(self, argv, port):
-        self.port = port
-        self.p = subprocess.Popen(["taskset", "-c", SERVER_CPU] + argv,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port)
-        self.pid = self.p.pid
-
-    def stop(self):
-        self.p.terminate()
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-
-
 def hop_server(backend, *flags):
-    port = next_port()
-    return Proc([SERVER, "--backend", backend, "--addr", f"127.0.0.1:{port}", "--pollers", "1",
-                 *flags], port)
+    return Server(SERVER, backend, extra=flags)
 
 
 PY_SERVER = r"""
@@ -145,8 +107,8 @@ asyncio.run(main())
 
 
 def python_server():
-    port = next_port()
-    return Proc([sys.executable, "-c", PY_SERVER, str(port)], port)
+    return Server(None, None, argv=lambda addr: [sys.executable, "-c", PY_SERVER,
+                                                 addr.rsplit(":", 1)[1]])
 
 
 class Counting(socket.socket):
