@@ -80,7 +80,10 @@ def server_argv(binary, backend, addr, tls=None):
         return [PEERS[backend], "--addr", addr, "--workers", "1"]
     if backend in TLS_PEERS:
         return [TLS_PEERS[backend], "--addr", addr, "--workers", "1", *tls_args]
-    return [binary, "--backend", backend, "--addr", addr, "--pollers", "1", *tls_args]
+    # The demo keeps no metrics recorder here: the peers keep none (hop's `metrics` feature is
+    # compiled into the examples; without a recorder its calls do nothing).
+    quiet = ["--metrics", "off"] if os.path.basename(binary) == "server" else []
+    return [binary, "--backend", backend, "--addr", addr, "--pollers", "1", *tls_args, *quiet]
 
 
 class Server:

@@ -16,6 +16,10 @@
 //! that wait); a generic listener's stream, which cannot be peeked, has the bytes read put back
 //! in front (`replay::Replay`). An HTTP/2 connection is hyper's, its streams tokio tasks spawned by
 //! [`StreamExec`], which counts them open for the HTTP/2 idle timeout.
+//!
+//! With the PROXY protocol on, a connection's task reads the header first (peeked, then exactly
+//! its bytes taken, under the header timeout), then asks a clone of the app for the service with
+//! the proxied address, and goes on as any other connection ([`run_conn`]).
 
 use std::future::Future;
 use std::io;
@@ -35,20 +39,22 @@ use tokio::task::JoinSet;
 use crate::app::{App, NewConn};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::ConnCore;
-use crate::http2::{sniff, Http2Svc, Proto, PREFACE};
+use crate::http2::{sniff, Http2Svc, Meter, Metered, Proto, PREFACE};
+use crate::limits::{Limit, OpenGuard, OpenKind};
 use crate::listener::{Bound, Native};
-use crate::service::{ConnService, HyperSvc, IncomingStream};
-use crate::settings::{Config, Control, Http2Config};
+use crate::observe::Reason;
+use crate::proxy::{Failure, ProxyHeader};
+use crate::service::{
+    BodyClock, BodyIo, Clocked, ConnLimits, ConnService, HyperSvc, IncomingStream,
+};
+use crate::settings::{Config, Control, Http2Config, Place};
 
-/// Releases a connection's slot however its task ends (finished, or aborted at the deadline).
-struct ConnGuard {
-    ctl: Arc<Control>,
-    forcing: Arc<AtomicBool>,
-}
+/// Counts an HTTP connection task open (`OpenCounts::http`) until it ends.
+struct HttpGuard(Arc<Control>);
 
-impl Drop for ConnGuard {
+impl Drop for HttpGuard {
     fn drop(&mut self) {
-        self.ctl.release(self.forcing.load(Ordering::Acquire));
+        self.0.open.http_closed();
     }
 }
 
@@ -64,6 +70,8 @@ pub(crate) fn start<P: App>(
         Bound::Native(Native::Tcp(l)) => {
             l.set_nonblocking(true)?;
             let _ = socket2::SockRef::from(l).listen(cfg.backlog);
+            // Before `serve` returns, as on the reactor: a client may connect at once.
+            cfg.tcp_tuning.apply_listener(socket2::SockRef::from(l));
         }
         Bound::Native(Native::Unix(l)) => {
             l.set_nonblocking(true)?;
@@ -77,6 +85,7 @@ pub(crate) fn start<P: App>(
         tcp: Arc::new(cfg.tcp.clone()),
         shutdown: Some(drain_rx),
         tasks: Arc::new(watch::Sender::new(0)),
+        ctl: Some(ctl.clone()),
     };
     let thread_ctx = ctx.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -92,9 +101,18 @@ pub(crate) fn start<P: App>(
     let mut http1 = cfg.http1(header_timeout);
     http1.timer(TokioTimer::new());
     let http = Arc::new(Http {
+        max_age: cfg.limits.max_age,
+        max_requests: cfg.limits.max_requests(),
         http1,
         http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
         head_limit: header_timeout,
+        head_reason: match (cfg.header_read_timeout, cfg.idle_timeout) {
+            (Some(h), Some(i)) if i < h => Reason::IdleTimeout,
+            (None, Some(_)) => Reason::IdleTimeout,
+            _ => Reason::HeaderTimeout,
+        },
+        close_timeout: cfg.tcp.close_timeout,
+        body_timeout: cfg.request_body_timeout,
         #[cfg(any(feature = "tls", feature = "tls-ring"))]
         tls: cfg.tls.clone().map(|config| Tls {
             config,
@@ -136,7 +154,7 @@ trait Accept: Send + 'static {
     /// A connection.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// The peer's address.
-    type Peer: std::fmt::Debug + Send;
+    type Peer: std::fmt::Debug + Send + 'static;
 
     /// The connection as served over HTTP: the stream itself, or a generic listener's with the
     /// bytes read to tell the protocol put back in front.
@@ -144,6 +162,13 @@ trait Accept: Send + 'static {
 
     /// The next connection (cancel-safe: `select!` drops it whenever another branch wins).
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Peer)>> + Send;
+
+    /// A connection the kernel has already queued, taken without waiting for readiness (once
+    /// the server stops accepting: what is queued would be reset when the listener closes);
+    /// `None` when the queue is empty, or this listener cannot tell.
+    fn accept_queued(&mut self) -> Option<io::Result<(Self::Io, Self::Peer)>> {
+        None
+    }
 
     /// Sets up a new connection (socket options) and describes it to the app.
     fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a>;
@@ -154,6 +179,11 @@ trait Accept: Send + 'static {
         None
     }
 
+    /// The peer's IP address, if it has one (`max_connections_per_ip`).
+    fn peer_ip(_peer: &Self::Peer) -> Option<std::net::IpAddr> {
+        None
+    }
+
     /// Tells HTTP/1.1 from HTTP/2 by the connection's first bytes; `None` if it ends first.
     fn sniff(
         io: Self::Io,
@@ -161,13 +191,31 @@ trait Accept: Send + 'static {
 
     /// The connection as served when HTTP/2 is off.
     fn plain(io: Self::Io) -> Self::Served;
+
+    /// Reads the connection's PROXY protocol header, and only its bytes.
+    fn proxy_header(
+        io: &mut Self::Io,
+    ) -> impl Future<Output = Result<ProxyHeader, Failure>> + Send {
+        let _ = io;
+        // Generic listeners are refused with the PROXY protocol on (`serve_until`).
+        std::future::ready(Err(Failure::Io(io::ErrorKind::Unsupported.into())))
+    }
+
+    /// The connection as the app is told of it once its PROXY protocol header is read
+    /// (`local`: its local address, as [`incoming`](Self::incoming) said).
+    fn proxied<'a>(
+        io: &'a Self::Io,
+        peer: &'a Self::Peer,
+        local: SocketAddr,
+        header: &ProxyHeader,
+    ) -> IncomingStream<'a>;
 }
 
 /// A TCP listener, with the settings its connections get.
 struct TcpAccept {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
-    keepalive: Option<Duration>,
+    keepalive: Option<socket2::TcpKeepalive>,
 }
 
 impl TcpAccept {
@@ -177,7 +225,7 @@ impl TcpAccept {
         Ok(TcpAccept {
             local_addr: listener.local_addr()?,
             listener,
-            keepalive: cfg.tcp_keepalive,
+            keepalive: cfg.tcp_tuning.keepalive(),
         })
     }
 }
@@ -199,11 +247,29 @@ impl Accept for TcpAccept {
         self.listener.accept()
     }
 
+    fn accept_queued(&mut self) -> Option<io::Result<(Self::Io, SocketAddr)>> {
+        // Straight to accept(2): tokio's readiness may not have heard of the last arrivals.
+        let (sock, peer) = match socket2::SockRef::from(&self.listener).accept() {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let stream = std::net::TcpStream::from(sock);
+        let peer = peer
+            .as_socket()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Some(
+            stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream))
+                .map(|s| (s, peer)),
+        )
+    }
+
     fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a SocketAddr) -> IncomingStream<'a> {
         let _ = io.set_nodelay(true);
-        if let Some(t) = self.keepalive {
-            let ka = socket2::TcpKeepalive::new().with_time(t);
-            let _ = socket2::SockRef::from(io).set_tcp_keepalive(&ka);
+        if let Some(ka) = &self.keepalive {
+            let _ = socket2::SockRef::from(io).set_tcp_keepalive(ka);
         }
         let local = crate::service::local_addr_of(self.local_addr, || io.local_addr());
         IncomingStream::new(local, *peer)
@@ -211,6 +277,23 @@ impl Accept for TcpAccept {
 
     fn tcp_fd(io: &Self::Io) -> Option<RawFd> {
         Some(io.as_raw_fd())
+    }
+
+    async fn proxy_header(io: &mut Self::Io) -> Result<ProxyHeader, Failure> {
+        read_proxy_header(io).await
+    }
+
+    fn proxied<'a>(
+        _io: &'a Self::Io,
+        peer: &'a SocketAddr,
+        local: SocketAddr,
+        header: &ProxyHeader,
+    ) -> IncomingStream<'a> {
+        IncomingStream::new(local, *peer).proxied(header)
+    }
+
+    fn peer_ip(peer: &SocketAddr) -> Option<std::net::IpAddr> {
+        Some(peer.ip())
     }
 }
 
@@ -234,6 +317,19 @@ impl Accept for tokio::net::UnixListener {
 
     fn incoming<'a>(&'a self, io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
         IncomingStream::unix(io.as_fd(), peer)
+    }
+
+    async fn proxy_header(io: &mut Self::Io) -> Result<ProxyHeader, Failure> {
+        read_proxy_header(io).await
+    }
+
+    fn proxied<'a>(
+        io: &'a Self::Io,
+        peer: &'a Self::Peer,
+        _local: SocketAddr,
+        header: &ProxyHeader,
+    ) -> IncomingStream<'a> {
+        IncomingStream::unix(io.as_fd(), peer).proxied(header)
     }
 }
 
@@ -271,6 +367,47 @@ impl Accept for Box<dyn crate::listener::ErasedListener> {
     fn incoming<'a>(&'a self, _io: &'a Self::Io, peer: &'a Self::Peer) -> IncomingStream<'a> {
         IncomingStream::generic(self.local_addr(), (**peer).as_any())
     }
+
+    fn proxied<'a>(
+        _io: &'a Self::Io,
+        peer: &'a Self::Peer,
+        local: SocketAddr,
+        header: &ProxyHeader,
+    ) -> IncomingStream<'a> {
+        IncomingStream::generic(Some(local), (**peer).as_any()).proxied(header)
+    }
+
+    fn peer_ip(peer: &Self::Peer) -> Option<std::net::IpAddr> {
+        (**peer)
+            .as_any()
+            .downcast_ref::<SocketAddr>()
+            .map(|a| a.ip())
+    }
+}
+
+/// Asks the app what a new connection becomes. The make-service is user code: a panic in it
+/// costs this connection only. `None` (the connection closes, as an error) if it was not ready
+/// or panicked; `who` names the connection in the log.
+fn make<P: App>(
+    app: &mut P,
+    incoming: IncomingStream<'_>,
+    who: &dyn std::fmt::Debug,
+    guard: &Place,
+) -> Option<NewConn<P::Svc>> {
+    let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.accept(incoming)));
+    match accepted {
+        Ok(Some(a)) => Some(a),
+        Ok(None) => {
+            crate::logs::error_limited!(?who, "the make-service was not ready; closing");
+            guard.closed_for(Reason::Error);
+            None
+        }
+        Err(panic) => {
+            guard.control().contained_panic("the make-service", &*panic);
+            guard.closed_for(Reason::Error);
+            None
+        }
+    }
 }
 
 async fn accept_loop<P: App, A: Accept>(
@@ -291,96 +428,96 @@ async fn accept_loop<P: App, A: Accept>(
     }
     let forcing = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
+    // Once the shutdown is heard, what the kernel has already queued is still accepted (it
+    // would be reset when the listener closes; see the README's zero-downtime restart), then
+    // the loop ends.
+    let mut stopping = false;
     loop {
-        tokio::select! {
-            _ = shutdown.notified() => break,
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.notified(), if !stopping => {
+                stopping = true;
+                continue;
+            }
             Some(res) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = res {
                     if e.is_panic() {
                         ctl.contained_panic("a connection task", &*e.into_panic());
                     }
                 }
+                continue;
             }
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if !ctl.admit(cfg.max_connections) {
+            accepted = listener.accept(), if !stopping => accepted,
+            _ = std::future::ready(()), if stopping => match listener.accept_queued() {
+                Some(accepted) => accepted,
+                None => break,
+            },
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(_) if stopping => break,
+            Err(e) => {
+                crate::logs::warn_limited!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !ctl.admit(cfg.max_connections) {
+            continue;
+        }
+        // Its place in its IP's count (the socket's peer: a proxy's own address under the
+        // PROXY protocol) goes with the stream, into an upgrade too.
+        let mut ip = None;
+        if let (Some(max), Some(addr)) = (cfg.limits.per_ip, A::peer_ip(&peer)) {
+            match ctl.per_ip.acquire(addr, max) {
+                Some(slot) => ip = Some(slot),
+                None => {
+                    tracing::debug!("max_connections_per_ip reached; closing");
+                    ctl.reject_per_ip();
                     continue;
                 }
-                let guard = ConnGuard { ctl: ctl.clone(), forcing: forcing.clone() };
-                // The make-service is user code: a panic in it costs this connection only.
-                let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    app.accept(listener.incoming(&stream, &peer))
-                }));
-                let accepted = match accepted {
-                    Ok(a) => a,
-                    Err(panic) => {
-                        ctl.contained_panic("the make-service", &*panic);
-                        continue;
-                    }
-                };
-                let svc = match accepted {
-                    Some(NewConn::Http(svc)) => svc,
-                    Some(NewConn::Tcp(handler)) => {
-                        let conn = crate::handler::Conn::new(A::tcp_fd(&stream), &tcp);
-                        let core = ConnCore::new(handler, conn, Default::default(), tcp.clone(), Instant::now());
-                        let drain = drain_rx.clone();
-                        #[cfg(any(feature = "tls", feature = "tls-ring"))]
-                        if http.tls.is_some() {
-                            let http = http.clone();
-                            let ctl = ctl.clone();
-                            tasks.spawn(async move {
-                                let _guard = guard;
-                                let Some(tls) = &http.tls else { return };
-                                let mut hs_drain = drain.clone();
-                                let never = tokio::sync::Notify::new();
-                                let Some(stream) = tls_handshake(stream, tls, false, &ctl, &mut hs_drain, &never).await else {
-                                    return;
-                                };
-                                crate::handler::run_task(core, stream, drain).await;
-                            });
-                            continue;
-                        }
-                        tasks.spawn(async move {
-                            let _guard = guard;
-                            crate::handler::run_task(core, stream, drain).await;
-                        });
-                        continue;
-                    }
-                    None => {
-                        tracing::error!(?peer, "the make-service was not ready; closing");
-                        continue;
-                    }
-                };
-                let http = http.clone();
-                let drain = drain_rx.clone();
-                let cut = Arc::new(tokio::sync::Notify::new());
-                let fd = A::tcp_fd(&stream);
-                let ctl = ctl.clone();
-                tasks.spawn(server::with_cut(cut.clone(), async move {
-                    let _guard = guard;
-                    #[cfg(any(feature = "tls", feature = "tls-ring"))]
-                    if let Some(tls) = &http.tls {
-                        serve_tls::<A, _>(stream, fd, svc, &http, tls, ctl, drain, cut).await;
-                        return;
-                    }
-                    serve_http::<A, _>(stream, fd, svc, &http, ctl, drain, cut).await;
-                }));
             }
         }
+        let guard = Arc::new(Place::new(ctl.clone(), forcing.clone(), ip));
+        // The connection's span (feature `metrics`, debug level), entered whenever its task
+        // is polled.
+        #[cfg(feature = "metrics")]
+        let span = crate::observe::conn_span(&peer).map_or_else(tracing::Span::none, |s| *s);
+        if cfg.proxy_protocol {
+            // Sets the socket's options; the app is told of the connection once its header is
+            // read, on its task.
+            let local = listener.incoming(&stream, &peer).local_addr();
+            let (app, http, tcp, ctl) = (app.clone(), http.clone(), tcp.clone(), ctl.clone());
+            let drain = drain_rx.clone();
+            let task = proxied::<P, A>(app, stream, peer, local, http, tcp, ctl, drain, guard);
+            #[cfg(feature = "metrics")]
+            let task = tracing::Instrument::instrument(task, span);
+            tasks.spawn(task);
+            continue;
+        }
+        let incoming = listener.incoming(&stream, &peer);
+        let Some(accepted) = make(&mut app, incoming, &peer, &guard) else {
+            continue;
+        };
+        let (http, tcp, ctl) = (http.clone(), tcp.clone(), ctl.clone());
+        let task = run_conn::<A, _>(
+            accepted,
+            stream,
+            None,
+            http,
+            tcp,
+            ctl,
+            drain_rx.clone(),
+            guard,
+        );
+        #[cfg(feature = "metrics")]
+        let task = tracing::Instrument::instrument(task, span);
+        tasks.spawn(task);
     }
     drop(listener);
+    // Hijacked connections carry their place in the counts (`Place`) with their stream: they
+    // count as drained or forced when they end, as any connection does.
     let mut hijacked = ctx.tasks.subscribe();
-    // Hijacked connections left their HTTP task's count when they were upgraded: those open
-    // when the drain starts are counted here, as drained if they finish in time, as forced if
-    // they are cut. (Read before the drain is announced, which they answer at once.)
-    let hijacked_at_drain = *hijacked.borrow();
     let _ = drain_tx.send(true);
     let deadline = ctl.drain_deadline().unwrap_or_else(Instant::now);
     let drained = tokio::time::timeout_at(deadline.into(), async {
@@ -391,33 +528,154 @@ async fn accept_loop<P: App, A: Accept>(
     .await;
     if drained.is_err() {
         forcing.store(true, Ordering::Release);
-        tasks.shutdown().await;
-        // Hijacked connections still running are cut when the runtime stops; their HTTP tasks
-        // released them already, so they are counted here.
-        let cut = *hijacked.borrow();
-        ctl.forced.fetch_add(cut as u64, Ordering::Relaxed);
-        let finished = hijacked_at_drain.saturating_sub(cut);
-        ctl.drained.fetch_add(finished as u64, Ordering::Relaxed);
-    } else {
-        ctl.drained
-            .fetch_add(hijacked_at_drain as u64, Ordering::Relaxed);
+        // Cut: a read handler hears of it from its core's `Drop` (`on_close`, `Shutdown`), and
+        // a panic there (or in any `Drop` the cut runs) is counted as its task's. Hijacked
+        // connections still running are cut when the runtime stops.
+        tasks.abort_all();
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res {
+                if e.is_panic() {
+                    ctl.contained_panic("a connection task", &*e.into_panic());
+                }
+            }
+        }
     }
     Ok(())
 }
 
+/// A connection's task with the PROXY protocol on: reads its header (under the header timeout;
+/// given up when the server drains), asks `app` what the connection becomes with the header's
+/// source as its peer, then runs it ([`run_conn`]). A refused header is counted and logged.
+#[allow(clippy::too_many_arguments)]
+async fn proxied<P: App, A: Accept>(
+    mut app: P,
+    mut stream: A::Io,
+    peer: A::Peer,
+    local: SocketAddr,
+    http: Arc<Http>,
+    tcp: Arc<crate::handler::TcpConfig>,
+    ctl: Arc<Control>,
+    mut drain: watch::Receiver<bool>,
+    guard: Arc<Place>,
+) {
+    let read = async {
+        match http.head_limit {
+            Some(t) => tokio::time::timeout(t, A::proxy_header(&mut stream))
+                .await
+                .unwrap_or(Err(Failure::TimedOut)),
+            None => A::proxy_header(&mut stream).await,
+        }
+    };
+    let header = tokio::select! {
+        header = read => header,
+        _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
+    };
+    let header = match header {
+        Ok(header) => header,
+        Err(why) => {
+            crate::proxy::refused(&ctl, &peer, &why);
+            guard.closed_for(Reason::ProxyHeader);
+            return;
+        }
+    };
+    let incoming = A::proxied(&stream, &peer, local, &header);
+    let Some(accepted) = make(&mut app, incoming, &incoming, &guard) else {
+        return;
+    };
+    run_conn::<A, _>(accepted, stream, Some(header), http, tcp, ctl, drain, guard).await;
+}
+
+/// Runs an accepted connection to its end, as the app said: a read handler (after its TLS
+/// handshake, on a TLS listener) or HTTP, on the task this runs in. `proxy`: its PROXY protocol
+/// header, put into every request.
+#[allow(clippy::too_many_arguments)]
+async fn run_conn<A: Accept, S: ConnService>(
+    accepted: NewConn<S>,
+    stream: A::Io,
+    proxy: Option<ProxyHeader>,
+    http: Arc<Http>,
+    tcp: Arc<crate::handler::TcpConfig>,
+    ctl: Arc<Control>,
+    drain: watch::Receiver<bool>,
+    guard: Arc<Place>,
+) {
+    let svc = match accepted {
+        NewConn::Http(svc) => svc,
+        NewConn::Tcp(handler) => {
+            let conn = crate::handler::Conn::new(A::tcp_fd(&stream), &tcp);
+            let mut core = ConnCore::new(handler, conn, Default::default(), tcp, Instant::now());
+            core.open = Some(OpenGuard::new(ctl.open.clone(), OpenKind::Tcp));
+            let stream = crate::observe::count_io(stream);
+            #[cfg(any(feature = "tls", feature = "tls-ring"))]
+            if let Some(tls) = &http.tls {
+                let mut hs_drain = drain.clone();
+                let never = tokio::sync::Notify::new();
+                let stream =
+                    match tls_handshake(stream, tls, false, &ctl, &mut hs_drain, &never).await {
+                        Ok(stream) => stream,
+                        Err(why) => {
+                            guard.closed_for(why);
+                            return;
+                        }
+                    };
+                let _tls = crate::limits::Gauged::new(crate::observe::Open::Tls);
+                let why = crate::handler::run_task(core, stream, drain).await;
+                guard.closed_for(why.unwrap_or(Reason::Closed));
+                return;
+            }
+            let _ = (&http, &ctl);
+            let why = crate::handler::run_task(core, stream, drain).await;
+            guard.closed_for(why.unwrap_or(Reason::Closed));
+            return;
+        }
+    };
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let fd = A::tcp_fd(&stream);
+    ctl.open.http_opened();
+    // Its place in the server's counts goes with the stream too, into an upgrade.
+    let place = guard.clone();
+    let why = server::with_cut(cut.clone(), async move {
+        // Counted open as HTTP until hyper's connection ends (or is upgraded).
+        let _http = HttpGuard(ctl.clone());
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if let Some(tls) = &http.tls {
+            return serve_tls::<A, _>(stream, fd, place, svc, proxy, &http, tls, ctl, drain, cut)
+                .await;
+        }
+        serve_http::<A, _>(stream, fd, place, svc, proxy, &http, ctl, drain, cut).await
+    })
+    .await;
+    guard.closed_for(why);
+}
+
 /// Open HTTP/2 streams of one connection.
-#[derive(Default)]
 struct Streams {
     open: AtomicUsize,
     /// Streams started so far (an idle period ends with any new one).
     started: AtomicUsize,
     /// Told when the last open stream ends.
     idle: tokio::sync::Notify,
+    /// `max_requests_per_connection` (`u64::MAX`: none), and what is told when that many
+    /// streams have started.
+    max: u64,
+    reached: tokio::sync::Notify,
 }
 
 /// HTTP/2's executor here: each stream a tokio task, counted open until it ends.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct StreamExec(Arc<Streams>);
+
+impl StreamExec {
+    fn new(max: u64) -> Self {
+        StreamExec(Arc::new(Streams {
+            open: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+            max,
+            reached: tokio::sync::Notify::new(),
+        }))
+    }
+}
 
 /// Counts a stream closed however its task ends.
 struct StreamGuard(Arc<Streams>);
@@ -425,7 +683,8 @@ struct StreamGuard(Arc<Streams>);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_one();
+            // Every waiter: the idle timeout's and, after GOAWAY, the close timeout's.
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -436,7 +695,11 @@ where
 {
     fn execute(&self, fut: F) {
         self.0.open.fetch_add(1, Ordering::AcqRel);
-        self.0.started.fetch_add(1, Ordering::Relaxed);
+        let started = self.0.started.fetch_add(1, Ordering::Relaxed) as u64 + 1;
+        if started == self.0.max {
+            // A permit is kept if no one waits yet.
+            self.0.reached.notify_one();
+        }
         let guard = StreamGuard(self.0.clone());
         tokio::spawn(async move {
             let _guard = guard;
@@ -445,12 +708,35 @@ where
     }
 }
 
+/// Completes at `at`; never for `None`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Streams {
+    /// Completes once `max_requests_per_connection` streams have started.
+    async fn reached(&self) {
+        if self.max == u64::MAX {
+            return std::future::pending().await;
+        }
+        self.reached.notified().await
+    }
+
     /// Completes once no stream has been open for `limit`.
     async fn idle_for(&self, limit: Duration) {
         loop {
-            while self.open.load(Ordering::Acquire) > 0 {
-                self.idle.notified().await;
+            loop {
+                // Registered before the count is read, so that no notification is missed.
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
             }
             let started = self.started.load(Ordering::Relaxed);
             tokio::time::sleep(limit).await;
@@ -533,12 +819,59 @@ async fn sniff_peeked(io: &impl Peek) -> io::Result<Option<Proto>> {
     }
 }
 
+/// Reads a PROXY protocol header off `io`: peeks until it is whole (the spec's limits bound
+/// what is looked at: `proxy::MAX_HEADER`), then takes exactly its bytes, so that what follows
+/// reaches TLS or HTTP untouched. No time limit here: the caller sets it.
+async fn read_proxy_header<T>(io: &mut T) -> Result<ProxyHeader, Failure>
+where
+    T: Peek + AsyncRead + Unpin,
+{
+    use crate::proxy::{parse, Parsed, V1_MAX};
+    use tokio::io::AsyncReadExt;
+    // Enough for any v1 header and a v2 header's fixed part; more once v2 says how much.
+    let mut buf = vec![0u8; V1_MAX];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = peek(io, &mut buf).await.map_err(Failure::Io)?;
+        if n == 0 {
+            return Err(Failure::Closed);
+        }
+        match parse(&buf[..n])? {
+            Parsed::Header(header, len) => {
+                io.read_exact(&mut buf[..len])
+                    .await
+                    .map_err(|_| Failure::Closed)?;
+                return Ok(header);
+            }
+            // More than was looked at may be there already.
+            Parsed::Need(more) if n == buf.len() => buf.resize(more, 0),
+            Parsed::Need(_) => {
+                // Part of a header: the socket stays readable, so a peek would return the same
+                // bytes at once; wait a little before looking again (as `sniff_peeked`).
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// How HTTP connections are served: hyper's `http1` builder, the HTTP/2 settings if HTTP/2 is
 /// on, and how long a new connection may take to send its first bytes.
 struct Http {
+    /// `max_connection_age`.
+    max_age: Option<Duration>,
+    /// `max_requests_per_connection` (`u64::MAX`: none).
+    max_requests: u64,
     http1: hyper::server::conn::http1::Builder,
     http2: Option<Http2Config>,
     head_limit: Option<Duration>,
+    /// Which timeout `head_limit` is, as a reason to close.
+    head_reason: Reason,
+    /// How long an HTTP/2 connection sent GOAWAY for idleness may take to close once no stream
+    /// is open (the read handlers' `close_timeout`, as on the reactor).
+    close_timeout: Duration,
+    /// A request body with no progress for this long ends its request (`request_body_timeout`).
+    body_timeout: Option<Duration>,
     /// TLS, when configured: every connection starts with a handshake.
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
     tls: Option<Tls>,
@@ -549,12 +882,15 @@ struct Http {
 async fn serve_http<A: Accept, S: ConnService>(
     stream: A::Io,
     fd: Option<RawFd>,
+    place: Arc<Place>,
     svc: S,
+    proxy: Option<ProxyHeader>,
     http: &Http,
     ctl: Arc<Control>,
     mut drain: watch::Receiver<bool>,
     cut: Arc<tokio::sync::Notify>,
-) {
+) -> Reason {
+    let accepted_at = tokio::time::Instant::now();
     let (proto, stream) = match &http.http2 {
         None => (Proto::Http1, A::plain(stream)),
         Some(_) => {
@@ -567,97 +903,250 @@ async fn serve_http<A: Accept, S: ConnService>(
             tokio::select! {
                 sniffed = sniffed => match sniffed {
                     Some(Ok(Some(s))) => s,
-                    // Closed, failed, or silent past the time limit.
-                    _ => return,
+                    Some(Ok(None)) => return Reason::Closed,
+                    Some(Err(_)) => return Reason::Error,
+                    None => return http.head_reason,
                 },
-                _ = async { drain.wait_for(|d| *d).await.is_ok() } => return,
-                _ = cut.notified() => return,
+                // During a drain a new connection still gets its first request answered, if
+                // it comes within the grace (it may have been accepted as the drain began).
+                _ = async {
+                    let _ = drain.wait_for(|d| *d).await;
+                    tokio::time::sleep_until(accepted_at + crate::settings::FIRST_REQUEST_GRACE).await;
+                } => return Reason::Closed,
+                _ = cut.notified() => return Reason::Closed,
             }
         }
     };
-    serve_proto(proto, stream, fd, svc, http, ctl, drain, cut).await;
+    serve_proto(
+        proto, stream, fd, place, svc, proxy, http, ctl, drain, cut, true,
+    )
+    .await
 }
 
 /// Serves one connection whose protocol is known: hyper's HTTP/2 connection (if HTTP/2 is
-/// on), else its HTTP/1.1 one with upgrades; graceful shutdown on `drain`, a reset on `cut`.
+/// on), else its HTTP/1.1 one with upgrades; graceful shutdown on `drain`, a reset on `cut`;
+/// `proxy` (a PROXY protocol header) in every request. `count`: its bytes are counted here
+/// (`stream` is the socket itself, not TLS over a counted one). Why it closed.
 #[allow(clippy::too_many_arguments)]
 async fn serve_proto<IO, S>(
     proto: Proto,
     stream: IO,
     fd: Option<RawFd>,
+    place: Arc<Place>,
     svc: S,
+    proxy: Option<ProxyHeader>,
     http: &Http,
     ctl: Arc<Control>,
     mut drain: watch::Receiver<bool>,
     cut: Arc<tokio::sync::Notify>,
-) where
+    count: bool,
+) -> Reason
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: ConnService,
 {
+    let age = http
+        .max_age
+        .map(|age| crate::rt::timer::deadline(Instant::now(), age));
     if let (Proto::Http2, Some(h2)) = (proto, &http.http2) {
-        let exec = StreamExec::default();
-        let streams = exec.0.clone();
-        let conn = h2
-            .builder(exec)
-            .serve_connection(TokioIo::new(stream), Http2Svc::new(HyperSvc::new(svc), ctl));
-        let idle = async {
-            match h2.idle_timeout {
-                Some(t) => streams.idle_for(t).await,
-                None => std::future::pending().await,
+        return match count {
+            true => {
+                let stream = crate::observe::count_io(stream);
+                serve_h2(stream, fd, svc, proxy, http, h2, age, ctl, drain, cut).await
             }
+            false => serve_h2(stream, fd, svc, proxy, http, h2, age, ctl, drain, cut).await,
         };
-        drive(conn, |c| c.graceful_shutdown(), idle, fd, &mut drain, &cut).await;
-        return;
     }
-    let conn = http
-        .http1
-        .serve_connection(TokioIo::new(stream), HyperSvc::new(svc))
-        .with_upgrades();
-    let no_idle = std::future::pending();
-    drive(
+    // The request-body timeout's view of the connection (see `service::BodyClock`).
+    let clock = Arc::new(BodyClock::default());
+    let io = TokioIo::new(BodyIo::new(stream, clock.clone(), place, count));
+    let limits = (age.is_some() || http.max_requests != u64::MAX)
+        .then(|| Arc::new(ConnLimits::new(age, http.max_requests)));
+    let svc = Clocked::new(
+        HyperSvc::new(svc).with_proxy(proxy),
+        clock.clone(),
+        ctl.clone(),
+        limits.clone(),
+    );
+    let conn = http.http1.serve_connection(io, svc).with_upgrades();
+    // Past its age, a connection idle for `AGE_IDLE_GRACE` is closed (a request in flight
+    // then gets `Connection: close`, as the next one does in `Clocked`).
+    let aged_idle = async {
+        let (Some(l), Some(at)) = (&limits, age) else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(at.into()).await;
+        loop {
+            let seen = l.requests.load(Ordering::Relaxed);
+            tokio::time::sleep(crate::limits::AGE_IDLE_GRACE).await;
+            if l.requests.load(Ordering::Relaxed) == seen {
+                if !l.told.swap(true, Ordering::Relaxed) {
+                    ctl.limit_reached(Limit::Age);
+                }
+                return Reason::MaxConnectionAge;
+            }
+        }
+    };
+    let no_limit = std::future::pending::<()>();
+    let conn = drive(
         conn,
         |c| c.graceful_shutdown(),
-        no_idle,
+        aged_idle,
+        no_limit,
         fd,
         &mut drain,
         &cut,
-    )
-    .await;
+        http.head_reason,
+    );
+    let watch = async {
+        let Some(limit) = http.body_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            match clock.next_due(limit).await {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+            clock.check(Instant::now(), limit);
+        }
+    };
+    let why = tokio::select! {
+        why = conn => why,
+        _ = watch => Reason::RequestBodyTimeout,
+    };
+    if clock.fired() {
+        return Reason::RequestBodyTimeout;
+    }
+    match (why, limits.as_ref().and_then(|l| l.told_for.get())) {
+        // Its last response said `Connection: close` for a limit.
+        (Reason::Closed, Some(&limit)) => limit.into(),
+        (why, _) => why,
+    }
+}
+
+/// Serves one HTTP/2 connection (see [`serve_proto`]); why it closed.
+#[allow(clippy::too_many_arguments)]
+async fn serve_h2<IO, S>(
+    stream: IO,
+    fd: Option<RawFd>,
+    svc: S,
+    proxy: Option<ProxyHeader>,
+    http: &Http,
+    h2: &Http2Config,
+    age: Option<Instant>,
+    ctl: Arc<Control>,
+    mut drain: watch::Receiver<bool>,
+    cut: Arc<tokio::sync::Notify>,
+) -> Reason
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+{
+    let exec = StreamExec::new(http.max_requests);
+    let streams = exec.0.clone();
+    // Between hyper and the socket: the control-frame budget and the stalled-body watch.
+    let meter = Arc::new(std::sync::Mutex::new(Meter::new(h2, http.body_timeout)));
+    let io = TokioIo::new(Metered::new(stream, meter.clone()));
+    let conn = h2.builder(exec).serve_connection(
+        io,
+        Http2Svc::new(
+            HyperSvc::new(svc).with_proxy(proxy),
+            ctl.clone(),
+            meter.clone(),
+        ),
+    );
+    let idle_timeout = async {
+        match h2.idle_timeout {
+            Some(t) => streams.idle_for(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    // GOAWAY at the idle timeout, the connection's age, or its last stream.
+    let idle = async {
+        tokio::select! {
+            _ = idle_timeout => Reason::IdleTimeout,
+            _ = until(age) => {
+                ctl.limit_reached(Limit::Age);
+                Reason::MaxConnectionAge
+            }
+            _ = streams.reached() => {
+                ctl.limit_reached(Limit::Requests);
+                Reason::MaxRequests
+            }
+        }
+    };
+    // Once GOAWAY is sent, a client that holds the connection open (it never reads, or never
+    // closes) is cut when no stream has been open for the close timeout.
+    let closing = streams.idle_for(http.close_timeout);
+    let conn = drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        idle,
+        closing,
+        fd,
+        &mut drain,
+        &cut,
+        http.head_reason,
+    );
+    tokio::select! {
+        why = conn => why,
+        // A body stalled in the middle of a frame: the connection is dropped.
+        _ = crate::http2::watch_bodies(meter) => Reason::RequestBodyTimeout,
+    }
 }
 
 /// Drives a hyper connection (HTTP/1.1 or HTTP/2) to its end: `graceful_shutdown` once the
-/// server drains or `idle` completes (HTTP/2's idle timeout: GOAWAY), a reset of the socket
-/// `fd` (when hop may touch it) when the drain deadline cuts it.
-async fn drive<C, E>(
+/// server drains or `idle` completes (HTTP/2's idle timeout: GOAWAY), then dropped if it has
+/// not closed when `closing` completes (polled from the GOAWAY on); a reset of the socket `fd`
+/// (when hop may touch it) when the drain deadline cuts it. Why it closed: what `idle` gave
+/// (the reason for its GOAWAY), hyper's header timeout (`head_reason`), an error.
+#[allow(clippy::too_many_arguments)]
+async fn drive<C>(
     conn: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
-    idle: impl Future<Output = ()>,
+    idle: impl Future<Output = Reason>,
+    closing_limit: impl Future<Output = ()>,
     fd: Option<RawFd>,
     drain: &mut watch::Receiver<bool>,
     cut: &tokio::sync::Notify,
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    head_reason: Reason,
+) -> Reason
+where
+    C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
     tokio::pin!(idle);
+    tokio::pin!(closing_limit);
     let mut closing = false;
+    let mut goaway_for = Reason::Closed;
     loop {
         tokio::select! {
+            // The connection first: a new one reads what is waiting before a drain's
+            // `graceful_shutdown`, which would otherwise close it unanswered.
+            biased;
             res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
+                return match res {
+                    Err(e) if e.is_timeout() => head_reason,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                        Reason::Error
+                    }
+                    Ok(()) => goaway_for,
+                };
             }
             _ = async { drain.wait_for(|d| *d).await.is_ok() }, if !closing => {
                 closing = true;
                 graceful_shutdown(conn.as_mut());
             }
-            _ = idle.as_mut(), if !closing => {
-                tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
+            why = idle.as_mut(), if !closing => {
+                tracing::debug!("connection idle or at a limit: closing gracefully (GOAWAY on HTTP/2)");
                 closing = true;
+                goaway_for = why;
                 graceful_shutdown(conn.as_mut());
+            }
+            _ = closing_limit.as_mut(), if closing => {
+                tracing::debug!("HTTP/2 connection not closed in time; closing");
+                return goaway_for;
             }
             _ = cut.notified() => {
                 if let Some(fd) = fd {
@@ -666,7 +1155,7 @@ async fn drive<C, E>(
                     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
                     let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
                 }
-                return;
+                return Reason::Closed;
             }
         }
     }
@@ -680,7 +1169,7 @@ struct Tls {
 }
 
 /// Runs a new connection's TLS handshake under the handshake timeout, counting how it ends;
-/// `None` if it failed, timed out, or the server is draining or cutting connections.
+/// why not, if it failed, timed out, or the server is draining or cutting connections.
 #[cfg(any(feature = "tls", feature = "tls-ring"))]
 async fn tls_handshake<IO>(
     stream: IO,
@@ -689,7 +1178,7 @@ async fn tls_handshake<IO>(
     ctl: &Control,
     drain: &mut watch::Receiver<bool>,
     cut: &tokio::sync::Notify,
-) -> Option<tokio_rustls::server::TlsStream<IO>>
+) -> Result<tokio_rustls::server::TlsStream<IO>, Reason>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -699,21 +1188,21 @@ where
         res = handshake => match res {
             Ok(Ok(stream)) => {
                 ctl.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                Some(stream)
+                Ok(stream)
             }
             Ok(Err(e)) => {
                 ctl.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "TLS handshake failed");
-                None
+                crate::logs::tls_handshake_failed(&e);
+                Err(Reason::Error)
             }
             Err(_) => {
                 ctl.tls_handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("TLS handshake timed out");
-                None
+                Err(Reason::TlsHandshakeTimeout)
             }
         },
-        _ = async { drain.wait_for(|d| *d).await.is_ok() } => None,
-        _ = cut.notified() => None,
+        _ = async { drain.wait_for(|d| *d).await.is_ok() } => Err(Reason::Closed),
+        _ = cut.notified() => Err(Reason::Closed),
     }
 }
 
@@ -724,25 +1213,34 @@ where
 async fn serve_tls<A: Accept, S: ConnService>(
     stream: A::Io,
     fd: Option<RawFd>,
+    place: Arc<Place>,
     svc: S,
+    proxy: Option<ProxyHeader>,
     http: &Http,
     tls: &Tls,
     ctl: Arc<Control>,
     mut drain: watch::Receiver<bool>,
     cut: Arc<tokio::sync::Notify>,
-) {
+) -> Reason {
     let http2 = http.http2.is_some();
-    let Some(stream) = tls_handshake(stream, tls, http2, &ctl, &mut drain, &cut).await else {
-        return;
+    // Counted under TLS: the bytes on the wire.
+    let stream = crate::observe::count_io(stream);
+    let stream = match tls_handshake(stream, tls, http2, &ctl, &mut drain, &cut).await {
+        Ok(stream) => stream,
+        Err(why) => return why,
     };
+    let _tls = crate::limits::Gauged::new(crate::observe::Open::Tls);
     let conn = stream.get_ref().1;
     let proto = if http2 && conn.alpn_protocol() == Some(crate::tls::ALPN_H2) {
         Proto::Http2
     } else {
         Proto::Http1
     };
-    let svc = crate::tls::WithTlsInfo::new(svc, crate::tls::TlsInfo::new(conn));
-    serve_proto(proto, stream, fd, svc, http, ctl, drain, cut).await;
+    let svc = crate::tls::WithTlsInfo::new(svc, crate::tls::TlsInfo::new(conn.server_name(), conn));
+    serve_proto(
+        proto, stream, fd, place, svc, proxy, http, ctl, drain, cut, false,
+    )
+    .await
 }
 
 #[cfg(feature = "axum")]

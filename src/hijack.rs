@@ -20,6 +20,7 @@ use crate::conn::current;
 use crate::conn::takeover::Takeover;
 use crate::handler::context::{self as server, ServerContext, TaskGuard};
 use crate::handler::{Conn, ConnCore, Handler};
+use crate::limits::{OpenGuard, OpenKind};
 use crate::rt::tasks;
 use crate::rt::wake::{self, Key};
 
@@ -49,6 +50,8 @@ pub struct Hijack {
     on_upgrade: OnUpgrade,
     key: Option<Key>,
     ctx: ServerContext,
+    /// What the connection counts as once taken over (`Stats`, the drain log).
+    kind: OpenKind,
 }
 
 /// Why [`Hijack`] could not be extracted.
@@ -73,11 +76,16 @@ impl axum::response::IntoResponse for HijackRejection {
 impl Hijack {
     /// Takes the upgrade from a request (`None` if hyper offered none, or it was taken).
     pub fn from_request<B>(req: &mut Request<B>) -> Option<Hijack> {
-        Self::from_extensions(req.extensions_mut())
+        let ws = asks_websocket(req.headers());
+        Self::from_extensions(req.extensions_mut(), ws)
     }
 
-    fn from_extensions(ext: &mut http::Extensions) -> Option<Hijack> {
-        ext.remove::<OnUpgrade>().map(Hijack::from_on_upgrade)
+    fn from_extensions(ext: &mut http::Extensions, websocket: bool) -> Option<Hijack> {
+        let hijack = ext.remove::<OnUpgrade>().map(Hijack::from_on_upgrade)?;
+        Some(match websocket {
+            true => hijack.websocket(),
+            false => hijack,
+        })
     }
 
     pub(crate) fn from_on_upgrade(on_upgrade: OnUpgrade) -> Hijack {
@@ -85,7 +93,14 @@ impl Hijack {
             on_upgrade,
             key: current::key(),
             ctx: server::thread_context(),
+            kind: OpenKind::Tcp,
         }
+    }
+
+    /// Counts the connection as a WebSocket once taken over (`hop::ws`'s).
+    pub(crate) fn websocket(mut self) -> Hijack {
+        self.kind = OpenKind::WebSocket;
+        self
     }
 
     /// Hands the connection to `handler` once the response is written. The response must be a
@@ -93,7 +108,8 @@ impl Hijack {
     /// the handler then gets the stream), for the connection to be handed over.
     pub fn on_read<H: Handler>(self, handler: H) {
         // Within its connection's drive, the connection takes the handler over.
-        let mut takeover = Takeover::after_upgrade(Box::new(handler), self.on_upgrade);
+        let kind = self.kind;
+        let mut takeover = Takeover::after_upgrade(Box::new(handler), self.on_upgrade, kind);
         if let Some(key) = self.key {
             match current::set_takeover(key, takeover) {
                 Ok(()) => return,
@@ -105,7 +121,9 @@ impl Hijack {
             tcp: cfg,
             shutdown,
             tasks,
+            ctl,
         } = self.ctx;
+        let open = ctl.map(|ctl| ctl.open.clone());
         let guard = TaskGuard::new(tasks);
         let task = async move {
             let _guard = guard;
@@ -119,18 +137,21 @@ impl Hijack {
             let (_tx, never) = tokio::sync::watch::channel(false);
             let rx = shutdown.unwrap_or(never);
             let now = Instant::now();
-            type TokioTcp = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+            type TokioTcp = hyper_util::rt::TokioIo<crate::service::BodyIo<tokio::net::TcpStream>>;
             match upgraded.downcast::<TokioTcp>() {
                 Ok(parts) => {
-                    let stream = parts.io.into_inner();
-                    let conn = Conn::new(Some(stream.as_raw_fd()), &cfg);
+                    // The connection's place in the server's counts goes on with the stream.
+                    let (stream, _place) = parts.io.into_inner().into_parts();
+                    let conn = Conn::taken_over(Some(stream.as_raw_fd()), &cfg);
                     let input = BytesMut::from(&parts.read_buf[..]);
-                    let core = ConnCore::new(handler, conn, input, cfg, now);
-                    crate::handler::run_task(core, stream, rx).await;
+                    let mut core = ConnCore::new(handler, conn, input, cfg, now);
+                    core.open = open.map(|o| OpenGuard::new(o, kind));
+                    crate::handler::run_task(core, crate::observe::count_io(stream), rx).await;
                 }
                 Err(upgraded) => {
-                    let conn = Conn::new(None, &cfg);
-                    let core = ConnCore::new(handler, conn, BytesMut::new(), cfg, now);
+                    let conn = Conn::taken_over(None, &cfg);
+                    let mut core = ConnCore::new(handler, conn, BytesMut::new(), cfg, now);
+                    core.open = open.map(|o| OpenGuard::new(o, kind));
                     crate::handler::run_task(core, hyper_util::rt::TokioIo::new(upgraded), rx)
                         .await;
                 }
@@ -150,11 +171,19 @@ impl Hijack {
     }
 }
 
+/// Whether a request asks for a WebSocket (`Upgrade: websocket`, HTTP/1.1).
+fn asks_websocket(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
 #[cfg(feature = "axum")]
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hijack {
     type Rejection = HijackRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Hijack::from_extensions(&mut parts.extensions).ok_or(HijackRejection)
+        let ws = asks_websocket(&parts.headers);
+        Hijack::from_extensions(&mut parts.extensions, ws).ok_or(HijackRejection)
     }
 }

@@ -8,10 +8,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+#[cfg(feature = "tokio-baseline")]
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::Request;
 use hyper::body::Incoming;
 
+use crate::limits::H2Open;
 use crate::service::{ConnService, HyperSvc};
 use crate::settings::Control;
 
@@ -39,16 +43,29 @@ pub(crate) fn sniff(first: &[u8]) -> Option<Proto> {
     }
 }
 
-/// The service an HTTP/2 connection calls: [`HyperSvc`] (panics caught), counting streams.
+/// The service an HTTP/2 connection calls: [`HyperSvc`] (panics caught), counting streams, and
+/// telling the connection's [`Meter`] which watched stream each request is ([`Meter::claim`]).
 pub(crate) struct Http2Svc<S> {
     inner: HyperSvc<S>,
     ctl: Arc<Control>,
+    meter: Arc<std::sync::Mutex<Meter>>,
+    /// Reports the connection as HTTP/2 while hyper holds it (see [`H2Open`]).
+    _open: H2Open,
 }
 
 impl<S> Http2Svc<S> {
-    pub(crate) fn new(inner: HyperSvc<S>, ctl: Arc<Control>) -> Self {
+    pub(crate) fn new(
+        inner: HyperSvc<S>,
+        ctl: Arc<Control>,
+        meter: Arc<std::sync::Mutex<Meter>>,
+    ) -> Self {
         ctl.http2_connections.fetch_add(1, Ordering::Relaxed);
-        Http2Svc { inner, ctl }
+        Http2Svc {
+            inner,
+            ctl,
+            meter,
+            _open: H2Open::new(),
+        }
     }
 }
 
@@ -58,8 +75,682 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Http2Svc<S> 
     type Future = <HyperSvc<S> as hyper::service::Service<Request<Incoming>>>::Future;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.ctl.http2_streams.fetch_add(1, Ordering::Relaxed);
+        self.ctl.http2_stream();
+        // hyper hands a CONNECT's handler an empty body (the stream goes to the upgrade).
+        let connect = req.method() == http::Method::CONNECT;
+        if connect || !http_body::Body::is_end_stream(req.body()) {
+            lock(&self.meter).claim(connect);
+        }
         self.inner.call(req)
+    }
+}
+
+/// Frame types (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+/// Error codes (RFC 9113 §7).
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The most control-frame credit a connection holds: a client may send this many control frames
+/// (PING, SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA, unknown types) in a burst.
+const CREDIT_MAX: i64 = 10_000;
+/// Credit earned by a request (a HEADERS frame) and by a DATA frame with a payload.
+const EARN_HEADERS: i64 = 100;
+const EARN_DATA: i64 = 10;
+/// Credit earned per this many bytes written to the client: a client that reads a large
+/// response sends WINDOW_UPDATEs for it (h2's client one per half window, Go's one per 4 KiB
+/// or so, each for the stream and the connection).
+const WRITTEN_PER_CREDIT: u64 = 512;
+/// Credit earned per millisecond: a thousand control frames a second are never a flood.
+const CREDIT_PER_MS: i64 = 1;
+/// Most request bodies watched per connection (hyper refuses streams over
+/// `http2_max_concurrent_streams` anyway).
+const MAX_WATCHED: usize = 1024;
+
+/// One direction's frame boundaries: the 9-byte headers, parsed across reads.
+#[derive(Default)]
+struct Frames {
+    /// Bytes of the client preface still to pass over (input only).
+    preface: u8,
+    head: [u8; 9],
+    have: u8,
+    /// Payload bytes of the current frame still to pass over.
+    left: u32,
+    /// The current frame's first payload bytes (a WINDOW_UPDATE's increment).
+    first: [u8; 4],
+    got: u8,
+}
+
+/// A frame header, as [`Frames`] reports it.
+#[derive(Clone, Copy)]
+struct Head {
+    len: u32,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl Frames {
+    /// At a frame boundary: bytes can be put in between without breaking a frame.
+    fn at_boundary(&self) -> bool {
+        self.preface == 0 && self.have == 0 && self.left == 0
+    }
+
+    /// Passes over `data`, calling `on_head` for each complete frame header and `on_end` with
+    /// the first payload bytes for each complete frame.
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut on_head: impl FnMut(Head),
+        mut on_end: impl FnMut(Head, [u8; 4]),
+    ) {
+        if self.preface > 0 {
+            let n = data.len().min(self.preface as usize);
+            self.preface -= n as u8;
+            data = &data[n..];
+        }
+        while !data.is_empty() {
+            if self.have < 9 {
+                let n = data.len().min(9 - self.have as usize);
+                self.head[self.have as usize..self.have as usize + n].copy_from_slice(&data[..n]);
+                self.have += n as u8;
+                data = &data[n..];
+                if self.have < 9 {
+                    return;
+                }
+                let h = self.parsed();
+                self.left = h.len;
+                self.got = 0;
+                on_head(h);
+                if h.len > 0 {
+                    continue;
+                }
+            } else {
+                let n = data.len().min(self.left as usize);
+                let take = n.min(4 - self.got as usize);
+                self.first[self.got as usize..self.got as usize + take]
+                    .copy_from_slice(&data[..take]);
+                self.got += take as u8;
+                self.left -= n as u32;
+                data = &data[n..];
+                if self.left > 0 {
+                    return;
+                }
+            }
+            self.have = 0;
+            on_end(self.parsed(), self.first);
+        }
+    }
+
+    fn parsed(&self) -> Head {
+        let h = &self.head;
+        Head {
+            len: u32::from_be_bytes([0, h[0], h[1], h[2]]),
+            kind: h[3],
+            flags: h[4],
+            stream: u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+        }
+    }
+}
+
+/// A request body being waited for: its stream, how much the client may still send on it, and
+/// since when it has sent nothing while it could; `claimed` once the service has been called
+/// for it (hyper calls it in the order the streams opened, see [`Meter::claim`]).
+struct Waiting {
+    stream: u32,
+    window: i64,
+    since: Instant,
+    claimed: bool,
+}
+
+/// What [`Meter::expire`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Stall {
+    /// Nothing is due.
+    None,
+    /// Stalled streams were reset: the connection should be polled again.
+    Reset,
+    /// A client stalled in the middle of a frame: the connection should be closed.
+    Close,
+}
+
+/// What an HTTP/2 connection's socket sees of its frames, both ways: a control-frame budget
+/// (a flood of frames that cost the server work and ask nothing of the handlers closes the
+/// connection, with GOAWAY ENHANCE_YOUR_CALM when it can be put between two frames), and the
+/// request bodies the handlers wait for (one that brings nothing for `request_body_timeout`
+/// while its client may send is reset: RST_STREAM CANCEL "from the client" for h2, so the
+/// handler's read fails, and RST_STREAM CANCEL to the client).
+///
+/// Both backends put it between hyper and the socket: the reactor in its `HopStream`, the tokio
+/// backend in [`Metered`]. Each read is fed to [`Meter::on_read`] and each write to
+/// [`Meter::on_written`]; what the meter puts in is taken only at frame boundaries.
+pub(crate) struct Meter {
+    input: Frames,
+    output: Frames,
+    credit: i64,
+    refilled: Instant,
+    written: u64,
+    written_paid: u64,
+    /// The highest stream the client opened (GOAWAY's last stream).
+    last_stream: u32,
+    body_timeout: Option<Duration>,
+    /// The window a new stream gives the client (`http2_initial_stream_window_size`).
+    stream_window: i64,
+    /// The connection's window (h2 raises it from the protocol's 65,535 by a WINDOW_UPDATE).
+    conn_window: i64,
+    waiting: Vec<Waiting>,
+    /// Frames for hyper to read, next at a frame boundary (RST_STREAMs "from the client").
+    to_read: Vec<u8>,
+    /// Frames for the client, next at a frame boundary.
+    to_write: Vec<u8>,
+    /// Woken when a body starts to be waited for (the tokio backend's watch).
+    watch: Option<std::task::Waker>,
+    /// When the client last sent anything: a stall is only acted on at a frame boundary, and a
+    /// client in the middle of a frame is given until this plus the timeout to finish it.
+    last_read: Instant,
+}
+
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meter")
+            .field("credit", &self.credit)
+            .field("waiting", &self.waiting.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection sent more control frames than its budget.
+#[derive(Debug)]
+pub(crate) struct Flood;
+
+impl Meter {
+    pub(crate) fn new(cfg: &crate::settings::Http2Config, body_timeout: Option<Duration>) -> Self {
+        Meter {
+            input: Frames {
+                preface: PREFACE.len() as u8,
+                ..Frames::default()
+            },
+            output: Frames::default(),
+            credit: CREDIT_MAX,
+            refilled: Instant::now(),
+            written: 0,
+            written_paid: 0,
+            last_stream: 0,
+            body_timeout,
+            stream_window: i64::from(cfg.initial_stream_window_size),
+            conn_window: 65_535,
+            waiting: Vec::new(),
+            to_read: Vec::new(),
+            to_write: Vec::new(),
+            watch: None,
+            last_read: Instant::now(),
+        }
+    }
+
+    /// The service was called for a request whose body is still to come: the oldest stream
+    /// watched and not yet claimed is its stream. A CONNECT (a WebSocket or a tunnel over
+    /// HTTP/2) is no request body but a stream of its own protocol, quiet for as long as it
+    /// likes: it is no longer watched.
+    pub(crate) fn claim(&mut self, connect: bool) {
+        let Some(i) = self.waiting.iter().position(|w| !w.claimed) else {
+            return;
+        };
+        if connect {
+            self.waiting.remove(i);
+        } else {
+            self.waiting[i].claimed = true;
+        }
+    }
+
+    /// Accounts for `data`, just read from the client; `Err` once the client has flooded.
+    pub(crate) fn on_read(&mut self, data: &[u8]) -> Result<(), Flood> {
+        let mut cost = 0i64;
+        let mut earned = 0i64;
+        let watch = self.body_timeout.is_some();
+        let Meter {
+            input,
+            waiting,
+            last_stream,
+            stream_window,
+            conn_window,
+            ..
+        } = self;
+        let mut started = false;
+        let now = Instant::now();
+        if !data.is_empty() {
+            self.last_read = now;
+        }
+        let mut ended: Vec<u32> = Vec::new();
+        input.feed(
+            data,
+            |h| match h.kind {
+                HEADERS => {
+                    earned += EARN_HEADERS;
+                    if h.stream % 2 == 1 {
+                        *last_stream = (*last_stream).max(h.stream);
+                    }
+                    let at = waiting.iter().position(|w| w.stream == h.stream);
+                    match (h.flags & END_STREAM != 0, at) {
+                        (true, Some(i)) => {
+                            waiting.remove(i);
+                        }
+                        (false, None) if watch && waiting.len() < MAX_WATCHED => {
+                            waiting.push(Waiting {
+                                stream: h.stream,
+                                window: *stream_window,
+                                since: now,
+                                claimed: false,
+                            });
+                            started = true;
+                        }
+                        _ => {}
+                    }
+                }
+                DATA => {
+                    if h.len > 0 {
+                        earned += EARN_DATA;
+                    } else {
+                        cost += 1;
+                    }
+                    *conn_window -= i64::from(h.len);
+                    if let Some(i) = waiting.iter().position(|w| w.stream == h.stream) {
+                        if h.flags & END_STREAM != 0 {
+                            waiting.remove(i);
+                        } else {
+                            waiting[i].window -= i64::from(h.len);
+                            waiting[i].since = now;
+                        }
+                    }
+                }
+                RST_STREAM => {
+                    cost += 1;
+                    if let Some(i) = waiting.iter().position(|w| w.stream == h.stream) {
+                        waiting.remove(i);
+                    }
+                }
+                CONTINUATION | GOAWAY | PUSH_PROMISE => {}
+                PRIORITY | SETTINGS | PING | WINDOW_UPDATE => cost += 1,
+                // Unknown types, which h2 reads and drops.
+                _ => cost += 1,
+            },
+            // A frame's payload that arrives slowly is progress too, for its stream.
+            |h, _| {
+                if h.kind == DATA && h.len > 0 {
+                    ended.push(h.stream);
+                }
+            },
+        );
+        for stream in ended {
+            if let Some(w) = self.waiting.iter_mut().find(|w| w.stream == stream) {
+                w.since = now;
+            }
+        }
+        if started {
+            if let Some(w) = self.watch.take() {
+                w.wake();
+            }
+        }
+        self.credit = (self.credit + earned).min(CREDIT_MAX) - cost;
+        if self.credit < 0 {
+            self.refill();
+            if self.credit < 0 {
+                return Err(Flood);
+            }
+        }
+        Ok(())
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let ms = now.saturating_duration_since(self.refilled).as_millis();
+        let by_time = i64::try_from(ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(CREDIT_PER_MS);
+        let by_written = (self.written - self.written_paid) / WRITTEN_PER_CREDIT;
+        self.written_paid += by_written * WRITTEN_PER_CREDIT;
+        let by_written = i64::try_from(by_written).unwrap_or(i64::MAX);
+        self.credit = self
+            .credit
+            .saturating_add(by_time)
+            .saturating_add(by_written)
+            .min(CREDIT_MAX);
+        self.refilled = now;
+    }
+
+    /// Accounts for the first `n` bytes of `bufs`, just written for hyper.
+    pub(crate) fn on_written(&mut self, bufs: &[std::io::IoSlice<'_>], n: usize) {
+        self.written += n as u64;
+        let mut left = n;
+        for b in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = b.len().min(left);
+            left -= take;
+            self.written_out(&b[..take]);
+        }
+    }
+
+    fn written_out(&mut self, data: &[u8]) {
+        let Meter {
+            output,
+            waiting,
+            conn_window,
+            ..
+        } = self;
+        let mut opened = false;
+        output.feed(
+            data,
+            |_| {},
+            |h, first| match h.kind {
+                WINDOW_UPDATE if h.len == 4 => {
+                    let inc = i64::from(u32::from_be_bytes(first) & 0x7fff_ffff);
+                    let now = Instant::now();
+                    if h.stream == 0 {
+                        opened |= *conn_window <= 0;
+                        *conn_window += inc;
+                        // A client held back by the connection's window waited for the server.
+                        for w in waiting.iter_mut() {
+                            w.since = now;
+                        }
+                    } else if let Some(w) = waiting.iter_mut().find(|w| w.stream == h.stream) {
+                        opened |= w.window <= 0;
+                        w.window += inc;
+                        w.since = now;
+                    }
+                }
+                RST_STREAM => {
+                    if let Some(i) = waiting.iter().position(|w| w.stream == h.stream) {
+                        waiting.remove(i);
+                    }
+                }
+                _ => {}
+            },
+        );
+        if opened {
+            if let Some(w) = self.watch.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// The GOAWAY (ENHANCE_YOUR_CALM) for a flood, queued for the client.
+    pub(crate) fn goaway(&mut self) {
+        let mut payload = [0u8; 8];
+        payload[..4].copy_from_slice(&self.last_stream.to_be_bytes());
+        payload[4..].copy_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+        push_frame(&mut self.to_write, GOAWAY, 0, &payload);
+    }
+
+    /// When the next request body falls due, if any is being waited for while its client may
+    /// send.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        let limit = self.body_timeout?;
+        if self.conn_window <= 0 {
+            return None;
+        }
+        let due = self
+            .waiting
+            .iter()
+            .filter(|w| w.window > 0)
+            .filter_map(|w| w.since.checked_add(limit))
+            .min()?;
+        if self.input.at_boundary() {
+            return Some(due);
+        }
+        // In the middle of a frame: at the earliest once the client has been silent that long.
+        Some(due.max(self.last_read.checked_add(limit)?))
+    }
+
+    /// Resets the request bodies due at `now` (see [`Stall`]).
+    pub(crate) fn expire(&mut self, now: Instant) -> Stall {
+        let Some(limit) = self.body_timeout else {
+            return Stall::None;
+        };
+        if self.conn_window <= 0 {
+            return Stall::None;
+        }
+        let due =
+            |w: &Waiting| w.window > 0 && w.since.checked_add(limit).is_some_and(|d| d <= now);
+        if !self.waiting.iter().any(due) {
+            return Stall::None;
+        }
+        if !self.input.at_boundary() {
+            // A reset cannot be put inside a frame: wait for its end while the client sends;
+            // one silent in the middle of a frame for the whole limit is closed.
+            let silent = self.last_read.checked_add(limit).is_some_and(|d| d <= now);
+            return if silent { Stall::Close } else { Stall::None };
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if due(&self.waiting[i]) {
+                let stream = self.waiting.remove(i).stream;
+                tracing::debug!(stream, "HTTP/2 request body stalled; resetting its stream");
+                let code = CANCEL.to_be_bytes();
+                push_frame(&mut self.to_read, RST_STREAM, 0, &code);
+                set_stream(&mut self.to_read, stream);
+                push_frame(&mut self.to_write, RST_STREAM, 0, &code);
+                set_stream(&mut self.to_write, stream);
+            } else {
+                i += 1;
+            }
+        }
+        Stall::Reset
+    }
+
+    /// Asks for `waker` to be woken when a body starts being waited for while none is due.
+    pub(crate) fn watch(&mut self, waker: &std::task::Waker) {
+        match &self.watch {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.watch = Some(waker.clone()),
+        }
+    }
+
+    /// Frames to hand hyper before anything more from the client, if the input is at a frame
+    /// boundary: moved into `dst` (as much as fits); how many bytes.
+    pub(crate) fn take_to_read(&mut self, dst: &mut [std::mem::MaybeUninit<u8>]) -> usize {
+        if self.to_read.is_empty() || !self.input.at_boundary() {
+            return 0;
+        }
+        let n = self.to_read.len().min(dst.len());
+        for (d, s) in dst.iter_mut().zip(self.to_read.drain(..n)) {
+            d.write(s);
+        }
+        n
+    }
+
+    /// Frames to send the client before anything more from hyper, if the output is at a frame
+    /// boundary.
+    pub(crate) fn to_write(&self) -> Option<&[u8]> {
+        (!self.to_write.is_empty() && self.output.at_boundary()).then_some(&self.to_write[..])
+    }
+
+    /// `n` bytes of [`to_write`](Self::to_write) were sent.
+    pub(crate) fn wrote(&mut self, n: usize) {
+        self.to_write.drain(..n.min(self.to_write.len()));
+    }
+}
+
+/// Appends a frame for stream 0 (see [`set_stream`]).
+fn push_frame(out: &mut Vec<u8>, kind: u8, flags: u8, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(payload);
+}
+
+/// Sets the stream of the frame `push_frame` just appended (a 4-byte payload).
+fn set_stream(out: &mut [u8], stream: u32) {
+    let at = out.len() - 8;
+    out[at..at + 4].copy_from_slice(&stream.to_be_bytes());
+}
+
+/// Locks a connection's [`Meter`] (a panic while it was held leaves it usable).
+pub(crate) fn lock(meter: &std::sync::Mutex<Meter>) -> std::sync::MutexGuard<'_, Meter> {
+    meter.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tokio backend's HTTP/2 stream: the connection's IO with a [`Meter`] between it and
+/// hyper (the reactor's `HopStream` does the same in place).
+#[cfg(feature = "tokio-baseline")]
+pub(crate) struct Metered<IO> {
+    io: IO,
+    meter: Arc<std::sync::Mutex<Meter>>,
+}
+
+#[cfg(feature = "tokio-baseline")]
+impl<IO: tokio::io::AsyncWrite + Unpin> Metered<IO> {
+    pub(crate) fn new(io: IO, meter: Arc<std::sync::Mutex<Meter>>) -> Self {
+        Metered { io, meter }
+    }
+
+    /// Sends what the meter queued for the client; `Pending` while some of it is left (then
+    /// nothing of hyper's may follow yet).
+    fn poll_queued(&mut self, cx: &mut Context<'_>, m: &mut Meter) -> Poll<std::io::Result<()>> {
+        while let Some(b) = m.to_write() {
+            match std::pin::Pin::new(&mut self.io).poll_write(cx, b) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => m.wrote(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(feature = "tokio-baseline")]
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for Metered<IO>
+{
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let meter = this.meter.clone();
+        {
+            let mut m = lock(&meter);
+            // SAFETY: `take_to_read` initializes the `n` bytes it reports, and only those are
+            // marked initialized and filled.
+            let n = m.take_to_read(unsafe { buf.unfilled_mut() });
+            if n > 0 {
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                let _ = this.poll_queued(cx, &mut m);
+                return Poll::Ready(Ok(()));
+            }
+            let _ = this.poll_queued(cx, &mut m);
+        }
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let mut m = lock(&meter);
+        if m.on_read(&buf.filled()[before..]).is_err() {
+            tracing::debug!("HTTP/2 control-frame flood; closing with GOAWAY");
+            m.goaway();
+            let _ = this.poll_queued(cx, &mut m);
+            return Poll::Ready(Err(flood()));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The error a flooding connection's read ends with.
+pub(crate) fn flood() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "HTTP/2 control-frame flood",
+    )
+}
+
+#[cfg(feature = "tokio-baseline")]
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<IO> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let meter = this.meter.clone();
+        let mut m = lock(&meter);
+        std::task::ready!(this.poll_queued(cx, &mut m))?;
+        let n = std::task::ready!(std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        m.on_written(bufs, n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let meter = this.meter.clone();
+        std::task::ready!(this.poll_queued(cx, &mut lock(&meter)))?;
+        std::pin::Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The tokio backend's watch over a connection's stalled request bodies: resets them as they
+/// fall due (see [`Meter::expire`]); completes only when one stalled mid-frame, to close the
+/// connection.
+#[cfg(feature = "tokio-baseline")]
+pub(crate) async fn watch_bodies(meter: Arc<std::sync::Mutex<Meter>>) {
+    loop {
+        let due = std::future::poll_fn(|cx| {
+            let mut m = lock(&meter);
+            match m.next_due() {
+                Some(due) => Poll::Ready(due),
+                None => {
+                    m.watch(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        tokio::time::sleep_until(due.into()).await;
+        let stall = lock(&meter).expire(Instant::now());
+        match stall {
+            Stall::Close => {
+                tracing::debug!("HTTP/2 request body stalled mid-frame; closing");
+                return;
+            }
+            // hyper's connection, polled in this task, reads the resets.
+            Stall::Reset => tokio::task::yield_now().await,
+            Stall::None => {}
+        }
     }
 }
 

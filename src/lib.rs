@@ -29,12 +29,15 @@
 //!
 //! Layout, in the order data flows (listener → poller → connection → hyper → service):
 //! - fronts: `server` ([`serve`], [`Builder`], [`Handle`]), [`tcp`], [`ws`], [`sse`], `hijack`
-//!   ([`Hijack`]);
+//!   ([`Hijack`]), [`fs`] (feature `fs`: tower-http's file services, whose bodies a connection
+//!   sends with `sendfile`);
 //! - `settings`: what the builder sets, shutdown state and counters, below the fronts;
+//!   `tuning`: the TCP options set on listening and accepted sockets;
 //! - `reactor`: the pollers (accept, poll, drive, close, drain);
 //! - `conn`: one slab entry and all it owns: `conn::http` (hyper's connection, protocol
 //!   detection, parking),
-//!   `conn::tcp` (a read handler on the loop), `conn::stream` (the socket hyper reads and
+//!   `conn::tcp` (a read handler on the loop), `conn::proxy` (a new connection waiting for
+//!   its PROXY protocol header), `conn::stream` (the socket hyper reads and
 //!   writes), `conn::current` and `conn::takeover`;
 //! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
 //!   local tasks;
@@ -42,20 +45,37 @@
 //!   the service HTTP/2 connections call, shared by both backends; `listener`, `service` and
 //!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
 //!   [`IntoListener`]; an app, see [`IntoConnService`]); `baseline`: the tokio backend (and
-//!   the tokio-task path for generic listeners, and for now for TLS connections); [`tls`]
+//!   the tokio-task path for generic listeners, and for now for TLS connections); `logs`:
+//!   bounded, rate-limited log lines; `limits`: what the connection limits share (the per-IP
+//!   count, the open gauges by kind); [`proxy`]: the PROXY protocol's header (its parser and
+//!   the request extension), below the backends, which read it first; [`tls`]
 //!   (features `tls`, `tls-ring`): TLS's API, the reloadable rustls configuration and the
-//!   request extension, below the backends.
+//!   request extension, below the backends; `observe` (feature `metrics`): what hop reports
+//!   through the `metrics` facade and the per-connection `tracing` span, at the bottom (it
+//!   imports nothing of hop's).
 
 #![warn(missing_docs)]
+// With default features left out, helpers that only those features call go unused.
+#![cfg_attr(
+    not(all(feature = "tokio-baseline", feature = "tls", feature = "fs")),
+    allow(dead_code, unused_imports)
+)]
 
 mod app;
 #[cfg(feature = "tokio-baseline")]
 mod baseline;
 mod conn;
+#[cfg(feature = "fs")]
+pub mod fs;
 mod handler;
 mod hijack;
 mod http2;
+mod limits;
 mod listener;
+mod logs;
+mod memory;
+mod observe;
+pub mod proxy;
 mod reactor;
 mod rt;
 mod server;
@@ -65,6 +85,7 @@ pub mod sse;
 pub mod tcp;
 #[cfg(any(feature = "tls", feature = "tls-ring"))]
 pub mod tls;
+mod tuning;
 pub mod ws;
 
 pub use conn::stream::{HopStream, Socket};
@@ -72,8 +93,8 @@ pub use hijack::{Hijack, HijackRejection};
 #[allow(deprecated)]
 pub use server::IntoStdListener;
 pub use server::{
-    bind, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoListener, Serve, Server,
-    Stats, WithGracefulShutdown,
+    bind, bind_shared, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoListener,
+    Serve, Server, Stats, WithGracefulShutdown,
 };
 pub use service::{
     marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService, PeerCred,

@@ -13,13 +13,19 @@
 //! enters the tokio runtime given to it, so handlers can use tokio's APIs; nothing of tokio is on
 //! the I/O path. A poller never dies of its connections: every drive and every close (which
 //! drops user code: services, handlers, bodies, tasks) runs under `catch_unwind`, and a panic
-//! closes only the entry it came from, logged and counted in `Stats::panics`.
+//! closes only the entry it came from, logged and counted in `Stats::panics`. Every close of a
+//! read-handler connection tells its handler (`on_close`): those its drive did not (the drain
+//! deadline, a contained panic, a failed registration) are told in `close`.
+//!
+//! With several pollers, each also spreads the work ([`Spread`]): it publishes its load, hands
+//! a parked HTTP/1 connection to the lightest poller when it is busier, deals new connections
+//! by count, and takes in what others hand it (`crate::rt::balance` holds what they share).
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,13 +33,17 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::app::{App, NewConn};
-use crate::conn::http::{HttpConfig, HttpConn};
+use crate::conn::http::{HttpConfig, HttpConn, Moved};
+use crate::conn::proxy::{Peer, ProxyWait};
 use crate::conn::stream::{Fd, Socket, StreamIo};
 use crate::conn::tcp::TcpConn;
 use crate::conn::{Drive, Entry, Kind, Verdict};
 use crate::handler::context::{self as server, ServerContext};
 use crate::handler::{ConnCore, TcpConfig};
+use crate::limits::{OpenGuard, OpenKind};
 use crate::listener::Native;
+use crate::observe::Reason;
+use crate::rt::balance::Balance;
 use crate::rt::tasks::{self, Task};
 use crate::rt::timer::Timer;
 use crate::rt::wake::{self, Key, Remote};
@@ -47,6 +57,12 @@ const WAKER: Token = Token(usize::MAX - 2);
 /// instead of waiting for `park_after`: busy keep-alive connections stay hot while they are
 /// few, and memory stays flat when there are many.
 const HOT_LIMIT: usize = 128;
+
+/// How often a poller of several compares its load (entries driven) with the others'.
+const WINDOW: Duration = Duration::from_millis(10);
+
+/// Below this many drives in a window, a poller is not busy enough to hand work off.
+const SHED_MIN: u64 = 16;
 
 /// Counts pollers down and reports when the last one has stopped.
 struct Latch {
@@ -96,7 +112,12 @@ impl Listener {
 
 /// One listener per poller: for TCP, `SO_REUSEPORT` siblings when possible, duplicates
 /// otherwise; for a Unix socket, always duplicates (all pollers accept from one queue).
-fn listeners(listener: Native, n: usize, backlog: i32) -> io::Result<Vec<Listener>> {
+fn listeners(
+    listener: Native,
+    n: usize,
+    backlog: i32,
+    tuning: &crate::tuning::TcpTuning,
+) -> io::Result<Vec<Listener>> {
     let mut out = Vec::with_capacity(n);
     match listener {
         Native::Tcp(listener) => {
@@ -106,6 +127,7 @@ fn listeners(listener: Native, n: usize, backlog: i32) -> io::Result<Vec<Listene
             let _ = sock.listen(backlog);
             let addr = listener.local_addr()?;
             let reuseport = sock.reuse_port().unwrap_or(false);
+            tuning.apply_listener(sock);
             for _ in 1..n {
                 let extra = if reuseport {
                     match sibling(addr, backlog) {
@@ -118,6 +140,8 @@ fn listeners(listener: Native, n: usize, backlog: i32) -> io::Result<Vec<Listene
                 } else {
                     listener.try_clone()?
                 };
+                // A duplicate shares the options already set; a sibling needs its own.
+                tuning.apply_listener(socket2::SockRef::from(&extra));
                 out.push(Listener::Tcp(mio::net::TcpListener::from_std(extra)));
             }
             out.insert(0, Listener::Tcp(mio::net::TcpListener::from_std(listener)));
@@ -166,7 +190,7 @@ pub(crate) fn start<P: App>(
         Native::Tcp(l) => l.local_addr()?,
         Native::Unix(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
     };
-    let listeners = listeners(listener, cfg.pollers, cfg.backlog)?;
+    let listeners = listeners(listener, cfg.pollers, cfg.backlog, &cfg.tcp_tuning)?;
     let latch = Arc::new(Latch {
         remaining: AtomicUsize::new(listeners.len()),
         done: Mutex::new(Some(done)),
@@ -178,6 +202,9 @@ pub(crate) fn start<P: App>(
     ctl.on_shutdown(Box::new(move || {
         shutdown_tx.send_replace(true);
     }));
+    let n = listeners.len();
+    let work: Arc<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
+    let _ = ctl.poller_work.set(work.clone());
     let mut parts = Vec::with_capacity(listeners.len());
     for mut listener in listeners {
         let poll = Poll::new()?;
@@ -186,6 +213,13 @@ pub(crate) fn start<P: App>(
             .register(listener.source(), LISTENER, Interest::READABLE)?;
         parts.push((poll, remote, listener));
     }
+    // With several pollers, what they share to spread connections over themselves.
+    let balance = (n > 1).then(|| {
+        Arc::new(Balance::<Moved<P::Svc>>::new(
+            parts.iter().map(|(_, remote, _)| remote.clone()).collect(),
+        ))
+    });
+    let start = Instant::now();
     for (i, (poll, remote, listener)) in parts.into_iter().enumerate() {
         let id = wake::register(remote.clone());
         let r = remote.clone();
@@ -193,8 +227,19 @@ pub(crate) fn start<P: App>(
         let (app, tcp, ctl, rt) = (app.clone(), tcp.clone(), ctl.clone(), rt.clone());
         let shutdown = shutdown_rx.clone();
         let http = HttpConfig::new(cfg, ctl.clone());
-        let (max_connections, tcp_keepalive) = (cfg.max_connections, cfg.tcp_keepalive);
+        let (max_connections, tcp_keepalive) = (cfg.max_connections, cfg.tcp_tuning.keepalive());
+        let proxy_protocol = cfg.proxy_protocol;
+        let max_per_ip = cfg.limits.per_ip;
         let guard = LatchGuard(latch.clone());
+        let work = work.clone();
+        let spread = balance.clone().map(|balance| Spread {
+            balance,
+            next_window: start + WINDOW,
+            window_start: 0,
+            published: 0,
+            quiet_until: start,
+            arrivals: Vec::new(),
+        });
         std::thread::Builder::new()
             .name(format!("hop-poller-{i}"))
             .spawn(move || {
@@ -204,9 +249,16 @@ pub(crate) fn start<P: App>(
                     tcp: tcp.clone(),
                     shutdown: Some(shutdown),
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+                    ctl: Some(ctl.clone()),
                 });
                 Poller {
                     id,
+                    index: i,
+                    work: 0,
+                    work_cell: work,
+                    spread,
+                    shed: None,
+                    hot_limit: HOT_LIMIT,
                     poll,
                     remote,
                     listener: Some(listener),
@@ -220,7 +272,9 @@ pub(crate) fn start<P: App>(
                     tcp,
                     ctl,
                     max_connections,
+                    max_per_ip,
                     tcp_keepalive,
+                    proxy_protocol,
                     draining: false,
                     accept_retry: None,
                     accept_warned: None,
@@ -237,7 +291,7 @@ struct Turn {
     events: Events,
     ready: Vec<Key>,
     batch: Vec<Key>,
-    deliveries: Vec<(Key, bytes::Bytes)>,
+    deliveries: Vec<(wake::Target, bytes::Bytes)>,
     spawned: Vec<Task>,
 }
 
@@ -250,8 +304,44 @@ impl Drop for Unregister {
     }
 }
 
+/// A poller's part in spreading the work over several pollers (issue 23).
+///
+/// Each [`WINDOW`], a poller publishes how many entries it drove (its load). One that did
+/// more than 52% of its own and the lightest poller's work sheds a connection: the next HTTP/1
+/// connection of its own that goes idle at a request boundary parks at once and goes, parked
+/// (its socket and service, nothing of hyper's), to the lightest poller, which registers it and
+/// reads on; or the next HTTP/2 connection found between streams (no stream task open), with
+/// hyper's connection state as it is (its next streams are spawned where it arrives). A few
+/// busy connections so take turns on the pollers; many stay where the kernel put them. After a
+/// move it waits two windows, for the figures to show it. A new connection goes to the poller
+/// with the fewest connections when this one holds a quarter more ([`Balance::deal`]).
+struct Spread<S: crate::service::ConnService> {
+    balance: Arc<Balance<Moved<S>>>,
+    next_window: Instant,
+    /// The work count when the window began.
+    window_start: u64,
+    /// The load last published.
+    published: u64,
+    /// No shedding before this (after a move).
+    quiet_until: Instant,
+    /// Connections handed over, taken from the inbox (kept for its allocation).
+    arrivals: Vec<Moved<S>>,
+}
+
 struct Poller<P: App> {
     id: u16,
+    /// Its index among the server's pollers.
+    index: usize,
+    /// Entries driven so far, published in `work_cell` every turn (`Handle::poller_work`).
+    work: u64,
+    work_cell: Arc<[AtomicU64]>,
+    /// With several pollers: spreading the work ([`Spread`]).
+    spread: Option<Spread<P::Svc>>,
+    /// The poller a connection is being shed to, if any.
+    shed: Option<usize>,
+    /// Over this many connections holding hyper's state, an idle one parks at once:
+    /// [`HOT_LIMIT`], or 0 while shedding.
+    hot_limit: usize,
     poll: Poll,
     remote: Arc<Remote>,
     listener: Option<Listener>,
@@ -269,7 +359,11 @@ struct Poller<P: App> {
     tcp: Arc<TcpConfig>,
     ctl: Arc<Control>,
     max_connections: usize,
-    tcp_keepalive: Option<Duration>,
+    /// `max_connections_per_ip`.
+    max_per_ip: Option<usize>,
+    tcp_keepalive: Option<socket2::TcpKeepalive>,
+    /// New connections start with a PROXY protocol header ([`ProxyWait`]).
+    proxy_protocol: bool,
     draining: bool,
     /// When accepting failed for lack of descriptors: try again then.
     accept_retry: Option<Instant>,
@@ -329,12 +423,14 @@ impl<P: App> Poller<P> {
             return false;
         }
         let now = Instant::now();
+        let mut woke = false;
         for ev in events.iter() {
             match ev.token() {
                 LISTENER => self.accept(now, ready),
                 WAKER => {
                     self.remote.drain(ready);
                     self.remote.drain_deliveries(deliveries);
+                    woke = true;
                 }
                 Token(slot) => {
                     if let Some(entry) = self.conns.get(slot) {
@@ -347,13 +443,22 @@ impl<P: App> Poller<P> {
                 }
             }
         }
+        if woke && self.spread.is_some() {
+            self.receive();
+        }
         if self.accept_retry.is_some_and(|t| t <= now) {
             self.accept_retry = None;
             self.accept(now, ready);
         }
-        for (key, bytes) in std::mem::take(deliveries) {
+        for (to, bytes) in std::mem::take(deliveries) {
+            let key = to.key;
             if let Some(entry) = self.conns.get_mut(key.slot()) {
+                // The key's generation repeats; the id does not: bytes for a connection that
+                // closed never reach another in its slot.
                 if let (true, Kind::Tcp(conn)) = (entry.key == key, &mut entry.kind) {
+                    if conn.id != to.id {
+                        continue;
+                    }
                     conn.deliver(key, bytes);
                     // Written out at once: a fan-out to many connections holds one
                     // outbound buffer at a time, not one per connection.
@@ -384,8 +489,13 @@ impl<P: App> Poller<P> {
             self.begin_drain(ready);
         }
         std::mem::swap(ready, batch);
+        self.work += batch.len() as u64;
         for key in batch.drain(..) {
             self.drive_contained(key, now);
+        }
+        self.work_cell[self.index].store(self.work, Ordering::Relaxed);
+        if self.spread.is_some() {
+            self.rebalance(now);
         }
         tasks::take_spawned(spawned);
         for task in spawned.drain(..) {
@@ -393,18 +503,145 @@ impl<P: App> Poller<P> {
         }
         if self.draining {
             if self.conns.is_empty() {
-                return true;
+                // Done, unless a connection was handed over meanwhile.
+                return self.close_inbox(false);
             }
             if self
                 .ctl
                 .drain_deadline()
                 .is_some_and(|d| Instant::now() >= d)
             {
+                self.close_inbox(true);
                 self.force_close();
                 return true;
             }
         }
         false
+    }
+
+    /// Closes this poller's inbox as it stops; what was handed over meanwhile is taken in
+    /// (and closed on its drive, or by the caller's `force_close` if `force`). `false` if
+    /// there was some and the poller must go on.
+    fn close_inbox(&mut self, force: bool) -> bool {
+        let Some(s) = &mut self.spread else {
+            return true;
+        };
+        let mut late = std::mem::take(&mut s.arrivals);
+        let closed = if force {
+            s.balance.close(self.index, &mut late);
+            true
+        } else {
+            s.balance.close_if_empty(self.index, &mut late)
+        };
+        for m in late.drain(..) {
+            self.arrive(m);
+        }
+        if let Some(s) = &mut self.spread {
+            s.arrivals = late;
+        }
+        closed
+    }
+
+    /// Takes in the connections other pollers handed over.
+    fn receive(&mut self) {
+        let Some(s) = &mut self.spread else { return };
+        let mut arrivals = std::mem::take(&mut s.arrivals);
+        s.balance.take(self.index, &mut arrivals);
+        for m in arrivals.drain(..) {
+            self.arrive(m);
+        }
+        if let Some(s) = &mut self.spread {
+            s.arrivals = arrivals;
+        }
+    }
+
+    /// Puts a connection that another poller handed over (already counted here) in the slab, to
+    /// be driven at once: its socket may have bytes waiting.
+    fn arrive(&mut self, m: Moved<P::Svc>) {
+        let Some(key) = self.next_key() else {
+            crate::logs::error_limited!("a poller holds 2^32 connections; closing one handed over");
+            self.drop_contained(m);
+            self.ctl.open.http_closed();
+            self.ctl.release(false, Reason::Error);
+            if let Some(s) = &self.spread {
+                s.balance.closed(self.index);
+            }
+            return;
+        };
+        let mut entry = Entry::new(key, Kind::Http(HttpConn::from_moved(m)));
+        if self.draining {
+            // Handed over as this poller began its drain: drained as what it already held.
+            entry.begin_drain();
+        }
+        self.conns.insert(entry);
+        wake::push_ready(key);
+    }
+
+    /// At the end of a window: publishes this poller's load and decides whether to shed a
+    /// connection to the lightest poller (see [`Spread`]).
+    fn rebalance(&mut self, now: Instant) {
+        let Some(s) = &mut self.spread else { return };
+        if now < s.next_window {
+            return;
+        }
+        let load = self.work - s.window_start;
+        s.window_start = self.work;
+        s.next_window = now + WINDOW;
+        s.published = load;
+        s.balance.set_load(self.index, load);
+        self.shed = None;
+        self.hot_limit = HOT_LIMIT;
+        if self.draining || now < s.quiet_until || load < SHED_MIN {
+            return;
+        }
+        if let Some((to, theirs)) = s.balance.lightest(self.index) {
+            // Over 52% of the two pollers' work.
+            if load.saturating_mul(12) > theirs.saturating_mul(13) {
+                self.shed = Some(to);
+                self.hot_limit = 0;
+            }
+        }
+    }
+
+    /// Hands the connection in `slot` (parked, or HTTP/2 between streams) to the poller being
+    /// shed to.
+    fn hand_off(&mut self, slot: usize, now: Instant) {
+        let Some(to) = self.shed.take() else { return };
+        self.hot_limit = HOT_LIMIT;
+        let entry = self.conns.remove(slot);
+        let armed = entry.armed;
+        let moved = match entry.into_moved() {
+            Ok(m) => m,
+            Err(entry) => {
+                // Checked before: not reached. Put back as it was.
+                let key = entry.key;
+                let at = self.conns.insert(entry);
+                debug_assert_eq!(at, slot);
+                wake::push_ready(key);
+                return;
+            }
+        };
+        self.timer.forget(armed);
+        let (registered, fd) = moved.leave();
+        if registered {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut mio::unix::SourceFd(&fd));
+        }
+        let Some(s) = &mut self.spread else { return };
+        s.balance.closed(self.index);
+        match s.balance.send(to, moved) {
+            Ok(()) => {
+                s.quiet_until = now + 2 * WINDOW;
+                self.ctl.moved.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(moved) => {
+                // That poller has stopped: keep it.
+                s.balance.opened(self.index);
+                self.arrive(moved);
+            }
+        }
     }
 
     fn timeout(&self, ready: bool) -> Option<Duration> {
@@ -414,6 +651,11 @@ impl<P: App> Poller<P> {
         let mut next = self.timer.next_deadline();
         if let Some(t) = self.accept_retry {
             next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if let Some(s) = self.spread.as_ref().filter(|s| s.published >= SHED_MIN) {
+            // Publish the next window's load even if nothing comes: an idle poller must not
+            // look busy to the others (a load under `SHED_MIN` is left to stand).
+            next = Some(next.map_or(s.next_window, |n| n.min(s.next_window)));
         }
         if self.draining {
             if let Some(d) = self.ctl.drain_deadline() {
@@ -459,8 +701,8 @@ impl<P: App> Poller<P> {
         }
     }
 
-    /// The key for a new entry in the slab's next free slot.
-    fn next_key(&mut self) -> Key {
+    /// The key for a new entry in the slab's next free slot; `None` past 2^32 slots.
+    fn next_key(&mut self) -> Option<Key> {
         self.next_generation = self.next_generation.wrapping_add(1);
         Key::new(self.id, self.conns.vacant_key(), self.next_generation)
     }
@@ -470,61 +712,155 @@ impl<P: App> Poller<P> {
             tracing::debug!("max_connections reached; closing");
             return;
         }
-        let (io, new) = match accepted {
-            Accepted::Tcp(stream, peer) => {
-                let _ = stream.set_nodelay(true);
-                if let Some(t) = self.tcp_keepalive {
-                    let ka = socket2::TcpKeepalive::new().with_time(t);
-                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+        let mut ip = None;
+        if let (Some(max), Accepted::Tcp(_, peer)) = (self.max_per_ip, &accepted) {
+            match self.ctl.per_ip.acquire(peer.ip(), max) {
+                Some(slot) => ip = Some(Box::new(slot)),
+                None => {
+                    tracing::debug!("max_connections_per_ip reached; closing");
+                    self.ctl.reject_per_ip();
+                    return;
                 }
-                let local_addr =
-                    crate::service::local_addr_of(self.local_addr, || stream.local_addr());
-                let new = self.make(IncomingStream::new(local_addr, peer));
-                (StreamIo::Tcp(stream), new)
             }
-            Accepted::Unix(stream, peer) => {
-                let new = self.make(IncomingStream::unix(stream.as_fd(), &peer));
-                (StreamIo::Unix(stream), new)
+        }
+        let (io, peer) = match accepted {
+            Accepted::Tcp(stream, remote) => {
+                let _ = stream.set_nodelay(true);
+                if let Some(ka) = &self.tcp_keepalive {
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(ka);
+                }
+                let local = crate::service::local_addr_of(self.local_addr, || stream.local_addr());
+                (StreamIo::Tcp(stream), Peer::Tcp { local, remote })
+            }
+            Accepted::Unix(stream, addr) => (StreamIo::Unix(stream), Peer::Unix(addr)),
+        };
+        // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
+        let mut fd = Fd::new(io);
+        // Its place under `max_connections_per_ip`, given back when the socket closes.
+        fd.ip = ip;
+        #[cfg(feature = "metrics")]
+        {
+            fd.span = match &peer {
+                Peer::Tcp { remote, .. } => crate::observe::conn_span(remote),
+                Peer::Unix(addr) => crate::observe::conn_span(addr),
+            };
+        }
+        let kind = if self.proxy_protocol {
+            // The app hears of it once its header is read (`Verdict::Proxied`).
+            Kind::Proxy(Box::new(ProxyWait {
+                fd,
+                peer,
+                since: now,
+            }))
+        } else {
+            let new = peer.incoming(&fd.io, None).and_then(|s| self.make(s));
+            let Some(kind) = new.and_then(|new| self.open(fd, new, None, now, now)) else {
+                self.ctl.release(false, Reason::Error);
+                return;
+            };
+            match self.deal(kind) {
+                Some(kind) => kind,
+                None => return,
             }
         };
-        let Some(new) = new else {
-            self.ctl.release(false);
+        let Some(key) = self.next_key() else {
+            crate::logs::error_limited!("a poller holds 2^32 connections; closing a new one");
+            self.drop_contained(kind);
+            self.ctl.release(false, Reason::Error);
             return;
         };
-        let key = self.next_key();
-        // Registered after its first drive, if it outlives it (`Socket::needs_registration`).
-        #[allow(unused_mut)]
-        let mut fd = Fd::new(io);
+        if let Some(s) = &self.spread {
+            s.balance.opened(self.index);
+        }
+        self.conns.insert(Entry::new(key, kind));
+        ready.push(key);
+    }
+
+    /// What a new connection on `fd` becomes, as the app said (`new`): TLS is put on its socket
+    /// on a TLS listener (`None` if rustls refuses). `since` is when it was accepted (its first
+    /// time limits count from there), `header` its PROXY protocol header.
+    fn open(
+        &self,
+        #[allow(unused_mut)] mut fd: Fd,
+        new: NewConn<P::Svc>,
+        header: Option<crate::proxy::ProxyHeader>,
+        since: Instant,
+        now: Instant,
+    ) -> Option<Kind<P::Svc>> {
         #[cfg(any(feature = "tls", feature = "tls-ring"))]
         match self.http.tls_connection() {
             None => {}
             Some(Ok(tls)) => fd.start_tls(tls),
-            Some(Err(())) => {
-                self.ctl.release(false);
-                return;
-            }
+            Some(Err(())) => return None,
         }
-        let kind = match new {
-            NewConn::Http(svc) => Kind::Http(HttpConn::new(
-                Arc::new(Socket::new(fd)),
-                svc,
-                &self.http,
-                now,
-            )),
+        Some(match new {
+            NewConn::Http(svc) => {
+                let mut socket = Socket::new(fd);
+                socket.proxy = header;
+                // Counted once wherever it goes (`deal`); uncounted when it closes or is taken
+                // over.
+                self.ctl.open.http_opened();
+                Kind::Http(HttpConn::new(Arc::new(socket), svc, &self.http, since))
+            }
             NewConn::Tcp(handler) => {
                 let conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), &self.tcp);
-                let core = ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
+                let mut core =
+                    ConnCore::new(handler, conn, Default::default(), self.tcp.clone(), now);
+                core.open = Some(OpenGuard::new(self.ctl.open.clone(), OpenKind::Tcp));
                 let conn = TcpConn::new(fd, core);
                 #[cfg(any(feature = "tls", feature = "tls-ring"))]
                 let conn = match &self.http.tls {
-                    Some((_, timeout)) => conn.after_handshake(now + *timeout, self.ctl.clone()),
+                    Some((_, timeout)) => conn.after_handshake(
+                        crate::rt::timer::deadline(since, *timeout),
+                        self.ctl.clone(),
+                    ),
                     None => conn,
                 };
                 Kind::Tcp(Box::new(conn))
             }
+        })
+    }
+
+    /// A connection's PROXY protocol header is read: the app is asked what it becomes, told
+    /// the header's source as its peer; `None` closes it.
+    fn proxied(
+        &mut self,
+        wait: ProxyWait,
+        header: crate::proxy::ProxyHeader,
+        now: Instant,
+    ) -> Option<Kind<P::Svc>> {
+        let ProxyWait { fd, peer, since } = wait;
+        let new = peer
+            .incoming(&fd.io, Some(&header))
+            .and_then(|s| self.make(s))?;
+        self.open(fd, new, Some(header), since, now)
+    }
+
+    /// Hands a new HTTP connection to the poller with the fewest connections if this one holds
+    /// a quarter more ([`Balance::deal`]); `None` once handed over.
+    fn deal(&mut self, kind: Kind<P::Svc>) -> Option<Kind<P::Svc>> {
+        let Some(s) = &self.spread else {
+            return Some(kind);
         };
-        self.conns.insert(Entry::new(key, kind));
-        ready.push(key);
+        let Kind::Http(conn) = kind else {
+            return Some(kind);
+        };
+        let to = match s.balance.deal(self.index) {
+            Some(to) if !self.ctl.draining() => to,
+            _ => return Some(Kind::Http(conn)),
+        };
+        let moved = match conn.into_moved() {
+            Ok(m) => m,
+            Err(conn) => return Some(Kind::Http(conn)),
+        };
+        let _ = moved.leave();
+        match s.balance.send(to, moved) {
+            Ok(()) => {
+                self.ctl.moved.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(moved) => Some(Kind::Http(HttpConn::from_moved(moved))),
+        }
     }
 
     /// Asks the app what a new connection becomes (user code: a panic is contained); `None`
@@ -534,7 +870,7 @@ impl<P: App> Poller<P> {
         match catch_unwind(AssertUnwindSafe(|| app.accept(stream))) {
             Ok(Some(new)) => Some(new),
             Ok(None) => {
-                tracing::error!(?stream, "the make-service was not ready; closing");
+                crate::logs::error_limited!(?stream, "the make-service was not ready; closing");
                 None
             }
             Err(panic) => {
@@ -554,11 +890,15 @@ impl<P: App> Poller<P> {
                 return;
             }
         }
-        let key = self.next_key();
+        let Some(key) = self.next_key() else {
+            crate::logs::error_limited!("a poller holds 2^32 entries; dropping a new task");
+            self.drop_contained(Box::new(task));
+            return;
+        };
         self.conns
             .insert(Entry::new(key, Kind::Task(Box::new(task))));
         if let Some(owner) = owner {
-            self.conns[owner.slot()].adopt(key);
+            self.conns[owner.slot()].adopt(key, self.http.max_requests);
         }
         ready.push(key);
     }
@@ -567,61 +907,123 @@ impl<P: App> Poller<P> {
     /// not call under a guard of its own) closes that entry only.
     fn drive_contained(&mut self, key: Key, now: Instant) {
         let driven = catch_unwind(AssertUnwindSafe(|| self.drive(key, now)));
-        if let Err(panic) = driven {
-            self.ctl.contained_panic("driving a connection", &*panic);
-            if self.conns.get(key.slot()).is_some_and(|e| e.key == key) {
-                self.close(key.slot(), false);
+        match driven {
+            Ok(Some(owner)) => self.drive_contained(owner, now),
+            Ok(None) => {}
+            Err(panic) => {
+                self.ctl.contained_panic("driving a connection", &*panic);
+                if self.conns.get(key.slot()).is_some_and(|e| e.key == key) {
+                    self.close(key.slot(), false, Some(Reason::Error));
+                }
             }
         }
     }
 
-    fn drive(&mut self, key: Key, now: Instant) {
+    /// Drives an entry. A task (an HTTP/2 stream) whose body produced a large chunk
+    /// ([`tasks::note_bulk`]) hands the connection it belongs to back, to be driven at once: the chunk is written before the next stream runs (as on
+    /// tokio's LIFO slot), so a connection whose peer reads slowly finishes its streams one
+    /// after another instead of holding part of every one. Small responses are left to share
+    /// the connection's next write.
+    fn drive(&mut self, key: Key, now: Instant) -> Option<Key> {
         let slot = key.slot();
-        let Some(entry) = self.conns.get_mut(slot) else {
-            return;
-        };
+        let entry = self.conns.get_mut(slot)?;
         if entry.key != key {
-            return;
+            return None;
+        }
+        let owner = match &entry.kind {
+            Kind::Task(task) => task.owner,
+            _ => None,
+        };
+        if owner.is_some() {
+            tasks::take_bulk();
         }
         let was_hot = entry.is_hot();
-        let mut d = Drive::new(now, self.draining, self.hot > HOT_LIMIT);
+        // The connection's span (`observe::conn_span`), entered while it is driven.
+        #[cfg(feature = "metrics")]
+        let span = entry.span();
+        #[cfg(feature = "metrics")]
+        let _entered = span.as_ref().map(|s| s.enter());
+        let mut d = Drive::new(now, self.draining, self.hot > self.hot_limit);
         let verdict = entry.drive(&self.http, &mut d);
+        let mut moving = false;
         match (was_hot, entry.is_hot()) {
             (false, true) => self.hot += 1,
-            (true, false) => self.hot -= 1,
+            (true, false) => {
+                self.hot -= 1;
+                // Shedding: the first connection that parks goes to the lightest poller.
+                moving =
+                    self.shed.is_some() && matches!(verdict, Verdict::Keep) && entry.is_movable();
+            }
             _ => {}
+        }
+        if let Some((what, panic)) = d.panic.take() {
+            self.ctl.contained_panic(what, &*panic);
+        }
+        // Shedding: an HTTP/2 connection goes between streams (none open, and none started
+        // in this drive: their tasks are adopted after it).
+        moving |= self.shed.is_some()
+            && matches!(verdict, Verdict::Keep)
+            && entry.is_http2()
+            && entry.is_movable()
+            && !tasks::spawned_pending();
+        if moving {
+            self.hand_off(slot, now);
+            return None;
         }
         if let Some(due) = d.due {
             self.timer.arm(&mut entry.armed, key, due);
         }
-        if let Some(panic) = d.panic {
-            self.ctl.contained_panic("a local task", &*panic);
-        }
         match verdict {
             Verdict::Keep => {
-                let Some(fd) = entry.fd() else { return };
-                if fd.needs_registration() {
-                    let fd = fd.io.as_raw_fd();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut mio::unix::SourceFd(&fd),
-                        Token(slot),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        tracing::error!(error = %e, "could not register a connection; closing");
-                        self.close(slot, false);
+                if let Some(fd) = entry.fd() {
+                    if fd.needs_registration() {
+                        let fd = fd.io.as_raw_fd();
+                        if let Err(e) = self.poll.registry().register(
+                            &mut mio::unix::SourceFd(&fd),
+                            Token(slot),
+                            Interest::READABLE | Interest::WRITABLE,
+                        ) {
+                            crate::logs::error_limited!(error = %e, "could not register a connection; closing");
+                            self.close(slot, false, Some(Reason::Error));
+                        }
                     }
                 }
             }
-            Verdict::Close => self.close(slot, false),
+            Verdict::Close => self.close(slot, false, d.why()),
             Verdict::Hijacked(taken) => {
-                if entry.become_tcp(taken, &self.tcp, now) {
+                // No longer an HTTP connection, whether the takeover holds or it is closed.
+                self.ctl.open.http_closed();
+                if entry.become_tcp(taken, &self.tcp, Some(self.ctl.open.clone()), now) {
                     wake::push_ready(key);
                 } else {
                     tracing::error!("a taken-over socket is still shared; closing");
-                    self.close(slot, false);
+                    self.close(slot, false, Some(Reason::Error));
+                }
+            }
+            Verdict::Proxied(header) => {
+                // Driven again at once: what followed the header may be waiting.
+                let kind = match std::mem::replace(&mut entry.kind, Kind::Closed) {
+                    Kind::Proxy(wait) => self.proxied(*wait, header, now),
+                    _ => None,
+                };
+                match kind {
+                    Some(kind) => {
+                        self.conns[slot].kind = kind;
+                        wake::push_ready(key);
+                    }
+                    None => self.close(slot, false, Some(Reason::Error)),
                 }
             }
         }
+        // Driven at once whether or not this poll woke it: h2 wakes its connection once
+        // until it is polled again, and that wake may sit anywhere in this turn.
+        owner.filter(|&o| {
+            let bulk = tasks::take_bulk();
+            if bulk {
+                wake::unqueue_recent(o);
+            }
+            bulk
+        })
     }
 
     /// Drops what an entry held (user code: a service, a handler, a body, a future); a panic
@@ -633,9 +1035,11 @@ impl<P: App> Poller<P> {
     }
 
     /// Removes an entry and drops it, with the tasks it owns. The slot is released even if
-    /// dropping panics.
-    fn close(&mut self, slot: usize, forced: bool) {
+    /// dropping panics. `why`: the reason it closes, if its drive or the caller knows one (a
+    /// read handler's own is asked of it; otherwise it ended as its protocol does).
+    fn close(&mut self, slot: usize, forced: bool, why: Option<Reason>) {
         let mut entry = self.conns.remove(slot);
+        crate::memory::note_close();
         if entry.is_hot() {
             self.hot -= 1;
         }
@@ -652,9 +1056,16 @@ impl<P: App> Poller<P> {
         }
         let owned = entry.owned.take();
         let is_conn = entry.is_conn();
-        if forced {
-            entry.abort();
+        let is_http = entry.is_http();
+        // A read handler hears of every close: those its drive did not tell it of (the drain
+        // deadline, a panic, a registration that failed) are told here.
+        if let Some(panic) = entry.close_handler(forced) {
+            self.ctl
+                .contained_panic("a read handler's on_close", &*panic);
         }
+        let why = why
+            .or_else(|| entry.handler_reason())
+            .unwrap_or(Reason::Closed);
         if let Some(socket) = entry.shared_socket() {
             // Someone else (an upgrade) still holds the socket: cut it off from this poller.
             let fd = socket.fd.io.as_raw_fd();
@@ -666,18 +1077,33 @@ impl<P: App> Poller<P> {
             socket.wake_all();
         }
         self.drop_contained(entry);
+        if is_http {
+            // After the drop: hyper's HTTP/2 connection gives its place in the reported HTTP/2
+            // gauge back as it goes (`limits::H2Open`).
+            self.ctl.open.http_closed();
+        }
         for task in owned.into_iter().flat_map(|o| o.tasks) {
             if self.conns.get(task.slot()).is_some_and(|e| e.key == task) {
-                self.close(task.slot(), forced);
+                self.close(task.slot(), forced, None);
             }
         }
         if is_conn {
-            self.ctl.release(forced);
+            self.ctl.release(forced, why);
+            if let Some(s) = &self.spread {
+                s.balance.closed(self.index);
+            }
         }
     }
 
     fn begin_drain(&mut self, ready: &mut Vec<Key>) {
         self.draining = true;
+        // Nothing moves during a drain: each poller drains what it holds.
+        self.shed = None;
+        self.hot_limit = HOT_LIMIT;
+        // What the kernel has already queued for this listener would be reset when it closes:
+        // take it first. (With `SO_REUSEPORT`, a handover to a new process that shares the port
+        // then loses nothing; see the README's zero-downtime restart.)
+        self.accept(Instant::now(), ready);
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(l.source());
         }
@@ -692,7 +1118,7 @@ impl<P: App> Poller<P> {
         for slot in slots {
             if self.conns.contains(slot) {
                 tracing::debug!("drain timeout: force-closing a connection");
-                self.close(slot, true);
+                self.close(slot, true, None);
             }
         }
     }

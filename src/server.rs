@@ -51,12 +51,26 @@ impl fmt::Debug for Handle {
 impl Handle {
     /// Starts a graceful shutdown, as the signal given to `with_graceful_shutdown` would.
     pub fn shutdown(&self) {
-        self.ctl.shutdown(Instant::now() + self.drain_timeout);
+        self.ctl.shutdown(crate::rt::timer::deadline(
+            Instant::now(),
+            self.drain_timeout,
+        ));
     }
 
     /// The server's counters now.
     pub fn stats(&self) -> Stats {
         self.ctl.stats()
+    }
+
+    /// Reactor: how many times each poller has driven a connection or a local task, by poller
+    /// (its share of the work); empty on the tokio backend. Counted as each poller goes on, so
+    /// a figure may trail by the poller's current turn.
+    pub fn poller_work(&self) -> Vec<u64> {
+        self.ctl.poller_work.get().map_or_else(Vec::new, |w| {
+            w.iter()
+                .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+                .collect()
+        })
     }
 
     /// The address the server listens on; `None` for a Unix socket, or a generic listener
@@ -71,6 +85,13 @@ impl Handle {
 }
 
 /// Configures a server. Every setting applies to both backends.
+///
+/// Every setting takes its whole range or is refused when the server starts: `serve` (or
+/// `run`) returns an `InvalidInput` error naming the setting, and the builder never panics. A
+/// `Duration::MAX` timeout means never; a timeout of zero where `None` turns it off is
+/// refused (it would close every connection at once), as are values hyper or HTTP/2 cannot
+/// take (`max_buf_size` under 8 KiB, `http2_max_frame_size` outside 16 KiB to 16 MiB, windows
+/// over 2^31 - 1), `max_connections(0)`, and more than 1,024 threads or 10,000 headers.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -133,6 +154,42 @@ impl Builder {
         self
     }
 
+    /// Most connections open at once from one client IP (default: unlimited). Over it, a new
+    /// connection from that IP is accepted, closed at once (the peer sees a FIN before any
+    /// byte) and counted in [`Stats::rejected_per_ip`]. The count covers every kind of
+    /// connection (HTTP, upgraded, read handlers) until its socket closes; an IPv4 address
+    /// mapped into IPv6 counts as the IPv4 one. TCP listeners only (a Unix socket has no IP);
+    /// 0 is refused at start, `usize::MAX` is unlimited.
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.cfg.limits.per_ip = Some(n);
+        self
+    }
+
+    /// How long an HTTP connection may be reused (default: forever). Past it, an HTTP/1.1
+    /// connection answers its next request with `Connection: close` and closes after that
+    /// response; one that stays idle (parked or not) is closed once it has been idle for a
+    /// second past its age (so a client that keeps sending sees the header rather than a race
+    /// with a close); an HTTP/2 connection is sent GOAWAY (graceful: open streams finish, new
+    /// ones go to a new connection). Connections taken over after their response (WebSockets,
+    /// hijacks, `hop::sse` subscribers: their response was the connection's last) are never
+    /// ended by it. Counted in [`Stats::max_age_reached`]. Zero is refused at start;
+    /// `Duration::MAX` is never.
+    pub fn max_connection_age(mut self, t: Duration) -> Self {
+        self.cfg.limits.max_age = Some(t);
+        self
+    }
+
+    /// Most requests served on one connection (default: unlimited). HTTP/1.1: the `n`-th
+    /// response carries `Connection: close` and the connection closes after it (a `101`
+    /// upgrade is never changed). HTTP/2: once `n` streams have started, GOAWAY (graceful: the
+    /// open streams finish; streams the client sent before it saw the GOAWAY may still be
+    /// served, so a few more than `n` can be). Counted in [`Stats::max_requests_reached`]. 0 is
+    /// refused at start; `usize::MAX` is unlimited.
+    pub fn max_requests_per_connection(mut self, n: usize) -> Self {
+        self.cfg.limits.max_requests = Some(n);
+        self
+    }
+
     /// How long a client may take to send a request head once it has started (default 30 s;
     /// `None` disables it).
     pub fn header_read_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
@@ -142,7 +199,11 @@ impl Builder {
 
     /// How long a keep-alive connection may sit idle between requests before it is closed
     /// (default 60 s; `None` disables it). This is not TCP keepalive: see
-    /// [`tcp_keepalive`](Self::tcp_keepalive).
+    /// [`tcp_keepalive`](Self::tcp_keepalive). It also closes a `hop::tcp` listener's
+    /// connection that moves no bytes for as long; it never applies to a connection taken over
+    /// from HTTP (an upgrade such as axum's `WebSocketUpgrade`, a [`Hijack`](crate::Hijack),
+    /// `hop::ws`, SSE), whose protocol decides when a quiet peer is gone (`hop::ws` pings it:
+    /// [`WsConfig::keep_alive_interval`](crate::ws::WsConfig::keep_alive_interval)).
     pub fn idle_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
         self.cfg.idle_timeout = t.into();
         self.cfg.tcp.idle_timeout = self.cfg.idle_timeout;
@@ -181,9 +242,10 @@ impl Builder {
         self
     }
 
-    /// Read handlers: bytes asked of the socket per read (default 16 KiB).
+    /// Read handlers: bytes asked of the socket per read (default 16 KiB; 0 is 1, and more
+    /// than 16 MiB is 16 MiB).
     pub fn read_chunk(mut self, n: usize) -> Self {
-        self.cfg.tcp.read_chunk = n.max(1);
+        self.cfg.tcp.read_chunk = n.clamp(1, 16 << 20);
         self
     }
 
@@ -214,9 +276,48 @@ impl Builder {
         self
     }
 
-    /// TCP keepalive probes on accepted sockets, after this much silence (default off).
+    /// TCP keepalive probes on accepted sockets, after this much silence (default off). The
+    /// kernel counts it in whole seconds, from 1 to 32,767 (Linux's range): a shorter or longer
+    /// duration is rounded into that range.
+    ///
+    /// With the kernel's interval (75 s) and count (9), a dead peer is found about 11 minutes
+    /// after the first probe; [`tcp_keepalive_interval`](Self::tcp_keepalive_interval) and
+    /// [`tcp_keepalive_retries`](Self::tcp_keepalive_retries) shorten that.
     pub fn tcp_keepalive(mut self, t: impl Into<Option<Duration>>) -> Self {
-        self.cfg.tcp_keepalive = t.into();
+        self.cfg.tcp_tuning.set_keepalive_time(t.into());
+        self
+    }
+
+    /// `TCP_KEEPINTVL`: the time between unanswered keepalive probes (default: the kernel's,
+    /// 75 s on Linux), in whole seconds from 1 to 32,767. Setting it turns keepalive on.
+    pub fn tcp_keepalive_interval(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.tcp_tuning.set_keepalive_interval(t.into());
+        self
+    }
+
+    /// `TCP_KEEPCNT`: how many unanswered keepalive probes end the connection (default: the
+    /// kernel's, 9 on Linux), from 1 to 127. Setting it turns keepalive on.
+    pub fn tcp_keepalive_retries(mut self, n: impl Into<Option<u32>>) -> Self {
+        self.cfg.tcp_tuning.set_keepalive_retries(n.into());
+        self
+    }
+
+    /// `TCP_FASTOPEN` on the listening sockets, with this many pending fast-open requests
+    /// (default off; 0 is off). A client that has been here before may then send its request in
+    /// the SYN and get its answer a round trip sooner. The kernel must allow it for servers
+    /// (`net.ipv4.tcp_fastopen` has bit 2 set, e.g. `3`); otherwise the option is set and unused.
+    pub fn tcp_fastopen(mut self, queue: impl Into<Option<u32>>) -> Self {
+        self.cfg.tcp_tuning.set_fastopen(queue.into());
+        self
+    }
+
+    /// `TCP_DEFER_ACCEPT` on the listening sockets (default off): the kernel hands a connection
+    /// to hop only once its first bytes have come, or after about this long (whole seconds,
+    /// rounded up to at least 1). Connections that open and say nothing (port scans, pre-connect
+    /// pools) then cost no accept and no slot; [`header_read_timeout`](Self::header_read_timeout)
+    /// starts when hop gets the connection.
+    pub fn tcp_defer_accept(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.tcp_tuning.set_defer_accept(t.into());
         self
     }
 
@@ -246,6 +347,34 @@ impl Builder {
     /// not, and RFC 9113 deprecates it): such requests are answered over HTTP/1.1.
     pub fn http2(mut self, on: bool) -> Self {
         self.cfg.http2.enabled = on;
+        self
+    }
+
+    /// Expect a PROXY protocol header (HAProxy's spec, version 1 or 2, told apart by its first
+    /// bytes) at the start of every connection, before TLS and HTTP (default off). Turn it on
+    /// only behind a proxy that sends one (HAProxy's `send-proxy` or `send-proxy-v2`, a cloud
+    /// load balancer's "proxy protocol" option), and let no one else reach the port: whoever
+    /// connects chooses the address the header claims.
+    ///
+    /// The header's source address is the peer that `ConnectInfo<SocketAddr>`
+    /// ([`IncomingStream::remote_addr`](crate::IncomingStream::remote_addr)) and hop's logs
+    /// see, and every request carries the header as a
+    /// [`ProxyHeader`](crate::proxy::ProxyHeader) extension (addresses, TLVs). A header
+    /// without an address (v2 `LOCAL`, a proxy's health check; v1 `UNKNOWN`) keeps the
+    /// socket's own peer address.
+    ///
+    /// A connection whose header is malformed, missing (as the spec says, a receiver must not
+    /// guess that bytes without one come straight from a client), or not whole within
+    /// [`header_read_timeout`](Self::header_read_timeout) (or the idle timeout, if smaller) is
+    /// closed and counted in [`Stats::proxy_header_failures`]. Only the header's bytes are
+    /// read (at most 107 for v1, 16 + [`MAX_V2_BODY`](crate::proxy::MAX_V2_BODY) for v2);
+    /// the make-service is called once it is.
+    ///
+    /// TCP and Unix listeners only: a generic `axum::serve::Listener` is refused at start.
+    /// On the tokio backend with it on, the make-service (a clone of it, per connection) is
+    /// called on the connection's task once the header is read.
+    pub fn proxy_protocol(mut self, on: bool) -> Self {
+        self.cfg.proxy_protocol = on;
         self
     }
 
@@ -317,15 +446,9 @@ impl Builder {
 
     /// HTTP/2: the most response data buffered per stream while the client's window is closed
     /// (default 128 KiB; hyper's is 400 KB). A handler writing more waits for the client.
-    ///
-    /// # Panics
-    ///
-    /// If `n` is over `u32::MAX`.
+    /// 0 (no response could be sent) or over `u32::MAX`: `serve` returns an `InvalidInput`
+    /// error.
     pub fn http2_max_send_buf_size(mut self, n: usize) -> Self {
-        assert!(
-            n <= u32::MAX as usize,
-            "http2_max_send_buf_size over u32::MAX"
-        );
         self.cfg.http2.max_send_buf_size = n;
         self
     }
@@ -368,6 +491,23 @@ impl Builder {
         self
     }
 
+    /// A request body that brings no bytes for this long while the handler waits for it ends
+    /// its request (default 30 s; `None` or `Duration::MAX`: never): on HTTP/1.1 with a `408`
+    /// and a close if the response has not started (a close otherwise), on HTTP/2 with
+    /// RST_STREAM (CANCEL) to the client while the handler's body read fails. On HTTP/2 the
+    /// wait counts only while the client may send (its flow-control window is open): a handler
+    /// that stops reading is never timed out for it. axum::serve has no such timeout.
+    ///
+    /// A streaming request body that pauses longer by design (a gRPC client stream, a bidi
+    /// chat stream) needs a longer setting, or `None`. An HTTP/2 CONNECT (a WebSocket over
+    /// HTTP/2) is no request body and is never timed; nor is an HTTP/1.1 `Expect: 100-continue`
+    /// body before its first byte (its client waits for the handler to read). Zero is refused
+    /// at start; `Duration::MAX` is never.
+    pub fn request_body_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.cfg.request_body_timeout = t.into();
+        self
+    }
+
     /// Serves `app` on `listener` with these settings.
     pub fn serve<L, LM, A, M>(self, listener: L, app: A) -> Serve<HttpApp<A, M>>
     where
@@ -391,6 +531,7 @@ impl Builder {
 
     fn start<L: IntoListener<LM>, LM, P>(self, listener: L, app: P) -> Serve<P> {
         let ctl = Arc::new(Control::default());
+        crate::observe::start();
         let listener = listener.into_bound();
         if let Ok(l) = &listener {
             *ctl.local_addr.lock().unwrap_or_else(|e| e.into_inner()) = l.local_addr().ok();
@@ -432,11 +573,45 @@ impl IntoStdListener for tokio::net::TcpListener {
 /// Binds a listener the way hop likes it: `SO_REUSEADDR`, `SO_REUSEPORT` (so each poller gets
 /// its own accept queue), non-blocking, backlog 1024.
 ///
+/// An address that another listener already holds (another process, or another server in this
+/// one) is refused with `AddrInUse`, as `std::net::TcpListener::bind` refuses it: without this
+/// check `SO_REUSEPORT` would let a second server start silently and take half the new
+/// connections. [`bind_shared`] shares the port on purpose.
+///
 /// ```no_run
 /// let listener = hop::bind("127.0.0.1:3000".parse().unwrap())?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    if addr.port() != 0 {
+        // A socket without `SO_REUSEPORT` cannot bind where anyone listens.
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            return Err(if e.kind() == io::ErrorKind::AddrInUse {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{addr} is already in use by another server; \
+                         hop::bind_shared (the demo's --share-port) shares it on purpose"
+                    ),
+                )
+            } else {
+                e
+            });
+        }
+    }
+    bind_shared(addr)
+}
+
+/// Like [`bind`], but joins the listeners already on `addr` that also set `SO_REUSEPORT` (the
+/// same user's): the kernel spreads new connections over all of them. For a zero-downtime
+/// restart, or several processes serving one port.
+pub fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -467,9 +642,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 ///
 /// The signals are caught from the moment this is called, not when the future is first polled:
 /// one that arrives while the server is starting is not lost. From then on SIGINT and SIGTERM
-/// no longer end the process by themselves. They are awaited on a small thread with its own
-/// tokio runtime, so the future works under [`Serve::run`] (no runtime), under any runtime and
-/// on any executor; the thread ends when a signal comes or the future is dropped. If the
+/// no longer end the process by themselves, until a second one comes after the first: that
+/// ends the process at once (status 130 for SIGINT, 143 for SIGTERM), however far the drain
+/// has got. They are awaited on a small thread with its own tokio runtime, so the future works
+/// under [`Serve::run`] (no runtime), under any runtime and on any executor; before the first
+/// signal the thread ends when the future is dropped. If the
 /// handlers cannot be installed, the error is logged and the future never completes.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
@@ -506,6 +683,14 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             };
             tracing::info!("{name} received");
             let _ = done_tx.send(());
+            // A second signal during the drain ends the process at once, as a second Ctrl-C
+            // does for most servers (with the status a shell reports for that signal).
+            let (name, status) = tokio::select! {
+                _ = int.recv() => ("SIGINT", 130),
+                _ = term.recv() => ("SIGTERM", 143),
+            };
+            tracing::warn!("second {name}: exiting now");
+            std::process::exit(status);
         });
     };
     let ready = match std::thread::Builder::new()
@@ -613,6 +798,7 @@ impl<P: App> Serve<P> {
     /// Runs the server on this thread until it stops; needs no runtime. Handlers' tokio calls
     /// use a background runtime with `compat_workers` threads.
     pub fn run(self) -> io::Result<()> {
+        self.cfg.validate()?;
         run_blocking(self.cfg.compat_workers, self.into_future())
     }
 }
@@ -652,6 +838,7 @@ where
 
     /// Runs the server on this thread until it stops; needs no runtime.
     pub fn run(self) -> io::Result<()> {
+        self.serve.cfg.validate()?;
         run_blocking(self.serve.cfg.compat_workers, self.into_future())
     }
 }
@@ -695,6 +882,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How often a drain logs what it still waits for.
+const DRAIN_LOG_EVERY: Duration = Duration::from_secs(5);
+
 async fn serve_until<P, F>(serve: Serve<P>, signal: F) -> io::Result<()>
 where
     P: App,
@@ -706,6 +896,7 @@ where
         app,
         ctl,
     } = serve;
+    cfg.validate()?;
     let listener = listener?;
     let backend = cfg
         .backend
@@ -721,6 +912,13 @@ where
         _ => None,
     };
     match (backend, listener) {
+        #[cfg(feature = "axum")]
+        (_, Bound::Generic(_)) if cfg.proxy_protocol => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "hop: proxy_protocol: needs a TCP or Unix listener, not a generic axum Listener",
+            ));
+        }
         #[cfg(feature = "axum")]
         (_, Bound::Generic(listener)) => {
             // hop cannot see the socket: hyper-util on tokio tasks, whatever the backend.
@@ -773,13 +971,42 @@ where
         }
     }
     let mut done_rx = done_rx;
-    tokio::select! {
+    // A drain started by a `Handle` is logged as one started by the signal is.
+    let by_handle = Arc::new(tokio::sync::Notify::new());
+    {
+        let n = by_handle.clone();
+        ctl.on_shutdown(Box::new(move || n.notify_one()));
+    }
+    let draining = tokio::select! {
         _ = signal => {
-            tracing::info!("shutdown signal received; draining for up to {drain_timeout:?}");
-            ctl.shutdown(Instant::now() + drain_timeout);
-            let _ = (&mut done_rx).await;
+            tracing::info!(
+                "shutdown signal received; draining for up to {drain_timeout:?}: {} open",
+                ctl.open.now()
+            );
+            ctl.shutdown(crate::rt::timer::deadline(Instant::now(), drain_timeout));
+            true
         }
-        _ = &mut done_rx => {}
+        _ = by_handle.notified() => {
+            tracing::info!(
+                "shutdown requested; draining for up to {drain_timeout:?}: {} open",
+                ctl.open.now()
+            );
+            true
+        }
+        _ = &mut done_rx => false,
+    };
+    if draining {
+        // What the drain still waits for, now and then.
+        let mut every =
+            tokio::time::interval_at((Instant::now() + DRAIN_LOG_EVERY).into(), DRAIN_LOG_EVERY);
+        loop {
+            tokio::select! {
+                _ = &mut done_rx => break,
+                _ = every.tick() => {
+                    tracing::info!("draining: {} still open", ctl.open.now());
+                }
+            }
+        }
     }
     let stats = ctl.stats();
     tracing::info!(

@@ -5,11 +5,15 @@
 //! `driver`) and the read handlers (`tcp`) import from here; this module imports none of them.
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::limits::{IpSlot, Limit, OpenCounts, PerIp};
+use crate::observe::{self, Protocol, Reason};
 
 /// Which transport drives the connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,17 +69,24 @@ pub(crate) struct Config {
     pub(crate) pollers: usize,
     pub(crate) backlog: i32,
     pub(crate) max_connections: usize,
+    /// Limits per client and per connection (issue 24): all off by default.
+    pub(crate) limits: LimitsConfig,
     pub(crate) header_read_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) max_buf_size: Option<usize>,
     pub(crate) max_headers: Option<usize>,
     pub(crate) pipeline_flush: bool,
     pub(crate) drain_timeout: Duration,
-    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) tcp_tuning: crate::tuning::TcpTuning,
     pub(crate) park_after: Option<Duration>,
     pub(crate) compat_workers: usize,
     pub(crate) tcp: TcpConfig,
     pub(crate) http2: Http2Config,
+    /// A request body that brings no bytes for this long, while the handler waits for it, ends
+    /// its request: 408 on HTTP/1.1, RST_STREAM on HTTP/2.
+    pub(crate) request_body_timeout: Option<Duration>,
+    /// Every connection starts with a PROXY protocol header (`crate::proxy`).
+    pub(crate) proxy_protocol: bool,
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
     pub(crate) tls: Option<crate::tls::RustlsConfig>,
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
@@ -89,17 +100,20 @@ impl Default for Config {
             pollers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             backlog: 1024,
             max_connections: usize::MAX,
+            limits: LimitsConfig::default(),
             header_read_timeout: Some(Duration::from_secs(30)),
             idle_timeout: Some(Duration::from_secs(60)),
             max_buf_size: None,
             max_headers: None,
             pipeline_flush: true,
             drain_timeout: Duration::from_secs(30),
-            tcp_keepalive: None,
+            tcp_tuning: Default::default(),
             park_after: Some(Duration::from_millis(250)),
             compat_workers: 1,
             tcp: TcpConfig::default(),
             http2: Http2Config::default(),
+            request_body_timeout: Some(Duration::from_secs(30)),
+            proxy_protocol: false,
             #[cfg(any(feature = "tls", feature = "tls-ring"))]
             tls: None,
             #[cfg(any(feature = "tls", feature = "tls-ring"))]
@@ -108,7 +122,133 @@ impl Default for Config {
     }
 }
 
+/// Most poller, worker or compat threads a server may start.
+pub(crate) const MAX_THREADS: usize = 1024;
+
+/// During a drain, how long a new connection that has sent nothing yet may wait for its first
+/// request (which it then gets answered): long enough for a request that was on its way when
+/// the connection was accepted, short enough that idle pre-connected sockets do not hold the
+/// drain.
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Most headers per request hop lets hyper take: hyper makes room for every one of them on each
+/// read of a request head.
+pub(crate) const MAX_HEADERS: usize = 10_000;
+
+/// hyper's smallest `max_buf_size` (its builder panics under it).
+const MIN_BUF_SIZE: usize = 8192;
+
+/// HTTP/2's largest flow-control window (RFC 9113 §6.9.1) and its frame-size range (§6.5.2).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+const FRAME_SIZES: std::ops::RangeInclusive<u32> = (1 << 14)..=((1 << 24) - 1);
+
+/// A setting refused by [`Config::validate`]: `serve` returns it.
+fn refused(setting: &str, why: impl fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("hop: {setting}: {why}"),
+    )
+}
+
+/// A timeout that zero would turn into "close at once": `None` turns it off instead.
+fn not_zero(setting: &str, t: Option<Duration>) -> io::Result<()> {
+    match t {
+        Some(Duration::ZERO) => Err(refused(
+            setting,
+            "zero would close every connection at once; `None` turns it off",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Config {
+    /// Checks every setting before a server starts: each one either works over its whole range
+    /// (`Duration::MAX` is "never", huge sizes are "unbounded") or is refused here with an
+    /// `InvalidInput` error that names it, rather than panicking later in hop, hyper or h2.
+    pub(crate) fn validate(&self) -> io::Result<()> {
+        for (setting, n) in [
+            ("pollers", self.pollers),
+            ("compat_workers", self.compat_workers),
+        ] {
+            if n > MAX_THREADS {
+                return Err(refused(
+                    setting,
+                    format!("{n} is over {MAX_THREADS} threads"),
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(refused(
+                "max_connections",
+                "0 would refuse every connection",
+            ));
+        }
+        self.limits.validate()?;
+        not_zero("header_read_timeout", self.header_read_timeout)?;
+        not_zero("idle_timeout", self.idle_timeout)?;
+        not_zero("read_timeout", self.tcp.read_timeout)?;
+        not_zero("request_body_timeout", self.request_body_timeout)?;
+        not_zero("http2_idle_timeout", self.http2.idle_timeout)?;
+        not_zero("http2_keep_alive_interval", self.http2.keep_alive_interval)?;
+        not_zero(
+            "http2_keep_alive_timeout",
+            Some(self.http2.keep_alive_timeout),
+        )?;
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        not_zero("tls_handshake_timeout", Some(self.tls_handshake_timeout))?;
+        if let Some(n) = self.max_buf_size.filter(|&n| n < MIN_BUF_SIZE) {
+            return Err(refused(
+                "max_buf_size",
+                format!("{n} is under hyper's minimum of {MIN_BUF_SIZE}"),
+            ));
+        }
+        if let Some(n) = self.max_headers.filter(|&n| n > MAX_HEADERS) {
+            return Err(refused("max_headers", format!("{n} is over {MAX_HEADERS}")));
+        }
+        let h2 = &self.http2;
+        for (setting, n) in [
+            (
+                "http2_initial_stream_window_size",
+                h2.initial_stream_window_size,
+            ),
+            (
+                "http2_initial_connection_window_size",
+                h2.initial_connection_window_size,
+            ),
+        ] {
+            if n > MAX_WINDOW {
+                return Err(refused(
+                    setting,
+                    format!("{n} is over HTTP/2's largest window, {MAX_WINDOW}"),
+                ));
+            }
+        }
+        if !FRAME_SIZES.contains(&h2.max_frame_size) {
+            return Err(refused(
+                "http2_max_frame_size",
+                format!(
+                    "{} is outside HTTP/2's range, {} to {}",
+                    h2.max_frame_size,
+                    FRAME_SIZES.start(),
+                    FRAME_SIZES.end()
+                ),
+            ));
+        }
+        if h2.max_send_buf_size > u32::MAX as usize {
+            return Err(refused(
+                "http2_max_send_buf_size",
+                format!("{} is over {}", h2.max_send_buf_size, u32::MAX),
+            ));
+        }
+        if h2.max_send_buf_size == 0 {
+            return Err(refused(
+                "http2_max_send_buf_size",
+                "0 would stall every response (h2 could buffer none of it)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The hyper `http1` builder both backends start from.
     pub(crate) fn http1(
         &self,
@@ -119,7 +259,7 @@ impl Config {
         // bytes are buffered (so a 400/431 or a 101 can be lost) and removes write
         // backpressure. The reactor coalesces writes itself (see `stream`).
         b.pipeline_flush(false)
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout.map(crate::rt::timer::cap));
         if let Some(n) = self.max_buf_size {
             b.max_buf_size(n);
         }
@@ -127,6 +267,44 @@ impl Config {
             b.max_headers(n);
         }
         b
+    }
+}
+
+/// The limits per client and per connection (see [`crate::Builder::max_connections_per_ip`],
+/// [`crate::Builder::max_connection_age`], [`crate::Builder::max_requests_per_connection`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LimitsConfig {
+    pub(crate) per_ip: Option<usize>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_requests: Option<usize>,
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> io::Result<()> {
+        if self.per_ip == Some(0) {
+            return Err(refused(
+                "max_connections_per_ip",
+                "0 would refuse every connection",
+            ));
+        }
+        if self.max_age == Some(Duration::ZERO) {
+            return Err(refused(
+                "max_connection_age",
+                "zero would end every connection at once; `Duration::MAX` is never",
+            ));
+        }
+        if self.max_requests == Some(0) {
+            return Err(refused(
+                "max_requests_per_connection",
+                "0 would close every connection before its first request",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The request limit as a count to compare with (`u64::MAX`: none).
+    pub(crate) fn max_requests(&self) -> u64 {
+        self.max_requests.map_or(u64::MAX, |n| n as u64)
     }
 }
 
@@ -182,8 +360,8 @@ impl Http2Config {
             .max_send_buf_size(self.max_send_buf_size)
             .max_pending_accept_reset_streams(self.max_pending_accept_reset_streams)
             .max_local_error_reset_streams(self.max_local_error_reset_streams)
-            .keep_alive_interval(self.keep_alive_interval)
-            .keep_alive_timeout(self.keep_alive_timeout)
+            .keep_alive_interval(self.keep_alive_interval.map(crate::rt::timer::cap))
+            .keep_alive_timeout(crate::rt::timer::cap(self.keep_alive_timeout))
             // RFC 8441: WebSockets over HTTP/2 (axum's `WebSocketUpgrade` accepts them).
             .enable_connect_protocol();
         if self.keep_alive_interval.is_some() {
@@ -222,6 +400,34 @@ pub struct Stats {
     pub tls_handshake_failures: u64,
     /// TLS handshakes closed at `tls_handshake_timeout`.
     pub tls_handshake_timeouts: u64,
+    /// `hop::ws` connections closed (`1001`) because the peer sent nothing within
+    /// `keep_alive_timeout` of a keep-alive Ping ([`WsConfig`](crate::ws::WsConfig)).
+    pub ws_ping_timeouts: u64,
+    /// Reactor: connections handed from a busier poller to a less busy one (a new connection,
+    /// or a keep-alive one at a request boundary).
+    pub moved: u64,
+    /// Reactor: response bodies sent from a file with `sendfile(2)` ([`crate::fs`]).
+    pub files_sent: u64,
+    /// Connections closed because their PROXY protocol header was malformed, missing (the
+    /// peer spoke first without one, or closed), or not whole within `header_read_timeout`
+    /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)).
+    pub proxy_header_failures: u64,
+    /// Connections closed at accept because their client IP already had
+    /// `max_connections_per_ip` open.
+    pub rejected_per_ip: u64,
+    /// Connections `max_connection_age` ended: an HTTP/1.1 response sent with
+    /// `Connection: close`, an idle keep-alive connection closed, or an HTTP/2 GOAWAY.
+    pub max_age_reached: u64,
+    /// Connections `max_requests_per_connection` ended: the last HTTP/1.1 response sent with
+    /// `Connection: close`, or an HTTP/2 GOAWAY.
+    pub max_requests_reached: u64,
+    /// HTTP/1.x requests served (HTTP/2's are `http2_streams`).
+    pub http1_requests: u64,
+    /// WebSocket connections opened: `hop::ws`, and hijacks ([`Hijack`](crate::Hijack)) of a
+    /// request that asked `Upgrade: websocket` (axum's own `WebSocketUpgrade` is not seen).
+    pub ws_connections: u64,
+    /// `hop::sse` subscriptions opened.
+    pub sse_connections: u64,
 }
 
 /// State shared by the front, the backend threads and every [`Handle`](crate::Handle).
@@ -242,7 +448,79 @@ pub(crate) struct Control {
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
     pub(crate) tls_handshake_timeouts: AtomicU64,
+    pub(crate) ws_ping_timeouts: AtomicU64,
+    pub(crate) moved: AtomicU64,
+    pub(crate) files_sent: AtomicU64,
+    pub(crate) proxy_header_failures: AtomicU64,
+    pub(crate) rejected_per_ip: AtomicU64,
+    pub(crate) max_age_reached: AtomicU64,
+    pub(crate) max_requests_reached: AtomicU64,
+    pub(crate) http1_requests: AtomicU64,
+    /// Open connections by client IP (`max_connections_per_ip`).
+    pub(crate) per_ip: Arc<PerIp>,
+    /// Open connections by kind, for the drain log; WebSocket and SSE totals.
+    pub(crate) open: Arc<OpenCounts>,
+    /// Reactor: entries each poller has driven, by poller (set when the pollers start).
+    pub(crate) poller_work: std::sync::OnceLock<Arc<[AtomicU64]>>,
     pub(crate) local_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+/// Tokio backend: a connection's place in the server's counts, `active` and (under
+/// `max_connections_per_ip`) its client IP's. Its task and its stream share it, and the stream
+/// carries it into an upgrade, so that a WebSocket or a hijack counts until it closes. The
+/// last holder gives it back: its IP's place first, so that once `active` has fallen the same
+/// client can connect again.
+pub(crate) struct Place {
+    ctl: Arc<Control>,
+    /// Turns `true` when the drain timeout force-closes what is left.
+    forcing: Arc<AtomicBool>,
+    ip: Option<IpSlot>,
+    /// Why the connection closed, as its task found out (reported: `crate::observe`).
+    why: Mutex<Reason>,
+}
+
+impl Place {
+    /// A place for a connection [`Control::admit`] admitted (and its IP's, if counted).
+    pub(crate) fn new(ctl: Arc<Control>, forcing: Arc<AtomicBool>, ip: Option<IpSlot>) -> Self {
+        Place {
+            ctl,
+            forcing,
+            ip,
+            why: Mutex::new(Reason::Closed),
+        }
+    }
+
+    /// Records why the connection closed (the last word counts).
+    pub(crate) fn closed_for(&self, why: Reason) {
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    pub(crate) fn control(&self) -> &Control {
+        &self.ctl
+    }
+}
+
+impl fmt::Debug for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Place")
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        drop(self.ip.take());
+        let why = *self.why.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.ctl.release(self.forcing.load(Ordering::Acquire), why);
+        crate::memory::note_close();
+    }
 }
 
 impl Control {
@@ -302,38 +580,88 @@ impl Control {
             tls_handshakes: self.tls_handshakes.load(Ordering::Relaxed),
             tls_handshake_failures: self.tls_handshake_failures.load(Ordering::Relaxed),
             tls_handshake_timeouts: self.tls_handshake_timeouts.load(Ordering::Relaxed),
+            ws_ping_timeouts: self.ws_ping_timeouts.load(Ordering::Relaxed),
+            moved: self.moved.load(Ordering::Relaxed),
+            files_sent: self.files_sent.load(Ordering::Relaxed),
+            proxy_header_failures: self.proxy_header_failures.load(Ordering::Relaxed),
+            rejected_per_ip: self.rejected_per_ip.load(Ordering::Relaxed),
+            max_age_reached: self.max_age_reached.load(Ordering::Relaxed),
+            max_requests_reached: self.max_requests_reached.load(Ordering::Relaxed),
+            http1_requests: self.http1_requests.load(Ordering::Relaxed),
+            ws_connections: self.open.ws_total.load(Ordering::Relaxed),
+            sse_connections: self.open.sse_total.load(Ordering::Relaxed),
         }
     }
 
     /// Reserves a connection slot under `max`; `false` (and counted) when full.
     pub(crate) fn admit(&self, max: usize) -> bool {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+        observe::accepted();
         if self.active.fetch_add(1, Ordering::AcqRel) >= max {
             self.active.fetch_sub(1, Ordering::AcqRel);
             self.rejected.fetch_add(1, Ordering::Relaxed);
+            observe::closed(Reason::MaxConnections);
             return false;
         }
         true
     }
 
+    /// Takes back a slot [`admit`](Self::admit) reserved for a connection refused for its
+    /// client IP (`max_connections_per_ip`), and counts it.
+    pub(crate) fn reject_per_ip(&self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+        observe::closed(Reason::MaxConnectionsPerIp);
+    }
+
+    /// Counts `n` HTTP/1.x requests.
+    pub(crate) fn http1_requests(&self, n: u64) {
+        self.http1_requests.fetch_add(n, Ordering::Relaxed);
+        observe::requests(Protocol::Http1, n);
+    }
+
+    /// Counts an HTTP/2 stream (a request).
+    pub(crate) fn http2_stream(&self) {
+        self.http2_streams.fetch_add(1, Ordering::Relaxed);
+        observe::requests(Protocol::H2, 1);
+    }
+
+    /// Counts a connection told to close by a limit.
+    pub(crate) fn limit_reached(&self, why: Limit) {
+        match why {
+            Limit::Age => &self.max_age_reached,
+            Limit::Requests => &self.max_requests_reached,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Logs and counts a panic that was contained (`what` says where it happened).
     pub(crate) fn contained_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) {
         self.panics.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
+        crate::logs::error_limited!(
             panic = crate::service::panic_message(panic),
             "{what} panicked; contained"
         );
     }
 
     /// Releases a connection slot: counted as forced when the drain timeout closed it, as
-    /// drained when it closed during a shutdown.
-    pub(crate) fn release(&self, forced: bool) {
+    /// drained when it closed during a shutdown. `why` it closed, as far as its backend could
+    /// tell (reported; a drain stands for a close that had no reason of its own).
+    pub(crate) fn release(&self, forced: bool, why: Reason) {
         self.active.fetch_sub(1, Ordering::AcqRel);
-        if forced {
+        let why = if forced {
             self.forced.fetch_add(1, Ordering::Relaxed);
+            Reason::Forced
         } else if self.draining() {
             self.drained.fetch_add(1, Ordering::Relaxed);
-        }
+            match why {
+                Reason::Closed => Reason::Drain,
+                why => why,
+            }
+        } else {
+            why
+        };
+        observe::closed(why);
     }
 }
 

@@ -8,7 +8,13 @@
 //! subscriber is an ordinary streaming body fed by a channel (a task per connection there).
 //!
 //! A subscriber whose queue is full (a slow reader) is dropped and counted
-//! ([`Hub::dropped`]); one that disconnects is removed at once.
+//! ([`Hub::dropped`]), and so is one whose replay ([`Subscription::send`]) alone fills it; one
+//! that disconnects is removed at once, however its connection ends. The hub names a
+//! reactor subscriber by its connection's process-wide id as well as its slot, so an event
+//! for a subscriber that is gone never reaches a connection that reuses the slot.
+//! [`Hub::send`] copies the subscriber table and fans out without holding it: subscribers
+//! join and leave (on their pollers) while a large fan-out runs; sends are taken one at a
+//! time, so every subscriber sees events in the order they were sent.
 //!
 //! ```no_run
 //! use axum::{extract::{Request, State}, response::IntoResponse, routing::{get, post}, Router};
@@ -42,7 +48,8 @@ use crate::conn::current;
 use crate::conn::takeover::Takeover;
 use crate::handler::context as server;
 use crate::handler::{over_mark, CloseReason, Conn, Handler, WriteError};
-use crate::rt::wake::{self, Delivery, Key};
+use crate::limits::{OpenGuard, OpenKind};
+use crate::rt::wake::{self, Delivery, Key, Target};
 
 /// One event.
 #[derive(Debug, Clone, Default)]
@@ -180,12 +187,21 @@ impl Framed {
 /// Settings of a hub.
 #[derive(Debug, Clone, Copy)]
 pub struct HubConfig {
-    /// How often an idle subscriber gets a keep-alive comment (default 15 s).
+    /// How often an idle subscriber gets a keep-alive comment (default 15 s). `Duration::ZERO`
+    /// sends none; a period of a century or more is the same as never.
     pub keep_alive: Duration,
     /// The high-water mark of bytes queued for one subscriber, counted both on their way to
     /// its poller and in its outbound queue there: an event for a subscriber at or above it
     /// drops that subscriber, whose connection is closed (default 256 KiB).
     pub max_queue: usize,
+}
+
+impl HubConfig {
+    /// The keep-alive period to arm, if any: none for zero (which would otherwise send comments
+    /// in a loop), and at most [`crate::rt::timer::cap`]'s far future.
+    fn keep_alive_period(&self) -> Option<Duration> {
+        (!self.keep_alive.is_zero()).then(|| crate::rt::timer::cap(self.keep_alive))
+    }
 }
 
 impl Default for HubConfig {
@@ -197,12 +213,14 @@ impl Default for HubConfig {
     }
 }
 
+#[derive(Clone)]
 enum Sink {
-    /// A subscriber on a poller: events are handed to its connection there.
-    Loop { key: Key, chunked: bool },
-    /// A subscriber served as a streaming body (tokio backend; boxed, so that the hub's
-    /// entries for the reactor's subscribers stay small).
-    Channel(Box<ChannelSink>),
+    /// A subscriber on a poller: events are handed to its connection there (named by its
+    /// process-wide id too, not only its slot).
+    Loop { to: Target, chunked: bool },
+    /// A subscriber served as a streaming body (tokio backend; behind a pointer, so that the
+    /// hub's entries for the reactor's subscribers stay small, and a send's copy is cheap).
+    Channel(Arc<ChannelSink>),
 }
 
 struct ChannelSink {
@@ -215,7 +233,12 @@ struct ChannelSink {
 
 struct HubInner {
     cfg: HubConfig,
+    /// The subscribers: held only to look up, add, remove or copy them, never during a send.
     subs: Mutex<HashMap<u64, Sink>>,
+    /// Taken by each send for its whole fan-out, so sends go out one after another (every
+    /// subscriber sees them in one order); holds the copy of the table a send works from,
+    /// kept between sends so that a send does not allocate it.
+    fanout: Mutex<Vec<(u64, Sink)>>,
     next_id: AtomicU64,
     dropped: AtomicU64,
 }
@@ -260,6 +283,7 @@ impl Hub {
             inner: Arc::new(HubInner {
                 cfg,
                 subs: Mutex::new(HashMap::new()),
+                fanout: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 dropped: AtomicU64::new(0),
             }),
@@ -298,6 +322,7 @@ impl Hub {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             last_event_id,
             chunked: req.version() >= Version::HTTP_11,
+            http1: req.version() < Version::HTTP_2,
             backlog: Vec::new(),
         }
     }
@@ -306,15 +331,13 @@ impl Hub {
         match sink {
             // The subscriber's limit holds where its events are queued: bytes on their way to a
             // busy or stalled poller count against it, as its outbound queue does there.
-            // The subscriber's limit holds where its events are queued: bytes on their way to a
-            // busy or stalled poller count against it, as its outbound queue does there.
-            Sink::Loop { key, chunked } => {
-                match wake::deliver(*key, event.get(*chunked), |q| over_mark(q, max)) {
+            Sink::Loop { to, chunked } => {
+                match wake::deliver(*to, event.get(*chunked), |q| over_mark(q, max)) {
                     Delivery::Queued => Offer::Queued,
                     Delivery::Gone => Offer::Gone,
                     Delivery::Full => {
                         // Tell the connection to close (an empty delivery): nothing more is sent.
-                        wake::deliver(*key, Bytes::new(), |_| false);
+                        wake::deliver(*to, Bytes::new(), |_| false);
                         Offer::Slow
                     }
                 }
@@ -346,32 +369,55 @@ impl Hub {
         }
     }
 
-    fn settle(&self, id: u64, offer: Offer, subs: &mut HashMap<u64, Sink>) -> bool {
+    /// Whether subscriber `id` stays after `offer`; counts a slow one (the caller removes
+    /// those that do not stay).
+    fn stays(&self, id: u64, offer: Offer) -> bool {
         match offer {
             Offer::Queued => true,
-            Offer::Gone => {
-                subs.remove(&id);
-                false
-            }
+            Offer::Gone => false,
             Offer::Slow => {
                 tracing::debug!(id, "dropping a slow SSE subscriber");
                 self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                subs.remove(&id);
                 false
             }
         }
     }
 
+    fn fanout(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Sink)>> {
+        self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sends `event` to every subscriber; returns how many it was queued for.
+    ///
+    /// The subscriber table is copied and the fan-out runs without it: subscribers join and
+    /// leave meanwhile (one that joins gets the next event; one that leaves is skipped, or its
+    /// event is dropped where it would have been written). Sends from several threads go out
+    /// one after another, so each subscriber gets events in the order the sends began.
     pub fn send(&self, event: &Event) -> usize {
         let event = Framed::new(event);
         let max = self.inner.cfg.max_queue;
-        let mut subs = self.subs();
-        let ids: Vec<u64> = subs.keys().copied().collect();
+        let mut snapshot = self.fanout();
+        snapshot.extend(self.subs().iter().map(|(id, sink)| (*id, sink.clone())));
         let mut n = 0;
-        for id in ids {
-            let offer = Self::offer(&subs[&id], &event, max);
-            n += self.settle(id, offer, &mut subs) as usize;
+        let mut gone = Vec::new();
+        for (id, sink) in snapshot.iter() {
+            match self.stays(*id, Self::offer(sink, &event, max)) {
+                true => n += 1,
+                false => gone.push(*id),
+            }
+        }
+        // Kept for the next send, emptied (no subscriber is held by it); a burst's room is
+        // given back.
+        snapshot.clear();
+        if snapshot.capacity() > 1024 && snapshot.capacity() > 4 * self.len() {
+            *snapshot = Vec::new();
+        }
+        drop(snapshot);
+        if !gone.is_empty() {
+            let mut subs = self.subs();
+            for id in gone {
+                subs.remove(&id);
+            }
         }
         n
     }
@@ -379,16 +425,22 @@ impl Hub {
     /// Sends `event` to subscriber `id`; `false` if it is gone or was dropped.
     pub fn send_to(&self, id: u64, event: &Event) -> bool {
         let event = Framed::new(event);
-        let mut subs = self.subs();
-        let Some(sink) = subs.get(&id) else {
+        // In order with `send`s.
+        let _fanout = self.fanout();
+        let Some(sink) = self.subs().get(&id).cloned() else {
             return false;
         };
-        let offer = Self::offer(sink, &event, self.inner.cfg.max_queue);
-        self.settle(id, offer, &mut subs)
+        let stays = self.stays(id, Self::offer(&sink, &event, self.inner.cfg.max_queue));
+        if !stays {
+            self.remove(id);
+        }
+        stays
     }
 
     fn remove(&self, id: u64) {
-        self.subs().remove(&id);
+        // Dropped out of the lock (a channel subscriber's sender).
+        let sink = self.subs().remove(&id);
+        drop(sink);
     }
 }
 
@@ -400,6 +452,8 @@ pub struct Subscription {
     id: u64,
     last_event_id: Option<String>,
     chunked: bool,
+    /// Asked over HTTP/1.x: the response is its connection's last.
+    http1: bool,
     backlog: Vec<Bytes>,
 }
 
@@ -415,18 +469,45 @@ impl Subscription {
     }
 
     /// Queues an event for this subscriber only, sent first (e.g. those it missed).
+    ///
+    /// The replay counts against the hub's `max_queue` as later events do: a replay that
+    /// reaches it before its last event is queued drops the subscriber at once (counted in
+    /// [`Hub::dropped`]; the response ends without events, its connection closed), on both
+    /// backends.
     pub fn send(&mut self, event: &Event) {
         // Unframed: the subscriber frames it as it writes it (under the reactor), or hyper does
         // (under the tokio backend), as for hub events.
         self.backlog.push(Bytes::from(event.encode()));
     }
 
+    /// Whether the replay fits the queue limit: queued whole while what is queued before
+    /// each event is below the mark, as a subscriber's events are later.
+    fn replay_fits(&self) -> bool {
+        let max = self.hub.inner.cfg.max_queue;
+        let mut queued = 0usize;
+        for b in &self.backlog {
+            if over_mark(queued, max) {
+                return false;
+            }
+            queued = queued.saturating_add(b.len());
+        }
+        true
+    }
+
     /// The `200 text/event-stream` response; the subscriber joins the hub when it is sent.
     pub fn response(mut self) -> Response<SseBody> {
-        // Within its connection's drive, the connection takes the subscriber over once hyper
-        // has written the head.
         let mut takeover = None;
-        if let Some(key) = current::key() {
+        let refused = !self.replay_fits();
+        if refused {
+            // Too much to replay: dropped as a slow subscriber is, before it joins.
+            tracing::debug!(
+                id = self.id,
+                "SSE replay over max_queue; dropping the subscriber"
+            );
+            self.hub.inner.dropped.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(key) = current::key() {
+            // Within its connection's drive, the connection takes the subscriber over once
+            // hyper has written the head.
             let subscriber = Subscriber {
                 hub: self.hub.clone(),
                 id: self.id,
@@ -439,6 +520,7 @@ impl Subscription {
             }
         }
         let body = match takeover {
+            _ if refused => SseInner::Refused,
             Some(key) => SseInner::Takeover { key },
             None => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -449,7 +531,7 @@ impl Subscription {
                 }
                 self.hub.subs().insert(
                     self.id,
-                    Sink::Channel(Box::new(ChannelSink {
+                    Sink::Channel(Arc::new(ChannelSink {
                         tx,
                         queued: queued.clone(),
                         // hyper frames the body itself.
@@ -457,18 +539,28 @@ impl Subscription {
                         cut: server::cut_signal(),
                     })),
                 );
-                let period = self.hub.inner.cfg.keep_alive;
+                let keep_alive = self.hub.inner.cfg.keep_alive_period().map(|period| {
+                    tokio::time::interval_at(
+                        crate::rt::timer::deadline(std::time::Instant::now(), period).into(),
+                        period,
+                    )
+                });
                 SseInner::Channel {
                     rx,
                     queued,
-                    keep_alive: tokio::time::interval_at(
-                        tokio::time::Instant::now() + period,
-                        period,
-                    ),
+                    keep_alive,
                     shutdown: Box::pin(server::shutdown_signal(server::thread_shutdown())),
                     _leave: Leave {
                         hub: self.hub,
                         id: self.id,
+                        _open: server::open_counts().map(|o| {
+                            let open = OpenGuard::new(o, OpenKind::Sse);
+                            // Its HTTP/1.1 connection's last response: counted as SSE only.
+                            match self.http1 {
+                                true => open.instead_of_http(),
+                                false => open,
+                            }
+                        }),
                     },
                 }
             }
@@ -497,6 +589,8 @@ impl axum::response::IntoResponse for Subscription {
 struct Leave {
     hub: Hub,
     id: u64,
+    /// Counts the subscriber open (`Stats::sse_connections`, the drain log).
+    _open: Option<OpenGuard>,
 }
 
 impl Drop for Leave {
@@ -513,11 +607,14 @@ pub struct SseBody {
 enum SseInner {
     /// Never polled to the end: the driver takes the connection over once the head is out.
     Takeover { key: Key },
+    /// The subscriber was dropped before it joined (its replay was over `max_queue`): the
+    /// body fails at once, and the connection closes.
+    Refused,
     /// Events from the hub, as a streaming body (tokio backend).
     Channel {
         rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
         queued: Arc<AtomicUsize>,
-        keep_alive: tokio::time::Interval,
+        keep_alive: Option<tokio::time::Interval>,
         /// Ends the stream when the server shuts down gracefully.
         shutdown: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         _leave: Leave,
@@ -548,6 +645,9 @@ impl Body for SseBody {
                 });
                 Poll::Pending
             }
+            SseInner::Refused => Poll::Ready(Some(Err(io::Error::other(
+                "SSE replay over max_queue; subscriber dropped",
+            )))),
             SseInner::Channel {
                 rx,
                 queued,
@@ -568,7 +668,10 @@ impl Body for SseBody {
                         Ok(Frame::data(b))
                     }));
                 }
-                if keep_alive.poll_tick(cx).is_ready() {
+                if keep_alive
+                    .as_mut()
+                    .is_some_and(|k| k.poll_tick(cx).is_ready())
+                {
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b":\n\n")))));
                 }
                 Poll::Pending
@@ -590,12 +693,14 @@ impl Handler for Subscriber {
     fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
         conn.set_max_write_buffer(self.hub.inner.cfg.max_queue);
         conn.set_idle_timeout(None);
-        conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
+        conn.set_timer(self.hub.inner.cfg.keep_alive_period());
+        // Checked against the limit already (`Subscription::response`): queued whole.
         for b in std::mem::take(&mut self.backlog).iter() {
-            conn.write(&frame(b, self.chunked))?;
+            conn.queue_parts(&[&frame(b, self.chunked)])?;
         }
-        // Called on the subscriber's poller, inside its drive: the current key is its own.
-        let Some(key) = current::key() else {
+        // Called on the subscriber's poller, inside its drive: the current connection is its
+        // own.
+        let Some(to) = current::target() else {
             return Err(io::Error::other(
                 "an SSE subscriber must open on its poller",
             ));
@@ -603,7 +708,7 @@ impl Handler for Subscriber {
         self.hub.subs().insert(
             self.id,
             Sink::Loop {
-                key,
+                to,
                 chunked: self.chunked,
             },
         );
@@ -629,16 +734,24 @@ impl Handler for Subscriber {
     }
 
     fn on_read(&mut self, _conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
-        // Subscribers have nothing to say; ignore whatever they send.
-        input.clear();
-        Ok(())
+        // Subscribers have nothing to say: bytes are a request pipelined behind the
+        // subscription, which this endless response would never let be served. Fail closed
+        // (as the takeover does for one already read): close, rather than drop it.
+        if input.is_empty() {
+            return Ok(());
+        }
+        crate::logs::warn_limited!(bytes = input.len(), "an SSE subscriber sent bytes; closing");
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "an SSE subscriber sent bytes",
+        ))
     }
 
     fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
         if conn.queued() == 0 {
             conn.write(&frame(b":\n\n", self.chunked))?;
         }
-        conn.set_timer(Some(self.hub.inner.cfg.keep_alive));
+        conn.set_timer(self.hub.inner.cfg.keep_alive_period());
         Ok(())
     }
 
@@ -653,5 +766,77 @@ impl Handler for Subscriber {
 
     fn on_close(&mut self, _reason: CloseReason) {
         self.hub.remove(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// Reads from `s` until `want` has arrived; everything read.
+    fn read_until(s: &mut TcpStream, want: &str) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// A delivery whose key is the connection's own but whose id is another's (a subscriber
+    /// gone from that slot 65,536 generations ago, or a send's copy of the table that still
+    /// holds it) is dropped by the poller: only the connection's own id reaches it.
+    #[test]
+    fn a_stale_target_with_the_same_key_is_not_delivered() {
+        let hub = Hub::new();
+        let h = hub.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let res = h.subscribe(&req).response();
+            async move { Ok::<_, std::convert::Infallible>(res) }
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve = crate::Server::builder()
+            .backend(crate::Backend::Reactor)
+            .pollers(1)
+            .serve(listener, svc);
+        let handle = serve.handle();
+        let server = std::thread::spawn(move || serve.run());
+
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        read_until(&mut c, "\r\n\r\n");
+        let t0 = std::time::Instant::now();
+        let to = loop {
+            if let Some(Sink::Loop { to, .. }) = hub.subs().values().next() {
+                break *to;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no subscriber");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let stale = Target {
+            key: to.key,
+            id: to.id.wrapping_sub(1),
+        };
+        let event = |data: &str| Framed::new(&Event::new(data)).get(true);
+        assert_eq!(
+            wake::deliver(stale, event("stale"), |_| false),
+            Delivery::Queued
+        );
+        assert_eq!(
+            wake::deliver(to, event("live"), |_| false),
+            Delivery::Queued
+        );
+        let got = read_until(&mut c, "data: live");
+        assert!(!got.contains("stale"), "{got:?}");
+
+        handle.shutdown();
+        server.join().unwrap().unwrap();
     }
 }

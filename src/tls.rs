@@ -7,9 +7,8 @@
 //! [`TlsInfo`], the request extension that tells a handler about its connection's TLS session
 //! (SNI name, negotiated ALPN protocol, client certificates). The handshake itself, under
 //! [`Builder::tls_handshake_timeout`](crate::Builder::tls_handshake_timeout), is the serving
-//! backend's business: for now both backends run TLS connections on tokio tasks with
-//! tokio-rustls (the reactor logs this once at start); the reactor will later take them over
-//! in place, behind the same API.
+//! backend's business: the reactor serves TLS in place, in its socket type (`conn::tls`), the
+//! tokio backend on tokio tasks with tokio-rustls, behind the same API.
 //!
 //! ```no_run
 //! # async fn run(app: axum::Router) -> std::io::Result<()> {
@@ -255,10 +254,11 @@ struct Info {
 }
 
 impl TlsInfo {
-    /// What `conn` negotiated (called once its handshake is done).
-    pub(crate) fn new(conn: &rustls::ServerConnection) -> TlsInfo {
+    /// What `conn` negotiated (called once its handshake is done), with the SNI name the
+    /// client sent.
+    pub(crate) fn new(server_name: Option<&str>, conn: &rustls::CommonState) -> TlsInfo {
         TlsInfo(Arc::new(Info {
-            server_name: conn.server_name().map(str::to_owned),
+            server_name: server_name.map(str::to_owned),
             alpn_protocol: conn.alpn_protocol().map(<[u8]>::to_vec),
             peer_certificates: conn.peer_certificates().map(<[_]>::to_vec),
             protocol_version: conn.protocol_version(),

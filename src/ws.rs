@@ -8,6 +8,17 @@
 //! for UTF-8 (`1007`) and protocol errors closed with `1002`. A partial frame simply waits in the
 //! connection's input buffer for more bytes.
 //!
+//! A quiet connection is kept alive, and a dead one found, with Pings: once the peer has sent
+//! nothing for [`WsConfig::keep_alive_interval`] it is pinged, and if it still sends nothing
+//! within [`WsConfig::keep_alive_timeout`] it is closed with `1001` and counted in
+//! `Stats::ws_ping_timeouts`. This is one deadline on the connection's timer (shared with the
+//! compression history's release), not a task. The HTTP idle timeout does not apply.
+//!
+//! Sending: whatever goes out (a handler's [`WsConn`] sends, a [`WsHandle`]'s, which are framed
+//! on the connection's own thread, Pongs, the keep-alive Ping) checks the one close state,
+//! `WsProtocol::close_sent`: once a close frame is out nothing else is sent, a second close
+//! included.
+//!
 //! A [`WsFrameHandler`] gets frames instead, as they arrive ([`upgrade_frames`],
 //! [`WsUpgrade::on_upgrade_frames`]): each data frame's payload in the pieces the socket
 //! delivered it in, with its opcode and FIN bit, so a proxy or a stream of large binary data
@@ -40,6 +51,7 @@
 //! ```
 
 use std::io::{self, Cursor};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -52,7 +64,8 @@ use tungstenite::protocol::frame::FrameHeader;
 pub use tungstenite::Message;
 use tungstenite::Utf8Bytes;
 
-use crate::tcp::{CloseReason, Conn, ConnHandle, Handler};
+use crate::rt::timer::Tick;
+use crate::tcp::{CloseReason, Conn, ConnHandle, Handler, WriteError};
 use crate::Hijack;
 
 mod deflate;
@@ -70,6 +83,16 @@ pub struct WsConfig {
     /// permessage-deflate (on by default for [`WsHandler`]s; a [`WsFrameHandler`] gets the
     /// frames as they are on the wire, so it never negotiates it).
     pub deflate: Deflate,
+    /// A connection whose peer has sent nothing for this long is sent a Ping (default 30 s;
+    /// `None`: never). Anything the peer sends counts as a sign of life, not only a Pong. 30 s
+    /// keeps the connection open through NATs and proxies that drop a flow after 60 s of
+    /// silence (AWS load balancers' and nginx's default), as browsers' clients expect.
+    pub keep_alive_interval: Option<Duration>,
+    /// How long a pinged peer has to send something (default 30 s): then it is closed with
+    /// `1001` ("ping timeout"; it is going away, not at fault) and counted in
+    /// `Stats::ws_ping_timeouts`. A dead peer is found within `keep_alive_interval` +
+    /// `keep_alive_timeout` of its last frame (60 s by default).
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for WsConfig {
@@ -78,6 +101,8 @@ impl Default for WsConfig {
             max_frame_size: 16 << 20,
             max_message_size: 64 << 20,
             deflate: Deflate::default(),
+            keep_alive_interval: Some(Duration::from_secs(30)),
+            keep_alive_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -212,23 +237,24 @@ pub struct WsConn<'a> {
 }
 
 impl WsConn<'_> {
-    /// Sends a message (text, binary, ping, pong or close).
+    /// Sends a message (text, binary, ping, pong or close). A Ping or Pong over 125 bytes (RFC
+    /// 6455's limit for control frames) is dropped; a close's reason is cut to fit.
     pub fn send(&mut self, msg: Message) -> io::Result<()> {
-        if let Message::Close(frame) = msg {
-            let (code, reason) = frame
-                .map(|f| (f.code, f.reason.to_string()))
-                .unwrap_or((CloseCode::Normal, String::new()));
-            self.close(code, &reason);
-            return Ok(());
-        }
-        if *self.close_sent {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "close already sent",
-            ));
-        }
         let (op, payload) = message_parts(msg);
-        send_message(self.conn, self.codec.as_deref_mut(), op, &payload)
+        match op {
+            OpCode::Control(Control::Close) => {
+                send_close_payload(self.conn, self.close_sent, &payload);
+                Ok(())
+            }
+            OpCode::Control(_) if payload.len() > MAX_CONTROL => Ok(()),
+            _ => send_message(
+                self.conn,
+                *self.close_sent,
+                self.codec.as_deref_mut(),
+                op,
+                &payload,
+            ),
+        }
     }
 
     /// Sends one data frame: `kind` `Text` or `Binary` starts a message, `Continue` goes on with
@@ -236,31 +262,34 @@ impl WsConn<'_> {
     /// [`close`](Self::close), and may come between a message's frames. Frames are sent
     /// uncompressed, even where permessage-deflate was negotiated.
     pub fn send_frame(&mut self, kind: FrameKind, fin: bool, payload: &[u8]) -> io::Result<()> {
-        if *self.close_sent {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "close already sent",
-            ));
-        }
-        write_frame(self.conn, kind.opcode(), fin, false, payload)
+        Ok(write_frame(
+            self.conn,
+            *self.close_sent,
+            kind.opcode(),
+            fin,
+            payload,
+        )?)
     }
 
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> io::Result<()> {
         send_message(
             self.conn,
+            *self.close_sent,
             self.codec.as_deref_mut(),
             OpCode::Data(Data::Text),
             text.as_bytes(),
         )
     }
 
-    /// Starts the close handshake; the connection closes when the peer answers.
+    /// Starts the close handshake (once; later closes are ignored); the connection closes when
+    /// the peer answers, or at the close timeout. A reason over 123 bytes is cut to fit.
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         send_close(self.conn, self.close_sent, code, reason);
     }
 
-    /// The underlying read-handler connection (peer address, timeouts, queued bytes).
+    /// The underlying read-handler connection (peer address, timeouts, queued bytes). Its
+    /// timer is the WebSocket's own (keep-alive, compression history): leave it alone.
     pub fn conn(&mut self) -> &mut Conn {
         self.conn
     }
@@ -269,7 +298,6 @@ impl WsConn<'_> {
     pub fn handle(&mut self) -> WsHandle {
         WsHandle {
             inner: self.conn.handle(),
-            compressed: self.codec.is_some(),
         }
     }
 
@@ -280,52 +308,39 @@ impl WsConn<'_> {
     }
 }
 
-/// Sends WebSocket messages to a connection from any thread.
+/// Sends WebSocket messages to a connection from any thread. Each goes to the connection's
+/// own thread to be framed there (and compressed, where permessage-deflate was negotiated), in
+/// order, so that it checks the connection's close state: after a close frame, from either
+/// side of the handle, nothing more is sent.
 #[derive(Debug, Clone)]
 pub struct WsHandle {
     inner: ConnHandle,
-    /// permessage-deflate was negotiated: messages go to the connection's own thread to be
-    /// compressed there, against its history.
-    compressed: bool,
 }
 
 impl WsHandle {
     /// Queues a message; refused if the connection's outbound bound would be exceeded or it
-    /// has closed.
-    pub fn send(&self, msg: Message) -> Result<(), crate::tcp::WriteError> {
-        let (op, payload) = match msg {
-            Message::Close(frame) => {
-                let (code, reason) = frame
-                    .map(|f| (f.code, f.reason.to_string()))
-                    .unwrap_or((CloseCode::Normal, String::new()));
-                (
-                    OpCode::Control(Control::Close),
-                    close_payload(code, &reason),
-                )
-            }
-            other => message_parts(other),
-        };
-        if self.compressed && matches!(op, OpCode::Data(_)) {
-            let mut out = BytesMut::with_capacity(1 + payload.len());
-            out.extend_from_slice(&[u8::from(op)]);
-            out.extend_from_slice(&payload);
-            return self.inner.deliver(out.freeze());
+    /// has closed. A message queued after a close frame was sent is dropped, as is a Ping or
+    /// Pong over 125 bytes; a close's reason is cut to fit.
+    pub fn send(&self, msg: Message) -> Result<(), WriteError> {
+        let (op, payload) = message_parts(msg);
+        if matches!(op, OpCode::Control(c) if c != Control::Close) && payload.len() > MAX_CONTROL {
+            return Ok(());
         }
-        let mut out = BytesMut::new();
-        format_frame(&mut out, op, true, &payload);
-        self.inner.write(out.freeze())
+        self.deliver(op, true, &payload)
     }
 
     /// Queues one data frame (see [`WsConn::send_frame`]); refused as [`send`](Self::send) is.
-    pub fn send_frame(
-        &self,
-        kind: FrameKind,
-        fin: bool,
-        payload: &[u8],
-    ) -> Result<(), crate::tcp::WriteError> {
-        let mut out = BytesMut::new();
-        format_frame(&mut out, kind.opcode(), fin, payload);
-        self.inner.write(out.freeze())
+    pub fn send_frame(&self, kind: FrameKind, fin: bool, payload: &[u8]) -> Result<(), WriteError> {
+        self.deliver(kind.opcode(), fin, payload)
+    }
+
+    /// Hands a frame to the connection's thread: its first header byte (FIN and opcode), then
+    /// its payload ([`WsProtocol::on_deliver`] frames it).
+    fn deliver(&self, op: OpCode, fin: bool, payload: &[u8]) -> Result<(), WriteError> {
+        let mut out = BytesMut::with_capacity(1 + payload.len());
+        out.extend_from_slice(&[u8::from(op) | if fin { 0x80 } else { 0 }]);
+        out.extend_from_slice(payload);
+        self.inner.deliver(out.freeze())
     }
 
     /// Whether the connection has closed.
@@ -334,13 +349,25 @@ impl WsHandle {
     }
 }
 
+/// The largest control frame payload (RFC 6455 5.5).
+const MAX_CONTROL: usize = 125;
+
+/// A message's opcode and payload (a close's: its code and reason, cut to fit).
 fn message_parts(msg: Message) -> (OpCode, Bytes) {
     match msg {
         Message::Text(t) => (OpCode::Data(Data::Text), Bytes::from(t)),
         Message::Binary(b) => (OpCode::Data(Data::Binary), b),
         Message::Ping(b) => (OpCode::Control(Control::Ping), b),
         Message::Pong(b) => (OpCode::Control(Control::Pong), b),
-        Message::Close(_) => (OpCode::Control(Control::Close), Bytes::new()),
+        Message::Close(frame) => {
+            let (code, reason) = frame.map_or((CloseCode::Normal, Default::default()), |f| {
+                (f.code, f.reason)
+            });
+            (
+                OpCode::Control(Control::Close),
+                close_payload(code, reason.as_str()),
+            )
+        }
         Message::Frame(f) => (f.header().opcode, f.into_payload()),
     }
 }
@@ -363,41 +390,65 @@ fn frame_header(opcode: OpCode, fin: bool, rsv1: bool, len: usize) -> ([u8; 14],
     (head, n)
 }
 
-fn format_frame(out: &mut BytesMut, opcode: OpCode, fin: bool, payload: &[u8]) {
-    let (head, n) = frame_header(opcode, fin, false, payload.len());
-    out.reserve(n + payload.len());
-    out.extend_from_slice(&head[..n]);
-    out.extend_from_slice(payload);
+/// The one close state's check, which every send but the close frame itself makes: nothing
+/// goes out once a close frame has (`close_sent` is `WsProtocol::close_sent`).
+fn open(close_sent: bool) -> Result<(), WriteError> {
+    match close_sent {
+        true => Err(WriteError::Closed),
+        false => Ok(()),
+    }
 }
 
+/// Queues a frame, refused at the high-water mark as [`Conn::write`] is.
 fn write_frame(
     conn: &mut Conn,
+    close_sent: bool,
     opcode: OpCode,
     fin: bool,
-    rsv1: bool,
     payload: &[u8],
-) -> io::Result<()> {
-    let (head, n) = frame_header(opcode, fin, rsv1, payload.len());
-    conn.write_parts(&[&head[..n], payload])?;
-    Ok(())
+) -> Result<(), WriteError> {
+    open(close_sent)?;
+    let (head, n) = frame_header(opcode, fin, false, payload.len());
+    conn.write_parts(&[&head[..n], payload])
+}
+
+/// Queues a frame whatever the high-water mark (a handle's, bounded there; the keep-alive's
+/// Ping).
+fn queue_frame(
+    conn: &mut Conn,
+    close_sent: bool,
+    opcode: OpCode,
+    fin: bool,
+    payload: &[u8],
+) -> Result<(), WriteError> {
+    open(close_sent)?;
+    let (head, n) = frame_header(opcode, fin, false, payload.len());
+    conn.queue_parts(&[&head[..n], payload])
+}
+
+/// A text or binary frame: the first of a message, which alone may be compressed (RSV1).
+fn starts_message(op: OpCode) -> bool {
+    matches!(op, OpCode::Data(Data::Text | Data::Binary))
 }
 
 /// Sends a whole message in one frame, compressed when permessage-deflate was negotiated and
 /// the message is long enough.
 fn send_message(
     conn: &mut Conn,
+    close_sent: bool,
     codec: Option<&mut Codec>,
     opcode: OpCode,
     payload: &[u8],
 ) -> io::Result<()> {
     match codec {
-        Some(codec) if matches!(opcode, OpCode::Data(_)) && codec.compresses(payload.len()) => {
+        Some(codec) if starts_message(opcode) && codec.compresses(payload.len()) => {
             // Refused before compressing, as the write would be: nothing is remembered for a
             // message the client never gets.
+            open(close_sent)?;
             conn.room()?;
-            Ok(queue_compressed(conn, codec, opcode, payload)?)
+            Ok(queue_compressed(conn, close_sent, codec, opcode, payload)?)
         }
-        _ => write_frame(conn, opcode, true, false, payload),
+        _ => Ok(write_frame(conn, close_sent, opcode, true, payload)?),
     }
 }
 
@@ -405,26 +456,42 @@ fn send_message(
 /// caller has checked it, or a handle has); arms the connection's timer when its history starts.
 fn queue_compressed(
     conn: &mut Conn,
+    close_sent: bool,
     codec: &mut Codec,
     opcode: OpCode,
     payload: &[u8],
-) -> Result<(), crate::tcp::WriteError> {
+) -> Result<(), WriteError> {
+    open(close_sent)?;
     let (z, arm) = codec.compress(payload);
-    if arm.is_some() {
-        conn.set_timer(arm);
+    if let Some(at) = arm.and_then(|d| Instant::now().checked_add(d)) {
+        // Sooner than the keep-alive's deadline, or not: on_timer sees to both.
+        conn.arm_timer_at(at);
     }
     let (head, n) = frame_header(opcode, true, true, z.len());
     conn.queue_parts(&[&head[..n], &z])
 }
 
+/// A close frame's payload: the code, then as much of the reason as fits 125 bytes (cut at a
+/// character boundary).
 fn close_payload(code: CloseCode, reason: &str) -> Bytes {
-    let mut p = Vec::with_capacity(2 + reason.len());
+    let mut end = reason.len().min(MAX_CONTROL - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut p = Vec::with_capacity(2 + end);
     p.extend_from_slice(&u16::from(code).to_be_bytes());
-    p.extend_from_slice(reason.as_bytes());
+    p.extend_from_slice(&reason.as_bytes()[..end]);
     Bytes::from(p)
 }
 
 fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &str) {
+    if !*close_sent {
+        send_close_payload(conn, close_sent, &close_payload(code, reason));
+    }
+}
+
+/// Sends a close frame, once: the close state is set, and nothing else is sent afterwards.
+fn send_close_payload(conn: &mut Conn, close_sent: &mut bool, payload: &[u8]) {
     if *close_sent {
         return;
     }
@@ -432,9 +499,14 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
     // The peer has the close timeout to answer (RFC 6455 7.1.1: the server closes the TCP
     // connection once the handshake is done, or after a while if it is not).
     conn.start_close_clock();
-    let payload = close_payload(code, reason);
+    // A raw frame's payload over the limit keeps its code only.
+    let payload = match payload.len() > MAX_CONTROL {
+        true => &payload[..2],
+        false => payload,
+    };
     // If even a close frame does not fit, the peer is not reading: just close.
-    if write_frame(conn, OpCode::Control(Control::Close), true, false, &payload).is_err() {
+    let (head, n) = frame_header(OpCode::Control(Control::Close), true, false, payload.len());
+    if conn.write_parts(&[&head[..n], payload]).is_err() {
         conn.close();
     }
 }
@@ -442,7 +514,7 @@ fn send_close(conn: &mut Conn, close_sent: &mut bool, code: CloseCode, reason: &
 /// The read handler that speaks WebSocket for a [`WsHandler`] or a [`WsFrameHandler`].
 struct WsProtocol<E> {
     handler: E,
-    cfg: WsConfig,
+    cfg: Limits,
     /// A fragmented message being assembled: its opcode, whether it is compressed, and its
     /// bytes so far. (Boxed, as are `streaming`, `codec` and `close_received`: an idle
     /// connection has none of them but `codec`, and its state stays small.)
@@ -451,8 +523,23 @@ struct WsProtocol<E> {
     codec: Option<Box<Codec>>,
     /// For a frame handler: the message and the frame in progress.
     streaming: Option<Box<Streaming>>,
+    /// A close frame has gone out: the one close state every send path checks.
     close_sent: bool,
     close_received: Option<Box<(Option<CloseCode>, String)>>,
+    /// When the peer last sent something (or the connection opened): the keep-alive's clock.
+    heard: Tick,
+    /// When the keep-alive Ping went out, if the peer has sent nothing since.
+    pinged: Option<Tick>,
+}
+
+/// What a connection keeps of its [`WsConfig`] (permessage-deflate's part is in its codec):
+/// an idle connection's state stays small.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_frame_size: usize,
+    max_message_size: usize,
+    keep_alive_interval: Option<Duration>,
+    keep_alive_timeout: Duration,
 }
 
 /// A frame handler's message in progress, and the frame whose payload is arriving.
@@ -483,12 +570,61 @@ impl<E: Endpoint> WsProtocol<E> {
     fn new(handler: E, cfg: WsConfig, codec: Option<Codec>) -> Self {
         WsProtocol {
             handler,
-            cfg,
+            cfg: Limits {
+                max_frame_size: cfg.max_frame_size,
+                max_message_size: cfg.max_message_size,
+                keep_alive_interval: cfg.keep_alive_interval,
+                keep_alive_timeout: cfg.keep_alive_timeout,
+            },
             partial: None,
             codec: codec.map(Box::new),
             streaming: None,
             close_sent: false,
             close_received: None,
+            heard: Tick::of(Instant::now()),
+            pinged: None,
+        }
+    }
+
+    /// The keep-alive (see the module docs): pings a peer that has been quiet for the
+    /// interval, closes one that stays quiet for the timeout after the Ping, and arms the timer
+    /// for the next look. Deadlines past the end of time never come.
+    fn keep_alive(&mut self, conn: &mut Conn, now: Instant) {
+        let Some(interval) = self.cfg.keep_alive_interval else {
+            return;
+        };
+        if self.close_sent {
+            // The close clock bounds what is left.
+            return;
+        }
+        let timeout = self.cfg.keep_alive_timeout;
+        let next = match self.pinged {
+            Some(ping) => {
+                let due = ping.instant().checked_add(timeout);
+                if due.is_some_and(|due| now >= due) {
+                    tracing::debug!("websocket: no answer to a keep-alive ping; closing");
+                    crate::handler::context::count_ws_ping_timeout(conn);
+                    send_close(conn, &mut self.close_sent, CloseCode::Away, "ping timeout");
+                    conn.close();
+                    return;
+                }
+                due
+            }
+            None => {
+                let due = self.heard.instant().checked_add(interval);
+                if due.is_some_and(|due| now >= due) {
+                    // Whatever the high-water mark: two bytes, at most one per interval.
+                    let ping = OpCode::Control(Control::Ping);
+                    let _ = queue_frame(conn, self.close_sent, ping, true, &[]);
+                    self.pinged = Some(Tick::of(now));
+                    now.checked_add(timeout)
+                } else {
+                    due
+                }
+            }
+        };
+        if let Some(at) = next {
+            conn.arm_timer_at(at);
         }
     }
 
@@ -537,6 +673,12 @@ impl<E: Endpoint> WsProtocol<E> {
                 Err(_) => return Err(Fail(CloseCode::Protocol, "bad frame header")),
             };
             let head_len = cur.position() as usize;
+            if matches!(header.opcode, OpCode::Control(_))
+                && (len > MAX_CONTROL as u64 || !header.is_final)
+            {
+                // Known from the header alone: no need to wait for the payload.
+                return Err(Fail(CloseCode::Protocol, "bad control frame"));
+            }
             if len > self.cfg.max_frame_size as u64 {
                 return Err(Fail(CloseCode::Size, "frame too large"));
             }
@@ -550,7 +692,7 @@ impl<E: Endpoint> WsProtocol<E> {
                         .map_or(0, |m| m.1),
                     false => self.partial.as_ref().map_or(0, |p| p.2.len()),
                 };
-                if so_far + len > self.cfg.max_message_size {
+                if so_far.saturating_add(len) > self.cfg.max_message_size {
                     return Err(Fail(CloseCode::Size, "message too large"));
                 }
             } else if len > self.cfg.max_message_size {
@@ -558,7 +700,7 @@ impl<E: Endpoint> WsProtocol<E> {
             }
             // A frame handler gets a data frame's payload as it arrives.
             let streamed = E::STREAMING && matches!(header.opcode, OpCode::Data(_));
-            if !streamed && input.len() < head_len + len {
+            if !streamed && input.len() < head_len.saturating_add(len) {
                 // Wait for the rest. The input buffer grows with what arrives, in the read
                 // loop's chunks, never by what a header claims: a header that declares 16 MiB
                 // costs nothing until 16 MiB are sent.
@@ -616,7 +758,7 @@ impl<E: Endpoint> WsProtocol<E> {
         let message = match (kind, st.message) {
             (FrameKind::Text, _) => (Data::Text, len),
             (FrameKind::Binary, _) => (Data::Binary, len),
-            (FrameKind::Continue, Some((data, so_far))) => (data, so_far + len),
+            (FrameKind::Continue, Some((data, so_far))) => (data, so_far.saturating_add(len)),
             (FrameKind::Continue, None) => unreachable!("checked above"),
         };
         st.message = Some(message);
@@ -687,21 +829,16 @@ impl<E: Endpoint> WsProtocol<E> {
     ) -> Result<(), Fail> {
         match op {
             OpCode::Control(c) => {
-                if !fin || payload.len() > 125 {
+                if !fin || payload.len() > MAX_CONTROL {
                     return Err(Fail(CloseCode::Protocol, "bad control frame"));
                 }
                 match c {
                     Control::Ping => {
-                        if !self.close_sent {
-                            write_frame(
-                                conn,
-                                OpCode::Control(Control::Pong),
-                                true,
-                                false,
-                                &payload,
-                            )
-                            .map_err(|_| Fail(CloseCode::Size, "outbound buffer full"))?;
-                        }
+                        // A Pong that is refused (a close was sent, or the output is at its
+                        // mark) is dropped, not fatal: a later Ping gets the next one (RFC 6455
+                        // 5.5.3 asks only for an answer to the most recent).
+                        let pong = OpCode::Control(Control::Pong);
+                        let _ = write_frame(conn, self.close_sent, pong, true, &payload);
                     }
                     Control::Pong => {}
                     Control::Close => self.close_frame(conn, payload.freeze())?,
@@ -875,12 +1012,20 @@ impl Utf8Carry {
 impl<E: Endpoint> Handler for WsProtocol<E> {
     fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
         // A whole frame (and its header) must fit the input buffer.
-        conn.set_max_read_buffer(self.cfg.max_frame_size + 14);
+        conn.set_max_read_buffer(self.cfg.max_frame_size.saturating_add(14));
+        let now = Instant::now();
+        self.heard = Tick::of(now);
+        self.keep_alive(conn, now);
         let mut ws = Self::ws(conn, &mut self.close_sent, &mut self.codec);
         self.handler.open(&mut ws)
     }
 
     fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
+        if self.cfg.keep_alive_interval.is_some() {
+            // A sign of life; the timer, when it fires, counts from here.
+            self.heard = Tick::of(Instant::now());
+            self.pinged = None;
+        }
         if let Err(f) = self.frames(conn, input) {
             input.clear();
             self.fail(conn, f);
@@ -894,33 +1039,36 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
     }
 
     fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
-        // The only timer: the compression history's release once idle.
+        // Two deadlines share the timer: the compression history's release once idle, and the
+        // keep-alive. Each is armed again (the sooner wins) while it is wanted.
+        let now = Instant::now();
         if let Some(codec) = self.codec.as_deref_mut() {
-            conn.set_timer(codec.release_if_idle());
+            if let Some(at) = codec.release_if_idle().and_then(|d| now.checked_add(d)) {
+                conn.arm_timer_at(at);
+            }
         }
+        self.keep_alive(conn, now);
         Ok(())
     }
 
     fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
-        // A message from a `WsHandle` on a compressed connection: its opcode, then its payload.
-        let Some((&op, payload)) = bytes.split_first() else {
+        // A `WsHandle`'s frame: its first header byte (FIN and opcode), then its payload.
+        let Some((&b0, payload)) = bytes.split_first() else {
             return;
         };
-        if self.close_sent {
+        let (fin, op) = (b0 & 0x80 != 0, OpCode::from(b0 & 0x0f));
+        if op == OpCode::Control(Control::Close) {
+            send_close_payload(conn, &mut self.close_sent, payload);
             return;
         }
-        // Bounded by the handle already: queued whatever the mark.
-        let op = OpCode::from(op);
+        // Bounded by the handle already: queued whatever the mark. Dropped after a close.
         let sent = match self.codec.as_deref_mut() {
-            Some(codec) if codec.compresses(payload.len()) => {
-                queue_compressed(conn, codec, op, payload)
+            Some(codec) if fin && starts_message(op) && codec.compresses(payload.len()) => {
+                queue_compressed(conn, self.close_sent, codec, op, payload)
             }
-            _ => {
-                let (head, n) = frame_header(op, true, false, payload.len());
-                conn.queue_parts(&[&head[..n], payload])
-            }
+            _ => queue_frame(conn, self.close_sent, op, fin, payload),
         };
-        if sent.is_err() {
+        if sent.is_err() && !self.close_sent {
             conn.close();
         }
     }
@@ -957,7 +1105,7 @@ pub fn upgrade_frames<B, H: WsFrameHandler>(req: Request<B>, handler: H) -> Resp
 }
 
 fn upgrade_to<B, E: Endpoint>(mut req: Request<B>, handler: E) -> Response<Full<Bytes>> {
-    let hijack = Hijack::from_request(&mut req);
+    let hijack = Hijack::from_request(&mut req).map(Hijack::websocket);
     let h2 = is_extended_connect(req.method(), req.extensions());
     respond(
         req.method(),
@@ -968,6 +1116,14 @@ fn upgrade_to<B, E: Endpoint>(mut req: Request<B>, handler: E) -> Response<Full<
         WsConfig::default(),
         handler,
     )
+}
+
+/// RFC 6455 4.1: the key is 16 bytes, base64-encoded (24 characters).
+fn valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && data_encoding::BASE64
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 fn bad(status: StatusCode, why: &'static str) -> Response<Full<Bytes>> {
@@ -1028,8 +1184,8 @@ fn respond<E: Endpoint>(
         return res;
     }
     let key = headers.get(header::SEC_WEBSOCKET_KEY);
-    if key.is_none() && !h2 {
-        return bad(StatusCode::BAD_REQUEST, "missing sec-websocket-key");
+    if !h2 && !key.is_some_and(|k| valid_key(k.as_bytes())) {
+        return bad(StatusCode::BAD_REQUEST, "bad or missing sec-websocket-key");
     }
     let Some(hijack) = hijack else {
         return bad(
@@ -1037,14 +1193,18 @@ fn respond<E: Endpoint>(
             "this connection cannot be upgraded",
         );
     };
-    let chosen = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+    // The server's first choice among those the client offers (as axum's `WebSocketUpgrade`).
+    let offered = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    let chosen = protocols
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|p| protocols.iter().any(|q| q == p))
-        .map(str::to_owned);
+        .find(|p| offered().any(|o| o == p.as_str()));
     // A frame handler gets the frames as they are on the wire: no compression.
     let deflate = match E::STREAMING {
         true => None,
@@ -1067,7 +1227,7 @@ fn respond<E: Endpoint>(
             HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
         );
     }
-    if let Some(p) = chosen.and_then(|p| HeaderValue::from_str(&p).ok()) {
+    if let Some(p) = chosen.and_then(|p| HeaderValue::from_str(p).ok()) {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
     if let Some(e) = extensions {
@@ -1091,8 +1251,10 @@ pub struct WsUpgrade {
 
 #[cfg(feature = "axum")]
 impl WsUpgrade {
-    /// Subprotocols the server speaks, in preference order; the first one the client offers is
-    /// chosen.
+    /// Subprotocols the server speaks, in its order of preference: the first of them that the
+    /// client offers (in `Sec-WebSocket-Protocol`, in any order) is chosen and answered. With
+    /// none in common, or none set, the handshake succeeds with no subprotocol (RFC 6455 4.2.2);
+    /// the client decides whether to go on.
     pub fn protocols<I: IntoIterator<Item = S>, S: Into<String>>(mut self, protocols: I) -> Self {
         self.protocols = protocols.into_iter().map(Into::into).collect();
         self
@@ -1141,7 +1303,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for WsUpgrade {
         let hijack = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
-            .map(Hijack::from_on_upgrade);
+            .map(|u| Hijack::from_on_upgrade(u).websocket());
         Ok(WsUpgrade {
             method: parts.method.clone(),
             h2: is_extended_connect(&parts.method, &parts.extensions),

@@ -872,3 +872,63 @@ pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) 
     );
     Some(stdout)
 }
+
+/// The demo binary (`examples/server`), started as users start it: what `demo.rs` and
+/// `sockets.rs` share.
+pub mod demo {
+    use std::ffi::OsStr;
+    use std::net::{SocketAddr, TcpListener};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+
+    /// The demo binary next to the running test's own target directory, if it was built
+    /// (`target/<profile>/deps/<test>-<hash>` -> `target/<profile>/examples/server`).
+    pub fn binary() -> Option<PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        let bin = exe.parent()?.parent()?.join("examples").join("server");
+        bin.exists().then_some(bin)
+    }
+
+    /// A free loopback port (bound, then released for a child to bind).
+    pub fn free_addr() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    }
+
+    /// A child process, killed however the test ends.
+    pub struct Demo(pub Child);
+
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Starts the demo on `backend` at `addr` with `extra` flags, and waits until it says
+    /// which address it bound (port 0 then names the port the kernel chose, which no other
+    /// test can take meanwhile). Its further output is drained, so it never blocks on a pipe.
+    pub fn start(bin: &Path, backend: &str, addr: &str, extra: &[&OsStr]) -> (Demo, SocketAddr) {
+        let mut child = Command::new(bin)
+            .args(["--backend", backend, "--addr", addr])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the demo starts");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let demo = Demo(child);
+        let mut line = String::new();
+        use std::io::BufRead;
+        out.read_line(&mut line).expect("the demo's first line");
+        let bound: SocketAddr = line
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("[{backend}] no address in {line:?}"));
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        (demo, bound)
+    }
+}

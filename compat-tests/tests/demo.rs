@@ -2,61 +2,21 @@
 //! `cargo test --workspace`): on both backends (`--backend`), one `--addr` answers HTTP/1.1 and
 //! HTTP/2 with prior knowledge (h2c), called with curl; `Upgrade: h2c` gets HTTP/1.1; with
 //! `--tls-cert`/`--tls-key`, HTTPS with ALPN h2 and http/1.1; `/ws-frames` (the frame API's
-//! echo) gives a WebSocket client its messages back whole.
+//! echo) gives a WebSocket client its messages back whole; `/metrics` answers hop's metrics as
+//! Prometheus text.
 
 use compat_tests::unavailable;
 use std::ffi::OsStr;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The demo binary next to this test's own target directory, if it was built.
-fn demo_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    // target/<profile>/deps/demo-<hash> -> target/<profile>/examples/server
-    let bin = exe.parent()?.parent()?.join("examples").join("server");
-    bin.exists().then_some(bin)
-}
+use compat_tests::demo::{binary as demo_binary, free_addr, Demo};
 
-/// A free loopback port (bound, then released for the demo to bind).
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
-/// Kills the demo however the test ends.
-struct Demo(Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the demo binary `bin` on `backend` and a free port, with `extra` arguments, and
-/// waits until it listens.
+/// The demo on port 0: the port it says it bound.
 fn start_demo(bin: &Path, backend: &str, extra: &[&OsStr]) -> (Demo, SocketAddr) {
-    let addr = free_addr();
-    let child = Command::new(bin)
-        .args(["--backend", backend, "--addr", &addr.to_string()])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the demo starts");
-    let demo = Demo(child);
-    let t0 = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "[{backend}] demo not listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (demo, addr)
+    compat_tests::demo::start(bin, backend, "127.0.0.1:0", extra)
 }
 
 /// `curl` with `flag`: the HTTP version and status it saw, and the body.
@@ -105,6 +65,54 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
             ("1.1 200".to_owned(), "Hello, World!".to_owned()),
             "[{backend}] Upgrade: h2c"
         );
+    }
+}
+
+/// `/metrics` answers Prometheus's text format with hop's metrics, the requests made before it
+/// counted, on both backends.
+#[test]
+fn demo_metrics_answers_prometheus_text_on_both_backends() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    if Command::new("curl").arg("--version").output().is_err() {
+        return unavailable("curl is not installed");
+    }
+    for backend in ["reactor", "tokio"] {
+        let (_demo, addr) = start_demo(&bin, backend, &[]);
+        let plain = format!("http://{addr}/plaintext");
+        assert_eq!(curl("--http1.1", &plain).0, "1.1 200", "[{backend}]");
+        assert_eq!(
+            curl("--http2-prior-knowledge", &plain).0,
+            "2 200",
+            "[{backend}]"
+        );
+        let (status, text) = curl("--http1.1", &format!("http://{addr}/metrics"));
+        assert_eq!(status, "1.1 200", "[{backend}] {text}");
+        for line in [
+            "# TYPE hop_connections_accepted_total counter",
+            "# TYPE hop_connections_open gauge",
+            "# TYPE hop_requests_total counter",
+            "hop_connections_closed_total{reason=\"closed\"} ",
+            "hop_requests_total{protocol=\"h2\"} 1",
+        ] {
+            assert!(text.contains(line), "[{backend}] no {line:?} in\n{text}");
+        }
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("[{backend}] no {series} in\n{text}"))
+        };
+        assert!(
+            value("hop_requests_total{protocol=\"http1\"}") >= 1.0,
+            "[{backend}]"
+        );
+        assert!(
+            value("hop_connections_accepted_total") >= 3.0,
+            "[{backend}]"
+        );
+        assert!(value("hop_bytes_received_total") > 0.0, "[{backend}]");
+        assert!(value("hop_bytes_sent_total") > 0.0, "[{backend}]");
     }
 }
 
@@ -179,5 +187,195 @@ fn demo_ws_frames_echoes_messages_on_both_backends() {
                 assert!(got == msg, "[{backend}] the echo differs");
             }
         });
+    }
+}
+
+/// Runs the demo binary with `args` until it exits (it must, within 20 s): its status, and
+/// what it printed on stdout and stderr.
+fn run_demo(bin: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the demo starts");
+    let t0 = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the demo did not exit with {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// A bad flag or value is named in plain words (no Debug forms), with the usage, status 2; and
+/// nothing the demo prints into a pipe carries ANSI colour codes.
+#[test]
+fn demo_names_bad_flags_in_plain_words() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    for (args, says) in [
+        (
+            &["--pollers", "abc"][..],
+            "--pollers takes a number of pollers, not \"abc\"",
+        ),
+        (
+            &["--backend", "fast"][..],
+            "--backend is reactor or tokio, not \"fast\"",
+        ),
+        (
+            &["--addr", "localhost"][..],
+            "--addr takes an address like 127.0.0.1:1826, not \"localhost\"",
+        ),
+        (
+            &["--park-after-ms", "-1"][..],
+            "--park-after-ms takes a number of milliseconds",
+        ),
+        (
+            &["--ws-deflate", "maybe"][..],
+            "--ws-deflate is on or off, not \"maybe\"",
+        ),
+        (
+            &["--tls-cert", "x.pem"][..],
+            "--tls-cert and --tls-key go together",
+        ),
+        (&["--pollers"][..], "--pollers needs a value"),
+        (&["--bogus"][..], "unknown argument \"--bogus\""),
+    ] {
+        let (status, text) = run_demo(&bin, args);
+        assert_eq!(status, Some(2), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?} should say {says:?}: {text}");
+        assert!(text.contains("usage: server"), "{args:?}: no usage: {text}");
+        for debug in [
+            "Err(",
+            "Error {",
+            "ParseIntError",
+            "AddrParseError",
+            "kind:",
+        ] {
+            assert!(!text.contains(debug), "{args:?}: a Debug form: {text}");
+        }
+    }
+    // A setting hop refuses (5,000 pollers), in plain words too, and no colour in a pipe.
+    let addr = free_addr().to_string();
+    let (status, text) = run_demo(&bin, &["--addr", &addr, "--pollers", "5000"]);
+    assert_eq!(status, Some(1), "{text}");
+    assert!(
+        text.contains("server: hop: pollers: 5000 is over"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Custom {") && !text.contains('\x1b'),
+        "{text}"
+    );
+}
+
+/// A port another demo holds is refused with a clear error, on both backends; `--share-port`
+/// shares it on purpose.
+#[test]
+fn demo_refuses_a_port_in_use_unless_asked_to_share() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    for backend in ["reactor", "tokio"] {
+        let (_first, addr) = start_demo(&bin, backend, &[]);
+        let addr_s = addr.to_string();
+        let (status, text) = run_demo(&bin, &["--backend", backend, "--addr", &addr_s]);
+        assert_eq!(
+            status,
+            Some(1),
+            "[{backend}] a second demo on {addr}: {text}"
+        );
+        assert!(
+            text.contains(&format!("{addr} is already in use")),
+            "[{backend}] {text}"
+        );
+        assert!(
+            !text.contains('\x1b'),
+            "[{backend}] colour in a pipe: {text}"
+        );
+        // Asked to share: it starts, and serves.
+        let (_second, _) = start_demo(&bin, backend, &["--share-port".as_ref()]);
+        let mut shared = Command::new(&bin)
+            .args(["--backend", backend, "--addr", &addr_s, "--share-port"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the demo starts");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            shared.try_wait().expect("try_wait").is_none(),
+            "[{backend}] --share-port did not start"
+        );
+        let _ = shared.kill();
+        let _ = shared.wait();
+    }
+}
+
+/// The first SIGTERM starts a graceful drain, which waits for a request whose body stalls; a
+/// second SIGTERM ends the process at once (status 143), on both backends.
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    for backend in ["reactor", "tokio"] {
+        let (mut demo, addr) = start_demo(&bin, backend, &[]);
+        // A request in flight whose body stops after a few bytes: the drain waits for it. The
+        // `100 Continue` shows that the handler is reading the body (a connection still in the
+        // accept queue, or a head not yet read, would rightly be dropped by the drain).
+        let mut c = TcpStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        use std::io::{Read, Write};
+        c.write_all(
+            b"POST /sse/broadcast HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\
+              expect: 100-continue\r\n\r\n",
+        )
+        .expect("write");
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).expect("the interim response");
+            assert!(n > 0, "[{backend}] closed before 100 Continue");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 100"),
+            "[{backend}] {}",
+            String::from_utf8_lossy(&got)
+        );
+        c.write_all(b"hello").expect("write");
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = demo.0.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child, not yet reaped (we hold its handle).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(status) = demo.0.try_wait().expect("try_wait") {
+            panic!(
+                "[{backend}] the first SIGTERM did not wait for the request in flight: {status:?}"
+            );
+        }
+        let t0 = Instant::now();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = loop {
+            if let Some(s) = demo.0.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "[{backend}] still running 10 s after the second SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(143), "[{backend}] {status:?}");
+        drop(c);
     }
 }

@@ -815,35 +815,28 @@ backend_tests! {
     }
 }
 
-/// Item 12: upgraded connections with no activity are closed at the idle timeout (reactor:
-/// the poller still owns their registration). Plain axum `WebSocketUpgrade`.
+/// Item 12, as issue 21 changed it: the HTTP idle timeout does not apply to upgraded
+/// connections (axum's `WebSocketUpgrade`, whose dead peers `tcp_keepalive` finds, and
+/// `hop::ws`, which pings): a quiet one outlives it and still echoes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_upgraded_connection_times_out_reactor() {
+async fn quiet_upgraded_connection_outlives_the_idle_timeout_reactor() {
     compat_tests::run_test(async {
         let _shared = PROCESS.read().await;
         let srv = start(
             Backend::Reactor,
-            Router::new().route("/ws-axum", get(compat_tests::axum_ws_echo)),
+            Router::new()
+                .route("/ws-axum", get(compat_tests::axum_ws_echo))
+                .route("/ws", get(compat_tests::ws_echo)),
             |b| b.idle_timeout(Duration::from_secs(1)),
         );
-        let mut s = ws_raw(srv.addr, "/ws-axum").await;
-        // Activity keeps it open.
-        for _ in 0..4 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+        for path in ["/ws-axum", "/ws"] {
+            let mut s = ws_raw(srv.addr, path).await;
             s.write_all(&client_frame(1, b"hi")).await.unwrap();
             assert_eq!(read_frame(&mut s).await, (1, b"hi".to_vec()));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            s.write_all(&client_frame(1, b"still")).await.unwrap();
+            assert_eq!(read_frame(&mut s).await, (1, b"still".to_vec()), "{path}");
         }
-        let started = Instant::now();
-        let mut b = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
-            .await
-            .expect("the idle upgraded connection was not closed")
-            .unwrap_or(0);
-        assert_eq!(n, 0);
-        let took = started.elapsed();
-        eprintln!("idle upgraded connection closed after {took:?}");
-        assert!(took >= Duration::from_millis(900));
-        assert!(wait_until(WAIT, || srv.handle.stats().active == 0).await);
         srv.handle.shutdown();
     })
     .await

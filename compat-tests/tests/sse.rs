@@ -175,6 +175,40 @@ backend_tests! {
         handle.shutdown();
     }
 
+    /// `keep_alive` of zero sends no comments (rather than a loop of them, or a panic in
+    /// tokio's interval), and `Duration::MAX` none either (rather than an overflow); events
+    /// still arrive.
+    async fn keep_alive_zero_and_max_are_never(backend) {
+        for keep_alive in [Duration::ZERO, Duration::MAX] {
+            let cfg = HubConfig { keep_alive, ..HubConfig::default() };
+            let (addr, handle, hub) = start(backend, cfg);
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            use tokio::io::AsyncWriteExt;
+            s.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            wait_for("a subscriber", || hub.len() == 1).await;
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+            while let Ok(r) = tokio::time::timeout_at(quiet, s.read(&mut buf)).await {
+                let n = r.unwrap();
+                assert!(n > 0, "[{keep_alive:?}] closed: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+            assert!(
+                !String::from_utf8_lossy(&seen).contains(":\n\n"),
+                "[{keep_alive:?}] a keep-alive comment: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            assert_eq!(hub.send(&Event::new("after")), 1);
+            while !String::from_utf8_lossy(&seen).contains("data: after") {
+                let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+                assert!(n > 0, "[{keep_alive:?}] closed: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+            handle.shutdown();
+        }
+    }
+
     async fn disconnected_subscribers_are_removed(backend) {
         let (addr, handle, hub) = start(backend, HubConfig::default());
         let res = reqwest::get(format!("http://{addr}/sse")).await.unwrap();

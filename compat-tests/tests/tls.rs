@@ -245,6 +245,9 @@ async fn hijack(hijack: hop::Hijack) -> impl IntoResponse {
     )
 }
 
+/// The body size of `/big`: many records, more than the socket takes at once.
+const BIG: usize = 1 << 20;
+
 fn app(hub: Hub) -> Router {
     Router::new()
         .route("/hello", get(|| async { "hello" }))
@@ -253,6 +256,7 @@ fn app(hub: Hub) -> Router {
         .route("/ws-axum", any(ws_axum))
         .route("/sse", get(sse))
         .route("/hijack", get(hijack))
+        .route("/big", get(|| async { "x".repeat(BIG) }))
         .with_state(hub)
 }
 
@@ -1386,5 +1390,171 @@ backend_tests! {
             drop(send);
             conn.abort();
         }
+    }
+}
+
+/// Waits until the reactor has parked `n` connections in all (an idle keep-alive connection
+/// parks 250 ms after its last response, by default); on the tokio backend, which never parks,
+/// waits as long.
+async fn idle_until_parked(srv: &compat_tests::TestServer, n: u64) {
+    match srv.backend {
+        hop::Backend::Reactor => {
+            within("parking", async {
+                while srv.handle.stats().parked < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+        }
+        hop::Backend::Tokio => {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(
+                srv.handle.stats().parked,
+                0,
+                "the tokio backend parks nothing"
+            );
+        }
+    }
+}
+
+/// GET `path` over HTTP/1.1 written by hand on a TLS stream: the body (by its Content-Length).
+async fn raw_get(tls: &mut TlsStream<TcpStream>, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    within("GET", async {
+        tls.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = tls.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before the response's end: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("content-length")
+                .trim()
+                .parse()
+                .expect("length");
+            if buf.len() >= end + 4 + len {
+                assert_eq!(buf.len(), end + 4 + len, "nothing after the response");
+                return String::from_utf8_lossy(&buf[end + 4..]).into_owned();
+            }
+        }
+    })
+    .await
+}
+
+backend_tests! {
+    /// An idle TLS keep-alive connection parks (the reactor keeps no buffer for it then, only
+    /// rustls's session state) and serves its next request with the same session: decrypted
+    /// and answered under the same keys, `TlsInfo` as it was (SNI, ALPN), after a key update
+    /// from the client, a large response after it, and `close_notify` when it closes.
+    async fn idle_tls_connection_parks_and_serves_again(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let mut tls = tls_connect(srv.addr, client_config(&[&pki.ca], &[b"http/1.1"])).await;
+        let info = "sni=localhost alpn=http/1.1 version=HTTP/1.1";
+        assert_eq!(raw_get(&mut tls, "/info").await, info, "[{backend}]");
+        idle_until_parked(&srv, 1).await;
+        assert_eq!(raw_get(&mut tls, "/info").await, info, "[{backend}] after parking");
+        idle_until_parked(&srv, 2).await;
+        // A TLS 1.3 key update (sent before the next request) on a parked connection.
+        tls.get_mut().1.refresh_traffic_keys().expect("key update");
+        assert_eq!(raw_get(&mut tls, "/info").await, info, "[{backend}] after a key update");
+        idle_until_parked(&srv, 3).await;
+        assert_eq!(raw_get(&mut tls, "/big").await.len(), BIG, "[{backend}] a large response");
+        idle_until_parked(&srv, 4).await;
+        tls.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let out = read_to_close(&mut tls).await.expect("a close with close_notify");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("hello"), "[{backend}] {out}");
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 1, "[{backend}] one session throughout: {stats:?}");
+    }
+
+    /// HTTP/2 over TLS: an idle connection (never parked, its buffers given back) serves its
+    /// next requests on the same session.
+    async fn idle_h2_tls_connection_serves_again(backend) {
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let mut c = h2(srv.addr, client_config(&[&pki.ca], &[b"h2"])).await;
+        let info = "sni=localhost alpn=h2 version=HTTP/2.0";
+        assert_eq!(get2(&mut c, "/info").await.2, info, "[{backend}]");
+        for round in 0..2 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(get2(&mut c, "/info").await.2, info, "[{backend}] after idling ({round})");
+            assert_eq!(get2(&mut c, "/big").await.2.len(), BIG, "[{backend}] ({round})");
+        }
+        let stats = srv.handle.stats();
+        assert_eq!(stats.tls_handshakes, 1, "[{backend}] {stats:?}");
+        assert_eq!(stats.http2_connections, 1, "[{backend}] {stats:?}");
+    }
+
+    /// `openssl s_client` (OpenSSL's TLS, no ALPN): a request, the connection parks, then a
+    /// second request with `Connection: close` on the same session.
+    async fn openssl_s_client_after_parking(backend) {
+        use tokio::io::AsyncBufReadExt;
+        let pki = pki("a");
+        let srv = start(backend, app(Hub::new()), |b| b.tls(pki.server_config()));
+        let ca = TempFile::new("ca.pem", &pki.ca_pem);
+        let connect = srv.addr.to_string();
+        let child = tokio::process::Command::new("openssl")
+            .args([
+                "s_client", "-quiet", "-connect", &connect, "-servername", "localhost",
+                "-CAfile", ca.path(), "-verify_return_error",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                compat_tests::unavailable("openssl is not installed");
+                return;
+            }
+            Err(e) => panic!("running openssl: {e}"),
+        };
+        let mut input = child.stdin.take().expect("stdin");
+        let mut output = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let info = "sni=localhost alpn=- version=HTTP/1.1";
+        input.write_all(b"GET /info HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("write");
+        // The first response ends with its body, which has no newline: read up to it.
+        let mut first = Vec::new();
+        within("the first response", async {
+            while !first.ends_with(info.as_bytes()) {
+                let buf = output.fill_buf().await.expect("read");
+                assert!(!buf.is_empty(), "[{backend}] s_client ended: {}", String::from_utf8_lossy(&first));
+                first.extend_from_slice(buf);
+                let n = buf.len();
+                output.consume(n);
+            }
+        })
+        .await;
+        assert!(first.starts_with(b"HTTP/1.1 200"), "[{backend}] {}", String::from_utf8_lossy(&first));
+        idle_until_parked(&srv, 1).await;
+        input
+            .write_all(b"GET /info HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        drop(input);
+        let mut rest = String::new();
+        within("the second response and the close", output.read_to_string(&mut rest))
+            .await
+            .expect("read");
+        assert!(rest.starts_with("HTTP/1.1 200") && rest.ends_with(info), "[{backend}] {rest}");
+        within("s_client's exit", child.wait()).await.expect("wait");
     }
 }

@@ -810,11 +810,17 @@ impl Violation {
                 f.declared_len = Some(*len);
                 (vec![f], 1002)
             }
+            // A control frame's header alone is the violation (hop closes on reading it): its
+            // length is declared, its payload not sent.
             Violation::FragmentedControl { opcode, payload } => {
-                (vec![frame(false, *opcode, payload)], 1002)
+                let mut f = frame(false, *opcode, &Vec::new());
+                f.declared_len = Some(payload.len() as u64);
+                (vec![f], 1002)
             }
             Violation::LongControl { opcode, payload } => {
-                (vec![frame(true, *opcode, payload)], 1002)
+                let mut f = frame(true, *opcode, &Vec::new());
+                f.declared_len = Some(payload.len() as u64);
+                (vec![f], 1002)
             }
             Violation::ContinuationWithoutStart { fin, payload } => {
                 (vec![frame(*fin, CONT, payload)], 1002)
@@ -870,7 +876,9 @@ impl Violation {
                 let mut f = frame(*fin, opcode, &Vec::new());
                 f.declared_len = Some(*len);
                 frames.push(f);
-                (frames, 1009)
+                // A control frame (any opcode with the high bit, reserved ones too) over 125
+                // bytes is a protocol error before it is too large.
+                (frames, if opcode & 0x8 != 0 { 1002 } else { 1009 })
             }
         }
     }

@@ -68,6 +68,32 @@ async fn echo_twice(ws: &mut WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
 }
 
 backend_tests! {
+    /// WebSockets over HTTP/2 that stay quiet past the default `request_body_timeout` (30 s)
+    /// and past hop::ws's first ping: an extended CONNECT stream is no request body, so it is
+    /// never reset for quiet; both still echo at 40 s.
+    async fn quiet_websockets_over_http2_outlive_the_body_timeout(backend) {
+        let app = axum::Router::new()
+            .route("/ws", axum::routing::any(ws_echo))
+            .route("/ws-axum", axum::routing::any(axum_ws_echo));
+        let server = start(backend, app, |b| b);
+        let mut send = h2_connect(server.addr).await;
+        let mut hop_ws = open(&mut send, "/ws").await;
+        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        echo_twice(&mut hop_ws, "hop").await;
+        echo_twice(&mut axum_ws, "axum").await;
+        // Quiet: tungstenite answers hop::ws's ping (read below) by itself.
+        let quiet = tokio::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            match tokio::time::timeout_at(quiet, hop_ws.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(Message::Ping(_)))) | Ok(Some(Ok(Message::Pong(_)))) => {}
+                Ok(other) => panic!("[{backend}] hop::ws over h2 while quiet: {other:?}"),
+            }
+        }
+        echo_twice(&mut hop_ws, "hop after 40 s").await;
+        echo_twice(&mut axum_ws, "axum after 40 s").await;
+    }
+
     async fn websockets_over_http2(backend) {
         let app = axum::Router::new()
             .route("/ws", axum::routing::any(ws_echo))

@@ -11,27 +11,74 @@
 use std::cell::Cell;
 
 use super::takeover::Takeover;
-use crate::rt::wake::Key;
+use crate::limits::Limit;
+use crate::rt::wake::{Key, Target};
 
 /// What a connection's drive can record: see the module docs.
 #[derive(Default)]
 pub(crate) struct Current {
     pub(crate) key: Key,
+    /// A read-handler connection's process-wide id (`wake::Target`); 0 for an HTTP one.
+    pub(crate) id: u64,
     /// Requests dispatched to the service on this connection.
     pub(crate) requests: u64,
     /// Requests whose response hyper has not finished (dropped the body of).
     pub(crate) in_flight: u32,
     /// The last request came with a body, which hyper may still be reading.
     pub(crate) body_pending: bool,
+    /// The last request's handler has produced its response (its head may be out): a stalled
+    /// body then closes the connection instead of answering `408`. Kept for requests with a
+    /// body only.
+    pub(crate) responded: bool,
+    /// The last request asked `Expect: 100-continue`: its client sends no body until hyper
+    /// answers `100`, which hyper does only once the handler reads the body.
+    pub(crate) expect_continue: bool,
+    /// The last request's body length (`content-length`), if it came with one and a body.
+    pub(crate) body_len: Option<u64>,
+    /// At most the size of the last request's head, for telling how much of what was read is
+    /// body (see `conn::http`'s request-body timeout).
+    pub(crate) head_len: u64,
     /// A read handler waiting to take the connection over.
     pub(crate) takeover: Option<Takeover>,
+    /// The request (counted as `requests` is) whose response carries `Connection: close`, and
+    /// which limit asked for it (`max_requests_per_connection`, `max_connection_age`);
+    /// `u64::MAX`: none.
+    pub(crate) close_at: u64,
+    pub(crate) close_for: Option<Limit>,
+    /// A response body may be sent by `sendfile(2)` (a plain HTTP/1.1 connection: no TLS).
+    pub(crate) zero_copy: bool,
+    /// A file response's body, handed over by [`crate::fs`] once hyper has written the head:
+    /// the driver sends it itself.
+    pub(crate) file: Option<FileSend>,
+}
+
+/// The rest of a response that the driver sends from a file with `sendfile(2)`.
+pub(crate) struct FileSend {
+    pub(crate) file: std::fs::File,
+    /// Where the body starts in the file (a range's first byte).
+    pub(crate) offset: u64,
+    /// The body's length: what hyper's head announced (`content-length`).
+    pub(crate) len: u64,
+    /// The connection stays open after it (not `Connection: close`, not HTTP/1.0 without
+    /// keep-alive).
+    pub(crate) keep_alive: bool,
 }
 
 impl Current {
     pub(crate) fn new(key: Key) -> Self {
         Current {
             key,
+            close_at: u64::MAX,
             ..Current::default()
+        }
+    }
+
+    /// Asks for `Connection: close` on the response to request `n` (or an earlier one already
+    /// asked for), for `why`.
+    pub(crate) fn close_at(&mut self, n: u64, why: Limit) {
+        if n < self.close_at {
+            self.close_at = n;
+            self.close_for = Some(why);
         }
     }
 }
@@ -88,6 +135,22 @@ pub(crate) fn with<R>(key: Key, f: impl FnOnce(&mut Current) -> R) -> Option<R> 
 /// The connection being driven on this thread, if any.
 pub(crate) fn key() -> Option<Key> {
     with_any(|c| c.key)
+}
+
+/// The connection being driven on this thread, if it may send a body with `sendfile(2)`.
+pub(crate) fn zero_copy_key() -> Option<Key> {
+    with_any(|c| c.zero_copy.then_some(c.key)).flatten()
+}
+
+/// The read-handler connection being driven on this thread, as `wake::deliver` names it.
+pub(crate) fn target() -> Option<Target> {
+    with_any(|c| {
+        (c.id != 0).then_some(Target {
+            key: c.key,
+            id: c.id,
+        })
+    })
+    .flatten()
 }
 
 /// Leaves `takeover` with connection `key` if it is the one being driven on this thread;

@@ -6,10 +6,14 @@
 //! a local task ([`crate::rt::tasks`]). What hyper and handlers record during a drive goes onto
 //! the entry through [`current`]; a read handler taking a connection over from hyper goes
 //! through [`takeover`]. [`stream`] is the socket type hyper reads and writes, and `tls` the
-//! rustls connection a TLS listener's sockets go through.
+//! rustls connection a TLS listener's sockets go through. With the PROXY protocol on, a new
+//! connection is first a [`proxy::ProxyWait`], until its header is read and the poller makes it
+//! one of the others. A parked HTTP connection can leave its
+//! poller for another as an [`http::Moved`] (the poller decides when: `crate::reactor`).
 
 pub(crate) mod current;
 pub(crate) mod http;
+pub(crate) mod proxy;
 pub(crate) mod stream;
 pub(crate) mod takeover;
 pub(crate) mod tcp;
@@ -23,11 +27,14 @@ use std::task::Poll;
 use std::time::Instant;
 
 use crate::handler::{ConnCore, TcpConfig};
+use crate::limits::{OpenCounts, OpenGuard};
+use crate::observe::Reason;
 use crate::rt::tasks::Task;
 use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::ConnService;
-use http::{HttpConfig, HttpConn};
+use http::{HttpConfig, HttpConn, Moved};
+use proxy::ProxyWait;
 use stream::{Fd, Socket};
 use takeover::Taken;
 use tcp::TcpConn;
@@ -37,14 +44,18 @@ pub(crate) struct Drive {
     pub(crate) now: Instant,
     /// The server is shutting down gracefully.
     pub(crate) draining: bool,
-    /// Many connections on this poller hold hyper's state: an idle one parks at once.
+    /// Many connections on this poller hold hyper's state, or the poller is handing one to
+    /// another (`crate::reactor`): an idle one parks at once.
     pub(crate) crowded: bool,
     /// Local tasks the entry owns (an HTTP/2 connection's open streams).
     pub(crate) owned: usize,
     /// The earliest time the entry asked to be driven again.
     pub(crate) due: Option<Instant>,
-    /// A panic the entry caught and ended with, for the poller to log and count.
-    pub(crate) panic: Option<Box<dyn Any + Send>>,
+    /// A panic the entry caught (and where), for the poller to log and count.
+    pub(crate) panic: Option<(&'static str, Box<dyn Any + Send>)>,
+    /// Why the entry asked to be closed, when it knows (reported: `crate::observe`).
+    #[cfg(feature = "metrics")]
+    why: Option<Reason>,
 }
 
 impl Drive {
@@ -56,7 +67,29 @@ impl Drive {
             owned: 0,
             due: None,
             panic: None,
+            #[cfg(feature = "metrics")]
+            why: None,
         }
+    }
+
+    /// Records why the entry is closing (the first reason given wins). Nothing without the
+    /// `metrics` feature.
+    #[inline]
+    pub(crate) fn because(&mut self, why: Reason) {
+        #[cfg(feature = "metrics")]
+        if self.why.is_none() {
+            self.why = Some(why);
+        }
+        let _ = why;
+    }
+
+    /// Why the entry closed, if it said.
+    #[inline]
+    pub(crate) fn why(&self) -> Option<Reason> {
+        #[cfg(feature = "metrics")]
+        return self.why;
+        #[cfg(not(feature = "metrics"))]
+        None
     }
 
     /// Asks for a drive at `at` (the earliest asked wins).
@@ -73,6 +106,8 @@ pub(crate) enum Verdict {
     Close,
     /// A read handler took the connection over from hyper.
     Hijacked(Taken),
+    /// A [`Kind::Proxy`] connection's header is read: the poller makes it what the app says.
+    Proxied(crate::proxy::ProxyHeader),
 }
 
 /// What a slab entry is.
@@ -82,6 +117,9 @@ pub(crate) enum Kind<S: ConnService> {
     Tcp(Box<TcpConn>),
     /// A local task (boxed for the same reason).
     Task(Box<Task>),
+    /// A new connection waiting for its PROXY protocol header (boxed: it holds its peer's
+    /// address until then).
+    Proxy(Box<ProxyWait>),
     /// Closed, for the moment its state changes hands.
     Closed,
 }
@@ -117,8 +155,28 @@ impl<S: ConnService> Entry<S> {
         match &self.kind {
             Kind::Http(c) => Some(&c.socket.fd),
             Kind::Tcp(c) => Some(&c.fd),
+            Kind::Proxy(c) => Some(&c.fd),
             Kind::Task(_) | Kind::Closed => None,
         }
+    }
+
+    /// The connection's tracing span, if it has one (`crate::observe::conn_span`).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn span(&self) -> Option<tracing::Span> {
+        self.fd()?.span.as_deref().cloned()
+    }
+
+    /// Why a read handler's connection closed, once its handler was told.
+    pub(crate) fn handler_reason(&self) -> Option<Reason> {
+        match &self.kind {
+            Kind::Tcp(c) => c.reason(),
+            _ => None,
+        }
+    }
+
+    /// Whether it is an HTTP connection (counted in the `http` gauge).
+    pub(crate) fn is_http(&self) -> bool {
+        matches!(self.kind, Kind::Http(_))
     }
 
     /// Records a readiness event on the connection's socket; whether to drive it.
@@ -126,6 +184,7 @@ impl<S: ConnService> Entry<S> {
         match &self.kind {
             Kind::Http(c) => c.socket.on_event(readable, writable, read_closed),
             Kind::Tcp(c) => c.fd.on_event(readable, writable, read_closed),
+            Kind::Proxy(c) => c.fd.on_event(readable, writable, read_closed),
             Kind::Task(_) | Kind::Closed => false,
         }
     }
@@ -138,6 +197,40 @@ impl<S: ConnService> Entry<S> {
         }
     }
 
+    /// Whether it can go to another poller: a parked HTTP connection, or an HTTP/2 one between
+    /// streams, that owns no task.
+    pub(crate) fn is_movable(&self) -> bool {
+        self.owned.is_none() && matches!(&self.kind, Kind::Http(c) if c.is_movable())
+    }
+
+    /// The connection, to hand to another poller; the entry back unless it is
+    /// [movable](Self::is_movable).
+    pub(crate) fn into_moved(self) -> Result<Moved<S>, Self> {
+        if !self.is_movable() {
+            return Err(self);
+        }
+        let Entry {
+            key,
+            armed,
+            owned,
+            kind,
+        } = self;
+        match kind {
+            Kind::Http(c) => c.into_moved().map_err(|c| Entry {
+                key,
+                armed,
+                owned,
+                kind: Kind::Http(c),
+            }),
+            kind => Err(Entry {
+                key,
+                armed,
+                owned,
+                kind,
+            }),
+        }
+    }
+
     /// Whether this is a connection (counted as one) rather than a task.
     pub(crate) fn is_conn(&self) -> bool {
         !matches!(self.kind, Kind::Task(_))
@@ -146,6 +239,11 @@ impl<S: ConnService> Entry<S> {
     /// Whether it holds hyper's state.
     pub(crate) fn is_hot(&self) -> bool {
         matches!(&self.kind, Kind::Http(c) if c.is_hot())
+    }
+
+    /// Whether it is an HTTP/2 connection.
+    pub(crate) fn is_http2(&self) -> bool {
+        matches!(&self.kind, Kind::Http(c) if c.is_http2())
     }
 
     /// Drives the entry after an event, a wake or a timer.
@@ -162,9 +260,14 @@ impl<S: ConnService> Entry<S> {
                 Poll::Pending => Verdict::Keep,
                 Poll::Ready(Ok(())) => Verdict::Close,
                 Poll::Ready(Err(panic)) => {
-                    d.panic = Some(panic);
+                    d.panic = Some(("a local task", panic));
                     Verdict::Close
                 }
+            },
+            Kind::Proxy(conn) => match conn.drive(http, d) {
+                Poll::Pending => Verdict::Keep,
+                Poll::Ready(Ok(header)) => Verdict::Proxied(header),
+                Poll::Ready(Err(())) => Verdict::Close,
             },
             Kind::Closed => Verdict::Close,
         }
@@ -172,7 +275,14 @@ impl<S: ConnService> Entry<S> {
 
     /// Turns the entry into a read-handler connection after a takeover; `false` (the entry is
     /// then closed) if the socket is still shared, which a takeover never leaves it.
-    pub(crate) fn become_tcp(&mut self, taken: Taken, cfg: &Arc<TcpConfig>, now: Instant) -> bool {
+    /// `open`: the gauges it is counted in as what it becomes.
+    pub(crate) fn become_tcp(
+        &mut self,
+        taken: Taken,
+        cfg: &Arc<TcpConfig>,
+        open: Option<Arc<OpenCounts>>,
+        now: Instant,
+    ) -> bool {
         let Kind::Http(http) = std::mem::replace(&mut self.kind, Kind::Closed) else {
             return false;
         };
@@ -182,10 +292,11 @@ impl<S: ConnService> Entry<S> {
         // What hyper wrote and the socket had no room for yet (the 101, or the SSE head) is the
         // first of the handler's output.
         let (fd, unsent) = socket.into_fd();
-        let mut conn = crate::handler::Conn::new(Some(fd.io.as_raw_fd()), cfg);
+        let mut conn = crate::handler::Conn::taken_over(Some(fd.io.as_raw_fd()), cfg);
         conn.out = unsent;
         let input = bytes::BytesMut::from(&taken.leftover[..]);
-        let core = ConnCore::new(taken.handler, conn, input, cfg.clone(), now);
+        let mut core = ConnCore::new(taken.handler, conn, input, cfg.clone(), now);
+        core.open = open.map(|counts| OpenGuard::new(counts, taken.kind));
         self.kind = Kind::Tcp(Box::new(TcpConn::new(fd, core)));
         true
     }
@@ -198,18 +309,24 @@ impl<S: ConnService> Entry<S> {
         }
     }
 
-    /// Tells a read handler it was cut off (drain timeout).
-    pub(crate) fn abort(&mut self) {
-        if let Kind::Tcp(conn) = &mut self.kind {
-            conn.abort();
+    /// Tells a read handler its connection is closing, if its drive has not (see
+    /// [`TcpConn::close_handler`]); a panic of its `on_close` is handed back.
+    pub(crate) fn close_handler(&mut self, forced: bool) -> Option<Box<dyn Any + Send>> {
+        match &mut self.kind {
+            Kind::Tcp(conn) => conn.close_handler(forced),
+            _ => None,
         }
     }
 
     /// Records a local task that belongs to this entry (for an HTTP/2 connection, a stream has
     /// started: it is not idle).
-    pub(crate) fn adopt(&mut self, task: Key) {
+    /// `max_requests` is `max_requests_per_connection`: reached, the connection is driven at
+    /// once (to send GOAWAY).
+    pub(crate) fn adopt(&mut self, task: Key, max_requests: u64) {
         if let Kind::Http(conn) = &mut self.kind {
-            conn.stream_started();
+            if conn.stream_started(max_requests) {
+                crate::rt::wake::push_ready(self.key);
+            }
         }
         self.owned
             .get_or_insert_with(Default::default)

@@ -21,7 +21,7 @@ use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 
@@ -97,6 +97,19 @@ pub(crate) struct Fd {
     /// TLS, on a TLS listener's connections: every read and write goes through it.
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
     tls: Option<Box<Mutex<Tls>>>,
+    /// Its place in its client IP's count (`max_connections_per_ip`), given back when the
+    /// descriptor is dropped, however the connection ends (boxed: a pointer in every
+    /// connection, most of which have none).
+    pub(crate) ip: Option<Box<crate::limits::IpSlot>>,
+    /// Bytes read and written, reported when the descriptor is dropped (`crate::observe`;
+    /// empty without the `metrics` feature).
+    tally: crate::observe::ByteTally,
+    /// The connection's tracing span (feature `metrics`, debug level).
+    #[cfg(feature = "metrics")]
+    pub(crate) span: crate::observe::ConnSpan,
+    /// Counts it in the TLS gauge once its handshake is done.
+    #[cfg(all(feature = "metrics", any(feature = "tls", feature = "tls-ring")))]
+    tls_open: std::sync::OnceLock<crate::limits::Gauged>,
 }
 
 impl Fd {
@@ -111,6 +124,12 @@ impl Fd {
             registered: AtomicBool::new(false),
             #[cfg(any(feature = "tls", feature = "tls-ring"))]
             tls: None,
+            ip: None,
+            tally: Default::default(),
+            #[cfg(feature = "metrics")]
+            span: None,
+            #[cfg(all(feature = "metrics", any(feature = "tls", feature = "tls-ring")))]
+            tls_open: std::sync::OnceLock::new(),
         }
     }
 
@@ -140,6 +159,15 @@ impl Fd {
     /// already ready when it is added.
     pub(crate) fn needs_registration(&self) -> bool {
         !self.registered.load(Ordering::Relaxed) && !self.registered.swap(true, Ordering::Relaxed)
+    }
+
+    /// The socket leaves its poller for another: `true` if it was registered (the caller
+    /// deregisters it). It arrives unregistered, to be registered by its new poller after its
+    /// first drive, and readable, so that first drive reads what came meanwhile (an edge that
+    /// fell between the two pollers is not lost: epoll reports a ready socket when it is added).
+    pub(crate) fn leave(&self) -> bool {
+        self.readable.store(true, Ordering::Relaxed);
+        self.registered.swap(false, Ordering::Relaxed)
     }
 
     /// The last read did not end in `WouldBlock` (or an event said bytes arrived since), or
@@ -190,6 +218,51 @@ impl Fd {
         }
     }
 
+    /// Whether a file may be sent on this socket with `sendfile(2)`: not through TLS.
+    pub(crate) fn can_sendfile(&self) -> bool {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if self.tls.is_some() {
+            return false;
+        }
+        true
+    }
+
+    /// One `sendfile(2)` of up to `len` bytes of `file` from `*offset`, which it advances: the
+    /// bytes go from the page cache to the socket with no copy through user space. `WouldBlock`
+    /// when the send buffer is full (the next writable edge drives the connection again).
+    pub(crate) fn sendfile(
+        &self,
+        file: &std::fs::File,
+        offset: &mut u64,
+        len: u64,
+    ) -> io::Result<usize> {
+        // Linux sends at most 0x7ffff000 bytes a call.
+        let count = len.min(1 << 30) as usize;
+        let Ok(mut off) = libc::off_t::try_from(*offset) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: both descriptors are open for the call (the socket is owned by `self`, the
+        // file borrowed); `off` is a live `off_t` the kernel reads and advances.
+        let n = unsafe {
+            libc::sendfile(
+                self.io.as_raw_fd(),
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                &mut off,
+                count,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.writable.store(false, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
+        *offset = off as u64;
+        self.tally.wrote(n as usize);
+        Ok(n as usize)
+    }
+
     /// Records that everything the socket holds has been seen (a peek found too few bytes):
     /// the connection waits for the next arrival, which raises a new edge.
     pub(crate) fn drained(&self) {
@@ -210,6 +283,7 @@ impl Fd {
                     // the next arrival raises a new edge. (What tokio does too.)
                     self.readable.store(false, Ordering::Relaxed);
                 }
+                self.tally.read(n);
                 return Ok(n);
             }
             let e = io::Error::last_os_error();
@@ -228,6 +302,10 @@ impl Fd {
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(n) => {
+                    self.tally.wrote(n);
+                    return Ok(n);
+                }
                 r => return r,
             }
         }
@@ -305,8 +383,15 @@ impl Fd {
 #[cfg(any(feature = "tls", feature = "tls-ring"))]
 impl Fd {
     /// Puts TLS on the socket: every read and write from now on goes through `conn`.
-    pub(crate) fn start_tls(&mut self, conn: rustls::ServerConnection) {
+    pub(crate) fn start_tls(&mut self, conn: rustls::server::UnbufferedServerConnection) {
         self.tls = Some(Box::new(Mutex::new(Tls::new(conn))));
+    }
+
+    /// Gives back TLS's buffers that hold nothing (the connection is idle).
+    pub(crate) fn release_tls_buffers(&self) {
+        if let Some(tls) = &self.tls {
+            lock(tls).release();
+        }
     }
 
     /// A TLS handshake is under way.
@@ -327,17 +412,24 @@ impl Fd {
         }
     }
 
+    /// Records that the TLS handshake is done (the TLS gauge counts the connection from now
+    /// until the descriptor is dropped).
+    pub(crate) fn tls_established(&self) {
+        #[cfg(feature = "metrics")]
+        let _ = self
+            .tls_open
+            .get_or_init(|| crate::limits::Gauged::new(crate::observe::Open::Tls));
+    }
+
     /// Whether ALPN agreed on `proto`.
     pub(crate) fn tls_alpn_is(&self, proto: &[u8]) -> bool {
-        self.tls
-            .as_ref()
-            .is_some_and(|t| lock(t).conn().alpn_protocol() == Some(proto))
+        self.tls.as_ref().is_some_and(|t| lock(t).alpn_is(proto))
     }
 
     /// What the TLS handshake agreed on: `None` without TLS.
     pub(crate) fn tls_info(&self) -> Option<crate::tls::TlsInfo> {
         let tls = self.tls.as_ref()?;
-        Some(crate::tls::TlsInfo::new(lock(tls).conn()))
+        Some(lock(tls).info())
     }
 }
 
@@ -386,6 +478,13 @@ impl Raw<'_> {
             fd.readable.store(false, Ordering::Relaxed);
         }
         r
+    }
+}
+
+#[cfg(any(feature = "tls", feature = "tls-ring"))]
+impl super::tls::Transport for Raw<'_> {
+    fn recv(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+        Raw::recv(self, dst)
     }
 }
 
@@ -443,9 +542,12 @@ pub struct Socket {
     /// write straight to the socket), so the poller reads this without the lock, and a stale
     /// `true` elsewhere only costs taking the lock.
     has_pending: AtomicBool,
-    /// Reads and writes that moved bytes for a task other than the poller (an upgraded
-    /// connection): the poller's idle timeout for such a connection watches it change.
-    foreign_io: AtomicU32,
+    /// HTTP/1.1: bytes hyper has read, and the last 8 of them (`service::read_tail`: whether
+    /// they end a chunked body): the driver's request-body timeout watches them.
+    read_bytes: AtomicU64,
+    read_tail: AtomicU64,
+    /// The connection's PROXY protocol header, if it came with one (`crate::proxy`).
+    pub(crate) proxy: Option<crate::proxy::ProxyHeader>,
 }
 
 /// Above this much coalesced output, a write sends it before taking more.
@@ -460,7 +562,9 @@ impl Socket {
             foreign: AtomicBool::new(false),
             pending: Mutex::new(BytesMut::new()),
             has_pending: AtomicBool::new(false),
-            foreign_io: AtomicU32::new(0),
+            read_bytes: AtomicU64::new(0),
+            read_tail: AtomicU64::new(0),
+            proxy: None,
         }
     }
 
@@ -485,10 +589,27 @@ impl Socket {
         (self.fd, pending)
     }
 
-    /// How many reads and writes have moved bytes for tasks other than the poller; changes
-    /// whenever an upgraded connection is active.
-    pub(crate) fn foreign_io(&self) -> u32 {
-        self.foreign_io.load(Ordering::Relaxed)
+    /// Bytes hyper's HTTP/1.1 connection has read from the socket.
+    pub(crate) fn read_bytes(&self) -> u64 {
+        self.read_bytes.load(Ordering::Relaxed)
+    }
+
+    /// What was read so far ends with the last chunk of a chunked body (and no trailers), even
+    /// if it came split over reads.
+    pub(crate) fn chunked_end(&self) -> bool {
+        crate::service::ends_chunked(self.read_tail.load(Ordering::Relaxed))
+    }
+
+    /// Records bytes read for hyper's HTTP/1.1 connection (see `read_bytes`).
+    fn note_read(&self, read: &[u8]) {
+        if read.is_empty() {
+            return;
+        }
+        self.read_bytes
+            .fetch_add(read.len() as u64, Ordering::Relaxed);
+        let tail = self.read_tail.load(Ordering::Relaxed);
+        self.read_tail
+            .store(crate::service::read_tail(tail, read), Ordering::Relaxed);
     }
 
     /// Wakes any foreign task (on shutdown or close) so it observes the socket's state.
@@ -537,10 +658,7 @@ impl Socket {
         let mut retried = false;
         loop {
             match op() {
-                Ok(n) => {
-                    self.foreign_io.fetch_add(1, Ordering::Relaxed);
-                    return Poll::Ready(Ok(n));
-                }
+                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !retried => {
                     self.store_waker(slot, cx);
                     retried = true;
@@ -617,6 +735,8 @@ impl Socket {
         if out.is_empty() {
             *out = BytesMut::new();
         }
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        self.fd.release_tls_buffers();
     }
 }
 
@@ -665,6 +785,9 @@ pub struct HopStream {
     /// The last write hyper offered was not taken whole: hyper's own write buffer holds the
     /// rest, which `into_parts` would drop (see [`HopStream::release`]).
     refused: bool,
+    /// HTTP/2: what the connection's frames are watched for (control-frame floods, stalled
+    /// request bodies), shared with the driver.
+    meter: Option<Arc<Mutex<crate::http2::Meter>>>,
 }
 
 impl HopStream {
@@ -681,6 +804,28 @@ impl HopStream {
             wake_on_drop: true,
             coalesce,
             refused: false,
+            meter: None,
+        }
+    }
+
+    /// Puts `meter` between hyper's HTTP/2 connection and the socket: every byte read and
+    /// written goes through it, and what it queues goes in at frame boundaries.
+    pub(crate) fn with_meter(mut self, meter: Arc<Mutex<crate::http2::Meter>>) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Queues what the meter has for the client with the coalesced output (the poller's own
+    /// polls only: they are the ones that write for hyper's HTTP/2 connection).
+    fn queue_metered(&self, m: &mut crate::http2::Meter) {
+        if let Some(b) = m.to_write() {
+            let n = b.len();
+            let socket = self.socket();
+            let mut out = socket.pending.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend_from_slice(b);
+            socket.has_pending.store(true, Ordering::Relaxed);
+            drop(out);
+            m.wrote(n);
         }
     }
 
@@ -691,15 +836,16 @@ impl HopStream {
     /// Two things about hyper are relied on here. `into_parts` drops hyper's write buffer, so
     /// it must be empty: hyper's write buffer holds bytes only after a write this stream did not
     /// take whole, and the driver takes the socket back only when nothing is waiting to be
-    /// written, which a debug assertion checks. And `into_parts` hands back this stream with
-    /// whatever prefix hyper had not read yet, which is kept here rather than assumed empty.
-    pub(crate) fn release(mut self, read_buf: Bytes) -> Bytes {
-        debug_assert!(
-            !self.refused,
-            "hyper's write buffer holds bytes that taking the socket back would drop"
-        );
+    /// written. That is checked in release builds too: if a write was refused, bytes are lost,
+    /// and the error says the connection must be closed rather than go on without them. And
+    /// `into_parts` hands back this stream with whatever prefix hyper had not read yet, which is
+    /// kept here rather than assumed empty.
+    pub(crate) fn release(mut self, read_buf: Bytes) -> Result<Bytes, &'static str> {
         self.wake_on_drop = false;
-        match self.prefix.take() {
+        if self.refused {
+            return Err("hyper's write buffer held bytes that taking the socket back dropped");
+        }
+        Ok(match self.prefix.take() {
             None => read_buf,
             Some(prefix) if read_buf.is_empty() => prefix,
             Some(prefix) => {
@@ -708,7 +854,7 @@ impl HopStream {
                 all.extend_from_slice(&prefix);
                 all.freeze()
             }
-        }
+        })
     }
 
     /// The shared socket.
@@ -718,8 +864,11 @@ impl HopStream {
             .expect("a HopStream holds its socket until dropped")
     }
 
+    /// Whether this poll is the poller's own drive of the connection. An HTTP/2 connection's
+    /// stream (it has a meter) is polled by nothing else (its streams' tasks never touch the
+    /// socket), on whichever poller holds it now: it may have been handed to another since.
     fn local(&self, cx: &Context<'_>) -> bool {
-        cx.waker().will_wake(&self.own)
+        self.meter.is_some() || cx.waker().will_wake(&self.own)
     }
 }
 
@@ -758,12 +907,41 @@ impl hyper::rt::Read for HopStream {
             return Poll::Ready(Ok(()));
         }
         let local = self.local(cx);
+        if let (Some(meter), true) = (&self.meter, local) {
+            let mut m = crate::http2::lock(meter);
+            // SAFETY: `take_to_read` initializes exactly the `n` bytes it reports, and only
+            // those are advanced over.
+            let n = unsafe { m.take_to_read(buf.as_mut()) };
+            self.queue_metered(&mut m);
+            if n > 0 {
+                unsafe { buf.advance(n) };
+                return Poll::Ready(Ok(()));
+            }
+        }
         // SAFETY: `poll_recv` initializes exactly the `n` bytes it reports, and only those are
         // advanced over.
-        unsafe {
-            let n = ready!(self.socket().poll_recv(cx, local, buf.as_mut()))?;
-            buf.advance(n);
-        }
+        let n = unsafe {
+            let dst = buf.as_mut();
+            let n = ready!(self.socket().poll_recv(cx, local, &mut *dst))?;
+            if let Some(meter) = &self.meter {
+                let read = std::slice::from_raw_parts(dst.as_ptr().cast::<u8>(), n);
+                let mut m = crate::http2::lock(meter);
+                if m.on_read(read).is_err() {
+                    tracing::debug!("HTTP/2 control-frame flood; closing with GOAWAY");
+                    m.goaway();
+                    if local {
+                        self.queue_metered(&mut m);
+                    }
+                    return Poll::Ready(Err(crate::http2::flood()));
+                }
+            } else {
+                let read = std::slice::from_raw_parts(dst.as_ptr().cast::<u8>(), n);
+                self.socket().note_read(read);
+            }
+            n
+        };
+        // SAFETY: as above.
+        unsafe { buf.advance(n) };
         Poll::Ready(Ok(()))
     }
 }
@@ -783,6 +961,18 @@ impl HopStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
+        if let Some(meter) = &self.meter {
+            let mut m = crate::http2::lock(meter);
+            if self.local(cx) {
+                self.queue_metered(&mut m);
+            }
+            let res = self.coalesce(cx, len, bufs);
+            if let Poll::Ready(Ok(n)) = res {
+                m.on_written(bufs, n);
+            }
+            self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
+            return res;
+        }
         let res = self.coalesce(cx, len, bufs);
         self.refused = !matches!(res, Poll::Ready(Ok(n)) if n == len);
         res

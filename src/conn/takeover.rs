@@ -7,7 +7,12 @@
 //!   `into_parts`.
 //!
 //! Either way the takeover waits on the connection ([`super::current::Current::takeover`])
-//! until the driver sees its moment, and bytes read and not yet used go to the handler first.
+//! until the driver sees its moment. After an upgrade, bytes read and not yet used belong to
+//! the new protocol: they go to the handler first. After a response head, they are a request
+//! pipelined behind the one being answered, which the handler (it writes that response's body)
+//! cannot serve: the takeover fails and the connection is closed, rather than the request be
+//! dropped. A takeover that would lose output hyper still held fails too (see
+//! [`HopStream::release`]). These are checked in release builds; the driver logs a failure.
 
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -17,11 +22,14 @@ use hyper::upgrade::OnUpgrade;
 
 use super::stream::HopStream;
 use crate::handler::Handler;
+use crate::limits::OpenKind;
 
 /// A read handler waiting for its connection.
 pub(crate) struct Takeover {
     handler: Box<dyn Handler>,
     when: When,
+    /// What the connection counts as once taken over.
+    kind: OpenKind,
 }
 
 enum When {
@@ -35,14 +43,21 @@ enum When {
 pub(crate) struct Taken {
     pub(crate) handler: Box<dyn Handler>,
     pub(crate) leftover: Bytes,
+    pub(crate) kind: OpenKind,
 }
 
 impl Takeover {
     /// Takes over when hyper finishes the connection with `on_upgrade`.
-    pub(crate) fn after_upgrade(handler: Box<dyn Handler>, on_upgrade: OnUpgrade) -> Self {
+    /// `kind`: a WebSocket or another protocol.
+    pub(crate) fn after_upgrade(
+        handler: Box<dyn Handler>,
+        on_upgrade: OnUpgrade,
+        kind: OpenKind,
+    ) -> Self {
         Takeover {
             handler,
             when: When::Upgrade(on_upgrade),
+            kind,
         }
     }
 
@@ -51,6 +66,7 @@ impl Takeover {
         Takeover {
             handler,
             when: When::Head(false),
+            kind: OpenKind::Sse,
         }
     }
 
@@ -75,12 +91,18 @@ impl Takeover {
         matches!(self.when, When::Head(true))
     }
 
-    /// Takes the socket back from hyper's parts (`into_parts`) after the head is out.
-    pub(crate) fn into_taken(self, io: HopStream, read_buf: Bytes) -> Taken {
-        Taken {
-            handler: self.handler,
-            leftover: io.release(read_buf),
+    /// Takes the socket back from hyper's parts (`into_parts`) after the head is out; an error
+    /// (the connection must close) if a pipelined request or unsent output would be dropped.
+    pub(crate) fn into_taken(self, io: HopStream, read_buf: Bytes) -> Result<Taken, &'static str> {
+        let leftover = io.release(read_buf)?;
+        if !leftover.is_empty() {
+            return Err("a request pipelined behind a taken-over response would be dropped");
         }
+        Ok(Taken {
+            handler: self.handler,
+            leftover,
+            kind: self.kind,
+        })
     }
 
     /// Takes the socket back from the upgrade, after hyper finished the connection; `None`
@@ -96,9 +118,10 @@ impl Takeover {
             Poll::Pending => return Some(Err("the upgrade was not ready")),
         };
         Some(match upgraded.downcast::<HopStream>() {
-            Ok(parts) => Ok(Taken {
+            Ok(parts) => parts.io.release(parts.read_buf).map(|leftover| Taken {
                 handler: self.handler,
-                leftover: parts.io.release(parts.read_buf),
+                leftover,
+                kind: self.kind,
             }),
             Err(_) => Err("the upgraded stream is not hop's"),
         })

@@ -1,6 +1,9 @@
 //! A read-handler connection in a poller's slab: a [`ConnCore`] (the handler, its output and
 //! timeouts) over the connection's socket ([`Fd`]), which it owns outright (no stream of hyper's shares
-//! it any more), polled in place with the connection's own waker.
+//! it any more), polled in place with the connection's own waker. It has an id unique in the
+//! process (`wake::Target`): bytes delivered to it from elsewhere must name it, not only its
+//! slot. Every way it ends tells its handler (`on_close`, once): closed by its drive, cut at
+//! the drain deadline, or dropped by its poller after a panic ([`TcpConn::close_handler`]).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -10,7 +13,7 @@ use super::current::{self, Current};
 use super::stream::Fd;
 use super::Drive;
 use crate::handler::{CloseReason, ConnCore, RawIo};
-use crate::rt::wake::Key;
+use crate::rt::wake::{self, Key};
 
 /// The socket as its own poller uses it.
 struct LoopIo<'a>(&'a Fd);
@@ -46,6 +49,8 @@ impl RawIo for LoopIo<'_> {
 /// A read-handler connection on its poller.
 pub(crate) struct TcpConn {
     pub(crate) fd: Fd,
+    /// Its id in `wake::Target`s: deliveries that do not carry it are dropped.
+    pub(crate) id: u64,
     core: ConnCore,
     /// On a TLS listener, until the handshake is done: when it must be, and where it is
     /// counted (boxed: a pointer in every read-handler connection, most of which have none).
@@ -57,6 +62,7 @@ impl TcpConn {
     pub(crate) fn new(fd: Fd, core: ConnCore) -> Self {
         TcpConn {
             fd,
+            id: wake::next_id(),
             core,
             #[cfg(any(feature = "tls", feature = "tls-ring"))]
             handshake: None,
@@ -83,6 +89,7 @@ impl TcpConn {
         match self.fd.poll_handshake() {
             Poll::Pending if d.now >= *deadline => {
                 tracing::debug!("TLS handshake timed out; closing");
+                d.because(crate::observe::Reason::TlsHandshakeTimeout);
                 ctl.tls_handshake_timeouts.fetch_add(1, Relaxed);
                 Some(true)
             }
@@ -91,12 +98,14 @@ impl TcpConn {
                 Some(false)
             }
             Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed; closing");
+                crate::logs::tls_handshake_failed(&e);
                 ctl.tls_handshake_failures.fetch_add(1, Relaxed);
+                d.because(crate::observe::Reason::Error);
                 Some(true)
             }
             Poll::Ready(Ok(())) => {
                 ctl.tls_handshakes.fetch_add(1, Relaxed);
+                self.fd.tls_established();
                 self.handshake = None;
                 None
             }
@@ -114,13 +123,13 @@ impl TcpConn {
         }
         let waker = key.waker();
         let mut cx = Context::from_waker(&waker);
-        let (core, fd, now) = (&mut self.core, &self.fd, d.now);
         // Lent so that a handler opening on it (an SSE subscriber) knows its connection.
-        let mut cur = Current::new(key);
+        let mut cur = self.current(key);
+        let (core, fd, now) = (&mut self.core, &self.fd, d.now);
         let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(fd), now));
         // What TLS holds encrypted goes out (it waits for this drive on a writable edge).
         if let Err(e) = fd.flush(true) {
-            self.core.finish(CloseReason::Error(e));
+            self.finish(CloseReason::Error(e), d);
             return true;
         }
         match polled {
@@ -129,7 +138,7 @@ impl TcpConn {
                     CloseReason::Local if d.draining => CloseReason::Shutdown,
                     r => r,
                 };
-                self.core.finish(reason);
+                self.finish(reason, d);
                 true
             }
             Poll::Pending => {
@@ -141,14 +150,38 @@ impl TcpConn {
         }
     }
 
+    fn current(&self, key: Key) -> Current {
+        let mut cur = Current::new(key);
+        cur.id = self.id;
+        cur
+    }
+
+    /// Tells the handler why the connection closed; a panic in its `on_close` goes to the
+    /// poller with the drive.
+    fn finish(&mut self, reason: CloseReason, d: &mut Drive) {
+        if let Some(panic) = self.core.finish(reason) {
+            d.panic = Some(("a read handler's on_close", panic));
+        }
+    }
+
+    /// Why it closed, once its handler was told.
+    pub(crate) fn reason(&self) -> Option<crate::observe::Reason> {
+        self.core.reason()
+    }
+
     /// Hands delivered bytes to the handler (the caller drives the connection next).
     pub(crate) fn deliver(&mut self, key: Key, bytes: bytes::Bytes) {
-        let mut cur = Current::new(key);
+        let mut cur = self.current(key);
         current::lend(&mut cur, || self.core.deliver(bytes));
     }
 
-    /// Tells the handler the connection was cut (drain timeout).
-    pub(crate) fn abort(&mut self) {
-        self.core.finish(CloseReason::Shutdown);
+    /// Tells the handler its connection is being dropped by the poller, unless its drive told
+    /// it already: cut at the drain deadline (`forced`), or after a panic or an error of the
+    /// poller's. Returns a panic of its `on_close`, for the poller to log and count.
+    pub(crate) fn close_handler(&mut self, forced: bool) -> Option<Box<dyn std::any::Any + Send>> {
+        match forced {
+            true => self.core.finish(CloseReason::Shutdown),
+            false => self.core.abandon(),
+        }
     }
 }

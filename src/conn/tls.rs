@@ -1,33 +1,159 @@
-//! TLS on a connection's socket: a rustls `ServerConnection` used sans-IO (`read_tls`,
-//! `process_new_packets`, `reader`, `writer`, `write_tls`) over the socket's descriptor.
+//! TLS on a connection's socket: a rustls `UnbufferedServerConnection` over the socket's
+//! descriptor, with the buffers it reads from and writes to owned here, so that an idle
+//! connection gives them back ([`Tls::release`]) and keeps only rustls's session state (its
+//! keys). Buffers given back wait on a short per-thread list for the next connection that
+//! needs some, so that a parked connection's wake allocates none.
 //!
 //! A [`Tls`] lives in the connection's [`Fd`](super::stream::Fd), so whoever reads and writes
 //! the socket (hyper through a `HopStream`, an upgrade's task, a read handler) goes through it
 //! without knowing: reads hand out decrypted bytes, writes take plaintext and leave records in
-//! rustls's buffer, and every write and flush sends those on before it takes more. The socket
-//! is reached through the `Read`/`Write` the caller passes in, which keep its readiness flags,
-//! so this module knows nothing of them.
+//! the outgoing buffer, and every write and flush sends those on before it takes more. The
+//! socket is reached through the [`Transport`] the caller passes in, which keeps its readiness
+//! flags, so this module knows nothing of them.
 //!
-//! rustls reads ahead: a request that arrives in the handshake's last flight, or pipelined
-//! requests in one record, are decrypted bytes in its buffer while the socket has nothing more
-//! to read. A read serves those first, before the socket is looked at, and
-//! [`Tls::has_plaintext`] keeps the connection counted as readable until they are taken.
+//! rustls's unbuffered API gives no SNI name, so the ClientHello is read for it by rustls's
+//! `Acceptor` on the side, during the handshake only.
+//!
+//! Input is read ahead: a request that arrives in the handshake's last flight, or pipelined
+//! requests in one read, are records in the incoming buffer (or decrypted bytes a read had no
+//! room for) while the socket has nothing more to read. A read serves those first, before the socket is
+//! looked at, and [`Tls::has_plaintext`] keeps the connection counted as readable until they
+//! are taken.
 
-use std::io::{self, BufRead, IoSlice, Read, Write};
+use std::cell::RefCell;
+use std::io::{self, IoSlice, Write};
 use std::mem::MaybeUninit;
 
-use rustls::ServerConnection;
+use rustls::server::{Acceptor, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
-/// Bytes of encrypted output rustls may hold for a connection (records not yet sent, plus
-/// plaintext written before the handshake finished): a write beyond it waits for the socket.
-/// rustls's own default is 64 KiB.
+/// Bytes of encrypted output held for a connection (records not yet sent): a write beyond it
+/// waits for the socket.
 const BUFFER_LIMIT: usize = 64 * 1024;
+/// Most bytes of encrypted output held at all: what writes leave (at most `BUFFER_LIMIT` and
+/// one write's records) and rustls's own messages (alerts, session tickets, one key update at a
+/// time) stay far below it; past it, the connection is in error rather than holding more.
+const OUT_MAX: usize = 4 * BUFFER_LIMIT;
+/// Plaintext bytes in a TLS record at most, and what a record adds to them at most (header,
+/// content type, explicit nonce, tag: TLS 1.2 or 1.3 with AEAD suites).
+const RECORD_SIZE: usize = 16 * 1024;
+const RECORD_OVERHEAD: usize = 64;
+/// Room the incoming buffer has for each read of the socket (rustls's own read size).
+const READ_SIZE: usize = 4096;
+/// Most bytes of input held undecrypted: a whole handshake message (rustls takes up to 64 KiB)
+/// and a record beyond it. A peer that needs more to make progress is in error.
+const INCOMING_MAX: usize = 64 * 1024 + 2 * 18_437;
+/// Incoming space kept after a large message, while the connection is active.
+const INCOMING_KEEP: usize = 32 * 1024;
+/// Idle connections' buffers kept on a thread for the next connection that wakes there.
+const SPARE_MAX: usize = 16;
+
+thread_local! {
+    /// Buffers that connections gave back when they went idle (or closed), kept for the next
+    /// that needs some on this thread (a poller, or an upgrade's task): taking them costs no
+    /// allocation and no clearing of memory, which waking a parked connection would otherwise
+    /// pay each time. At most `SPARE_MAX`, and none larger than an active connection keeps.
+    // Boxed: the buffers move whole between a connection's `Option<Box<Bufs>>` and this list.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Bufs>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers for a connection: spare ones of this thread's, or new ones.
+fn take_spare() -> Box<Bufs> {
+    SPARE
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Keeps a connection's empty buffers for the next connection on this thread, or frees them.
+fn give_back(mut b: Box<Bufs>) {
+    if b.incoming.capacity() > INCOMING_KEEP || b.out.len() > BUFFER_LIMIT {
+        return;
+    }
+    b.plain = Vec::new();
+    b.taken = 0;
+    b.incoming.clear();
+    b.start = 0;
+    b.sent = 0;
+    b.end = 0;
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < SPARE_MAX {
+                s.push(b);
+            }
+        }
+    });
+}
 
 /// A connection's TLS state (see the module docs).
 pub(crate) struct Tls {
-    conn: ServerConnection,
+    conn: UnbufferedServerConnection,
+    /// The buffers, while the connection reads or writes: `None` while it is idle (boxed, so
+    /// that an idle connection keeps a pointer for them).
+    bufs: Option<Box<Bufs>>,
+    /// The server name the client asked for (SNI).
+    sni: Option<Box<str>>,
+    /// Reads the ClientHello for its SNI name: made for the first bytes that come, dropped once
+    /// it has the whole ClientHello (which usually comes in one read).
+    hello: Option<Box<Acceptor>>,
+    /// The ClientHello has been read for the SNI name (or could not be).
+    hello_read: bool,
+    /// The peer sent `close_notify`: reads are at their end.
+    peer_closed: bool,
     /// `close_notify` has been queued.
     closing: bool,
+    /// rustls failed: every read and write fails the same way.
+    error: Option<Box<rustls::Error>>,
+}
+
+/// A connection's buffers.
+#[derive(Default)]
+struct Bufs {
+    /// Bytes read from the socket, of which rustls has not taken `incoming[start..]` (its
+    /// spare capacity is room for the next read). Emptied whenever rustls has taken it all.
+    incoming: Vec<u8>,
+    /// What rustls has taken from the front of `incoming`: moved out only before the next read,
+    /// not record by record (a buffer of tiny records would cost a shift each).
+    start: usize,
+    /// Decrypted bytes the last read had no room for: `plain[taken..]`.
+    plain: Vec<u8>,
+    taken: usize,
+    /// Encrypted output not sent yet: `out[sent..end]`.
+    out: Vec<u8>,
+    sent: usize,
+    end: usize,
+}
+
+impl Bufs {
+    /// Nothing is held (what is left is room).
+    fn is_empty(&self) -> bool {
+        self.incoming.is_empty() && self.taken == self.plain.len() && self.sent == self.end
+    }
+
+    /// Marks `n` more bytes at the front of the incoming buffer as taken by rustls.
+    fn discard(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.start = self.start.saturating_add(n).min(self.incoming.len());
+        if self.start == self.incoming.len() {
+            self.incoming.clear();
+            self.start = 0;
+            if self.incoming.capacity() > INCOMING_KEEP {
+                self.incoming = Vec::new();
+            }
+        }
+    }
+
+    /// Moves what rustls has not taken to the front of the incoming buffer.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.incoming.drain(..self.start);
+            self.start = 0;
+        }
+    }
 }
 
 impl std::fmt::Debug for Tls {
@@ -35,22 +161,67 @@ impl std::fmt::Debug for Tls {
         f.debug_struct("Tls")
             .field("handshaking", &self.conn.is_handshaking())
             .field("closing", &self.closing)
+            .field("error", &self.error)
             .finish()
     }
 }
 
+/// What one `process_tls_records` call was asked for.
+enum Job<'a, 'b> {
+    /// Nothing but progress: plaintext goes to [`Tls::plain`].
+    Progress,
+    /// Plaintext into this buffer (what does not fit goes to [`Tls::plain`]); `.1` counts it.
+    Read(&'a mut [MaybeUninit<u8>], &'b mut usize),
+    /// This plaintext, encrypted into the outgoing buffer once rustls may send it; `.1` is set.
+    Write(&'a [u8], &'b mut bool),
+    /// `close_notify` into the outgoing buffer, once rustls may send it.
+    Close,
+}
+
+/// The socket, as TLS reads and writes it (through the caller's view of it).
+pub(crate) trait Transport: Write {
+    /// Reads into `dst`, which need not be initialized; how many bytes it read (and
+    /// initialized).
+    fn recv(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize>;
+}
+
+/// Where one `process_tls_records` call left the connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Step {
+    /// Something was done (output encoded, plaintext taken): call again.
+    Again,
+    /// Plaintext was taken.
+    Read,
+    /// rustls needs more input to go on with the handshake.
+    Input,
+    /// Nothing more to take: application data may be sent (and what came was done).
+    Ready,
+    /// Both sides have sent `close_notify`.
+    Closed,
+}
+
 impl Tls {
-    pub(crate) fn new(mut conn: ServerConnection) -> Tls {
-        conn.set_buffer_limit(Some(BUFFER_LIMIT));
+    pub(crate) fn new(conn: UnbufferedServerConnection) -> Tls {
         Tls {
             conn,
+            bufs: None,
+            sni: None,
+            hello: None,
+            hello_read: false,
+            peer_closed: false,
             closing: false,
+            error: None,
         }
     }
 
-    /// The rustls connection (what the handshake agreed on).
-    pub(crate) fn conn(&self) -> &ServerConnection {
-        &self.conn
+    /// What the handshake agreed on.
+    pub(crate) fn info(&self) -> crate::tls::TlsInfo {
+        crate::tls::TlsInfo::new(self.sni.as_deref(), &self.conn)
+    }
+
+    /// Whether ALPN agreed on `proto`.
+    pub(crate) fn alpn_is(&self, proto: &[u8]) -> bool {
+        self.conn.alpn_protocol() == Some(proto)
     }
 
     /// The handshake is not done yet.
@@ -58,30 +229,64 @@ impl Tls {
         self.conn.is_handshaking()
     }
 
-    /// Decrypted bytes are waiting to be read.
+    /// Decrypted bytes are waiting to be read (or an error, which a read reports).
     pub(crate) fn has_plaintext(&mut self) -> bool {
-        matches!(self.conn.reader().fill_buf(), Ok(b) if !b.is_empty())
+        let Some(b) = &self.bufs else {
+            return false;
+        };
+        if b.taken < b.plain.len() {
+            return true;
+        }
+        if b.incoming.is_empty() || self.conn.is_handshaking() {
+            return false;
+        }
+        match self.run(&mut Job::Progress) {
+            Ok(_) => self.bufs.as_ref().is_some_and(|b| b.taken < b.plain.len()),
+            Err(_) => true,
+        }
     }
 
     /// Encrypted output is waiting to be sent.
     pub(crate) fn has_output(&self) -> bool {
-        self.conn.wants_write()
+        self.bufs.as_ref().is_some_and(|b| b.sent < b.end)
+    }
+
+    /// Gives back the buffers if they hold nothing (the connection is idle): what stays is
+    /// rustls's session state.
+    pub(crate) fn release(&mut self) {
+        if let Some(b) = self.bufs.take_if(|b| b.is_empty()) {
+            give_back(b);
+        }
     }
 
     /// Drives the handshake over `io`: `Ok(true)` once it is done, `Ok(false)` while it waits
     /// for the socket, an error if it failed (the alert, if any, is sent first) or the peer
     /// closed.
-    pub(crate) fn handshake(&mut self, io: &mut (impl Read + Write)) -> io::Result<bool> {
+    pub(crate) fn handshake(&mut self, io: &mut impl Transport) -> io::Result<bool> {
         loop {
+            let step = self.run(&mut Job::Progress);
             let sent = self.send(io)?;
+            step?;
             if !self.conn.is_handshaking() {
+                // The SNI name is known by now (a ClientHello that the Acceptor could not
+                // read has none rustls would take).
+                self.hello = None;
+                self.hello_read = true;
+                if let Some(b) = &mut self.bufs {
+                    if b.incoming.is_empty() {
+                        // A client that waits before its first request keeps no buffer for
+                        // its input meanwhile.
+                        b.incoming = Vec::new();
+                    }
+                }
                 // What is left to send (session tickets) goes with the first flush.
                 return Ok(true);
             }
             if !sent {
+                self.release();
                 return Ok(false);
             }
-            match self.conn.read_tls(io) {
+            match self.fill(io) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -89,99 +294,387 @@ impl Tls {
                     ))
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // While the client answers, the connection holds no buffer.
+                    self.release();
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
-            self.process(io)?;
         }
     }
 
-    /// Reads decrypted bytes into `dst`: those rustls holds first, then what the socket has.
-    /// `Ok(0)` is the end of input, whether the peer sent `close_notify` or just closed (a
-    /// normal close, as browsers and curl do it); `WouldBlock` when nothing is there.
+    /// Reads decrypted bytes into `dst`: those already decrypted or read first, then what the
+    /// socket has. `Ok(0)` is the end of input, whether the peer sent `close_notify` or just
+    /// closed (a normal close, as browsers and curl do it); `WouldBlock` when nothing is there.
     pub(crate) fn read(
         &mut self,
-        io: &mut (impl Read + Write),
+        io: &mut impl Transport,
         dst: &mut [MaybeUninit<u8>],
     ) -> io::Result<usize> {
         if dst.is_empty() {
             return Ok(0);
         }
-        loop {
-            let mut reader = self.conn.reader();
-            match reader.fill_buf() {
-                Ok([]) => return Ok(0),
-                Ok(plain) => {
-                    let n = plain.len().min(dst.len());
-                    // SAFETY: `plain` holds at least `n` initialized bytes and `dst` has room
-                    // for `n`; they are different buffers (rustls's and the caller's).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(plain.as_ptr(), dst.as_mut_ptr().cast(), n)
-                    };
-                    reader.consume(n);
-                    return Ok(n);
+        if let Some(b) = &mut self.bufs {
+            if b.taken < b.plain.len() {
+                let n = copy(&b.plain[b.taken..], dst);
+                b.taken += n;
+                if b.taken == b.plain.len() {
+                    b.plain.clear();
+                    b.taken = 0;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                Err(e) => return Err(e),
+                return Ok(n);
             }
-            // Ok(0), the end of input, shows in the reader's answer next time round.
-            self.conn.read_tls(io)?;
-            self.process(io)?;
+        }
+        // With no input held and no close from the peer, rustls has nothing to give before new
+        // input (it holds no plaintext and no output between calls): the socket comes first.
+        let mut to_socket = self.error.is_none()
+            && !self.peer_closed
+            && !self.conn.is_handshaking()
+            && self.bufs.as_ref().is_none_or(|b| b.incoming.is_empty());
+        loop {
+            if std::mem::take(&mut to_socket) && self.fill(io)? == 0 {
+                return Ok(0);
+            }
+            let mut n = 0;
+            let step = self.run(&mut Job::Read(dst, &mut n));
+            if self.has_output() {
+                // Records rustls answers with (a key update) go out now if the socket takes
+                // them, else with the next write or flush.
+                let _ = self.send(io);
+            }
+            match step? {
+                Step::Read if n > 0 => return Ok(n),
+                // Empty records: go on.
+                Step::Read => continue,
+                Step::Closed => return Ok(0),
+                _ if self.peer_closed => return Ok(0),
+                _ => {}
+            }
+            if self.fill(io)? == 0 {
+                return Ok(0);
+            }
         }
     }
 
     /// Takes plaintext from `bufs` for encryption, after sending the records already made;
-    /// `WouldBlock` if rustls's buffer is at its limit because the socket is full. What it
+    /// `WouldBlock` if the outgoing buffer is at its limit because the socket is full. What it
     /// took is sent at once if the socket has room, else by the next write or flush.
     pub(crate) fn write(
         &mut self,
-        io: &mut (impl Read + Write),
+        io: &mut impl Transport,
         bufs: &[IoSlice<'_>],
     ) -> io::Result<usize> {
         self.send(io)?;
-        let n = self.conn.writer().write_vectored(bufs)?;
-        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+        let held = self.bufs.as_ref().map_or(0, |b| b.end - b.sent);
+        let room = BUFFER_LIMIT.saturating_sub(held);
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Ok(0);
+        }
+        if room == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
+        let joined;
+        let data: &[u8] = match bufs.iter().filter(|b| !b.is_empty()).count() {
+            1 => bufs.iter().find(|b| !b.is_empty()).map_or(&[], |b| &b[..]),
+            _ => {
+                // Several slices go out as one record (hyper's chunk head, data and tail).
+                let mut v = Vec::with_capacity(total.min(room));
+                for b in bufs {
+                    let take = b.len().min(room - v.len());
+                    v.extend_from_slice(&b[..take]);
+                }
+                joined = v;
+                &joined
+            }
+        };
+        let data = &data[..data.len().min(room)];
+        let mut done = false;
+        loop {
+            match self.run(&mut Job::Write(data, &mut done))? {
+                Step::Ready => break,
+                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                Step::Input => return Err(io::ErrorKind::NotConnected.into()),
+                Step::Again | Step::Read => {}
+            }
+        }
+        let n = if done { data.len() } else { 0 };
         self.send(io)?;
         Ok(n)
     }
 
-    /// Sends the records rustls holds: `Ok(true)` when none is left, `Ok(false)` if the socket
-    /// is full.
+    /// Sends the records held: `Ok(true)` when none is left, `Ok(false)` if the socket is full.
     pub(crate) fn send(&mut self, io: &mut impl Write) -> io::Result<bool> {
-        while self.conn.wants_write() {
-            match self.conn.write_tls(io) {
+        let Some(b) = &mut self.bufs else {
+            return Ok(true);
+        };
+        while b.sent < b.end {
+            match io.write(&b.out[b.sent..b.end]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
+                Ok(n) => b.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
+        b.sent = 0;
+        b.end = 0;
         Ok(true)
     }
 
-    /// Queues `close_notify` (once) and sends what it can.
+    /// Queues `close_notify` (once, after the handshake) and sends what it can.
     pub(crate) fn close(&mut self, io: &mut impl Write) {
-        if !self.closing {
+        if !self.closing && self.error.is_none() && !self.conn.is_handshaking() {
             self.closing = true;
-            self.conn.send_close_notify();
+            for _ in 0..64 {
+                match self.run(&mut Job::Close) {
+                    Ok(Step::Again | Step::Read) => {}
+                    _ => break,
+                }
+            }
         }
         let _ = self.send(io);
     }
 
-    /// Decrypts what `read_tls` took in; on a TLS error, sends the alert rustls made for it.
-    fn process(&mut self, io: &mut impl Write) -> io::Result<()> {
-        if let Err(e) = self.conn.process_new_packets() {
-            let _ = self.send(io);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+    /// Reads what the socket has into the incoming buffer (`Ok(0)`: the peer closed), and,
+    /// while the SNI name is not known, lets the `Acceptor` read it too.
+    fn fill(&mut self, io: &mut impl Transport) -> io::Result<usize> {
+        let b = self.bufs.get_or_insert_with(take_spare);
+        b.compact();
+        let held = b.incoming.len();
+        if held >= INCOMING_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS message larger than rustls takes",
+            ));
         }
-        // Records rustls answers with after the handshake (a key update) go out now if the
-        // socket takes them, else with the next write or flush.
-        if self.conn.wants_write() && !self.conn.is_handshaking() {
-            let _ = self.send(io);
+        b.incoming.reserve(READ_SIZE);
+        let room = b.incoming.capacity().min(INCOMING_MAX) - held;
+        let n = io.recv(&mut b.incoming.spare_capacity_mut()[..room])?;
+        // Checked, not assumed: `Transport` is a safe trait.
+        assert!(
+            n <= room,
+            "a transport reported more bytes than it had room for"
+        );
+        // SAFETY: `recv` initialized the first `n` bytes of the spare capacity, `n <= room`
+        // (checked above; not clearing the room first is measured: it was a tenth of a parked
+        // connection's wake).
+        unsafe { b.incoming.set_len(held + n) };
+        if !self.hello_read && n > 0 {
+            let hello = self.hello.get_or_insert_with(Box::default);
+            let mut new = &b.incoming[held..];
+            let mut read = true;
+            while !new.is_empty() && read {
+                read = matches!(hello.read_tls(&mut new), Ok(r) if r > 0);
+            }
+            match hello.accept() {
+                Ok(Some(accepted)) => {
+                    self.sni = accepted.client_hello().server_name().map(Into::into);
+                    self.hello = None;
+                    self.hello_read = true;
+                }
+                Ok(None) if read => {}
+                _ => {
+                    self.hello = None;
+                    self.hello_read = true;
+                }
+            }
         }
-        Ok(())
+        Ok(n)
+    }
+
+    /// Calls rustls over the input held until it has done `job` or needs the socket; on a
+    /// rustls error, queues the alert rustls made for it and fails from then on.
+    fn run(&mut self, job: &mut Job<'_, '_>) -> io::Result<Step> {
+        if let Some(e) = &self.error {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, (**e).clone()));
+        }
+        loop {
+            match self.step(job) {
+                Ok(Step::Again) => continue,
+                Ok(Step::Read) if matches!(job, Job::Progress) => continue,
+                Ok(step) => return Ok(step),
+                Err(e) => {
+                    // The alert rustls queued for the error comes out as `EncodeTlsData`,
+                    // which comes before any input is looked at again (which could make
+                    // rustls fail, and alert, once more).
+                    for _ in 0..8 {
+                        if !self.conn.wants_write() || self.step(&mut Job::Progress).is_err() {
+                            break;
+                        }
+                    }
+                    self.error = Some(Box::new(e.clone()));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+        }
+    }
+
+    /// One `process_tls_records` call over the input held, its state handled for `job`.
+    fn step(&mut self, job: &mut Job<'_, '_>) -> Result<Step, rustls::Error> {
+        let b = &mut **self.bufs.get_or_insert_with(take_spare);
+        let UnbufferedStatus { discard, state } =
+            self.conn.process_tls_records(&mut b.incoming[b.start..]);
+        let out = Out {
+            buf: &mut b.out,
+            sent: &mut b.sent,
+            end: &mut b.end,
+        };
+        let step = match state {
+            Err(e) => Err(e),
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut step = Ok(Step::Read);
+                while let Some(record) = r.next_record() {
+                    match record {
+                        Ok(record) => take(record.payload, job, &mut b.plain),
+                        Err(e) => step = Err(e),
+                    }
+                }
+                step
+            }
+            Ok(ConnectionState::ReadEarlyData(mut r)) => {
+                let mut step = Ok(Step::Read);
+                while let Some(record) = r.next_record() {
+                    match record {
+                        Ok(record) => take(record.payload, job, &mut b.plain),
+                        Err(e) => step = Err(e),
+                    }
+                }
+                step
+            }
+            Ok(ConnectionState::EncodeTlsData(_)) if *out.end - *out.sent > OUT_MAX => {
+                Err(rustls::Error::General("TLS output beyond its bound".into()))
+            }
+            Ok(ConnectionState::EncodeTlsData(mut e)) => out
+                .append(0, |buf| match e.encode(buf) {
+                    Ok(n) => Ok(Ok(n)),
+                    Err(EncodeError::InsufficientSize(s)) => Ok(Err(s.required_size)),
+                    Err(EncodeError::AlreadyEncoded) => {
+                        Err(rustls::Error::General("a TLS record encoded twice".into()))
+                    }
+                })
+                .map(|()| Step::Again),
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                // The records are in the outgoing buffer, which goes out before anything
+                // encoded after them.
+                t.done();
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Step::Input),
+            Ok(ConnectionState::PeerClosed) => {
+                self.peer_closed = true;
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::Closed) => Ok(Step::Closed),
+            Ok(ConnectionState::WriteTraffic(mut w)) => match job {
+                Job::Write(data, done) if !**done => {
+                    // Room for the records, so that rustls encrypts at the first call.
+                    let hint = data.len() + RECORD_OVERHEAD * (data.len() / RECORD_SIZE + 1);
+                    out.append(hint, |buf| encrypted(w.encrypt(data, buf)))
+                        .map(|()| {
+                            **done = true;
+                            Step::Ready
+                        })
+                }
+                Job::Close => out
+                    .append(RECORD_OVERHEAD, |buf| encrypted(w.queue_close_notify(buf)))
+                    .map(|()| Step::Ready),
+                _ => Ok(Step::Ready),
+            },
+            Ok(_) => Err(rustls::Error::General(
+                "an unknown state of rustls's unbuffered connection".into(),
+            )),
+        };
+        b.discard(discard);
+        step
+    }
+}
+
+impl Drop for Tls {
+    /// Gives the buffers back for another connection if they hold nothing.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Copies what fits of `src` into `dst`; how much.
+fn copy(src: &[u8], dst: &mut [MaybeUninit<u8>]) -> usize {
+    let n = src.len().min(dst.len());
+    // SAFETY: `src` holds at least `n` initialized bytes and `dst` has room for `n`; they are
+    // different buffers (ours, or rustls's, and the caller's).
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast(), n) };
+    n
+}
+
+/// Hands a record's plaintext to a read job; what it has no room for (all of it, for any
+/// other job) is kept in `plain`.
+fn take(payload: &[u8], job: &mut Job<'_, '_>, plain: &mut Vec<u8>) {
+    let n = match job {
+        Job::Read(dst, count) => {
+            let n = copy(payload, &mut dst[**count..]);
+            **count += n;
+            n
+        }
+        _ => 0,
+    };
+    plain.extend_from_slice(&payload[n..]);
+}
+
+/// An encryption's result for [`Out::append`].
+fn encrypted(r: Result<usize, EncryptError>) -> Result<Result<usize, usize>, rustls::Error> {
+    match r {
+        Ok(n) => Ok(Ok(n)),
+        Err(EncryptError::InsufficientSize(s)) => Ok(Err(s.required_size)),
+        Err(EncryptError::EncryptExhausted) => Err(rustls::Error::EncryptError),
+    }
+}
+
+/// The outgoing buffer, borrowed apart from the connection.
+struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    sent: &'a mut usize,
+    end: &'a mut usize,
+}
+
+impl Out<'_> {
+    /// Appends what `f` writes into the buffer's free room, made at least `hint` bytes first
+    /// (`Ok(Err(size))`: it needs that much room; the buffer grows and `f` is called again).
+    fn append(
+        self,
+        hint: usize,
+        mut f: impl FnMut(&mut [u8]) -> Result<Result<usize, usize>, rustls::Error>,
+    ) -> Result<(), rustls::Error> {
+        if *self.sent == *self.end {
+            *self.sent = 0;
+            *self.end = 0;
+        }
+        if self.buf.len() - *self.end < hint {
+            let want = (*self.end + hint).next_multiple_of(512);
+            self.buf.resize(want, 0);
+        }
+        loop {
+            match f(&mut self.buf[*self.end..])? {
+                Ok(n) => {
+                    *self.end += n;
+                    return Ok(());
+                }
+                Err(need) => {
+                    if self.buf.len() - *self.end >= need && *self.sent == 0 {
+                        return Err(rustls::Error::General(
+                            "rustls asked for room it had".into(),
+                        ));
+                    }
+                    if *self.sent > 0 {
+                        self.buf.copy_within(*self.sent..*self.end, 0);
+                        *self.end -= *self.sent;
+                        *self.sent = 0;
+                    }
+                    if self.buf.len() - *self.end < need {
+                        let want = (*self.end + need).next_multiple_of(512);
+                        self.buf.resize(want, 0);
+                    }
+                }
+            }
+        }
     }
 }

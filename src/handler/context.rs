@@ -1,13 +1,14 @@
 //! The server a thread serves, for code that runs a read handler away from its connection's
 //! drive (a hijack on the tokio backend, an SSE subscriber served as a body): the read-handler
 //! settings, the graceful-shutdown signal and the count of such tasks the drain waits for, and
-//! (tokio backend) each connection task's cut signal. Backends set it; `hijack` and `sse` read
-//! it.
+//! (tokio backend) each connection task's cut signal, and the server's counters for what read
+//! handlers count. Backends set it; `hijack`, `sse` and `ws` read it.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use super::TcpConfig;
+use crate::settings::Control;
 
 thread_local! {
     /// The server whose thread this is: settings, and (tokio backend) its shutdown signal.
@@ -43,6 +44,8 @@ pub(crate) struct ServerContext {
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
     /// Hijacked connections running as tasks (tokio backend), which the drain waits for.
     pub(crate) tasks: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The server's counters, for what read handlers count (`Stats::ws_ping_timeouts`).
+    pub(crate) ctl: Option<Arc<Control>>,
 }
 
 /// Records the server context for hijacks made on this thread (poller and worker threads
@@ -58,7 +61,44 @@ pub(crate) fn thread_context() -> ServerContext {
             tcp: Arc::new(TcpConfig::default()),
             shutdown: None,
             tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+            ctl: None,
         })
+}
+
+/// Counts a WebSocket closed for missing its keep-alive deadline in the stats of this
+/// thread's server (a thread without one counts nowhere), and gives it as `conn`'s reason to
+/// close.
+pub(crate) fn count_ws_ping_timeout(conn: &mut super::Conn) {
+    #[cfg(feature = "metrics")]
+    {
+        conn.why = Some(crate::observe::Reason::WsPingTimeout);
+    }
+    let _ = conn;
+    CONTEXT.with(|c| {
+        if let Some(ctl) = c.borrow().as_ref().and_then(|ctx| ctx.ctl.as_ref()) {
+            ctl.ws_ping_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+}
+
+/// Counts a connection told to close by a limit in the stats of this thread's server.
+pub(crate) fn count_limit(why: crate::limits::Limit) {
+    CONTEXT.with(|c| {
+        if let Some(ctl) = c.borrow().as_ref().and_then(|ctx| ctx.ctl.as_ref()) {
+            ctl.limit_reached(why);
+        }
+    });
+}
+
+/// The open-connection gauges of this thread's server, if it has one.
+pub(crate) fn open_counts() -> Option<Arc<crate::limits::OpenCounts>> {
+    CONTEXT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .and_then(|ctx| ctx.ctl.as_ref())
+            .map(|ctl| ctl.open.clone())
+    })
 }
 
 /// Resolves when this thread's server starts a graceful shutdown; never for a thread without

@@ -1,8 +1,11 @@
 //! The read-handler state machine both backends drive: read into the input buffer, call the
 //! handler, flush its output, apply timeouts. The reactor polls it in place with the
 //! connection's own waker (`conn::tcp`); the tokio backend polls it from one task per
-//! connection ([`run_task`]).
+//! connection ([`run_task`]). It owns the handler's end: [`ConnCore::finish`] calls
+//! `on_close` once, whoever closes the connection, and a core dropped without it (a panic
+//! outside the handler, a task aborted at the drain deadline) calls it from its `Drop`.
 
+use std::any::Any;
 use std::future::poll_fn;
 use std::future::Future;
 use std::io;
@@ -17,6 +20,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{CloseClock, CloseReason, Conn, Handler, TcpConfig};
+use crate::limits::OpenGuard;
 use crate::rt::timer::Tick;
 
 /// The byte stream under a read handler.
@@ -70,12 +74,17 @@ pub(crate) struct ConnCore {
     /// Bytes asked of the socket per read (`TcpConfig::read_chunk`).
     read_chunk: u32,
     opened: bool,
+    /// `on_close` has been called (or the connection closed before it opened).
+    closed: bool,
     eof: bool,
     write_shut: bool,
     shutdown_told: bool,
     /// When bytes were last read ([`Tick`]s: 8 bytes each, in every idle connection).
     last_read: Tick,
     last_active: Tick,
+    /// Counts it open by kind (WebSocket, SSE, TCP) until it is dropped; `None` where no
+    /// server counts it.
+    pub(crate) open: Option<OpenGuard>,
 }
 
 impl ConnCore {
@@ -92,11 +101,13 @@ impl ConnCore {
             input,
             read_chunk: cfg.read_chunk.min(u32::MAX as usize) as u32,
             opened: false,
+            closed: false,
             eof: false,
             write_shut: false,
             shutdown_told: false,
             last_read: Tick::of(now),
             last_active: Tick::of(now),
+            open: None,
         }
     }
 
@@ -116,7 +127,10 @@ impl ConnCore {
             Ok(Err(e)) => Err(CloseReason::Error(e)),
             Err(panic) => {
                 let msg = crate::service::panic_message(&*panic).to_owned();
-                tracing::error!(panic = msg, "read handler panicked; closing its connection");
+                crate::logs::error_limited!(
+                    panic = msg,
+                    "read handler panicked; closing its connection"
+                );
                 Err(CloseReason::Error(io::Error::other(format!(
                     "handler panicked: {msg}"
                 ))))
@@ -143,15 +157,56 @@ impl ConnCore {
         }
     }
 
-    /// Tells the handler the connection is gone and refuses later handle writes.
-    pub(crate) fn finish(&mut self, reason: CloseReason) {
+    /// Tells the handler the connection is gone (`on_close`, once: later calls do nothing, and
+    /// a handler that never opened is not told) and refuses later handle writes. A panic in
+    /// `on_close` is contained and handed back, for the driver to log and count.
+    #[must_use = "a panic in on_close is to be counted"]
+    pub(crate) fn finish(&mut self, reason: CloseReason) -> Option<Box<dyn Any + Send>> {
+        if std::mem::replace(&mut self.closed, true) {
+            return None;
+        }
+        #[cfg(feature = "metrics")]
+        {
+            use crate::observe::Reason;
+            self.conn.why.get_or_insert(match &reason {
+                CloseReason::Local | CloseReason::Peer => Reason::Closed,
+                CloseReason::Timeout => Reason::IdleTimeout,
+                CloseReason::Shutdown => Reason::Drain,
+                CloseReason::Error(_) => Reason::Error,
+            });
+        }
         if let Some(mb) = &self.conn.mailbox {
             let mut st = mb.lock();
             st.closed = true;
             st.writes.clear();
         }
+        if !self.opened {
+            return None;
+        }
         let handler = &mut self.handler;
-        let _ = catch_unwind(AssertUnwindSafe(|| handler.on_close(reason)));
+        catch_unwind(AssertUnwindSafe(|| handler.on_close(reason))).err()
+    }
+
+    /// Why the connection closed, once [`finish`](Self::finish) was called (always `None`
+    /// without the `metrics` feature).
+    pub(crate) fn reason(&self) -> Option<crate::observe::Reason> {
+        #[cfg(feature = "metrics")]
+        return self.conn.why;
+        #[cfg(not(feature = "metrics"))]
+        None
+    }
+
+    /// [`finish`](Self::finish) for a connection its driver drops without a reason of its
+    /// own (a panic outside the handler, an error of the poller's): `Shutdown` once the
+    /// handler was told of a shutdown (a connection cut at the drain deadline), an error
+    /// otherwise.
+    #[must_use = "a panic in on_close is to be counted"]
+    pub(crate) fn abandon(&mut self) -> Option<Box<dyn Any + Send>> {
+        let reason = match self.shutdown_told {
+            true => CloseReason::Shutdown,
+            false => CloseReason::Error(io::Error::other("the connection was dropped")),
+        };
+        self.finish(reason)
     }
 
     /// When the read, idle and close timeouts run out (those that are set). Once the close
@@ -163,18 +218,18 @@ impl ConnCore {
             .read_timeout
             .get()
             .filter(|_| !self.eof && !closing)
-            .map(|t| self.last_read.instant() + t);
+            .map(|t| crate::rt::timer::deadline(self.last_read.instant(), t));
         let idle = self
             .conn
             .idle_timeout
             .get()
-            .map(|t| self.last_active.instant() + t);
+            .map(|t| crate::rt::timer::deadline(self.last_active.instant(), t));
         let close = self
             .conn
             .close_timeout
             .get()
             .filter(|_| closing)
-            .map(|t| self.last_read.instant() + t);
+            .map(|t| crate::rt::timer::deadline(self.last_read.instant(), t));
         [read, idle, close].into_iter().flatten()
     }
 
@@ -397,6 +452,43 @@ impl ConnCore {
     }
 }
 
+/// Every way a connection ends runs `on_close`: here for those whose driver dropped them
+/// without [`ConnCore::finish`].
+impl Drop for ConnCore {
+    fn drop(&mut self) {
+        let Some(panic) = self.abandon() else { return };
+        if std::thread::panicking() {
+            tracing::error!(
+                panic = crate::service::panic_message(&*panic),
+                "a read handler's on_close panicked while unwinding; contained"
+            );
+            return;
+        }
+        // The handler's own `Drop` runs now, under a guard: once the panic is on its way, a
+        // second one from it would abort the process.
+        let handler = std::mem::replace(&mut self.handler, Box::new(Gone));
+        if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(handler))) {
+            tracing::error!(
+                panic = crate::service::panic_message(&*p),
+                "a read handler's Drop panicked after its on_close did; contained"
+            );
+        }
+        // Carried on to whoever drops the core (the poller's guard, or the task's join),
+        // which logs and counts it.
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// What a core holds once its handler has been dropped.
+struct Gone;
+
+impl Handler for Gone {
+    fn on_read(&mut self, _: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
+        input.clear();
+        Ok(())
+    }
+}
+
 thread_local! {
     /// Empty buffers this thread's connections gave back, lent to the next that needs one, so
     /// a busy connection does not allocate per message and an idle one holds none.
@@ -450,7 +542,8 @@ pub(crate) async fn run_task<T>(
     mut core: ConnCore,
     io: T,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-) where
+) -> Option<crate::observe::Reason>
+where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut io = TokioIo(io);
@@ -483,5 +576,10 @@ pub(crate) async fn run_task<T>(
         core.begin_shutdown();
     };
     let _ = poll_fn(|cx| io.poll_shutdown(cx)).await;
-    core.finish(reason);
+    if let Some(panic) = core.finish(reason) {
+        // The task ends with it: counted where its join is (the tokio backend's connection
+        // tasks, the poller's local tasks).
+        std::panic::resume_unwind(panic);
+    }
+    core.reason()
 }

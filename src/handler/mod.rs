@@ -130,7 +130,13 @@ pub trait Handler: Send + 'static {
         conn.close();
     }
 
-    /// The connection is gone.
+    /// The connection is gone. Called exactly once for every connection whose
+    /// [`on_open`](Self::on_open) was called (whether or not it succeeded), however it ended:
+    /// closed by the handler or the peer, an error or a panic (in a handler method, or
+    /// contained by the poller around it), a timeout, a graceful shutdown or the drain deadline
+    /// (`Shutdown`), or a connection task dropped by the runtime. A panic here is contained,
+    /// and counted in [`crate::Stats::panics`] (not in a hijack served as a tokio task, which
+    /// reaches no server's counters).
     fn on_close(&mut self, reason: CloseReason) {
         let _ = reason;
     }
@@ -153,6 +159,10 @@ pub struct Conn {
     pub(crate) close_clock: CloseClock,
     pub(crate) timer: Option<std::time::Instant>,
     pub(crate) mailbox: Option<Arc<Mailbox>>,
+    /// Why it is closing, when a handler of hop's knows better than the [`CloseReason`]
+    /// (`hop::ws`'s ping timeout); reported (`crate::observe`).
+    #[cfg(feature = "metrics")]
+    pub(crate) why: Option<crate::observe::Reason>,
 }
 
 impl fmt::Debug for Conn {
@@ -181,7 +191,20 @@ impl Conn {
             close_clock: CloseClock::Off,
             timer: None,
             mailbox: None,
+            #[cfg(feature = "metrics")]
+            why: None,
         }
+    }
+
+    /// A connection taken over from HTTP (a [`crate::Hijack`], so `hop::ws`, and an SSE
+    /// stream): as [`new`](Self::new), without the idle timeout. `idle_timeout` is HTTP's
+    /// keep-alive limit (and a `hop::tcp` listener's); a taken-over connection's protocol
+    /// decides when its peer is gone (`hop::ws` pings, SSE sends comments), and otherwise the
+    /// read timeout, `tcp_keepalive` or the handler's own [`Conn::set_idle_timeout`] do.
+    pub(crate) fn taken_over(fd: Option<RawFd>, cfg: &TcpConfig) -> Self {
+        let mut conn = Conn::new(fd, cfg);
+        conn.idle_timeout = Millis::new(None);
+        conn
     }
 
     /// Starts the close clock (once): from now the connection has the close timeout to finish
@@ -310,10 +333,20 @@ impl Conn {
     /// Calls [`Handler::on_timer`] once, `after` from now (`None` cancels). Timers run on the
     /// poller's timer (a tokio timer under the tokio backend).
     pub fn set_timer(&mut self, after: Option<Duration>) {
-        self.timer = after.map(|d| std::time::Instant::now() + d);
+        self.timer = after.map(|d| crate::rt::timer::deadline(std::time::Instant::now(), d));
     }
 
-    /// Closes the connection if nothing is read or written for `t` (`None`: never).
+    /// Arms the timer for `at`, unless it is already due sooner (a protocol that keeps several
+    /// deadlines on the one timer: each `on_timer` arms them all again).
+    pub(crate) fn arm_timer_at(&mut self, at: std::time::Instant) {
+        if self.timer.is_none_or(|t| at < t) {
+            self.timer = Some(at);
+        }
+    }
+
+    /// Closes the connection if nothing is read or written for `t` (`None`: never). The
+    /// default: the server's `idle_timeout` for a `hop::tcp` listener's connection, none for one
+    /// taken over from HTTP (a [`crate::Hijack`], `hop::ws`, SSE).
     pub fn set_idle_timeout(&mut self, t: Option<Duration>) {
         self.idle_timeout = Millis::new(t);
     }
@@ -347,7 +380,7 @@ pub(crate) enum CloseClock {
 }
 
 /// A connection's timeout in 4 bytes (an idle connection's state stays small): whole
-/// milliseconds, rounded up, at most about 49 days; 0 is none.
+/// milliseconds, rounded up; 0 is none, and `u32::MAX` (about 49 days) or more is never.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Millis(u32);
 
@@ -359,7 +392,7 @@ impl Millis {
     }
 
     pub(crate) fn get(self) -> Option<Duration> {
-        (self.0 != 0).then(|| Duration::from_millis(self.0.into()))
+        (self.0 != 0 && self.0 != u32::MAX).then(|| Duration::from_millis(self.0.into()))
     }
 }
 
@@ -429,7 +462,7 @@ impl ConnHandle {
 
     fn queue(&self, data: Bytes, deliver: bool) -> Result<(), WriteError> {
         self.send(|st| {
-            if over_mark(st.bytes + st.out_len, st.max) {
+            if over_mark(st.bytes.saturating_add(st.out_len), st.max) {
                 return Err(WriteError::Full { capacity: 0 });
             }
             st.bytes += data.len();

@@ -55,6 +55,32 @@ where
 thread_local! {
     /// Tasks spawned on this thread's poller that it has not taken yet.
     static SPAWNED: std::cell::RefCell<Vec<Task>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A response body on this thread produced a large chunk since [`take_bulk`] last looked.
+    static BULK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A chunk at least this large makes the task that produced it hand its connection back to be
+/// driven at once (see [`note_bulk`]).
+pub(crate) const BULK_CHUNK: usize = 16 * 1024;
+
+/// Notes that a response body produced a chunk of [`BULK_CHUNK`] or more. The poller then
+/// writes it out before it runs the next task: a connection's streams that send large bodies
+/// to a peer that reads slowly finish one after another, rather than each holding a part of its
+/// body (and its buffers) while their frames take turns. Small responses keep sharing writes.
+pub(crate) fn note_bulk() {
+    BULK.with(|b| b.set(true));
+}
+
+/// Whether a large chunk was produced since the last call; clears the note.
+pub(crate) fn take_bulk() -> bool {
+    BULK.with(|b| b.replace(false))
+}
+
+/// Whether tasks were spawned on this thread since [`take_spawned`] last took them (an HTTP/2
+/// connection whose drive started streams is not between streams, though its entry owns no
+/// task yet).
+pub(crate) fn spawned_pending() -> bool {
+    SPAWNED.with(|s| !s.borrow().is_empty())
 }
 
 /// Moves the tasks spawned on this thread since the last call into `into`.
@@ -63,12 +89,29 @@ pub(crate) fn take_spawned(into: &mut Vec<Task>) {
 }
 
 /// hyper's executor on a poller (`hyper::rt::Executor`): each future becomes a local task that
-/// belongs to the connection the executor was made for.
+/// belongs to the connection being driven ([`driving`]), or else to the one the executor was
+/// made for.
 ///
-/// HTTP/2 connections are its user: each stream is a task that belongs to its connection.
+/// HTTP/2 connections are its user: each stream is a task that belongs to its connection. hyper
+/// spawns a stream while its connection is polled, so a connection handed to another poller
+/// (between streams) has its next streams spawned there, under the key it has there.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LocalExec {
     owner: Option<Key>,
+}
+
+thread_local! {
+    /// The connection whose hyper state this poller thread is polling, if any (see [`driving`]).
+    static DRIVING: std::cell::Cell<Option<Key>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a poll of connection `key`'s hyper state) with `key` as the owner of the tasks
+/// hyper spawns meanwhile. `f` must not unwind (the caller catches panics inside it).
+pub(crate) fn driving<R>(key: Key, f: impl FnOnce() -> R) -> R {
+    let outer = DRIVING.with(|d| d.replace(Some(key)));
+    let r = f();
+    DRIVING.with(|d| d.set(outer));
+    r
 }
 
 impl LocalExec {
@@ -83,7 +126,8 @@ where
     F: Future<Output = ()> + 'static,
 {
     fn execute(&self, future: F) {
-        if spawn_local(future, self.owner).is_err() {
+        let owner = DRIVING.with(|d| d.get()).or(self.owner);
+        if spawn_local(future, owner).is_err() {
             // hyper calls its executor while the connection is polled, which is on its poller.
             tracing::error!("a poller's executor was used off its poller; the future is dropped");
         }

@@ -9,6 +9,11 @@
 //! are counted, and swept out once they are half the heap: under connection churn every
 //! connection arms its header timeout, and without the sweep the heap would hold that many
 //! seconds' worth of closed connections.
+//!
+//! It also owns [`deadline`], the one way hop turns a user's or a peer's duration into an
+//! instant: saturating, so `Duration::MAX` means "never" and no setting can overflow an
+//! `Instant` (both backends use it), and [`cap`], the same bound for durations handed to
+//! code that adds them to an instant itself (hyper's timers).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -17,6 +22,21 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::wake::Key;
+
+/// Far enough to mean never: about 30 years (as tokio's own "far future"). [`Tick`] holds
+/// centuries, and mio's poll clamps its timeout, so a deadline this far is just never due.
+const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `after` counted from `from`, saturating: any duration over [`FAR`] (`Duration::MAX`
+/// included) is a far-future instant, never an overflow.
+pub(crate) fn deadline(from: Instant, after: Duration) -> Instant {
+    from.checked_add(cap(after)).unwrap_or(from)
+}
+
+/// `d`, at most [`FAR`]: for durations that other code (hyper's timers) adds to an instant.
+pub(crate) fn cap(d: Duration) -> Duration {
+    d.min(FAR)
+}
 
 /// A deadline in 8 bytes (an `Instant` takes 16): nanoseconds since the process's timer epoch,
 /// plus one. It is what a slab entry records and the heap holds, so both stay small.
@@ -136,7 +156,7 @@ mod tests {
         let mut timer = Timer::default();
         // The connections' own records, by slot (`None`: closed).
         let mut armed: Vec<Option<Option<Tick>>> = vec![Some(None); n];
-        let key = |slot| Key::new(0, slot, 1);
+        let key = |slot| Key::new(0, slot, 1).unwrap();
         for (slot, a) in armed.iter_mut().enumerate() {
             let a = a.as_mut().unwrap();
             timer.arm(a, key(slot), far);
@@ -174,5 +194,25 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, (n - 10..n).collect::<Vec<_>>());
         assert_eq!(timer.len(), 0);
+    }
+
+    #[test]
+    fn deadlines_saturate() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let never = deadline(now, Duration::MAX);
+        assert!(never >= now + Duration::from_secs(86_400 * 365 * 29));
+        assert_eq!(deadline(now, Duration::from_secs(u64::MAX / 2)), never);
+        // The timer takes it: armed, never due, and the poll timeout stays sane.
+        let mut timer = Timer::default();
+        let mut armed = None;
+        timer.arm(&mut armed, Key::new(0, 0, 1).unwrap(), never);
+        let mut due = Vec::new();
+        timer.fire(now + Duration::from_secs(3600), |_, _| true, &mut due);
+        assert!(due.is_empty());
+        assert!(timer.next_deadline().unwrap() >= never);
     }
 }

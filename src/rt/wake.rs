@@ -4,14 +4,18 @@
 //! so cloning and dropping it are free. Waking it from the poller's own thread pushes the key on
 //! that thread's local ready queue; waking it from any other thread pushes it on the poller's
 //! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
-//! checks the generation, so a late wake for a slot that has been reused is ignored. Both
-//! cross-thread queues are bounded by what is woken, not by how often: a key is queued once
-//! until the poller takes the queue, and bytes delivered to a connection stop at the sender's
-//! limit for it.
+//! checks the generation, so a late wake for a slot that has been reused is ignored (a wake
+//! that reaches the wrong connection after the 16-bit generation wraps costs a spurious drive,
+//! no more). Bytes are another matter: what is delivered to a read-handler connection
+//! ([`deliver`]) names it by a [`Target`], its key and a process-wide 64-bit id that no other
+//! connection ever has, so bytes meant for one connection never reach another that reuses its
+//! slot, however many times. Both cross-thread queues are bounded by what is woken, not by how
+//! often: a key is queued once until the poller takes the queue, and bytes delivered to a
+//! connection stop at the sender's limit for it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use std::task::{RawWaker, RawWakerVTable, Waker};
@@ -21,9 +25,12 @@ use std::task::{RawWaker, RawWakerVTable, Waker};
 pub(crate) struct Key(u64);
 
 impl Key {
-    pub(crate) fn new(poller: u16, slot: usize, generation: u16) -> Self {
-        debug_assert!(slot <= u32::MAX as usize);
-        Key(((poller as u64) << 48) | ((generation as u64) << 32) | slot as u64)
+    /// `None` if `slot` does not fit in 32 bits (the poller then refuses the connection).
+    pub(crate) fn new(poller: u16, slot: usize, generation: u16) -> Option<Self> {
+        let slot = u32::try_from(slot).ok()?;
+        Some(Key(((poller as u64) << 48)
+            | ((generation as u64) << 32)
+            | u64::from(slot)))
     }
 
     pub(crate) fn poller(self) -> u16 {
@@ -40,6 +47,22 @@ impl Key {
         // treats it as a `Key`, and none of them owns a resource, so any copy is valid.
         unsafe { Waker::from_raw(raw(self)) }
     }
+}
+
+/// A read-handler connection as code outside it names it for [`deliver`]: its key, and an id
+/// unique in the process ([`next_id`]). The key's generation has 16 bits and repeats after
+/// 65,536 new entries on a poller; the id never repeats, so a stale target (a sender that still
+/// holds it after the connection closed) never reaches the connection that reuses its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) key: Key,
+    pub(crate) id: u64,
+}
+
+/// A connection id never handed out before in this process (never 0).
+pub(crate) fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn raw(key: Key) -> RawWaker {
@@ -77,7 +100,7 @@ pub(crate) struct Remote {
 /// pile up). 4 bytes per slot, reset when the poller takes the queue.
 #[derive(Default)]
 struct Deliveries {
-    queue: Vec<(Key, bytes::Bytes)>,
+    queue: Vec<(Target, bytes::Bytes)>,
     queued: Vec<u32>,
 }
 
@@ -125,16 +148,16 @@ impl Remote {
     pub(crate) fn notify(&self) {
         if !self.notified.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.waker.wake() {
-                tracing::warn!(error = %e, "could not wake a poller");
+                crate::logs::warn_limited!(error = %e, "could not wake a poller");
             }
         }
     }
 
-    /// Queues `bytes` for `key` and wakes the poller, unless `full` says the bytes already
-    /// queued for it are enough.
-    fn deliver(&self, key: Key, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
+    /// Queues `bytes` for `to` and wakes the poller, unless `full` says the bytes already
+    /// queued for its slot are enough.
+    fn deliver(&self, to: Target, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
         let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = key.slot();
+        let slot = to.key.slot();
         if d.queued.len() <= slot {
             d.queued.resize(slot + 1, 0);
         }
@@ -143,7 +166,7 @@ impl Remote {
             return Delivery::Full;
         }
         d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
-        d.queue.push((key, bytes));
+        d.queue.push((to, bytes));
         drop(d);
         self.notify();
         Delivery::Queued
@@ -151,11 +174,11 @@ impl Remote {
 
     /// Moves every queued delivery into `into`; called by the poller on its waker token.
     /// (Taken whole, so a burst's queue is freed once handled.)
-    pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Key, bytes::Bytes)>) {
+    pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Target, bytes::Bytes)>) {
         let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
         let Deliveries { queue, queued } = &mut *d;
-        for (key, _) in queue.iter() {
-            if let Some(n) = queued.get_mut(key.slot()) {
+        for (to, _) in queue.iter() {
+            if let Some(n) = queued.get_mut(to.key.slot()) {
                 *n = 0;
             }
         }
@@ -205,11 +228,11 @@ pub(crate) fn unregister(id: u16) {
     reg[id as usize] = None;
 }
 
-/// Hands `bytes` to the read-handler connection `key` on its poller
-/// (`Handler::on_deliver`), unless `full(bytes already queued for it)` says it has enough
-/// waiting in its poller's queue.
-pub(crate) fn deliver(key: Key, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
-    with_remote(key, |remote| remote.deliver(key, bytes, full)).unwrap_or(Delivery::Gone)
+/// Hands `bytes` to the read-handler connection `to` on its poller (`Handler::on_deliver`),
+/// unless `full(bytes already queued for it)` says it has enough waiting in its poller's queue.
+/// The poller drops them if `to` has closed (its slot empty, or another connection's).
+pub(crate) fn deliver(to: Target, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
+    with_remote(to.key, |remote| remote.deliver(to, bytes, full)).unwrap_or(Delivery::Gone)
 }
 
 /// Runs `f` with the remote half of `key`'s poller; `None` if that poller is gone.
@@ -241,6 +264,18 @@ pub(crate) fn current_poller() -> Option<u16> {
 /// Queues `key` on this thread's local run queue (the caller is its poller).
 pub(crate) fn push_ready(key: Key) {
     READY.with(|r| r.borrow_mut().push(key));
+}
+
+/// Takes `key` back out of the last 64 keys woken on this thread, if it is there: it is about
+/// to be driven now, not at the end of the turn.
+pub(crate) fn unqueue_recent(key: Key) {
+    READY.with(|r| {
+        let mut r = r.borrow_mut();
+        let from = r.len().saturating_sub(64);
+        if let Some(at) = r[from..].iter().rposition(|k| *k == key) {
+            r.remove(from + at);
+        }
+    })
 }
 
 /// Moves this thread's locally woken keys into `into`.

@@ -498,9 +498,11 @@ fn deflate_all(c: &mut Compress, data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Inflates `data` and the closing empty block into a buffer that never grows past `max + 1`.
+/// Inflates `data` and the closing empty block into a buffer that never grows past `max + 1`
+/// (any `max`: the arithmetic saturates).
 fn inflate_all(d: &mut Decompress, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
-    let mut out = Vec::with_capacity(data.len().saturating_mul(3).clamp(64, max + 1));
+    let limit = max.saturating_add(1);
+    let mut out = Vec::with_capacity(data.len().saturating_mul(3).max(64).min(limit));
     for input in [data, &TAIL[..]] {
         let start = d.total_in();
         loop {
@@ -508,7 +510,7 @@ fn inflate_all(d: &mut Decompress, data: &[u8], max: usize) -> Result<Vec<u8>, I
                 if out.len() > max {
                     return Err(InflateError::TooLarge);
                 }
-                let room = (max + 1 - out.len()).min(out.len().max(4096));
+                let room = (limit - out.len()).min(out.len().max(4096));
                 out.reserve_exact(room);
             }
             let done = (d.total_in() - start) as usize;

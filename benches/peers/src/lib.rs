@@ -129,7 +129,32 @@ pub fn app(hub: Hub) -> Router {
         .route("/ws", get(ws))
         .route("/sse", get(sse))
         .route("/sse/broadcast", post(broadcast))
+        // As the demo serves it: hop's README.md, by tower-http's `ServeFile`.
+        .route_service(
+            "/file",
+            tower_http::services::ServeFile::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../README.md"
+            )),
+        )
+        // The demo's 64 MiB file (written by the demo, or here if it is missing).
+        .route_service("/big", tower_http::services::ServeFile::new(big_file()))
         .with_state(hub)
+}
+
+/// The demo's `/big`: 64 MiB in the temporary directory, the same bytes as the demo writes.
+fn big_file() -> std::path::PathBuf {
+    const SIZE: u64 = 64 << 20;
+    let path = std::env::temp_dir().join("hop-demo-big-64MiB.bin");
+    if !std::fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let all: Vec<u8> = chunk.repeat((SIZE >> 20) as usize);
+        if std::fs::write(&tmp, all).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    path
 }
 
 /// Command-line settings shared by the binaries.
