@@ -334,8 +334,12 @@ backend_tests! {
         drop(a1);
         let (a2, _) = subscribe_raw(addr, "/sse-bomb").await;
         drop(a2);
+        assert!(wait_until(WAIT, || hub.is_empty()).await, "[{backend}] {hub:?}");
+        // A subscriber joins the hub once its head is written, so a client can read the head
+        // first: this one is seen to join before it leaves.
         let (a3, head) = subscribe_raw(addr, "/sse").await;
         assert!(head.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&head));
+        assert!(wait_until(WAIT, || hub.len() == 1).await, "[{backend}] {hub:?}");
         drop(a3);
         assert!(wait_until(WAIT, || hub.is_empty()).await, "[{backend}] {hub:?}");
         let old: Vec<u64> = ids.lock().unwrap().drain(..).collect();
