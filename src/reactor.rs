@@ -58,11 +58,13 @@ const WAKER: Token = Token(usize::MAX - 2);
 /// few, and memory stays flat when there are many.
 const HOT_LIMIT: usize = 128;
 
-/// How often a poller of several compares its load (entries driven) with the others'.
+/// How often a poller of several compares its load (time spent on its connections) with the
+/// others'.
 const WINDOW: Duration = Duration::from_millis(10);
 
-/// Below this many drives in a window, a poller is not busy enough to hand work off.
-const SHED_MIN: u64 = 16;
+/// Below this many microseconds of work in a window (a fifth of it), a poller is not busy
+/// enough to hand work off.
+const SHED_MIN: u64 = 2_000;
 
 /// Counts pollers down and reports when the last one has stopped.
 struct Latch {
@@ -235,7 +237,7 @@ pub(crate) fn start<P: App>(
         let spread = balance.clone().map(|balance| Spread {
             balance,
             next_window: start + WINDOW,
-            window_start: 0,
+            busy: Duration::ZERO,
             published: 0,
             quiet_until: start,
             arrivals: Vec::new(),
@@ -306,8 +308,10 @@ impl Drop for Unregister {
 
 /// A poller's part in spreading the work over several pollers (issue 23).
 ///
-/// Each [`WINDOW`], a poller publishes how many entries it drove (its load). One that did
-/// more than 52% of its own and the lightest poller's work sheds a connection: the next HTTP/1
+/// Each [`WINDOW`], a poller publishes how long it spent on its connections (its load: from
+/// the end of its wait in `poll` to the end of its drives, in microseconds; a count of drives
+/// would miss that one drive may serve a whole pipelined batch). One that did more than 52% of
+/// its own and the lightest poller's work sheds a connection: the next HTTP/1
 /// connection of its own that goes idle at a request boundary parks at once and goes, parked
 /// (its socket and service, nothing of hyper's), to the lightest poller, which registers it and
 /// reads on; or the next HTTP/2 connection found between streams (no stream task open), with
@@ -318,8 +322,8 @@ impl Drop for Unregister {
 struct Spread<S: crate::service::ConnService> {
     balance: Arc<Balance<Moved<S>>>,
     next_window: Instant,
-    /// The work count when the window began.
-    window_start: u64,
+    /// Time spent on connections in this window so far.
+    busy: Duration,
     /// The load last published.
     published: u64,
     /// No shedding before this (after a move).
@@ -494,8 +498,10 @@ impl<P: App> Poller<P> {
             self.drive_contained(key, now);
         }
         self.work_cell[self.index].store(self.work, Ordering::Relaxed);
-        if self.spread.is_some() {
-            self.rebalance(now);
+        if let Some(s) = &mut self.spread {
+            let end = Instant::now();
+            s.busy += end.saturating_duration_since(now);
+            self.rebalance(end);
         }
         tasks::take_spawned(spawned);
         for task in spawned.drain(..) {
@@ -584,8 +590,7 @@ impl<P: App> Poller<P> {
         if now < s.next_window {
             return;
         }
-        let load = self.work - s.window_start;
-        s.window_start = self.work;
+        let load = u64::try_from(std::mem::take(&mut s.busy).as_micros()).unwrap_or(u64::MAX);
         s.next_window = now + WINDOW;
         s.published = load;
         s.balance.set_load(self.index, load);
