@@ -578,6 +578,9 @@ async fn proxied<P: App, A: Accept>(
             return;
         }
     };
+    // The task runs in the connection's span (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    crate::observe::record_client(&tracing::Span::current(), &header);
     let incoming = A::proxied(&stream, &peer, local, &header);
     let Some(accepted) = make(&mut app, incoming, &incoming, &guard) else {
         return;

@@ -412,8 +412,8 @@ mod counted {
     }
 }
 
-/// A connection's `tracing` span (`conn`, at debug level, with a process-wide connection id
-/// and the peer's address), `None` when debug is off for hop or without the `metrics` feature;
+/// A connection's `tracing` span (`conn`, at debug level, with a process-wide connection id,
+/// the peer's address, and `client`, the address a PROXY protocol header carries), `None` when debug is off for hop or without the `metrics` feature;
 /// boxed, so a connection without one holds a null pointer.
 pub(crate) type ConnSpan = Option<Box<tracing::Span>>;
 
@@ -427,7 +427,8 @@ pub(crate) fn conn_span(peer: &dyn std::fmt::Debug) -> ConnSpan {
         let span = tracing::debug_span!(
             "conn",
             id = NEXT.fetch_add(1, Ordering::Relaxed),
-            peer = ?peer
+            peer = ?peer,
+            client = tracing::field::Empty
         );
         if !span.is_disabled() {
             return Some(Box::new(span));
@@ -435,6 +436,15 @@ pub(crate) fn conn_span(peer: &dyn std::fmt::Debug) -> ConnSpan {
     }
     let _ = peer;
     None
+}
+
+/// Records in a connection's span the client address its PROXY protocol header carries (the
+/// span was made at accept, with the proxy's address as `peer`).
+#[cfg(feature = "metrics")]
+pub(crate) fn record_client(span: &tracing::Span, header: &crate::proxy::ProxyHeader) {
+    if let Some(client) = header.source() {
+        span.record("client", tracing::field::display(client));
+    }
 }
 
 #[cfg(all(test, feature = "metrics"))]

@@ -835,6 +835,10 @@ impl<P: App> Poller<P> {
         now: Instant,
     ) -> Option<Kind<P::Svc>> {
         let ProxyWait { fd, peer, since } = wait;
+        #[cfg(feature = "metrics")]
+        if let Some(span) = &fd.span {
+            crate::observe::record_client(span, &header);
+        }
         let new = peer
             .incoming(&fd.io, Some(&header))
             .and_then(|s| self.make(s))?;

@@ -318,14 +318,21 @@ fn demo_refuses_a_port_in_use_unless_asked_to_share() {
     }
 }
 
-/// The first SIGTERM starts a graceful drain, which waits for a request whose body stalls; a
-/// second SIGTERM ends the process at once (status 143), on both backends.
+/// The first SIGTERM (or Ctrl-C's SIGINT) starts a graceful drain, which waits for a request
+/// whose body stalls; a second one ends the process at once (status 143, or 130 for SIGINT),
+/// on both backends.
 #[test]
-fn a_second_sigterm_exits_at_once() {
+fn a_second_signal_exits_at_once() {
     let Some(bin) = demo_binary() else {
         return unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
-    for backend in ["reactor", "tokio"] {
+    let cases = [
+        ("reactor", libc::SIGTERM, 143),
+        ("tokio", libc::SIGTERM, 143),
+        ("reactor", libc::SIGINT, 130),
+        ("tokio", libc::SIGINT, 130),
+    ];
+    for (backend, signal, code) in cases {
         let (mut demo, addr) = start_demo(&bin, backend, &[]);
         // A request in flight whose body stops after a few bytes: the drain waits for it. The
         // `100 Continue` shows that the handler is reading the body (a connection still in the
@@ -355,27 +362,119 @@ fn a_second_sigterm_exits_at_once() {
         std::thread::sleep(Duration::from_millis(300));
         let pid = demo.0.id() as libc::pid_t;
         // SAFETY: kill(2) on our own child, not yet reaped (we hold its handle).
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         std::thread::sleep(Duration::from_secs(1));
         if let Some(status) = demo.0.try_wait().expect("try_wait") {
             panic!(
-                "[{backend}] the first SIGTERM did not wait for the request in flight: {status:?}"
+                "[{backend}] the first signal {signal} did not wait for the request in flight: \
+                 {status:?}"
             );
         }
         let t0 = Instant::now();
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         let status = loop {
             if let Some(s) = demo.0.try_wait().expect("try_wait") {
                 break s;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
-                "[{backend}] still running 10 s after the second SIGTERM"
+                "[{backend}] still running 10 s after the second signal {signal}"
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert_eq!(status.code(), Some(143), "[{backend}] {status:?}");
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "[{backend}] {signal}: {status:?}"
+        );
         drop(c);
+    }
+}
+
+/// One request on a fresh connection to `addr`, raw: `prefix` (a PROXY protocol header, or
+/// nothing) then `GET path`; the whole answer, read until the server closes.
+fn raw_get(addr: SocketAddr, prefix: &[u8], path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut out = prefix.to_vec();
+    out.extend_from_slice(
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+    );
+    c.write_all(&out).expect("write");
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// `--proxy-protocol`: `/ip` answers the client address the PROXY header carries (v1 from a raw
+/// client and from curl's `--haproxy-protocol`, v2 from a raw client), and a connection without
+/// the header is closed unanswered, on both backends. `/file` and `/big` serve their files
+/// whole.
+#[test]
+fn demo_proxy_protocol_ip_and_files() {
+    let Some(bin) = demo_binary() else {
+        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+    };
+    if Command::new("curl").arg("--version").output().is_err() {
+        return unavailable("curl is not installed");
+    }
+    for backend in ["reactor", "tokio"] {
+        let (_demo, addr) = start_demo(&bin, backend, &["--proxy-protocol".as_ref()]);
+        let v1 = raw_get(
+            addr,
+            b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n",
+            "/ip",
+        );
+        assert!(v1.starts_with("HTTP/1.1 200"), "[{backend}] {v1}");
+        assert!(
+            v1.ends_with("\r\n\r\n203.0.113.7:40000\n"),
+            "[{backend}] {v1}"
+        );
+        // v2: signature, PROXY over TCP/IPv4, 12 address bytes.
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        v2.extend_from_slice(&[198, 51, 100, 9, 127, 0, 0, 1, 0x1f, 0x90, 0, 80]);
+        let got = raw_get(addr, &v2, "/ip");
+        assert!(
+            got.ends_with("\r\n\r\n198.51.100.9:8080\n"),
+            "[{backend}] {got}"
+        );
+        let (status, body) = curl("--haproxy-protocol", &format!("http://{addr}/ip"));
+        assert_eq!(status, "1.1 200", "[{backend}] curl --haproxy-protocol");
+        assert!(body.starts_with("127.0.0.1:"), "[{backend}] {body}");
+        let bare = raw_get(addr, b"", "/ip");
+        assert!(
+            bare.is_empty(),
+            "[{backend}] no PROXY header, answered: {bare}"
+        );
+    }
+    for backend in ["reactor", "tokio"] {
+        let (_demo, addr) = start_demo(&bin, backend, &[]);
+        // `/file` is the README; `/big` is 64 MiB exactly.
+        for (path, want) in [("/file", None), ("/big", Some(64u64 << 20))] {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--max-time",
+                    "60",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{size_download}",
+                ])
+                .arg(format!("http://{addr}{path}"))
+                .output()
+                .expect("curl runs");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (code, size) = text.split_once(' ').unwrap_or((&text, "0"));
+            assert_eq!(code, "200", "[{backend}] {path}: {text}");
+            let size: u64 = size.parse().unwrap_or(0);
+            assert!(
+                size > 0 && want.is_none_or(|w| w == size),
+                "[{backend}] {path}: {size} bytes"
+            );
+        }
     }
 }

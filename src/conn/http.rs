@@ -494,11 +494,16 @@ impl<S: ConnService> HttpConn<S> {
     /// Whether it can go to another poller as it is, with nothing waiting to be written and no
     /// one else holding the socket: parked (only its socket and service), or an HTTP/2
     /// connection that is not closing, between streams (its entry owns no stream task: checked
-    /// by the entry), whose hyper state holds the socket's only other reference.
+    /// by the entry; and it never opened a CONNECT stream, which lives on outside those tasks),
+    /// whose hyper state holds the socket's only other reference.
     pub(crate) fn is_movable(&self) -> bool {
         let holders = match &self.state {
             State::Parked { .. } => 1,
-            State::Http2(h2) if h2.closing.is_none() => 2,
+            State::Http2(h2)
+                if h2.closing.is_none() && !crate::http2::lock(&h2.meter).has_tunnel() =>
+            {
+                2
+            }
             _ => return false,
         };
         Arc::strong_count(&self.socket) == holders
