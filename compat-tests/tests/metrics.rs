@@ -2,8 +2,9 @@
 //! read back from `metrics-exporter-prometheus`'s recorder as Prometheus text, on both
 //! backends, with real clients on a real socket: a connection closed by its peer, one closed at
 //! the header timeout, one closed by `max_requests_per_connection`, the open gauges going up
-//! and down for HTTP/1.1, HTTP/2 (h2c) and a WebSocket, the request counters, and the bytes
-//! read and written.
+//! and down for HTTP/1.1 (and parked, on the reactor), HTTP/2 (h2c), a WebSocket, an SSE
+//! subscriber and a read-handler connection, the request counters, and the bytes read and
+//! written.
 //!
 //! The recorder is the process's (one for this test binary, installed before any server
 //! starts) and the metrics are process-wide, so the tests here run one at a time and look at
@@ -98,9 +99,18 @@ async fn observed(backend: Backend) {
         assert_eq!(res.status, 200, "[{backend}]");
     }
     grows(&before, &open("http1"), 1.0, backend).await;
+    // Idle: the reactor parks it (this suite's builder parks at once); the tokio backend never
+    // parks.
+    let parked = if backend == Backend::Reactor {
+        1.0
+    } else {
+        0.0
+    };
+    grows(&before, "hop_connections_parked", parked, backend).await;
     drop(c);
     grows(&before, &closed("closed"), 1.0, backend).await;
     grows(&before, &open("http1"), 0.0, backend).await;
+    grows(&before, "hop_connections_parked", 0.0, backend).await;
 
     // Half a request head, then nothing: closed at the header timeout.
     let mut c = RawConn::connect(srv.addr).await;
@@ -198,9 +208,72 @@ async fn observed(backend: Backend) {
     srv.handle.shutdown();
 }
 
+/// A read handler that answers each read with `ok`.
+struct Okay;
+
+impl hop::tcp::Handler for Okay {
+    fn on_read(
+        &mut self,
+        conn: &mut hop::tcp::Conn,
+        input: &mut bytes::BytesMut,
+    ) -> std::io::Result<()> {
+        input.clear();
+        conn.write(b"ok")?;
+        Ok(())
+    }
+}
+
+/// The `sse` and `tcp` kinds of `hop_connections_open`: one each while a subscriber and a
+/// read-handler connection are open, none once their clients leave.
+async fn sse_and_tcp(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    recorder();
+    let before = scrape();
+    let hub = hop::sse::Hub::new();
+    let h = hub.clone();
+    let app = Router::new().route(
+        "/sse",
+        get(move |req: axum::extract::Request| async move { h.subscribe(&req) }),
+    );
+    let srv = compat_tests::start(backend, app, |b| b);
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "[{backend}] closed before the head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "[{backend}]");
+    grows(&before, &open("sse"), 1.0, backend).await;
+    grows(&before, &open("http1"), 0.0, backend).await;
+    drop(s);
+    grows(&before, &open("sse"), 0.0, backend).await;
+    srv.handle.shutdown();
+
+    let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_| Okay);
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ok", "[{backend}]");
+    grows(&before, &open("tcp"), 1.0, backend).await;
+    drop(c);
+    grows(&before, &open("tcp"), 0.0, backend).await;
+    handle.shutdown();
+}
+
 compat_tests::backend_tests! {
     async fn metrics_count_connections_requests_and_bytes(backend) {
         observed(backend).await;
+    }
+
+    async fn metrics_count_sse_and_tcp_connections(backend) {
+        sse_and_tcp(backend).await;
     }
 }
 

@@ -344,6 +344,7 @@ fn largest(b: hop::Builder) -> hop::Builder {
         .max_connections_per_ip(usize::MAX)
         .max_connection_age(Duration::MAX)
         .max_requests_per_connection(usize::MAX)
+        .request_body_timeout(Duration::MAX)
 }
 
 /// The smallest value of every setting that takes one (zero where it has a meaning).
