@@ -465,10 +465,11 @@ async fn accept_loop<P: App, A: Accept>(
         if !ctl.admit(cfg.max_connections) {
             continue;
         }
-        // Its place in its IP's count (the socket's peer: a proxy's own address under the
-        // PROXY protocol) goes with the stream, into an upgrade too.
+        // Its place in its IP's count goes with the stream, into an upgrade too. Behind the
+        // PROXY protocol the client is the header's: counted once it is read (`proxied`).
         let mut ip = None;
-        if let (Some(max), Some(addr)) = (cfg.limits.per_ip, A::peer_ip(&peer)) {
+        let max_per_ip = cfg.limits.per_ip.filter(|_| !cfg.proxy_protocol);
+        if let (Some(max), Some(addr)) = (max_per_ip, A::peer_ip(&peer)) {
             match ctl.per_ip.acquire(addr, max) {
                 Some(slot) => ip = Some(slot),
                 None => {
@@ -489,7 +490,10 @@ async fn accept_loop<P: App, A: Accept>(
             let local = listener.incoming(&stream, &peer).local_addr();
             let (app, http, tcp, ctl) = (app.clone(), http.clone(), tcp.clone(), ctl.clone());
             let drain = drain_rx.clone();
-            let task = proxied::<P, A>(app, stream, peer, local, http, tcp, ctl, drain, guard);
+            let per_ip = cfg.limits.per_ip;
+            let task = proxied::<P, A>(
+                app, stream, peer, local, http, tcp, ctl, drain, guard, per_ip,
+            );
             #[cfg(feature = "metrics")]
             let task = tracing::Instrument::instrument(task, span);
             tasks.spawn(task);
@@ -557,6 +561,7 @@ async fn proxied<P: App, A: Accept>(
     ctl: Arc<Control>,
     mut drain: watch::Receiver<bool>,
     guard: Arc<Place>,
+    max_per_ip: Option<usize>,
 ) {
     let read = async {
         match http.head_limit {
@@ -581,6 +586,22 @@ async fn proxied<P: App, A: Accept>(
     // The task runs in the connection's span (feature `metrics`).
     #[cfg(feature = "metrics")]
     crate::observe::record_client(&tracing::Span::current(), &header);
+    // Its IP's place: the header's source, or the socket's peer for a header without one.
+    let client = header
+        .source()
+        .map(|a| a.ip())
+        .or_else(|| A::peer_ip(&peer));
+    if let (Some(max), Some(client)) = (max_per_ip, client) {
+        match ctl.per_ip.acquire(client, max) {
+            Some(slot) => guard.hold_ip(slot),
+            None => {
+                tracing::debug!("max_connections_per_ip reached; closing");
+                ctl.per_ip_rejected();
+                guard.closed_for(Reason::MaxConnectionsPerIp);
+                return;
+            }
+        }
+    }
     let incoming = A::proxied(&stream, &peer, local, &header);
     let Some(accepted) = make(&mut app, incoming, &incoming, &guard) else {
         return;

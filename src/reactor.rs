@@ -718,7 +718,10 @@ impl<P: App> Poller<P> {
             return;
         }
         let mut ip = None;
-        if let (Some(max), Accepted::Tcp(_, peer)) = (self.max_per_ip, &accepted) {
+        // Behind the PROXY protocol the client is the header's: counted once it is read
+        // (`proxied`).
+        let max_per_ip = self.max_per_ip.filter(|_| !self.proxy_protocol);
+        if let (Some(max), Accepted::Tcp(_, peer)) = (max_per_ip, &accepted) {
             match self.ctl.per_ip.acquire(peer.ip(), max) {
                 Some(slot) => ip = Some(Box::new(slot)),
                 None => {
@@ -826,23 +829,48 @@ impl<P: App> Poller<P> {
         })
     }
 
-    /// A connection's PROXY protocol header is read: the app is asked what it becomes, told
-    /// the header's source as its peer; `None` closes it.
+    /// A connection's PROXY protocol header is read: it takes its place under
+    /// `max_connections_per_ip` as the header's source (the socket's peer for a header
+    /// without one), then the app is asked what it becomes, told that source as its peer;
+    /// `Err` closes it, for that reason.
     fn proxied(
         &mut self,
         wait: ProxyWait,
         header: crate::proxy::ProxyHeader,
         now: Instant,
-    ) -> Option<Kind<P::Svc>> {
-        let ProxyWait { fd, peer, since } = wait;
+    ) -> Result<Kind<P::Svc>, Reason> {
+        #[allow(unused_mut)]
+        let ProxyWait {
+            mut fd,
+            peer,
+            since,
+        } = wait;
+        if let Some(max) = self.max_per_ip {
+            let client = header.source().map(|a| a.ip()).or(match &peer {
+                Peer::Tcp { remote, .. } => Some(remote.ip()),
+                Peer::Unix(_) => None,
+            });
+            if let Some(client) = client {
+                match self.ctl.per_ip.acquire(client, max) {
+                    Some(slot) => fd.ip = Some(Box::new(slot)),
+                    None => {
+                        tracing::debug!("max_connections_per_ip reached; closing");
+                        self.ctl.per_ip_rejected();
+                        return Err(Reason::MaxConnectionsPerIp);
+                    }
+                }
+            }
+        }
         #[cfg(feature = "metrics")]
         if let Some(span) = &fd.span {
             crate::observe::record_client(span, &header);
         }
         let new = peer
             .incoming(&fd.io, Some(&header))
-            .and_then(|s| self.make(s))?;
+            .and_then(|s| self.make(s))
+            .ok_or(Reason::Error)?;
         self.open(fd, new, Some(header), since, now)
+            .ok_or(Reason::Error)
     }
 
     /// Hands a new HTTP connection to the poller with the fewest connections if this one holds
@@ -1013,14 +1041,14 @@ impl<P: App> Poller<P> {
                 // Driven again at once: what followed the header may be waiting.
                 let kind = match std::mem::replace(&mut entry.kind, Kind::Closed) {
                     Kind::Proxy(wait) => self.proxied(*wait, header, now),
-                    _ => None,
+                    _ => Err(Reason::Error),
                 };
                 match kind {
-                    Some(kind) => {
+                    Ok(kind) => {
                         self.conns[slot].kind = kind;
                         wake::push_ready(key);
                     }
-                    None => self.close(slot, false, Some(Reason::Error)),
+                    Err(why) => self.close(slot, false, Some(why)),
                 }
             }
         }

@@ -480,7 +480,8 @@ pub(crate) struct Place {
     ctl: Arc<Control>,
     /// Turns `true` when the drain timeout force-closes what is left.
     forcing: Arc<AtomicBool>,
-    ip: Option<IpSlot>,
+    /// Its IP's place: taken at accept, or once a PROXY protocol header named the client.
+    ip: Mutex<Option<IpSlot>>,
     /// Why the connection closed, as its task found out (reported: `crate::observe`).
     why: Mutex<Reason>,
 }
@@ -491,9 +492,14 @@ impl Place {
         Place {
             ctl,
             forcing,
-            ip,
+            ip: Mutex::new(ip),
             why: Mutex::new(Reason::Closed),
         }
+    }
+
+    /// Holds `slot` as its IP's place (taken once its PROXY protocol header was read).
+    pub(crate) fn hold_ip(&self, slot: IpSlot) {
+        *self.ip.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
     }
 
     /// Records why the connection closed (the last word counts).
@@ -516,7 +522,7 @@ impl fmt::Debug for Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        drop(self.ip.take());
+        drop(self.ip.get_mut().unwrap_or_else(|e| e.into_inner()).take());
         let why = *self.why.get_mut().unwrap_or_else(|e| e.into_inner());
         self.ctl.release(self.forcing.load(Ordering::Acquire), why);
         crate::memory::note_close();
@@ -612,6 +618,12 @@ impl Control {
         self.active.fetch_sub(1, Ordering::AcqRel);
         self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
         observe::closed(Reason::MaxConnectionsPerIp);
+    }
+
+    /// Counts a connection refused under `max_connections_per_ip` once its PROXY protocol
+    /// header named its client (it was admitted: its close is counted as it closes).
+    pub(crate) fn per_ip_rejected(&self) {
+        self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts `n` HTTP/1.x requests.

@@ -189,6 +189,33 @@ backend_tests! {
         failures(&srv, 1).await;
     }
 
+    /// `max_connections_per_ip(1)` behind the PROXY protocol counts the client the header
+    /// names, not the proxy's address: two clients through one proxy address are both served;
+    /// a second connection of the first, while its first is open, is closed unanswered and
+    /// counted; once the first closes, that client is served again.
+    async fn per_ip_limit_counts_the_headers_client(backend) {
+        let srv = start(backend, app(), |b| b.proxy_protocol(true).max_connections_per_ip(1));
+        let v1 = |ip: &str, port: u16| {
+            format!("PROXY TCP4 {ip} 127.0.0.1 {port} 80\r\n{}", get_req("/ip"))
+        };
+        let mut a = RawConn::connect(srv.addr).await;
+        a.send(v1("203.0.113.7", 40000)).await.unwrap();
+        assert_eq!(a.read_response().await.text(), "203.0.113.7:40000", "[{backend}]");
+        let mut b = RawConn::connect(srv.addr).await;
+        b.send(v1("198.51.100.9", 40001)).await.unwrap();
+        assert_eq!(b.read_response().await.text(), "198.51.100.9:40001", "[{backend}]");
+        refused(&srv, v1("203.0.113.7", 40002).as_bytes()).await;
+        assert_eq!(srv.handle.stats().rejected_per_ip, 1, "[{backend}]");
+        failures(&srv, 0).await;
+        drop(a);
+        let freed = compat_tests::wait_until(IO_TIMEOUT, || srv.handle.stats().active == 1).await;
+        assert!(freed, "[{backend}] {:?}", srv.handle.stats());
+        let mut d = RawConn::connect(srv.addr).await;
+        d.send(v1("203.0.113.7", 40003)).await.unwrap();
+        assert_eq!(d.read_response().await.text(), "203.0.113.7:40003", "[{backend}]");
+        drop(b);
+    }
+
     async fn v2_local_and_v1_unknown_keep_the_socket_address(backend) {
         let srv = proxied(backend);
         // v2 LOCAL (a proxy's health check), with an address block that is to be ignored.
