@@ -76,13 +76,6 @@ pub(crate) fn take_bulk() -> bool {
     BULK.with(|b| b.replace(false))
 }
 
-/// Whether tasks were spawned on this thread since [`take_spawned`] last took them (an HTTP/2
-/// connection whose drive started streams is not between streams, though its entry owns no
-/// task yet).
-pub(crate) fn spawned_pending() -> bool {
-    SPAWNED.with(|s| !s.borrow().is_empty())
-}
-
 /// Moves the tasks spawned on this thread since the last call into `into`.
 pub(crate) fn take_spawned(into: &mut Vec<Task>) {
     SPAWNED.with(|s| into.append(&mut s.borrow_mut()));
