@@ -838,7 +838,6 @@ impl<P: App> Poller<P> {
         header: crate::proxy::ProxyHeader,
         now: Instant,
     ) -> Result<Kind<P::Svc>, Reason> {
-        #[allow(unused_mut)]
         let ProxyWait {
             mut fd,
             peer,

@@ -932,3 +932,62 @@ pub mod demo {
         (demo, bound)
     }
 }
+
+/// This test binary's log at `info`, captured (a binary that [`install`](log_capture::install)s
+/// it has no other subscriber): what the server logs, for tests that check it.
+pub mod log_capture {
+    use std::io;
+    use std::sync::{Mutex, OnceLock};
+
+    /// Everything logged so far (bounded by what the tests do: a few MB at most).
+    fn text() -> &'static Mutex<Vec<u8>> {
+        static TEXT: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+        TEXT.get_or_init(Default::default)
+    }
+
+    /// Bytes logged so far.
+    pub fn len() -> usize {
+        text().lock().unwrap().len()
+    }
+
+    /// Whether the log since byte `from` holds `what`.
+    pub fn has_since(from: usize, what: &str) -> bool {
+        let t = text().lock().unwrap();
+        String::from_utf8_lossy(&t[from.min(t.len())..]).contains(what)
+    }
+
+    /// The lines logged so far that contain `what`.
+    pub fn lines_with(what: &str) -> Vec<String> {
+        let t = text().lock().unwrap();
+        String::from_utf8_lossy(&t)
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    struct Writer;
+
+    impl io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            text().lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Installs the capture as the global subscriber, once.
+    pub fn install() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_writer(|| Writer)
+                .with_ansi(false)
+                .try_init()
+                .expect("the capture is this binary's only subscriber");
+        });
+    }
+}

@@ -17,7 +17,6 @@
 //! anything logs), as `settings_range.rs` does.
 
 use std::io;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -58,49 +57,7 @@ macro_rules! both {
     )*};
 }
 
-/// This process's log at `info`, captured.
-mod log {
-    use super::*;
-
-    fn text() -> &'static Mutex<Vec<u8>> {
-        static TEXT: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-        TEXT.get_or_init(Default::default)
-    }
-
-    /// The lines logged so far that contain `what`.
-    pub fn lines_with(what: &str) -> Vec<String> {
-        let t = text().lock().unwrap();
-        String::from_utf8_lossy(&t)
-            .lines()
-            .filter(|l| l.contains(what))
-            .map(str::to_owned)
-            .collect()
-    }
-
-    struct Writer;
-
-    impl io::Write for Writer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            text().lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    pub fn install() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-                .with_writer(|| Writer)
-                .with_ansi(false)
-                .try_init()
-                .expect("the capture is this binary's only subscriber");
-        });
-    }
-}
+use compat_tests::log_capture as log;
 
 /// A read handler that echoes what it reads.
 struct RawEcho;

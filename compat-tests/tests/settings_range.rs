@@ -19,7 +19,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -61,52 +61,7 @@ macro_rules! both {
     )*};
 }
 
-/// This process's log, as the demo writes it (`info`), captured.
-mod log {
-    use super::*;
-
-    /// Everything logged so far (bounded by what the tests do: a few MB at most).
-    pub fn text() -> &'static Mutex<Vec<u8>> {
-        static TEXT: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-        TEXT.get_or_init(Default::default)
-    }
-
-    /// Bytes logged so far.
-    pub fn len() -> usize {
-        text().lock().unwrap().len()
-    }
-
-    /// Whether the log since byte `from` holds `what`.
-    pub fn has_since(from: usize, what: &str) -> bool {
-        let t = text().lock().unwrap();
-        String::from_utf8_lossy(&t[from.min(t.len())..]).contains(what)
-    }
-
-    struct Writer;
-
-    impl io::Write for Writer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            text().lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// Installs the capture as the global subscriber (and `log`'s, through tracing-log), once.
-    pub fn install() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-                .with_writer(|| Writer)
-                .with_ansi(false)
-                .try_init()
-                .expect("the capture is this binary's only subscriber");
-        });
-    }
-}
+use compat_tests::log_capture as log;
 
 // ----- the app and its clients -----
 
