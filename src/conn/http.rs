@@ -96,6 +96,10 @@ pub(crate) struct HttpConfig {
     header_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     park_after: Option<Duration>,
+    /// `park_after` comes no later than [`head_limit`](Self::head_limit): a connection
+    /// waiting for a request head is parked (or finds a partial head and stops trying) before
+    /// that limit can fall due, so the check can wait until then.
+    parks_before_head_limit: bool,
     /// HTTP/2 settings, if it is served.
     http2: Option<Http2Config>,
     /// `request_body_timeout`.
@@ -121,12 +125,13 @@ impl HttpConfig {
         // (hyper's writes stay vectored: flattened, hyper would copy every body into its own
         // buffer, all of a large one for a slow reader.)
         let http1 = cfg.http1(None);
-        HttpConfig {
+        let mut this = HttpConfig {
             http1,
             coalesce: cfg.pipeline_flush,
             idle_timeout: cfg.idle_timeout,
             header_timeout: cfg.header_read_timeout,
             park_after: cfg.park_after,
+            parks_before_head_limit: false,
             http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
             body_timeout: cfg.request_body_timeout,
             close_timeout: cfg.tcp.close_timeout,
@@ -135,7 +140,12 @@ impl HttpConfig {
             max_requests: cfg.limits.max_requests(),
             #[cfg(any(feature = "tls", feature = "tls-ring"))]
             tls: cfg.tls.clone().map(|c| (c, cfg.tls_handshake_timeout)),
-        }
+        };
+        this.parks_before_head_limit = match (this.park_after, this.head_limit()) {
+            (Some(park), Some(head)) => park <= head,
+            (park, _) => park.is_some(),
+        };
+        this
     }
 
     /// A new connection's TLS state, if this is a TLS listener (`None` also if rustls refuses
@@ -215,9 +225,16 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
             tracing::error!(
                 "hyper dispatched a request before the previous response was done; closing the connection"
             );
+            return TrackedFuture {
+                inner: None,
+                key,
+                body: body_pending,
+                close,
+            };
         }
+        // Built in place: the handler's future is large (it holds the request until polled).
         TrackedFuture {
-            inner: (!overlap).then(|| self.0.call(req)),
+            inner: Some(self.0.call(req)),
             key,
             body: body_pending,
             close,
@@ -1198,11 +1215,17 @@ impl<S: ConnService> HttpConn<S> {
         }
         if let Some(after) = cfg.park_after {
             if live.no_park_at != Some(requests) {
-                if d.now >= crate::rt::timer::deadline(since, after) || d.crowded {
+                let due = crate::rt::timer::deadline(since, after);
+                if d.now >= due || d.crowded {
                     self.park(key, cfg, d, since, requests);
                     return Verdict::Keep;
                 }
-                d.wake_at(crate::rt::timer::deadline(since, after));
+                d.wake_at(due);
+                if cfg.parks_before_head_limit {
+                    // It parks before the head limit could fall due (and a parked connection
+                    // has its own limit): no need to look at it now.
+                    return Verdict::Keep;
+                }
             }
         }
         if expired(d, since, cfg.head_limit()) {
@@ -1228,6 +1251,11 @@ impl<S: ConnService> HttpConn<S> {
             return None;
         };
         let c = &live.cur;
+        if c.in_flight == 0 || !c.body_pending {
+            // No request body being read (the common case): nothing can stall.
+            live.stalled = None;
+            return None;
+        }
         let read = self.socket.read_bytes();
         let done = self.socket.chunked_end()
             || c.body_len.is_some_and(|len| {
@@ -1236,9 +1264,7 @@ impl<S: ConnService> HttpConn<S> {
         // `Expect: 100-continue` with no body byte yet: the client waits for hyper's `100`,
         // which comes once the handler reads the body; the handler is not waiting for it.
         let unasked = c.expect_continue && read.saturating_sub(live.body_from) <= c.head_len;
-        let waiting = c.in_flight > 0
-            && c.body_pending
-            && !done
+        let waiting = !done
             && !unasked
             && !self.socket.fd.maybe_readable()
             && self.socket.fd.write_idle();
