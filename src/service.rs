@@ -466,7 +466,22 @@ where
     type Error = BoxError;
     type Future = CatchPanic<Call<S, Request<Incoming>>>;
 
-    fn call(&self, #[allow(unused_mut)] mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        CatchPanic {
+            inner: self.start(req),
+        }
+    }
+}
+
+impl<S> HyperSvc<S> {
+    /// The user's service called for `req`, with the connection's extensions put in; its
+    /// panics are not caught yet (see [`CatchPanic`], or the reactor's own wrapper, which
+    /// catches them in the same poll that counts the request).
+    pub(crate) fn start(&self, #[allow(unused_mut)] mut req: Request<Incoming>) -> Call<S, Request<Incoming>>
+    where
+        S: Service<Request<Incoming>> + Clone,
+        S::Error: Into<BoxError>,
+    {
         #[cfg(any(feature = "tls", feature = "tls-ring"))]
         if let Some(info) = &self.tls {
             req.extensions_mut().insert(info.clone());
@@ -474,9 +489,7 @@ where
         if let Some(header) = &self.proxy {
             req.extensions_mut().insert(header.clone());
         }
-        CatchPanic {
-            inner: Call::new(self.inner.clone(), req),
-        }
+        Call::new(self.inner.clone(), req)
     }
 }
 
@@ -567,21 +580,24 @@ where
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(res))) => Poll::Ready(Ok(res.map(|body| HopBody::Inner { body }))),
             Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
-            Err(panic) => {
-                crate::logs::error_limited!(
-                    panic = panic_message(&*panic),
-                    "handler panicked; answering 500 and closing the connection"
-                );
-                let mut res = Response::new(HopBody::Empty);
-                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                res.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-                Poll::Ready(Ok(res))
-            }
+            Err(panic) => Poll::Ready(Ok(panicked(&*panic))),
         }
     }
+}
+
+/// The answer to a handler's panic (logged here): `500` with `Connection: close`.
+pub(crate) fn panicked<B>(panic: &(dyn Any + Send)) -> Response<HopBody<B>> {
+    crate::logs::error_limited!(
+        panic = panic_message(panic),
+        "handler panicked; answering 500 and closing the connection"
+    );
+    let mut res = Response::new(HopBody::Empty);
+    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    res.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    res
 }
 
 /// The text of a caught panic, for the log.

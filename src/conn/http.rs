@@ -61,7 +61,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -191,8 +191,7 @@ pub(crate) struct Counted<S>(HyperSvc<S>);
 impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
     type Response = Response<Tracked<Body<S>>>;
     type Error = crate::service::BoxError;
-    type Future =
-        TrackedFuture<<HyperSvc<S> as hyper::service::Service<Request<Incoming>>>::Future>;
+    type Future = TrackedFuture<crate::service::Call<S, Request<Incoming>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let body_pending = !http_body::Body::is_end_stream(req.body());
@@ -234,7 +233,7 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
         }
         // Built in place: the handler's future is large (it holds the request until polled).
         TrackedFuture {
-            inner: Some(self.0.call(req)),
+            inner: Some(self.0.start(req)),
             key,
             body: body_pending,
             close,
@@ -256,14 +255,14 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B, E> Future for TrackedFuture<F>
+impl<F, B> Future for TrackedFuture<F>
 where
-    F: Future<Output = Result<Response<B>, E>>,
-    E: From<&'static str>,
+    F: Future<Output = Result<Response<B>, crate::service::BoxError>>,
 {
-    type Output = Result<Response<Tracked<B>>, E>;
+    type Output = Result<Response<Tracked<crate::service::HopBody<B>>>, crate::service::BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use crate::service::HopBody;
         let this = self.project();
         let key = *this.key;
         let Some(inner) = this.inner.as_pin_mut() else {
@@ -271,7 +270,15 @@ where
                 "a request dispatched while another was in flight".into()
             ));
         };
-        let mut res = ready!(inner.poll(cx));
+        // The handler's panics are caught here (as `CatchPanic` does for the tokio backend and
+        // HTTP/2), and its response wrapped once.
+        let mut res = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(res)) => {
+                res.map(|res| res.map(|body| Tracked { body: HopBody::Inner { body }, key }))
+            }
+            Err(panic) => Ok(crate::service::panicked(&*panic).map(|body| Tracked { body, key })),
+        };
         if let (true, Some(key)) = (*this.body, key) {
             current::with(key, |c| c.responded = true);
         }
@@ -281,7 +288,7 @@ where
                 crate::handler::context::count_limit(why);
             }
         }
-        Poll::Ready(res.map(|res| res.map(|body| Tracked { body, key })))
+        Poll::Ready(res)
     }
 }
 
