@@ -477,7 +477,10 @@ impl<S> HyperSvc<S> {
     /// The user's service called for `req`, with the connection's extensions put in; its
     /// panics are not caught yet (see [`CatchPanic`], or the reactor's own wrapper, which
     /// catches them in the same poll that counts the request).
-    pub(crate) fn start(&self, #[allow(unused_mut)] mut req: Request<Incoming>) -> Call<S, Request<Incoming>>
+    pub(crate) fn start(
+        &self,
+        #[allow(unused_mut)] mut req: Request<Incoming>,
+    ) -> Call<S, Request<Incoming>>
     where
         S: Service<Request<Incoming>> + Clone,
         S::Error: Into<BoxError>,

@@ -274,9 +274,12 @@ where
         // HTTP/2), and its response wrapped once.
         let mut res = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(res)) => {
-                res.map(|res| res.map(|body| Tracked { body: HopBody::Inner { body }, key }))
-            }
+            Ok(Poll::Ready(res)) => res.map(|res| {
+                res.map(|body| Tracked {
+                    body: HopBody::Inner { body },
+                    key,
+                })
+            }),
             Err(panic) => Ok(crate::service::panicked(&*panic).map(|body| Tracked { body, key })),
         };
         if let (true, Some(key)) = (*this.body, key) {
@@ -1271,10 +1274,8 @@ impl<S: ConnService> HttpConn<S> {
         // `Expect: 100-continue` with no body byte yet: the client waits for hyper's `100`,
         // which comes once the handler reads the body; the handler is not waiting for it.
         let unasked = c.expect_continue && read.saturating_sub(live.body_from) <= c.head_len;
-        let waiting = !done
-            && !unasked
-            && !self.socket.fd.maybe_readable()
-            && self.socket.fd.write_idle();
+        let waiting =
+            !done && !unasked && !self.socket.fd.maybe_readable() && self.socket.fd.write_idle();
         if !waiting {
             live.stalled = None;
             return None;
