@@ -258,6 +258,10 @@ pub(crate) struct Meter {
     /// When the client last sent anything: a stall is only acted on at a frame boundary, and a
     /// client in the middle of a frame is given until this plus the timeout to finish it.
     last_read: Instant,
+    /// A CONNECT stream (a WebSocket or a tunnel) was opened: it lives on outside hyper's
+    /// stream tasks, where the connection cannot see when it ends, so the connection stays on
+    /// its poller from then on ([`Meter::has_tunnel`]).
+    tunnel: bool,
 }
 
 impl std::fmt::Debug for Meter {
@@ -294,6 +298,7 @@ impl Meter {
             to_write: Vec::new(),
             watch: None,
             last_read: Instant::now(),
+            tunnel: false,
         }
     }
 
@@ -302,6 +307,7 @@ impl Meter {
     /// HTTP/2) is no request body but a stream of its own protocol, quiet for as long as it
     /// likes: it is no longer watched.
     pub(crate) fn claim(&mut self, connect: bool) {
+        self.tunnel |= connect;
         let Some(i) = self.waiting.iter().position(|w| !w.claimed) else {
             return;
         };
@@ -310,6 +316,11 @@ impl Meter {
         } else {
             self.waiting[i].claimed = true;
         }
+    }
+
+    /// Whether a CONNECT stream was ever opened on the connection (see `tunnel`).
+    pub(crate) fn has_tunnel(&self) -> bool {
+        self.tunnel
     }
 
     /// Accounts for `data`, just read from the client; `Err` once the client has flooded.

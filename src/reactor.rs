@@ -314,7 +314,8 @@ impl Drop for Unregister {
 /// its own and the lightest poller's work sheds a connection: the next HTTP/1
 /// connection of its own that goes idle at a request boundary parks at once and goes, parked
 /// (its socket and service, nothing of hyper's), to the lightest poller, which registers it and
-/// reads on (HTTP/2 connections do not move: see `HttpConn::is_movable`). A few
+/// reads on; or the next HTTP/2 connection found between streams (no stream task open), with
+/// hyper's connection state as it is (its next streams are spawned where it arrives). A few
 /// busy connections so take turns on the pollers; many stay where the kernel put them. After a
 /// move it waits two windows, for the figures to show it. A new connection goes to the poller
 /// with the fewest connections when this one holds a quarter more ([`Balance::deal`]).
@@ -607,7 +608,7 @@ impl<P: App> Poller<P> {
         }
     }
 
-    /// Hands the connection in `slot` (parked) to the poller being
+    /// Hands the connection in `slot` (parked, or HTTP/2 between streams) to the poller being
     /// shed to.
     fn hand_off(&mut self, slot: usize, now: Instant) {
         let Some(to) = self.shed.take() else { return };
@@ -994,6 +995,13 @@ impl<P: App> Poller<P> {
         if let Some((what, panic)) = d.panic.take() {
             self.ctl.contained_panic(what, &*panic);
         }
+        // Shedding: an HTTP/2 connection goes between streams (none open, and none started
+        // in this drive: their tasks are adopted after it).
+        moving |= self.shed.is_some()
+            && matches!(verdict, Verdict::Keep)
+            && entry.is_http2()
+            && entry.is_movable()
+            && !tasks::spawned_pending();
         if moving {
             self.hand_off(slot, now);
             return None;

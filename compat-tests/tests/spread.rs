@@ -3,8 +3,8 @@
 //! batches, TLS with hyper's client over tokio-rustls) all get answered, in order, while the
 //! reactor hands connections from the busier poller to the other at request boundaries
 //! (`Stats::moved`) and both pollers do work (`Handle::poller_work`); h2c connections (hyper's
-//! HTTP/2 client) are dealt over both pollers and serve concurrent streams; a graceful shutdown
-//! drains connections that moved. The tokio backend runs the same cases (it has nothing to
+//! HTTP/2 client) are dealt over both pollers and serve concurrent streams, and busy ones move
+//! between streams; a graceful shutdown drains connections that moved. The tokio backend runs the same cases (it has nothing to
 //! move: `moved` stays 0, `poller_work` is empty). No timing is asserted: each case loads the
 //! server until the reactor has moved what it asserts, under a generous limit.
 
@@ -18,11 +18,15 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use compat_tests::{backend_tests, RawConn, IO_TIMEOUT};
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// How long a case may keep loading the server before its condition must hold (generous: a
 /// loaded 2-core machine, a debug build).
@@ -34,6 +38,7 @@ fn app() -> Router {
             "/n/{n}",
             get(|Path(n): Path<u64>| async move { format!("n={n}") }),
         )
+        .route("/ws", axum::routing::any(compat_tests::ws_echo))
         .route(
             "/slow/{n}",
             get(|Path(n): Path<u64>| async move {
@@ -41,6 +46,26 @@ fn app() -> Router {
                 format!("slow={n}")
             }),
         )
+}
+
+/// Opens a WebSocket on `/ws` over the HTTP/2 connection `send` (RFC 8441 extended CONNECT).
+async fn open_ws(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://localhost/ws")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .expect("request");
+    let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+        .await
+        .expect("CONNECT answered in time")
+        .expect("CONNECT sent");
+    assert_eq!(res.status(), http::StatusCode::OK, "extended CONNECT");
+    let upgraded = hyper::upgrade::on(res).await.expect("upgraded");
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
 }
 
 /// The suite's builder parks at once; these cases keep hop's default park delay.
@@ -204,6 +229,82 @@ backend_tests! {
         }
         assert!(spread_enough(&srv, 0), "both pollers served: {:?}", srv.handle.poller_work());
         assert_eq!(srv.handle.stats().http2_streams, 4 * 8 * 25);
+    }
+
+    /// Three busy h2c connections, one stream at a time each: the reactor moves them between
+    /// streams (hyper's HTTP/2 state goes along), every answer is the one asked for, no
+    /// connection is set up again, and a graceful shutdown then drains them all.
+    async fn h2c_connections_move_between_streams(backend) {
+        let (srv, stop) = compat_tests::start_with_shutdown(backend, app(), defaults);
+        let done = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for c in 0..3u64 {
+            let (addr, done) = (srv.addr, done.clone());
+            tasks.push(tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                let (mut send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await
+                        .expect("HTTP/2 handshake");
+                let conn = tokio::spawn(conn);
+                let mut n = 0u64;
+                while n < 200 || !done.load(Ordering::Relaxed) {
+                    let id = c << 32 | n;
+                    let req = http::Request::get(format!("http://localhost/n/{id}"))
+                        .body(Empty::<Bytes>::new())
+                        .expect("request");
+                    send.ready().await.expect("ready");
+                    let res = send.send_request(req).await.expect("response");
+                    assert_eq!(res.status(), 200);
+                    let body = res.into_body().collect().await.expect("body").to_bytes();
+                    assert_eq!(body, format!("n={id}").as_bytes());
+                    n += 1;
+                }
+                (send, conn)
+            }));
+        }
+        wait_spread(&srv, 3).await;
+        done.store(true, Ordering::Relaxed);
+        let mut conns = Vec::new();
+        for t in tasks {
+            conns.push(t.await.expect("client task"));
+        }
+        let stats = srv.handle.stats();
+        assert_eq!(stats.http2_connections, 3, "[{backend}] no connection was set up again");
+        assert_eq!(stats.panics, 0);
+        // One more stream on each, wherever it is now; then the drain closes them.
+        for (c, (send, _)) in conns.iter_mut().enumerate() {
+            let req = http::Request::get(format!("http://localhost/n/{c}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let res = send.send_request(req).await.expect("response");
+            let body = res.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, format!("n={c}").as_bytes());
+        }
+        // A WebSocket over each (an extended CONNECT after the moves): hyper's stream task
+        // spawns the task that sends the tunnel's data, which must run where the connection is
+        // now (it was dropped as an orphan when its owner was the key the connection had
+        // before it moved).
+        for (c, (send, _)) in conns.iter_mut().enumerate() {
+            let mut ws = open_ws(send).await;
+            let text = format!("ws {c}");
+            ws.send(Message::text(text.clone())).await.expect("send");
+            let got = tokio::time::timeout(IO_TIMEOUT, ws.next())
+                .await
+                .expect("echo in time")
+                .expect("a message")
+                .expect("no error");
+            assert_eq!(got, Message::text(text), "[{backend}] WebSocket over a moved h2 connection");
+            compat_tests::close_ws_over_h2(&mut ws).await.expect("the WebSocket closes");
+        }
+        let _ = stop.send(());
+        for (_, conn) in conns {
+            let ended = tokio::time::timeout(IO_TIMEOUT, conn).await;
+            assert!(ended.is_ok(), "[{backend}] an HTTP/2 connection was not closed by the drain");
+        }
+        let forced = srv.handle.stats().forced;
+        srv.join(IO_TIMEOUT).await;
+        assert_eq!(forced, 0, "[{backend}] drained, none forced");
     }
 
     async fn tls_connections_move_with_their_state(backend) {

@@ -440,8 +440,7 @@ pub(crate) struct HttpConn<S: ConnService> {
 
 /// A connection on its way to another poller (issue 23), with no key (it gets one where it
 /// arrives): its socket (TLS state included) and either its service (a parked HTTP/1
-/// connection: nothing of hyper's) or hyper's HTTP/2 connection between streams (kept for when
-/// HTTP/2 connections move again; none is movable now: see [`HttpConn::is_movable`]).
+/// connection: nothing of hyper's) or hyper's HTTP/2 connection between streams.
 pub(crate) struct Moved<S: ConnService> {
     socket: Arc<Socket>,
     held: Held<S>,
@@ -520,18 +519,28 @@ impl<S: ConnService> HttpConn<S> {
     }
 
     /// Whether it can go to another poller as it is, with nothing waiting to be written and no
-    /// one else holding the socket: parked (only its socket and service). An HTTP/2 connection
-    /// does not move: moved between streams (hyper's state along), a browser's WebSocket over
-    /// it (an extended CONNECT) was never answered (`compat-tests/tests/browser.rs`, with
-    /// shedding forced), a defect not yet found.
+    /// one else holding the socket: parked (only its socket and service), or an HTTP/2
+    /// connection that is not closing, between streams (its entry owns no stream task: checked
+    /// by the entry; and it never opened a CONNECT stream, which lives on outside those tasks),
+    /// whose hyper state holds the socket's only other reference.
     pub(crate) fn is_movable(&self) -> bool {
         let holders = match &self.state {
             State::Parked { .. } => 1,
+            State::Http2(h2)
+                if h2.closing.is_none() && !crate::http2::lock(&h2.meter).has_tunnel() =>
+            {
+                2
+            }
             _ => return false,
         };
         Arc::strong_count(&self.socket) == holders
             && self.socket.nothing_pending()
             && self.socket.fd.write_idle()
+    }
+
+    /// Whether it is an HTTP/2 connection (which moves between streams, not when it parks).
+    pub(crate) fn is_http2(&self) -> bool {
+        matches!(self.state, State::Http2(_))
     }
 
     /// The connection as it goes to another poller, if it [is movable](Self::is_movable) (the

@@ -241,6 +241,11 @@ impl<S: ConnService> Entry<S> {
         matches!(&self.kind, Kind::Http(c) if c.is_hot())
     }
 
+    /// Whether it is an HTTP/2 connection.
+    pub(crate) fn is_http2(&self) -> bool {
+        matches!(&self.kind, Kind::Http(c) if c.is_http2())
+    }
+
     /// Drives the entry after an event, a wake or a timer.
     pub(crate) fn drive(&mut self, http: &HttpConfig, d: &mut Drive) -> Verdict {
         let key = self.key;

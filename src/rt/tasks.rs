@@ -22,10 +22,21 @@ pub(crate) struct Task {
 impl Task {
     /// Polls the task with its own waker: `Ready` once it has finished, or panicked (the
     /// panic is handed back for the poller to log and count).
+    ///
+    /// What it spawns meanwhile through [`LocalExec`] belongs to its owner too (hyper's HTTP/2
+    /// stream task spawns the task that sends a CONNECT tunnel's data): under the key the owner
+    /// has on this poller, which, for a connection handed over from another poller, is not the
+    /// one its executor was made with.
     pub(crate) fn poll(&mut self, key: Key) -> Poll<Result<(), Box<dyn Any + Send>>> {
         let waker = key.waker();
         let mut cx = Context::from_waker(&waker);
-        match catch_unwind(AssertUnwindSafe(|| self.future.as_mut().poll(&mut cx))) {
+        let future = &mut self.future;
+        let mut poll = || catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx)));
+        let polled = match self.owner {
+            Some(owner) => driving(owner, poll),
+            None => poll(),
+        };
+        match polled {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
             Err(panic) => Poll::Ready(Err(panic)),
@@ -76,14 +87,22 @@ pub(crate) fn take_bulk() -> bool {
     BULK.with(|b| b.replace(false))
 }
 
+/// Whether tasks were spawned on this thread since [`take_spawned`] last took them (an HTTP/2
+/// connection whose drive started streams is not between streams, though its entry owns no
+/// task yet).
+pub(crate) fn spawned_pending() -> bool {
+    SPAWNED.with(|s| !s.borrow().is_empty())
+}
+
 /// Moves the tasks spawned on this thread since the last call into `into`.
 pub(crate) fn take_spawned(into: &mut Vec<Task>) {
     SPAWNED.with(|s| into.append(&mut s.borrow_mut()));
 }
 
 /// hyper's executor on a poller (`hyper::rt::Executor`): each future becomes a local task that
-/// belongs to the connection being driven ([`driving`]), or else to the one the executor was
-/// made for.
+/// belongs to the connection being driven ([`driving`]), or to the owner of the task being
+/// polled ([`Task::poll`]), or else to the one the executor was made for (if it is still on
+/// this poller).
 ///
 /// HTTP/2 connections are its user: each stream is a task that belongs to its connection. hyper
 /// spawns a stream while its connection is polled, so a connection handed to another poller
@@ -119,7 +138,13 @@ where
     F: Future<Output = ()> + 'static,
 {
     fn execute(&self, future: F) {
-        let owner = DRIVING.with(|d| d.get()).or(self.owner);
+        // The connection or owned task being polled; else the one the executor was made for,
+        // if it is still on this poller (a connection handed to another poller has another key
+        // there: its task would be dropped as an orphan, so it runs unowned instead).
+        let owner = DRIVING.with(|d| d.get()).or_else(|| {
+            self.owner
+                .filter(|o| wake::current_poller() == Some(o.poller()))
+        });
         if spawn_local(future, owner).is_err() {
             // hyper calls its executor while the connection is polled, which is on its poller.
             tracing::error!("a poller's executor was used off its poller; the future is dropped");
