@@ -183,6 +183,16 @@ impl Fd {
         false
     }
 
+    /// A read by the poller would end in `WouldBlock` without trying the socket: plaintext
+    /// (TLS may hold bytes read ahead), and the flags say nothing came since the last read.
+    fn read_would_block(&self) -> bool {
+        #[cfg(any(feature = "tls", feature = "tls-ring"))]
+        if self.tls.is_some() {
+            return false;
+        }
+        !self.readable.load(Ordering::Relaxed) && !self.read_closed.load(Ordering::Relaxed)
+    }
+
     /// No write is waiting for the socket to drain.
     pub(crate) fn write_idle(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
@@ -907,6 +917,11 @@ impl hyper::rt::Read for HopStream {
             return Poll::Ready(Ok(()));
         }
         let local = self.local(cx);
+        if local && self.meter.is_none() && self.socket().fd.read_would_block() {
+            // hyper looks for the next request after each response: the common case, answered
+            // without going down to `Raw::recv`, which would say the same.
+            return Poll::Pending;
+        }
         if let (Some(meter), true) = (&self.meter, local) {
             let mut m = crate::http2::lock(meter);
             // SAFETY: `take_to_read` initializes exactly the `n` bytes it reports, and only

@@ -51,8 +51,14 @@ fn epoch() -> Instant {
 impl Tick {
     /// The tick of `at`, rounded up to the nanosecond (never early).
     pub(crate) fn of(at: Instant) -> Tick {
-        let nanos = at.saturating_duration_since(epoch()).as_nanos();
-        Tick(NonZeroU64::MIN.saturating_add(nanos.min(u64::MAX as u128 - 1) as u64))
+        let since = at.saturating_duration_since(epoch());
+        // In 64-bit arithmetic (this runs for every request's deadline): saturating, so an
+        // instant centuries out is the last tick, never a wrap.
+        let nanos = since
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(since.subsec_nanos()));
+        Tick(NonZeroU64::MIN.saturating_add(nanos.min(u64::MAX - 1)))
     }
 
     /// The instant of this tick.
