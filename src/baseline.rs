@@ -85,6 +85,7 @@ pub(crate) fn start<P: App>(
         tcp: Arc::new(cfg.tcp.clone()),
         shutdown: Some(drain_rx),
         tasks: Arc::new(watch::Sender::new(0)),
+        force: Arc::new(watch::Sender::new(false)),
         ctl: Some(ctl.clone()),
     };
     let thread_ctx = ctx.clone();
@@ -532,6 +533,9 @@ async fn accept_loop<P: App, A: Accept>(
     .await;
     if drained.is_err() {
         forcing.store(true, Ordering::Release);
+        // Hijacked connections still running are cut too (see `ServerContext::force`); they
+        // are waited for below, so that the counts are final when this returns.
+        ctx.force.send_replace(true);
         // Cut: a read handler hears of it from its core's `Drop` (`on_close`, `Shutdown`), and
         // a panic there (or in any `Drop` the cut runs) is counted as its task's. Hijacked
         // connections still running are cut when the runtime stops.
@@ -543,6 +547,12 @@ async fn accept_loop<P: App, A: Accept>(
                 }
             }
         }
+        // They drop at their next poll; bounded, should one be stuck in a blocking `Drop`.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            hijacked.wait_for(|n| *n == 0),
+        )
+        .await;
     }
     Ok(())
 }

@@ -121,6 +121,7 @@ impl Hijack {
             tcp: cfg,
             shutdown,
             tasks,
+            force,
             ctl,
         } = self.ctx;
         let open = ctl.map(|ctl| ctl.open.clone());
@@ -162,12 +163,31 @@ impl Hijack {
         if let Some(key) = self.key {
             if wake::current_poller() == Some(key.poller()) {
                 if let Err(task) = tasks::spawn_local(task, Some(key)) {
-                    tokio::spawn(task);
+                    tokio::spawn(cut_when_forced(task, force.subscribe()));
                 }
                 return;
             }
         }
-        tokio::spawn(task);
+        tokio::spawn(cut_when_forced(task, force.subscribe()));
+    }
+}
+
+/// `task` (a hijacked connection running as a tokio task), dropped when `force` turns `true`:
+/// the tokio backend's drain timeout ran out (see `ServerContext::force`). Dropping it tells
+/// its handler (`on_close`) and gives the connection's place back, counted as forced.
+async fn cut_when_forced(
+    task: impl std::future::Future<Output = ()>,
+    mut force: tokio::sync::watch::Receiver<bool>,
+) {
+    let forced = async {
+        if force.wait_for(|f| *f).await.is_err() {
+            // No server to force it: it runs to its end.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = task => {}
+        () = forced => {}
     }
 }
 

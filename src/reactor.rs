@@ -251,6 +251,7 @@ pub(crate) fn start<P: App>(
                     tcp: tcp.clone(),
                     shutdown: Some(shutdown),
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+                    force: Arc::new(tokio::sync::watch::Sender::new(false)),
                     ctl: Some(ctl.clone()),
                 });
                 Poller {

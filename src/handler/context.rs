@@ -44,6 +44,9 @@ pub(crate) struct ServerContext {
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
     /// Hijacked connections running as tasks (tokio backend), which the drain waits for.
     pub(crate) tasks: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Turns `true` when the drain timeout runs out: hijacked tasks still running are cut then
+    /// (dropped, which tells their handlers and counts them forced), not left to finish.
+    pub(crate) force: Arc<tokio::sync::watch::Sender<bool>>,
     /// The server's counters, for what read handlers count (`Stats::ws_ping_timeouts`).
     pub(crate) ctl: Option<Arc<Control>>,
 }
@@ -61,6 +64,7 @@ pub(crate) fn thread_context() -> ServerContext {
             tcp: Arc::new(TcpConfig::default()),
             shutdown: None,
             tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
+            force: Arc::new(tokio::sync::watch::Sender::new(false)),
             ctl: None,
         })
 }
