@@ -537,8 +537,7 @@ async fn accept_loop<P: App, A: Accept>(
         // are waited for below, so that the counts are final when this returns.
         ctx.force.send_replace(true);
         // Cut: a read handler hears of it from its core's `Drop` (`on_close`, `Shutdown`), and
-        // a panic there (or in any `Drop` the cut runs) is counted as its task's. Hijacked
-        // connections still running are cut when the runtime stops.
+        // a panic there (or in any `Drop` the cut runs) is counted as its task's.
         tasks.abort_all();
         while let Some(res) = tasks.join_next().await {
             if let Err(e) = res {
