@@ -183,8 +183,9 @@ impl HttpConfig {
     }
 }
 
-/// The service hyper calls: the user's, with panics caught ([`HyperSvc`]), counting each
-/// request on the connection's [`Current`] until hyper drops its response body.
+/// The service hyper calls: the user's ([`HyperSvc::start`]), counting each request on the
+/// connection's [`Current`] until hyper drops its response body; its future
+/// ([`TrackedFuture`]) catches the handler's panics.
 #[derive(Clone)]
 pub(crate) struct Counted<S>(HyperSvc<S>);
 
