@@ -471,11 +471,10 @@ async fn accept_loop<P: App, A: Accept>(
         let mut ip = None;
         let max_per_ip = cfg.limits.per_ip.filter(|_| !cfg.proxy_protocol);
         if let (Some(max), Some(addr)) = (max_per_ip, A::peer_ip(&peer)) {
-            match ctl.per_ip.acquire(addr, max) {
+            match ctl.ip_place(addr, max) {
                 Some(slot) => ip = Some(slot),
                 None => {
-                    tracing::debug!("max_connections_per_ip reached; closing");
-                    ctl.reject_per_ip();
+                    ctl.unadmit_per_ip();
                     continue;
                 }
             }
@@ -601,15 +600,11 @@ async fn proxied<P: App, A: Accept>(
         .map(|a| a.ip())
         .or_else(|| A::peer_ip(&peer));
     if let (Some(max), Some(client)) = (max_per_ip, client) {
-        match ctl.per_ip.acquire(client, max) {
-            Some(slot) => guard.hold_ip(slot),
-            None => {
-                tracing::debug!("max_connections_per_ip reached; closing");
-                ctl.per_ip_rejected();
-                guard.closed_for(Reason::MaxConnectionsPerIp);
-                return;
-            }
-        }
+        let Some(slot) = ctl.ip_place(client, max) else {
+            guard.closed_for(Reason::MaxConnectionsPerIp);
+            return;
+        };
+        guard.hold_ip(slot);
     }
     let incoming = A::proxied(&stream, &peer, local, &header);
     let Some(accepted) = make(&mut app, incoming, &incoming, &guard) else {

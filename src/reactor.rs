@@ -723,11 +723,10 @@ impl<P: App> Poller<P> {
         // (`proxied`).
         let max_per_ip = self.max_per_ip.filter(|_| !self.proxy_protocol);
         if let (Some(max), Accepted::Tcp(_, peer)) = (max_per_ip, &accepted) {
-            match self.ctl.per_ip.acquire(peer.ip(), max) {
+            match self.ctl.ip_place(peer.ip(), max) {
                 Some(slot) => ip = Some(Box::new(slot)),
                 None => {
-                    tracing::debug!("max_connections_per_ip reached; closing");
-                    self.ctl.reject_per_ip();
+                    self.ctl.unadmit_per_ip();
                     return;
                 }
             }
@@ -851,14 +850,8 @@ impl<P: App> Poller<P> {
                 Peer::Unix(_) => None,
             });
             if let Some(client) = client {
-                match self.ctl.per_ip.acquire(client, max) {
-                    Some(slot) => fd.ip = Some(Box::new(slot)),
-                    None => {
-                        tracing::debug!("max_connections_per_ip reached; closing");
-                        self.ctl.per_ip_rejected();
-                        return Err(Reason::MaxConnectionsPerIp);
-                    }
-                }
+                let slot = self.ctl.ip_place(client, max);
+                fd.ip = Some(Box::new(slot.ok_or(Reason::MaxConnectionsPerIp)?));
             }
         }
         #[cfg(feature = "metrics")]

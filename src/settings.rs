@@ -612,18 +612,25 @@ impl Control {
         true
     }
 
-    /// Takes back a slot [`admit`](Self::admit) reserved for a connection refused for its
-    /// client IP (`max_connections_per_ip`), and counts it.
-    pub(crate) fn reject_per_ip(&self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
-        self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
-        observe::closed(Reason::MaxConnectionsPerIp);
+    /// A place for `client` under `max_connections_per_ip` (`max`); `None`, logged and counted
+    /// (`rejected_per_ip`), when its IP holds `max` already. Refused at accept, the connection
+    /// then gives back what [`admit`](Self::admit) reserved ([`unadmit_per_ip`](Self::unadmit_per_ip));
+    /// refused once its PROXY protocol header named the client, it was admitted and closes
+    /// for that reason as any connection does.
+    pub(crate) fn ip_place(&self, client: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let slot = self.per_ip.acquire(client, max);
+        if slot.is_none() {
+            tracing::debug!("max_connections_per_ip reached; closing");
+            self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+        }
+        slot
     }
 
-    /// Counts a connection refused under `max_connections_per_ip` once its PROXY protocol
-    /// header named its client (it was admitted: its close is counted as it closes).
-    pub(crate) fn per_ip_rejected(&self) {
-        self.rejected_per_ip.fetch_add(1, Ordering::Relaxed);
+    /// Takes back a slot [`admit`](Self::admit) reserved for a connection that
+    /// [`ip_place`](Self::ip_place) refused at accept.
+    pub(crate) fn unadmit_per_ip(&self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        observe::closed(Reason::MaxConnectionsPerIp);
     }
 
     /// Counts `n` HTTP/1.x requests.
