@@ -190,6 +190,12 @@ impl Fd {
         if self.tls.is_some() {
             return false;
         }
+        self.nothing_came()
+    }
+
+    /// The readiness flags say nothing came (bytes or the peer's FIN) since the last read that
+    /// ended in `WouldBlock`.
+    fn nothing_came(&self) -> bool {
         !self.readable.load(Ordering::Relaxed) && !self.read_closed.load(Ordering::Relaxed)
     }
 
@@ -477,10 +483,7 @@ struct Raw<'a> {
 impl Raw<'_> {
     fn recv(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         let fd = self.fd;
-        if self.local
-            && !fd.readable.load(Ordering::Relaxed)
-            && !fd.read_closed.load(Ordering::Relaxed)
-        {
+        if self.local && fd.nothing_came() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let r = fd.recv(dst);
