@@ -707,6 +707,37 @@ pub async fn axum_ws_echo(
     })
 }
 
+/// Opens a WebSocket on `path` over the HTTP/2 connection `send` (RFC 8441 extended CONNECT,
+/// `:protocol websocket`), as tokio-tungstenite's client over hyper's upgraded stream.
+pub async fn open_ws_over_h2(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>> {
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://localhost{path}"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+        .await
+        .expect("CONNECT answered in time")
+        .expect("CONNECT sent");
+    assert_eq!(
+        res.status(),
+        http::StatusCode::OK,
+        "extended CONNECT on {path}"
+    );
+    let upgraded = hyper::upgrade::on(res).await.expect("upgraded");
+    tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await
+}
+
 /// Closes a client WebSocket that runs over an HTTP/2 stream (RFC 8441) and checks that the
 /// server answered the close frame before the stream ended.
 ///

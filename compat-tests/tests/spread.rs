@@ -24,9 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// How long a case may keep loading the server before its condition must hold (generous: a
 /// loaded 2-core machine, a debug build).
@@ -46,26 +44,6 @@ fn app() -> Router {
                 format!("slow={n}")
             }),
         )
-}
-
-/// Opens a WebSocket on `/ws` over the HTTP/2 connection `send` (RFC 8441 extended CONNECT).
-async fn open_ws(
-    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("http://localhost/ws")
-        .extension(hyper::ext::Protocol::from_static("websocket"))
-        .header("sec-websocket-version", "13")
-        .body(Empty::new())
-        .expect("request");
-    let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
-        .await
-        .expect("CONNECT answered in time")
-        .expect("CONNECT sent");
-    assert_eq!(res.status(), http::StatusCode::OK, "extended CONNECT");
-    let upgraded = hyper::upgrade::on(res).await.expect("upgraded");
-    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
 }
 
 /// The suite's builder parks at once; these cases keep hop's default park delay.
@@ -286,7 +264,7 @@ backend_tests! {
         // now (it was dropped as an orphan when its owner was the key the connection had
         // before it moved).
         for (c, (send, _)) in conns.iter_mut().enumerate() {
-            let mut ws = open_ws(send).await;
+            let mut ws = compat_tests::open_ws_over_h2(send, "/ws").await;
             let text = format!("ws {c}");
             ws.send(Message::text(text.clone())).await.expect("send");
             let got = tokio::time::timeout(IO_TIMEOUT, ws.next())

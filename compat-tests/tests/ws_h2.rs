@@ -5,13 +5,13 @@
 //! are told (close 1001, end of stream) and the server drains without forcing anything.
 
 use compat_tests::{
-    axum_ws_echo, backend_tests, close_ws_over_h2, start, start_with_shutdown, ws_echo, IO_TIMEOUT,
+    axum_ws_echo, backend_tests, close_ws_over_h2, open_ws_over_h2, start, start_with_shutdown,
+    ws_echo, IO_TIMEOUT,
 };
 use futures_util::{SinkExt, StreamExt};
-use http::{Method, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -26,24 +26,6 @@ async fn h2_connect(addr: std::net::SocketAddr) -> Sender {
             .expect("h2 handshake");
     tokio::spawn(conn);
     send
-}
-
-/// Opens a WebSocket on `path` over the HTTP/2 connection `send`.
-async fn open(send: &mut Sender, path: &str) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("http://localhost{path}"))
-        .extension(hyper::ext::Protocol::from_static("websocket"))
-        .header("sec-websocket-version", "13")
-        .body(Empty::new())
-        .unwrap();
-    let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
-        .await
-        .expect("CONNECT answered in time")
-        .expect("CONNECT sent");
-    assert_eq!(res.status(), StatusCode::OK, "extended CONNECT on {path}");
-    let upgraded = hyper::upgrade::on(res).await.expect("upgraded");
-    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
 }
 
 async fn echo_twice(ws: &mut WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, tag: &str) {
@@ -77,8 +59,8 @@ backend_tests! {
             .route("/ws-axum", axum::routing::any(axum_ws_echo));
         let server = start(backend, app, |b| b);
         let mut send = h2_connect(server.addr).await;
-        let mut hop_ws = open(&mut send, "/ws").await;
-        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        let mut hop_ws = open_ws_over_h2(&mut send, "/ws").await;
+        let mut axum_ws = open_ws_over_h2(&mut send, "/ws-axum").await;
         echo_twice(&mut hop_ws, "hop").await;
         echo_twice(&mut axum_ws, "axum").await;
         // Quiet: tungstenite answers hop::ws's ping (read below) by itself.
@@ -100,14 +82,14 @@ backend_tests! {
             .route("/ws-axum", axum::routing::any(axum_ws_echo));
         let server = start(backend, app, |b| b);
         let mut send = h2_connect(server.addr).await;
-        let mut hop_ws = open(&mut send, "/ws").await;
-        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        let mut hop_ws = open_ws_over_h2(&mut send, "/ws").await;
+        let mut axum_ws = open_ws_over_h2(&mut send, "/ws-axum").await;
         echo_twice(&mut hop_ws, "hop").await;
         echo_twice(&mut axum_ws, "axum").await;
         // Both close cleanly, and the connection serves on.
         close_ws_over_h2(&mut hop_ws).await.expect("hop::ws closes");
         close_ws_over_h2(&mut axum_ws).await.expect("axum's WebSocket closes");
-        let mut again = open(&mut send, "/ws").await;
+        let mut again = open_ws_over_h2(&mut send, "/ws").await;
         echo_twice(&mut again, "again").await;
         let stats = server.handle.stats();
         assert_eq!(stats.http2_connections, 1, "[{backend}] {stats:?}");
@@ -141,7 +123,7 @@ backend_tests! {
             );
         let (server, stop) = start_with_shutdown(backend, app, |b| b);
         let mut send = h2_connect(server.addr).await;
-        let mut ws = open(&mut send, "/ws").await;
+        let mut ws = open_ws_over_h2(&mut send, "/ws").await;
         echo_twice(&mut ws, "before").await;
         let req = Request::get("http://localhost/sse").body(Empty::new()).unwrap();
         let res = send.send_request(req).await.expect("GET /sse");
@@ -200,8 +182,8 @@ backend_tests! {
                 .close_timeout(std::time::Duration::from_millis(500))
         });
         let mut send = h2_connect(server.addr).await;
-        let mut hop_ws = open(&mut send, "/ws").await;
-        let mut axum_ws = open(&mut send, "/ws-axum").await;
+        let mut hop_ws = open_ws_over_h2(&mut send, "/ws").await;
+        let mut axum_ws = open_ws_over_h2(&mut send, "/ws-axum").await;
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         echo_twice(&mut hop_ws, "hop").await;
         echo_twice(&mut axum_ws, "axum").await;
