@@ -10,9 +10,16 @@ the connections' set-up and the server's start. Servers: the demo's reactor (1 p
 defaults), the same with parking off (`--park-after-ms never`), hop's tokio backend, and the
 peers `axum-serve` and `hyper-tuned` (1 worker). Server on CPU 0, load on CPU 1.
 
+With `--wall N,...` it gives the wall-clock rows instead: N connections at N req/s in all (each
+connection wakes once a second), no callgrind. Server CPU per request (user + system, from
+/proc/PID/stat) is differenced from a short and a long run (4 s and 16 s) on fresh servers; the
+long run also gives the p99 latency and the server's peak RSS. Each figure is the median of the
+rounds (3 by default here), servers interleaved.
+
     cargo build --release --example server -p hop-load -p hop-peers
     benches/wake.py                       # 1 s and 5 s gaps, every server
     benches/wake.py --gaps 1 --servers reactor,hyper-tuned --rounds 2
+    benches/wake.py --wall 2000,10000 --servers reactor,axum-serve,hyper-tuned
 """
 
 import argparse
@@ -72,6 +79,50 @@ def instructions(server, conns, rps, secs):
         shutil.rmtree(os.path.dirname(out), ignore_errors=True)
 
 
+def wall(server, conns, secs):
+    """(CPU seconds, requests, p99 µs, peak RSS KB) of one `secs` run on a fresh server."""
+    srv = compare.Server(compare.SERVER, server, argv=lambda addr: argv(server, addr))
+    try:
+        r = compare.hop_load(["rate", "--rps", conns, "-d", f"{secs}s", "-c", conns,
+                              "--addr", srv.addr, "--server-pid", srv.pid],
+                             timeout=secs * 10 + 300)
+    finally:
+        srv.stop()
+    if r.get("errors"):
+        compare.log(f"{server} {conns} connections: {r['errors']} errors")
+    cpu = r["server_cpu_user_s"] + r["server_cpu_sys_s"]
+    return cpu, r["requests"], r["latency"].get("p99_us", 0), r["server_max_rss_kb"]
+
+
+def wall_rows(a, servers):
+    """The wall-clock rows (see the module docs), printed as a Markdown table."""
+    rounds = a.rounds if a.rounds > 1 else 3
+    counts = [int(n) for n in a.wall.split(",")]
+    got = {}
+    for n in counts:
+        for i in range(rounds):
+            for s in servers:
+                c0, n0, _, _ = wall(s, n, a.short)
+                c1, n1, p99, rss = wall(s, n, a.wall_long)
+                per = (c1 - c0) / max(1, n1 - n0) * 1e6
+                got.setdefault((n, s), []).append((per, p99 / 1000, rss / 1024))
+                compare.log(f"{n} connections {s} round {i + 1}: {per:.1f} µs CPU/request, "
+                            f"p99 {p99 / 1000:.2f} ms, RSS {rss / 1024:.0f} MB")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"| N connections, N req/s (median of {rounds}) | " + " | ".join(servers) + " |")
+    print("|---|" + "---|" * len(servers))
+    for n in counts:
+        for label, col, fmt in (("server CPU µs/request", 0, "{:.1f}"), ("p99 ms", 1, "{:.2f}"),
+                                ("peak RSS MB", 2, "{:.0f}")):
+            vals = {s: med([g[col] for g in got[(n, s)]]) for s in servers}
+            first = vals[servers[0]]
+            cells = [fmt.format(vals[servers[0]])]
+            for s in servers[1:]:
+                ratio = f" ({first / vals[s]:.2f}×)" if col != 1 and vals[s] else ""
+                cells.append(fmt.format(vals[s]) + ratio)
+            print(f"| {n:,}: {label} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", default="reactor,reactor-nopark,tokio,axum-serve,hyper-tuned")
@@ -80,8 +131,14 @@ def main():
     ap.add_argument("--short", type=int, default=4)
     ap.add_argument("--long", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=1, help="rounds, servers interleaved")
+    ap.add_argument("--wall", default="",
+                    help="comma-separated connection counts: the wall-clock rows instead")
+    ap.add_argument("--wall-long", type=int, default=16, help="the long run of --wall, seconds")
     a = ap.parse_args()
     servers = a.servers.split(",")
+    if a.wall:
+        wall_rows(a, servers)
+        return
     gaps = [float(g) for g in a.gaps.split(",")]
     got = {}
     for gap in gaps:

@@ -45,13 +45,14 @@ use crate::listener::Native;
 use crate::observe::Reason;
 use crate::rt::balance::Balance;
 use crate::rt::tasks::{self, Task};
-use crate::rt::timer::Timer;
+use crate::rt::timer::{Alarm, Timer};
 use crate::rt::wake::{self, Key, Remote};
 use crate::service::IncomingStream;
 use crate::settings::{Config, Control};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const ALARM: Token = Token(usize::MAX - 3);
 
 /// Over this many connections holding hyper's state on a poller, an idle one parks at once
 /// instead of waiting for `park_after`: busy keep-alive connections stay hot while they are
@@ -213,16 +214,20 @@ pub(crate) fn start<P: App>(
         let remote = Arc::new(Remote::new(mio::Waker::new(poll.registry(), WAKER)?));
         poll.registry()
             .register(listener.source(), LISTENER, Interest::READABLE)?;
-        parts.push((poll, remote, listener));
+        let alarm = Alarm::new(poll.registry(), ALARM);
+        parts.push((poll, remote, listener, alarm));
     }
     // With several pollers, what they share to spread connections over themselves.
     let balance = (n > 1).then(|| {
         Arc::new(Balance::<Moved<P::Svc>>::new(
-            parts.iter().map(|(_, remote, _)| remote.clone()).collect(),
+            parts
+                .iter()
+                .map(|(_, remote, _, _)| remote.clone())
+                .collect(),
         ))
     });
     let start = Instant::now();
-    for (i, (poll, remote, listener)) in parts.into_iter().enumerate() {
+    for (i, (poll, remote, listener, alarm)) in parts.into_iter().enumerate() {
         let id = wake::register(remote.clone());
         let r = remote.clone();
         ctl.on_shutdown(Box::new(move || r.notify()));
@@ -269,6 +274,7 @@ pub(crate) fn start<P: App>(
                     conns: Slab::new(),
                     next_generation: 0,
                     timer: Timer::default(),
+                    alarm,
                     hot: 0,
                     app,
                     http,
@@ -357,6 +363,8 @@ struct Poller<P: App> {
     /// does not reach the new one.
     next_generation: u16,
     timer: Timer,
+    /// Goes off at the next deadline, so that the poll itself has no timeout.
+    alarm: Alarm,
     /// Connections holding hyper's state (see [`HOT_LIMIT`]).
     hot: usize,
     app: P,
@@ -419,7 +427,10 @@ impl<P: App> Poller<P> {
             spawned,
         } = t;
         wake::take_ready(ready);
-        let timeout = self.timeout(!ready.is_empty());
+        let timeout = match ready.is_empty() {
+            true => self.alarm.poll_timeout(self.next_wake()),
+            false => Some(Duration::ZERO),
+        };
         if let Err(e) = self.poll.poll(events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::error!(error = %e, "poll failed");
@@ -432,6 +443,7 @@ impl<P: App> Poller<P> {
         for ev in events.iter() {
             match ev.token() {
                 LISTENER => self.accept(now, ready),
+                ALARM => self.alarm.rang(),
                 WAKER => {
                     self.remote.drain(ready);
                     self.remote.drain_deliveries(deliveries);
@@ -650,10 +662,9 @@ impl<P: App> Poller<P> {
         }
     }
 
-    fn timeout(&self, ready: bool) -> Option<Duration> {
-        if ready {
-            return Some(Duration::ZERO);
-        }
+    /// When the poller must look again though nothing comes: the earliest deadline, retry,
+    /// spreading window or drain deadline.
+    fn next_wake(&self) -> Option<Instant> {
         let mut next = self.timer.next_deadline();
         if let Some(t) = self.accept_retry {
             next = Some(next.map_or(t, |n| n.min(t)));
@@ -668,8 +679,7 @@ impl<P: App> Poller<P> {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
         }
-        // Round up so a timer is never polled a hair early, which would spin.
-        next.map(|t| t.saturating_duration_since(Instant::now()) + Duration::from_micros(500))
+        next
     }
 
     fn accept(&mut self, now: Instant, ready: &mut Vec<Key>) {

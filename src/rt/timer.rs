@@ -10,6 +10,13 @@
 //! connection arms its header timeout, and without the sweep the heap would hold that many
 //! seconds' worth of closed connections.
 //!
+//! The poller waits for the heap's earliest deadline through an [`Alarm`] (a `timerfd` in its
+//! `mio::Poll`) rather than a poll timeout: `epoll_wait` with a timeout arms and cancels a kernel
+//! hrtimer on every sleep, which costs a poller woken thousands of times a second measurable
+//! kernel time (in a VM, timer reprogramming exits), while the peers, with no deadline pending,
+//! sleep without one. The alarm is set again only when a deadline comes that is earlier than
+//! the one it is set for, or after it has gone off.
+//!
 //! It also owns [`deadline`], the one way hop turns a user's or a peer's duration into an
 //! instant: saturating, so `Duration::MAX` means "never" and no setting can overflow an
 //! `Instant` (both backends use it), and [`cap`], the same bound for durations handed to
@@ -17,7 +24,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::io;
 use std::num::NonZeroU64;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -150,6 +159,90 @@ impl Timer {
     }
 }
 
+/// A deadline is waited for this much past it, so that it is never polled a hair early, which
+/// would spin (the alarm's, or a poll timeout's, rounding).
+const LATE: Duration = Duration::from_micros(500);
+
+/// The poller's alarm (see the module docs): a one-shot `timerfd`, registered readable in the
+/// poller's `mio::Poll` under its own token.
+pub(crate) struct Alarm {
+    /// `None` where the kernel gave no timerfd: the poll then waits with a timeout.
+    fd: Option<OwnedFd>,
+    /// When it is set to go off, if it is.
+    set: Option<Instant>,
+}
+
+impl Alarm {
+    pub(crate) fn new(registry: &mio::Registry, token: mio::Token) -> Alarm {
+        // SAFETY: timerfd_create takes no pointers; a descriptor it returns is ours alone.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        let fd = if raw < 0 {
+            None
+        } else {
+            // SAFETY: `raw` is a descriptor just opened, owned by nothing else.
+            Some(unsafe { OwnedFd::from_raw_fd(raw) })
+        };
+        let fd = fd.filter(|fd| {
+            let mut source = mio::unix::SourceFd(&fd.as_raw_fd());
+            registry
+                .register(&mut source, token, mio::Interest::READABLE)
+                .is_ok()
+        });
+        if fd.is_none() {
+            tracing::debug!(
+                error = %io::Error::last_os_error(),
+                "no timerfd; the poller waits with timeouts"
+            );
+        }
+        Alarm { fd, set: None }
+    }
+
+    /// How long the poll may wait for the deadline `at` (`None`: forever), the alarm set so that
+    /// it goes off by then if it was not already.
+    pub(crate) fn poll_timeout(&mut self, at: Option<Instant>) -> Option<Duration> {
+        let at = at?;
+        if self.set.is_some_and(|set| set <= at + LATE) {
+            return None;
+        }
+        let now = Instant::now();
+        let after = at.saturating_duration_since(now) + LATE;
+        let Some(fd) = &self.fd else {
+            return Some(after);
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                // Never zero (that would disarm it): `after` is at least `LATE`. A deadline
+                // centuries out is clamped, and simply never comes.
+                tv_sec: after.as_secs().min(i32::MAX as u64) as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call, which keeps no pointer to it; the
+        // old value is not asked for (null).
+        let r = unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "timerfd_settime failed");
+            return Some(after);
+        }
+        self.set = Some(now + after);
+        None
+    }
+
+    /// It went off (its event came): the next deadline sets it again.
+    pub(crate) fn rang(&mut self) {
+        self.set = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +293,30 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, (n - 10..n).collect::<Vec<_>>());
         assert_eq!(timer.len(), 0);
+    }
+
+    #[test]
+    fn the_alarm_goes_off_at_the_earliest_deadline_asked_for() {
+        let token = mio::Token(7);
+        let mut poll = mio::Poll::new().unwrap();
+        let mut alarm = Alarm::new(poll.registry(), token);
+        assert!(alarm.fd.is_some(), "no timerfd");
+        let mut events = mio::Events::with_capacity(8);
+        let start = Instant::now();
+        // A later deadline keeps the alarm set for an earlier one; an earlier one sets it again.
+        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_secs(3600))), None);
+        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_secs(7200))), None);
+        let first = alarm.set.unwrap();
+        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_millis(20))), None);
+        assert!(alarm.set.unwrap() < first);
+        // It goes off (the guard is far longer, so that a silent alarm fails, not hangs).
+        poll.poll(&mut events, Some(Duration::from_secs(30))).unwrap();
+        assert!(events.iter().any(|e| e.token() == token), "the alarm did not go off");
+        assert!(Instant::now() >= start + Duration::from_millis(20));
+        alarm.rang();
+        // No deadline: the poll waits for events alone.
+        assert_eq!(alarm.poll_timeout(None), None);
+        assert_eq!(alarm.set, None);
     }
 
     #[test]
