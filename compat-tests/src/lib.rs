@@ -62,13 +62,14 @@ macro_rules! backend_tests {
     )*};
 }
 
-/// A tool or build a test needs is missing: fails under CI (where `.ci/run` installs and builds
-/// everything, and `CI` is set), says `SKIPPED` elsewhere so the caller can return.
-pub fn unavailable(what: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} (CI must have it: see .ci/run)");
-    }
-    eprintln!("SKIPPED: {what}");
+/// A tool or build a test needs is missing: the test fails, saying what and how to get it. No
+/// test skips, under CI or elsewhere (`.ci/tools` installs every tool the tests use).
+pub fn unavailable(what: &str) -> ! {
+    panic!(
+        "missing: {what}. The tests use real clients and peers and never skip: install them with \
+         `.ci/tools` (apt-get and pip; the README's Set-up lists them), and build the examples \
+         with `cargo test --workspace`"
+    );
 }
 
 /// Runs a test body with tracing set up (`RUST_LOG` to see it) and an overall timeout.
@@ -868,10 +869,9 @@ pub async fn ws_read_raw_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     (h[0], payload)
 }
 
-/// Runs a command-line client (curl, nghttp, openssl) with `stdin`, failing the test if it
-/// fails or takes longer than `limit`: its stdout, or `None` if it is not installed (a failure
-/// under CI, where it must be: see [`unavailable`]).
-pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) -> Option<String> {
+/// Runs a command-line client (curl, nghttp, openssl) with `stdin`, failing the test if it is
+/// missing (see [`unavailable`]), fails or takes longer than `limit`: its stdout.
+pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) -> String {
     let child = tokio::process::Command::new(tool)
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -882,8 +882,7 @@ pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) 
     let mut child = match child {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            unavailable(&format!("{tool} is not installed"));
-            return None;
+            unavailable(tool);
         }
         Err(e) => panic!("running {tool}: {e}"),
     };
@@ -901,7 +900,7 @@ pub async fn run_tool(tool: &str, args: &[&str], stdin: &[u8], limit: Duration) 
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(stdout)
+    stdout
 }
 
 /// The demo binary (`examples/server`), started as users start it: what `demo.rs` and

@@ -4,9 +4,8 @@
 //! with rcgen, accepted through WebDriver's `acceptInsecureCerts`; ALPN gives Chromium HTTP/2,
 //! and the page's wss WebSocket is an extended CONNECT on that connection).
 //!
-//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the
-//! test fails under CI (`CI` set, as `.ci/run` does) and elsewhere passes after printing a
-//! `SKIPPED ...` line to stderr, which shows even without `--nocapture`.
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/tools` installs them); without them
+//! the test fails, naming them.
 
 use std::future::IntoFuture;
 use std::process::{Child, Command, Stdio};
@@ -55,18 +54,6 @@ fn tool(name: &str) -> Option<String> {
         .find(|p| std::path::Path::new(p).exists())
 }
 
-/// Whether this runs under CI: `CI` set to anything but empty, `0` or `false`.
-fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
-}
-
-/// Says that the test did not run, where it is seen: straight to stderr, past the test
-/// harness's output capture (which would swallow `eprintln!` from a passing test).
-fn skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
-}
-
 async fn webdriver(
     client: &reqwest::Client,
     method: reqwest::Method,
@@ -110,16 +97,10 @@ fn tls_config() -> hop::tls::RustlsConfig {
 /// WebSocket echo and EventSource work.
 async fn demo_page(backend: compat_tests::Backend, tls: bool, name: &str) {
     let (Some(chromium), Some(chromedriver)) = (tool("chromium"), tool("chromedriver")) else {
-        assert!(
-            !under_ci(),
-            "chromium and chromium-driver are required under CI (CI is set; .ci/run installs \
-                 them)"
-        );
-        skipped(&format!(
-            "{name}_{backend}: chromium or chromedriver not found in \
-                 /usr/bin or /usr/local/bin (install chromium and chromium-driver to run it)"
+        compat_tests::unavailable(&format!(
+            "{name}_{backend}: chromium or chromedriver in /usr/bin or /usr/local/bin \
+             (apt-get install chromium chromium-driver)"
         ));
-        return;
     };
 
     // The page and the routes it uses, as in examples/server.rs.

@@ -41,10 +41,10 @@ fn curl(flag: &str, url: &str) -> (String, String) {
 #[test]
 fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     if Command::new("curl").arg("--version").output().is_err() {
-        return unavailable("curl is not installed");
+        unavailable("curl");
     }
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &[]);
@@ -73,10 +73,10 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
 #[test]
 fn demo_metrics_answers_prometheus_text_on_both_backends() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     if Command::new("curl").arg("--version").output().is_err() {
-        return unavailable("curl is not installed");
+        unavailable("curl");
     }
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &[]);
@@ -121,10 +121,10 @@ fn demo_metrics_answers_prometheus_text_on_both_backends() {
 #[test]
 fn demo_serves_https_with_alpn_on_both_backends() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     if Command::new("curl").arg("--version").output().is_err() {
-        return unavailable("curl is not installed");
+        unavailable("curl");
     }
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let dir = std::env::temp_dir().join(format!("hop-demo-tls-{}", std::process::id()));
@@ -167,7 +167,7 @@ fn demo_ws_frames_echoes_messages_on_both_backends() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     for backend in ["reactor", "tokio"] {
@@ -218,7 +218,7 @@ fn run_demo(bin: &Path, args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn demo_names_bad_flags_in_plain_words() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     for (args, says) in [
         (
@@ -281,7 +281,7 @@ fn demo_names_bad_flags_in_plain_words() {
 #[test]
 fn demo_refuses_a_port_in_use_unless_asked_to_share() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     for backend in ["reactor", "tokio"] {
         let (_first, addr) = start_demo(&bin, backend, &[]);
@@ -324,7 +324,7 @@ fn demo_refuses_a_port_in_use_unless_asked_to_share() {
 #[test]
 fn a_second_signal_exits_at_once() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     let cases = [
         ("reactor", libc::SIGTERM, 143),
@@ -416,10 +416,10 @@ fn raw_get(addr: SocketAddr, prefix: &[u8], path: &str) -> String {
 #[test]
 fn demo_proxy_protocol_ip_and_files() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     if Command::new("curl").arg("--version").output().is_err() {
-        return unavailable("curl is not installed");
+        unavailable("curl");
     }
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &["--proxy-protocol".as_ref()]);

@@ -411,7 +411,7 @@ async fn non_reading_clients(backend: compat_tests::Backend) {
     const CONNS: usize = 60;
     const STREAMS: u32 = 100;
     let Some(_) = compat_tests::rss_bytes() else {
-        return compat_tests::unavailable("/proc/self/status");
+        compat_tests::unavailable("/proc/self/status");
     };
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
     let app = Router::new().route_service("/file", tower_http::services::ServeFile::new(readme));

@@ -894,7 +894,7 @@ backend_tests! {
         let srv = start(backend, hello_app(), |b| b);
         let url = srv.url("/hello");
 
-        if let Some(out) = run_tool(
+        let out = run_tool(
             "curl",
             &[
                 "--http2-prior-knowledge",
@@ -906,24 +906,20 @@ backend_tests! {
                 &url,
             ],
         )
-        .await
-        {
-            assert_eq!(out, "hello\n2 200", "[{backend}] curl");
-        }
+        .await;
+        assert_eq!(out, "hello\n2 200", "[{backend}] curl");
         // `-n` discards the body: the status from the verbose log, the body from a plain run.
-        if let Some(out) = run_tool("nghttp", &["-nv", "-t", "30", &url]).await {
-            assert!(
-                out.contains(":status: 200"),
-                "[{backend}] nghttp -nv:\n{out}"
-            );
-            assert!(
-                out.contains("recv SETTINGS frame"),
-                "[{backend}] nghttp -nv:\n{out}"
-            );
-        }
-        if let Some(out) = run_tool("nghttp", &["-t", "30", &url]).await {
-            assert_eq!(out, "hello", "[{backend}] nghttp");
-        }
+        let out = run_tool("nghttp", &["-nv", "-t", "30", &url]).await;
+        assert!(
+            out.contains(":status: 200"),
+            "[{backend}] nghttp -nv:\n{out}"
+        );
+        assert!(
+            out.contains("recv SETTINGS frame"),
+            "[{backend}] nghttp -nv:\n{out}"
+        );
+        let out = run_tool("nghttp", &["-t", "30", &url]).await;
+        assert_eq!(out, "hello", "[{backend}] nghttp");
         assert!(srv.handle.stats().http2_streams >= 1);
     }
 
@@ -1262,10 +1258,10 @@ fn ws_connect(client: &H2, path: &str) -> Request<ClientBody> {
     req
 }
 
-/// Runs a command-line client: its trimmed stdout, or `None` if it is not installed.
-async fn run_tool(tool: &str, args: &[&str]) -> Option<String> {
-    let out = compat_tests::run_tool(tool, args, b"", WAIT).await?;
-    Some(out.trim().to_owned())
+/// Runs a command-line client: its trimmed stdout.
+async fn run_tool(tool: &str, args: &[&str]) -> String {
+    let out = compat_tests::run_tool(tool, args, b"", WAIT).await;
+    out.trim().to_owned()
 }
 
 /// A stream that writes the first 16 bytes ("PRI * HTTP/2.0\r\n") and waits 200 ms before

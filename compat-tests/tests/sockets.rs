@@ -206,7 +206,7 @@ fn poller_ticks(pid: u32) -> Vec<u64> {
 #[test]
 fn the_demo_serves_a_socket_handed_down_by_systemd() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     if Command::new("systemd-socket-activate")
         .arg("--help")
@@ -215,7 +215,7 @@ fn the_demo_serves_a_socket_handed_down_by_systemd() {
         .status()
         .is_err()
     {
-        return unavailable("systemd-socket-activate (Debian package systemd)");
+        unavailable("systemd-socket-activate (Debian package systemd)");
     }
     for backend in ["reactor", "tokio"] {
         let addr = free_addr();
@@ -297,7 +297,7 @@ fn start_demo(bin: &Path, backend: &str, addr: &str, extra: &[&str]) -> (Reap, S
 #[test]
 fn a_restart_on_a_shared_port_loses_nothing() {
     let Some(bin) = demo_binary() else {
-        return unavailable("examples/server is not built (run `cargo test --workspace`)");
+        unavailable("examples/server is not built (run `cargo test --workspace`)");
     };
     for backend in ["reactor", "tokio"] {
         let (mut old, addr) = start_demo(&bin, backend, "127.0.0.1:0", &[]);

@@ -236,17 +236,16 @@ where
     assert_eq!(call("GET", "/missing", None).await.0, 404);
 }
 
-/// `curl`, or `None` (the test is skipped) when it is not installed outside CI.
-fn curl() -> Option<&'static str> {
+/// `curl` (its absence fails the test).
+fn curl() -> &'static str {
     let found = std::process::Command::new("curl")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("curl");
+    if !found {
+        compat_tests::unavailable("curl");
     }
-    compat_tests::unavailable("curl is not installed");
-    None
+    "curl"
 }
 
 /// `curl --unix-socket`: status and body.
@@ -303,28 +302,27 @@ async fn app_over_unix(backend: Backend, kind: Unix) {
     drop(sender);
     let _ = conn.await;
 
-    if let Some(curl) = curl() {
-        assert_eq!(
-            curl_unix(curl, &sock, &[], "/").await,
-            (200, "Hello, World!".into())
-        );
-        let (status, body) = curl_unix(
-            curl,
-            &sock,
-            &[
-                "-H",
-                "content-type: application/json",
-                "--data",
-                r#"{"item":"jam","qty":5}"#,
-            ],
-            "/orders",
-        )
-        .await;
-        assert_eq!(status, 200);
-        let order: Order = serde_json::from_str(&body).unwrap();
-        assert_eq!(order.qty, 10);
-        assert_eq!(curl_unix(curl, &sock, &[], "/items/7").await.1, "item 7");
-    }
+    let curl = curl();
+    assert_eq!(
+        curl_unix(curl, &sock, &[], "/").await,
+        (200, "Hello, World!".into())
+    );
+    let (status, body) = curl_unix(
+        curl,
+        &sock,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"item":"jam","qty":5}"#,
+        ],
+        "/orders",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let order: Order = serde_json::from_str(&body).unwrap();
+    assert_eq!(order.qty, 10);
+    assert_eq!(curl_unix(curl, &sock, &[], "/items/7").await.1, "item 7");
     server.stop().await;
 }
 

@@ -304,14 +304,27 @@ mod tests {
         let mut events = mio::Events::with_capacity(8);
         let start = Instant::now();
         // A later deadline keeps the alarm set for an earlier one; an earlier one sets it again.
-        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_secs(3600))), None);
-        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_secs(7200))), None);
+        assert_eq!(
+            alarm.poll_timeout(Some(start + Duration::from_secs(3600))),
+            None
+        );
+        assert_eq!(
+            alarm.poll_timeout(Some(start + Duration::from_secs(7200))),
+            None
+        );
         let first = alarm.set.unwrap();
-        assert_eq!(alarm.poll_timeout(Some(start + Duration::from_millis(20))), None);
+        assert_eq!(
+            alarm.poll_timeout(Some(start + Duration::from_millis(20))),
+            None
+        );
         assert!(alarm.set.unwrap() < first);
         // It goes off (the guard is far longer, so that a silent alarm fails, not hangs).
-        poll.poll(&mut events, Some(Duration::from_secs(30))).unwrap();
-        assert!(events.iter().any(|e| e.token() == token), "the alarm did not go off");
+        poll.poll(&mut events, Some(Duration::from_secs(30)))
+            .unwrap();
+        assert!(
+            events.iter().any(|e| e.token() == token),
+            "the alarm did not go off"
+        );
         assert!(Instant::now() >= start + Duration::from_millis(20));
         alarm.rang();
         // No deadline: the poll waits for events alone.
