@@ -10,7 +10,7 @@ and the peers (`target/debug/axum-serve --addr ..`) do.
 
 noread: N connections (default 100, $CONNS), each with SO_RCVBUF 4 KB, send the preface,
 SETTINGS (initial window 2^31-1), a connection WINDOW_UPDATE to 2^31-1, then a GET ($PATH_,
-default /file: hop's README.md, 76 KB) on each of $STREAMS streams (default 100, the most both
+default /file: hop's README.md, its size as of the run) on each of $STREAMS streams (default 100, the most both
 servers allow); they hold 5 s, then close. Prints the server's RSS before, with them (per connection) and 3 s after they left.
 
 flood: one connection sends KIND frames as fast as the server takes them, reading all it
