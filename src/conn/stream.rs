@@ -1062,13 +1062,13 @@ impl hyper::rt::Write for HopStream {
         self.poll_coalesce(cx, bufs)
     }
 
-    /// Not for HTTP/1: hyper then writes a response's head and body into one buffer of its own
-    /// (as it does with its `pipeline_flush`), which costs less than its queue of buffers for
-    /// the small responses hop mostly serves (about 480 instructions a keep-alive request,
-    /// callgrind), and this stream coalesces its writes anyway. HTTP/2 (the metered stream)
-    /// keeps h2's vectored writes.
+    /// Vectored, so that hyper queues a response body's chunks instead of copying them into its
+    /// own buffer (its "flatten" strategy, which `is_write_vectored() == false` or hyper's
+    /// `pipeline_flush` choose, copies a chunk whole: each of 500 readers that stop reading a
+    /// shared 10 MB body held its own 10 MB copy, `reliability::slow_readers_of_a_large_body_*`). Flattening costs about 480 fewer
+    /// instructions per small keep-alive response (callgrind), which is not worth that.
     fn is_write_vectored(&self) -> bool {
-        self.meter.is_some()
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
