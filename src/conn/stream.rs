@@ -1065,8 +1065,9 @@ impl hyper::rt::Write for HopStream {
     /// Vectored, so that hyper queues a response body's chunks instead of copying them into its
     /// own buffer (its "flatten" strategy, which `is_write_vectored() == false` or hyper's
     /// `pipeline_flush` choose, copies a chunk whole: each of 500 readers that stop reading a
-    /// shared 10 MB body held its own 10 MB copy, `reliability::slow_readers_of_a_large_body_*`). Flattening costs about 480 fewer
-    /// instructions per small keep-alive response (callgrind), which is not worth that.
+    /// shared 10 MB body held its own 10 MB copy, `reliability::slow_readers_of_a_large_body_*`).
+    /// Flattening costs about 480 fewer instructions per small keep-alive response (callgrind),
+    /// which is not worth that.
     fn is_write_vectored(&self) -> bool {
         true
     }
