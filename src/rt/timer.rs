@@ -188,7 +188,8 @@ impl Alarm {
             Some(unsafe { OwnedFd::from_raw_fd(raw) })
         };
         let fd = fd.filter(|fd| {
-            let mut source = mio::unix::SourceFd(&fd.as_raw_fd());
+            let raw = fd.as_raw_fd();
+            let mut source = mio::unix::SourceFd(&raw);
             registry
                 .register(&mut source, token, mio::Interest::READABLE)
                 .is_ok()
