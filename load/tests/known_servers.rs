@@ -222,9 +222,10 @@ async fn rate_corrects_for_coordinated_omission() {
     // 50 due; in 1 s + 2 s grace at 10/s, about 30 get answered, the rest are missed.
     assert!((20..=32).contains(&served), "{v}");
     assert_eq!(served + us(&v, "missed"), 50, "{v}");
-    let service_p99 = us(&v["service"], "p99_us");
+    // The median, not the p99: on a loaded machine one of the ~30 responses may come late.
+    let service_p50 = us(&v["service"], "p50_us");
     let corrected_p99 = us(&v["latency"], "p99_us");
-    assert!((100_000..150_000).contains(&service_p99), "{v}");
+    assert!((100_000..150_000).contains(&service_p50), "{v}");
     assert!(
         corrected_p99 > 1_500_000,
         "corrected p99 {corrected_p99} µs: {v}"
