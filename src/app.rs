@@ -31,7 +31,26 @@ pub trait App: Clone + Send + 'static {
     fn accept(&mut self, stream: IncomingStream<'_>) -> Option<NewConn<Self::Svc>>;
 }
 
-/// An HTTP application: what [`serve`](crate::serve) runs.
+/// An HTTP application: what [`serve`](crate::serve) runs, `app` with the marker `M` that says
+/// what kind of service it is ([`marker`](crate::marker)). It is only named to store what
+/// `serve` returns:
+///
+/// ```
+/// use hop::{marker::RequestService, HttpApp, Serve};
+///
+/// struct Running {
+///     serve: Serve<HttpApp<axum::Router, RequestService>>,
+/// }
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let running = Running { serve: hop::serve(listener, axum::Router::new()) };
+/// let handle = running.serve.handle();
+/// handle.shutdown();
+/// running.serve.await
+/// # }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+/// ```
 pub struct HttpApp<A, M> {
     app: A,
     _marker: PhantomData<fn() -> M>,
@@ -60,7 +79,8 @@ impl<A: IntoConnService<M>, M: 'static> App for HttpApp<A, M> {
     }
 }
 
-/// A raw TCP application: what [`tcp::serve`](crate::tcp::serve) runs.
+/// A raw TCP application: what [`tcp::serve`](crate::tcp::serve) runs (named, like
+/// [`HttpApp`], only to store what it returns).
 #[derive(Clone)]
 pub struct TcpApp<F> {
     factory: F,

@@ -88,6 +88,7 @@ pub mod tls;
 mod tuning;
 pub mod ws;
 
+pub use app::{HttpApp, TcpApp};
 pub use conn::stream::{HopStream, Socket};
 pub use hijack::{Hijack, HijackRejection};
 #[allow(deprecated)]
