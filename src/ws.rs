@@ -288,10 +288,25 @@ impl WsConn<'_> {
         send_close(self.conn, self.close_sent, code, reason);
     }
 
-    /// The underlying read-handler connection (peer address, timeouts, queued bytes). Its
-    /// timer is the WebSocket's own (keep-alive, compression history): leave it alone.
-    pub fn conn(&mut self) -> &mut Conn {
-        self.conn
+    /// The peer's address (asked of the kernel).
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.conn.peer_addr()
+    }
+
+    /// The local address (asked of the kernel).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.conn.local_addr()
+    }
+
+    /// Bytes queued and not yet written to the socket (frames included).
+    pub fn queued(&self) -> usize {
+        self.conn.queued()
+    }
+
+    /// Bytes that can be queued before the outbound queue reaches its high-water mark: a
+    /// handler that wants to stay under it sends at most about this much.
+    pub fn write_capacity(&self) -> usize {
+        self.conn.write_capacity()
     }
 
     /// A `Send + Clone` handle that sends messages from any thread.

@@ -29,8 +29,27 @@ async fn ws(upgrade: WsUpgrade) -> axum::response::Response {
     upgrade.protocols(["echo.v1"]).on_upgrade(Echo)
 }
 
+/// Answers any message with what `WsConn` tells of its connection.
+struct WhoAmI;
+
+impl WsHandler for WhoAmI {
+    fn on_message(&mut self, ws: &mut WsConn<'_>, _: Message) -> std::io::Result<()> {
+        let about = format!(
+            "{} {} {} {}",
+            ws.peer_addr()?,
+            ws.local_addr()?,
+            ws.queued(),
+            ws.write_capacity() > 0
+        );
+        ws.send(Message::text(about))
+    }
+}
+
 fn start(backend: Backend) -> (SocketAddr, hop::Handle) {
-    let app = Router::new().route("/ws", get(ws));
+    let app = Router::new().route("/ws", get(ws)).route(
+        "/whoami",
+        get(|u: WsUpgrade| async move { u.on_upgrade(WhoAmI) }),
+    );
     // Defaults: the 16 MiB echo must pass with them (the write bound is a high-water mark).
     let srv = compat_tests::start(backend, app, |b| b);
     (srv.addr, srv.handle)
@@ -113,6 +132,25 @@ async fn close_code(s: &mut TcpStream) -> u16 {
 }
 
 backend_tests! {
+    /// `WsConn` tells the connection's addresses and its outbound queue, read-only.
+    async fn the_connection_is_described(backend) {
+        let (addr, handle) = start(backend);
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/whoami"))
+            .await
+            .expect("handshake");
+        let client = match ws.get_ref() {
+            tokio_tungstenite::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+            _ => unreachable!("plain ws://"),
+        };
+        ws.send(Message::text("?")).await.unwrap();
+        assert_eq!(
+            next(&mut ws).await,
+            Message::text(format!("{client} {addr} 0 true")),
+            "[{backend}]"
+        );
+        handle.shutdown();
+    }
+
     async fn text_and_binary_echo(backend) {
         let (addr, handle) = start(backend);
         let mut ws = connect(addr).await;
