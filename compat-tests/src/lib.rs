@@ -72,6 +72,18 @@ pub fn unavailable(what: &str) -> ! {
     );
 }
 
+/// `tool` runs with `arg` (`--version`, say) and succeeds; the test fails, naming it, if not.
+pub fn require_tool(tool: &str, arg: &str) {
+    let ran = std::process::Command::new(tool)
+        .arg(arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !ran.is_ok_and(|s| s.success()) {
+        unavailable(tool);
+    }
+}
+
 /// Runs a test body with tracing set up (`RUST_LOG` to see it) and an overall timeout.
 pub async fn run_test(body: impl Future<Output = ()>) {
     init_tracing();
@@ -911,12 +923,22 @@ pub mod demo {
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
 
-    /// The demo binary next to the running test's own target directory, if it was built
-    /// (`target/<profile>/deps/<test>-<hash>` -> `target/<profile>/examples/server`).
-    pub fn binary() -> Option<PathBuf> {
-        let exe = std::env::current_exe().ok()?;
-        let bin = exe.parent()?.parent()?.join("examples").join("server");
-        bin.exists().then_some(bin)
+    /// The demo binary next to the running test's own target directory
+    /// (`target/<profile>/deps/<test>-<hash>` -> `target/<profile>/examples/server`); the test
+    /// fails if it is not built.
+    pub fn binary() -> PathBuf {
+        let exe = std::env::current_exe().expect("the test's own path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("examples").join("server"))
+            .filter(|bin| bin.exists());
+        match bin {
+            Some(bin) => bin,
+            None => {
+                super::unavailable("examples/server is not built (run `cargo test --workspace`)")
+            }
+        }
     }
 
     /// A free loopback port (bound, then released for a child to bind).

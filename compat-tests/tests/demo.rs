@@ -5,7 +5,7 @@
 //! echo) gives a WebSocket client its messages back whole; `/metrics` answers hop's metrics as
 //! Prometheus text.
 
-use compat_tests::unavailable;
+use compat_tests::require_tool;
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -40,12 +40,8 @@ fn curl(flag: &str, url: &str) -> (String, String) {
 
 #[test]
 fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
-    if Command::new("curl").arg("--version").output().is_err() {
-        unavailable("curl");
-    }
+    let bin = demo_binary();
+    require_tool("curl", "--version");
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &[]);
         let url = format!("http://{addr}/plaintext");
@@ -72,12 +68,8 @@ fn demo_answers_http1_and_h2c_on_one_port_on_both_backends() {
 /// counted, on both backends.
 #[test]
 fn demo_metrics_answers_prometheus_text_on_both_backends() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
-    if Command::new("curl").arg("--version").output().is_err() {
-        unavailable("curl");
-    }
+    let bin = demo_binary();
+    require_tool("curl", "--version");
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &[]);
         let plain = format!("http://{addr}/plaintext");
@@ -120,12 +112,8 @@ fn demo_metrics_answers_prometheus_text_on_both_backends() {
 /// or HTTP/2, on both backends.
 #[test]
 fn demo_serves_https_with_alpn_on_both_backends() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
-    if Command::new("curl").arg("--version").output().is_err() {
-        unavailable("curl");
-    }
+    let bin = demo_binary();
+    require_tool("curl", "--version");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let dir = std::env::temp_dir().join(format!("hop-demo-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -166,9 +154,7 @@ fn demo_serves_https_with_alpn_on_both_backends() {
 fn demo_ws_frames_echoes_messages_on_both_backends() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
+    let bin = demo_binary();
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &[]);
@@ -217,9 +203,7 @@ fn run_demo(bin: &Path, args: &[&str]) -> (Option<i32>, String) {
 /// nothing the demo prints into a pipe carries ANSI colour codes.
 #[test]
 fn demo_names_bad_flags_in_plain_words() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
+    let bin = demo_binary();
     for (args, says) in [
         (
             &["--pollers", "abc"][..],
@@ -280,9 +264,7 @@ fn demo_names_bad_flags_in_plain_words() {
 /// shares it on purpose.
 #[test]
 fn demo_refuses_a_port_in_use_unless_asked_to_share() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
+    let bin = demo_binary();
     for backend in ["reactor", "tokio"] {
         let (_first, addr) = start_demo(&bin, backend, &[]);
         let addr_s = addr.to_string();
@@ -323,9 +305,7 @@ fn demo_refuses_a_port_in_use_unless_asked_to_share() {
 /// on both backends.
 #[test]
 fn a_second_signal_exits_at_once() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
+    let bin = demo_binary();
     let cases = [
         ("reactor", libc::SIGTERM, 143),
         ("tokio", libc::SIGTERM, 143),
@@ -415,12 +395,8 @@ fn raw_get(addr: SocketAddr, prefix: &[u8], path: &str) -> String {
 /// whole.
 #[test]
 fn demo_proxy_protocol_ip_and_files() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
-    if Command::new("curl").arg("--version").output().is_err() {
-        unavailable("curl");
-    }
+    let bin = demo_binary();
+    require_tool("curl", "--version");
     for backend in ["reactor", "tokio"] {
         let (_demo, addr) = start_demo(&bin, backend, &["--proxy-protocol".as_ref()]);
         let v1 = raw_get(

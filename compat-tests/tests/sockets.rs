@@ -7,7 +7,7 @@
 //! - a restart on a shared port (`--share-port`, then SIGTERM to the old process) loses no
 //!   connection: the old process drains, the new one accepts.
 
-use compat_tests::{run_test, start, unavailable, Backend};
+use compat_tests::{require_tool, run_test, start, Backend};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{BorrowedFd, RawFd};
@@ -205,18 +205,8 @@ fn poller_ticks(pid: u32) -> Vec<u64> {
 
 #[test]
 fn the_demo_serves_a_socket_handed_down_by_systemd() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
-    if Command::new("systemd-socket-activate")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        unavailable("systemd-socket-activate (Debian package systemd)");
-    }
+    let bin = demo_binary();
+    require_tool("systemd-socket-activate", "--help");
     for backend in ["reactor", "tokio"] {
         let addr = free_addr();
         // It listens, and starts the demo with the socket as fd 3 at the first connection.
@@ -296,9 +286,7 @@ fn start_demo(bin: &Path, backend: &str, addr: &str, extra: &[&str]) -> (Reap, S
 /// process finishes its request in flight before it exits.
 #[test]
 fn a_restart_on_a_shared_port_loses_nothing() {
-    let Some(bin) = demo_binary() else {
-        unavailable("examples/server is not built (run `cargo test --workspace`)");
-    };
+    let bin = demo_binary();
     for backend in ["reactor", "tokio"] {
         let (mut old, addr) = start_demo(&bin, backend, "127.0.0.1:0", &[]);
         // A request in flight on the old process: its body comes later.

@@ -236,21 +236,9 @@ where
     assert_eq!(call("GET", "/missing", None).await.0, 404);
 }
 
-/// `curl` (its absence fails the test).
-fn curl() -> &'static str {
-    let found = std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        compat_tests::unavailable("curl");
-    }
-    "curl"
-}
-
 /// `curl --unix-socket`: status and body.
-async fn curl_unix(curl: &str, sock: &Path, args: &[&str], path: &str) -> (u16, String) {
-    let out = tokio::process::Command::new(curl)
+async fn curl_unix(sock: &Path, args: &[&str], path: &str) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
         .arg("--silent")
         .arg("--show-error")
         .args(["--max-time", "30"])
@@ -302,13 +290,12 @@ async fn app_over_unix(backend: Backend, kind: Unix) {
     drop(sender);
     let _ = conn.await;
 
-    let curl = curl();
+    compat_tests::require_tool("curl", "--version");
     assert_eq!(
-        curl_unix(curl, &sock, &[], "/").await,
+        curl_unix(&sock, &[], "/").await,
         (200, "Hello, World!".into())
     );
     let (status, body) = curl_unix(
-        curl,
         &sock,
         &[
             "-H",
@@ -322,7 +309,7 @@ async fn app_over_unix(backend: Backend, kind: Unix) {
     assert_eq!(status, 200);
     let order: Order = serde_json::from_str(&body).unwrap();
     assert_eq!(order.qty, 10);
-    assert_eq!(curl_unix(curl, &sock, &[], "/items/7").await.1, "item 7");
+    assert_eq!(curl_unix(&sock, &[], "/items/7").await.1, "item 7");
     server.stop().await;
 }
 
