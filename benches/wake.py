@@ -96,7 +96,7 @@ def wall(server, conns, secs):
 
 def wall_rows(a, servers):
     """The wall-clock rows (see the module docs), printed as a Markdown table."""
-    rounds = a.rounds if a.rounds > 1 else 3
+    rounds = a.rounds or 3
     counts = [int(n) for n in a.wall.split(",")]
     got = {}
     for n in counts:
@@ -130,7 +130,8 @@ def main():
     ap.add_argument("--conns", type=int, default=500)
     ap.add_argument("--short", type=int, default=4)
     ap.add_argument("--long", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=1, help="rounds, servers interleaved")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds, servers interleaved (default 1; 3 with --wall)")
     ap.add_argument("--wall", default="",
                     help="comma-separated connection counts: the wall-clock rows instead")
     ap.add_argument("--wall-long", type=int, default=16, help="the long run of --wall, seconds")
@@ -143,7 +144,7 @@ def main():
     got = {}
     for gap in gaps:
         rps = max(1, round(a.conns / gap))
-        for i in range(a.rounds):
+        for i in range(a.rounds or 1):
             for s in servers:
                 i0, n0 = instructions(s, a.conns, rps, a.short)
                 i1, n1 = instructions(s, a.conns, rps, a.long)
