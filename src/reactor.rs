@@ -45,7 +45,7 @@ use crate::listener::Native;
 use crate::observe::Reason;
 use crate::rt::balance::Balance;
 use crate::rt::tasks::{self, Task};
-use crate::rt::timer::{Alarm, Timer};
+use crate::rt::timer::{Alarm, Tick, Timer};
 use crate::rt::wake::{self, Key, Remote};
 use crate::service::IncomingStream;
 use crate::settings::{Config, Control};
@@ -267,6 +267,10 @@ pub(crate) fn start<P: App>(
                     spread,
                     shed: None,
                     hot_limit: HOT_LIMIT,
+                    clock: {
+                        let now = Instant::now();
+                        (now, Tick::of(now))
+                    },
                     poll,
                     remote,
                     listener: Some(listener),
@@ -353,6 +357,9 @@ struct Poller<P: App> {
     /// Over this many connections holding hyper's state, an idle one parks at once:
     /// [`HOT_LIMIT`], or 0 while shedding.
     hot_limit: usize,
+    /// The last wake-up's time, and its [`Tick`] (worked out once per wake-up, for every
+    /// drive's deadlines).
+    clock: (Instant, Tick),
     poll: Poll,
     remote: Arc<Remote>,
     listener: Option<Listener>,
@@ -439,6 +446,7 @@ impl<P: App> Poller<P> {
             return false;
         }
         let now = Instant::now();
+        self.clock = (now, Tick::of(now));
         let mut woke = false;
         for ev in events.iter() {
             match ev.token() {
@@ -485,7 +493,7 @@ impl<P: App> Poller<P> {
         }
         let conns = &mut self.conns;
         self.timer.fire(
-            now,
+            self.clock.1,
             |t, key| match conns.get_mut(key.slot()) {
                 Some(e) if e.key == key && e.armed == Some(t) => {
                     e.armed = None;
@@ -983,7 +991,10 @@ impl<P: App> Poller<P> {
         let span = entry.span();
         #[cfg(feature = "metrics")]
         let _entered = span.as_ref().map(|s| s.enter());
-        let mut d = Drive::new(now, self.draining, self.hot > self.hot_limit);
+        if self.clock.0 != now {
+            self.clock = (now, Tick::of(now));
+        }
+        let mut d = Drive::new(now, self.clock.1, self.draining, self.hot > self.hot_limit);
         let verdict = entry.drive(&self.http, &mut d);
         let mut moving = false;
         match (was_hot, entry.is_hot()) {

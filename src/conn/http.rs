@@ -390,7 +390,7 @@ struct Live<S: ConnService> {
     /// the next request).
     no_park_at: Option<u64>,
     /// When the connection was first seen idle, and the request count then.
-    idle_since: Option<(Instant, u64)>,
+    idle_since: Option<(Tick, u64)>,
     /// The socket's read count when the drive that dispatched the last request began.
     body_from: u64,
     /// Since when hyper has waited for more of a request body, and the read count then.
@@ -404,11 +404,21 @@ struct Live<S: ConnService> {
 /// for when it does.
 fn expired(d: &mut Drive, since: Instant, limit: Option<Duration>) -> bool {
     let Some(limit) = limit else { return false };
-    let due = crate::rt::timer::deadline(since, limit);
-    if d.now >= due {
+    let due = d.tick_after(since, limit);
+    expired_tick(d, due)
+}
+
+/// [`expired`], counted from a [`Tick`] (what a connection's idle time is kept as).
+fn expired_since(d: &mut Drive, since: Tick, limit: Option<Duration>) -> bool {
+    let Some(limit) = limit else { return false };
+    expired_tick(d, since.after(limit))
+}
+
+fn expired_tick(d: &mut Drive, due: Tick) -> bool {
+    if d.now_tick >= due {
         return true;
     }
-    d.wake_at(due);
+    d.wake_at_tick(due);
     false
 }
 
@@ -657,11 +667,11 @@ impl<S: ConnService> HttpConn<S> {
     /// verdict while it waits or once it failed, `None` once it is done and ALPN has decided
     /// the protocol. Counted in the stats either way.
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
-    fn handshake(&mut self, cfg: &HttpConfig, d: &mut Drive, since: Instant) -> Option<Verdict> {
+    fn handshake(&mut self, cfg: &HttpConfig, d: &mut Drive, since: Tick) -> Option<Verdict> {
         use std::sync::atomic::Ordering::Relaxed;
         match self.socket.fd.poll_handshake() {
             Poll::Pending => {
-                if expired(d, since, cfg.tls.as_ref().map(|(_, t)| *t)) {
+                if expired_since(d, since, cfg.tls.as_ref().map(|(_, t)| *t)) {
                     tracing::debug!("TLS handshake timed out; closing");
                     cfg.ctl.tls_handshake_timeouts.fetch_add(1, Relaxed);
                     d.because(Reason::TlsHandshakeTimeout);
@@ -682,7 +692,7 @@ impl<S: ConnService> HttpConn<S> {
                 self.opening = Opening::Known(if h2 { Proto::Http2 } else { Proto::Http1 });
                 // The first request's time limits count from here.
                 if let State::Parked { since, .. } = &mut self.state {
-                    *since = Tick::of(d.now);
+                    *since = d.now_tick;
                 }
                 None
             }
@@ -701,7 +711,7 @@ impl<S: ConnService> HttpConn<S> {
                     if d.draining && self.served {
                         return Verdict::Close;
                     }
-                    let since = since.instant();
+                    let since = *since;
                     #[cfg(any(feature = "tls", feature = "tls-ring"))]
                     if let Opening::Handshake = self.opening {
                         match self.handshake(cfg, d, since) {
@@ -754,7 +764,7 @@ impl<S: ConnService> HttpConn<S> {
                         Ok(true) => self.socket.fd.release_tls_buffers(),
                         Ok(_) => {}
                     }
-                    if expired(d, since, self.idle_limit(cfg)) {
+                    if expired_since(d, since, self.idle_limit(cfg)) {
                         tracing::debug!("closing a parked connection at its idle limit");
                         d.because(match self.served {
                             true => Reason::IdleTimeout,
@@ -765,11 +775,13 @@ impl<S: ConnService> HttpConn<S> {
                     // A new connection whose first request has not come within the grace is
                     // closed, so that pre-connected sockets (browsers open some) do not hold
                     // the drain for a whole header timeout.
-                    if d.draining && expired(d, since, Some(crate::settings::FIRST_REQUEST_GRACE)) {
+                    if d.draining
+                        && expired_since(d, since, Some(crate::settings::FIRST_REQUEST_GRACE))
+                    {
                         return Verdict::Close;
                     }
                     if let Some(at) = self.age_deadline(cfg) {
-                        if expired_at(d, crate::limits::age_idle_close(at, since)) {
+                        if expired_at(d, crate::limits::age_idle_close(at, since.instant())) {
                             tracing::debug!("closing an idle connection past its max age");
                             cfg.ctl.limit_reached(Limit::Age);
                             d.because(Reason::MaxConnectionAge);
@@ -928,7 +940,7 @@ impl<S: ConnService> HttpConn<S> {
                     // On with a fresh hyper connection, as after parking (it parks in turn if
                     // nothing follows).
                     let prefix = (!unread.is_empty()).then_some(unread);
-                    self.activate(key, cfg, svc, prefix, Some((d.now, requests)));
+                    self.activate(key, cfg, svc, prefix, Some((d.now_tick, requests)));
                     continue;
                 }
                 State::Upgraded => {
@@ -1158,7 +1170,7 @@ impl<S: ConnService> HttpConn<S> {
         cfg: &HttpConfig,
         svc: S,
         prefix: Option<Bytes>,
-        resume: Option<(Instant, u64)>,
+        resume: Option<(Tick, u64)>,
     ) {
         let io = HopStream::new(self.socket.clone(), key, prefix, cfg.coalesce);
         let conn = cfg
@@ -1212,13 +1224,13 @@ impl<S: ConnService> HttpConn<S> {
             // Reading a request body counts as activity; reading part of a head does not.
             Some((t, n)) if n == requests && !(live.cur.body_pending && woke_readable) => t,
             _ => {
-                live.idle_since = Some((d.now, requests));
-                d.now
+                live.idle_since = Some((d.now_tick, requests));
+                d.now_tick
             }
         };
         if live.cur.body_pending {
             // hyper may still be reading the body: no parking, the idle timeout only.
-            if expired(d, since, cfg.idle_timeout) {
+            if expired_since(d, since, cfg.idle_timeout) {
                 tracing::debug!("closing a connection at the idle timeout");
                 d.because(Reason::IdleTimeout);
                 return Verdict::Close;
@@ -1226,7 +1238,7 @@ impl<S: ConnService> HttpConn<S> {
             return Verdict::Keep;
         }
         if let Some(at) = age {
-            if expired_at(d, crate::limits::age_idle_close(at, since)) {
+            if expired_at(d, crate::limits::age_idle_close(at, since.instant())) {
                 tracing::debug!("closing an idle connection past its max age");
                 cfg.ctl.limit_reached(Limit::Age);
                 d.because(Reason::MaxConnectionAge);
@@ -1235,12 +1247,12 @@ impl<S: ConnService> HttpConn<S> {
         }
         if let Some(after) = cfg.park_after {
             if live.no_park_at != Some(requests) {
-                let due = crate::rt::timer::deadline(since, after);
-                if d.now >= due || d.crowded {
+                let due = since.after(after);
+                if d.now_tick >= due || d.crowded {
                     self.park(key, cfg, d, since, requests);
                     return Verdict::Keep;
                 }
-                d.wake_at(due);
+                d.wake_at_tick(due);
                 if cfg.parks_before_head_limit {
                     // It parks before the head limit could fall due (and a parked connection
                     // has its own limit): no need to look at it now.
@@ -1248,7 +1260,7 @@ impl<S: ConnService> HttpConn<S> {
                 }
             }
         }
-        if expired(d, since, cfg.head_limit()) {
+        if expired_since(d, since, cfg.head_limit()) {
             tracing::debug!("closing a connection waiting for a request head at its time limit");
             d.because(cfg.head_reason());
             return Verdict::Close;
@@ -1328,7 +1340,7 @@ impl<S: ConnService> HttpConn<S> {
     }
 
     /// Parks the connection, idle since `since`.
-    fn park(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive, since: Instant, requests: u64) {
+    fn park(&mut self, key: Key, cfg: &HttpConfig, d: &mut Drive, since: Tick, requests: u64) {
         let State::Active(live) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
@@ -1356,12 +1368,9 @@ impl<S: ConnService> HttpConn<S> {
             {
                 self.parked = Some(crate::limits::Gauged::new(crate::observe::Open::Parked));
             }
-            self.state = State::Parked {
-                svc,
-                since: Tick::of(since),
-            };
+            self.state = State::Parked { svc, since };
             if let Some(limit) = self.idle_limit(cfg) {
-                d.wake_at(crate::rt::timer::deadline(since, limit));
+                d.wake_at_tick(since.after(limit));
             }
         } else {
             // The start of the next request is buffered: keep it, in a fresh hyper connection.

@@ -24,7 +24,7 @@ use std::any::Any;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::handler::{ConnCore, TcpConfig};
 use crate::limits::{OpenCounts, OpenGuard};
@@ -42,6 +42,9 @@ use tcp::TcpConn;
 /// One drive of an entry: what it is told, and what it asks for.
 pub(crate) struct Drive {
     pub(crate) now: Instant,
+    /// `now` as a [`Tick`], worked out once per poller wake-up (converting an instant costs
+    /// some 60 instructions, and a keep-alive request asks for a deadline after each response).
+    pub(crate) now_tick: Tick,
     /// The server is shutting down gracefully.
     pub(crate) draining: bool,
     /// Many connections on this poller hold hyper's state, or the poller is handing one to
@@ -50,7 +53,7 @@ pub(crate) struct Drive {
     /// Local tasks the entry owns (an HTTP/2 connection's open streams).
     pub(crate) owned: usize,
     /// The earliest time the entry asked to be driven again.
-    pub(crate) due: Option<Instant>,
+    pub(crate) due: Option<Tick>,
     /// A panic the entry caught (and where), for the poller to log and count.
     pub(crate) panic: Option<(&'static str, Box<dyn Any + Send>)>,
     /// Why the entry asked to be closed, when it knows (reported: `crate::observe`).
@@ -59,9 +62,10 @@ pub(crate) struct Drive {
 }
 
 impl Drive {
-    pub(crate) fn new(now: Instant, draining: bool, crowded: bool) -> Self {
+    pub(crate) fn new(now: Instant, now_tick: Tick, draining: bool, crowded: bool) -> Self {
         Drive {
             now,
+            now_tick,
             draining,
             crowded,
             owned: 0,
@@ -94,8 +98,22 @@ impl Drive {
 
     /// Asks for a drive at `at` (the earliest asked wins).
     pub(crate) fn wake_at(&mut self, at: Instant) {
+        self.wake_at_tick(Tick::of(at));
+    }
+
+    /// Asks for a drive at `at`, as a [`Tick`].
+    pub(crate) fn wake_at_tick(&mut self, at: Tick) {
         if self.due.is_none_or(|d| at < d) {
             self.due = Some(at);
+        }
+    }
+
+    /// The tick `after` from `since` (saturating, as [`crate::rt::timer::deadline`]): from
+    /// [`now_tick`](Self::now_tick) when `since` is now, the common case.
+    pub(crate) fn tick_after(&self, since: Instant, after: Duration) -> Tick {
+        match since == self.now {
+            true => self.now_tick.after(after),
+            false => Tick::of(since).after(after),
         }
     }
 }

@@ -1,14 +1,16 @@
-//! The poller's timer: a min-heap of `(deadline, Key)`, owned by the poller.
+//! The poller's timer: `(deadline, Key)` entries in deadline order, owned by the poller.
 //!
 //! A connection records the one deadline it is waiting for on its own slab entry (`armed`, a
 //! [`Tick`]).
-//! Arming an earlier deadline pushes a new heap entry; a later one waits for the armed entry to
+//! Arming an earlier deadline adds a new entry; a later one waits for the armed entry to
 //! fire (the connection then re-checks its own deadlines and arms again), so a keep-alive
-//! connection costs at most one heap operation per timeout period, not one per request. Heap
-//! entries that no longer matter (their connection closed, or an earlier deadline replaced them)
-//! are counted, and swept out once they are half the heap: under connection churn every
-//! connection arms its header timeout, and without the sweep the heap would hold that many
-//! seconds' worth of closed connections.
+//! connection costs at most one timer operation per timeout period, not one per request.
+//! Entries are kept in a few FIFO lanes (deadlines of one kind are armed in the order they fall
+//! due) and a min-heap for the rest: see [`Timer`]. Entries that no longer matter (their
+//! connection closed, or an earlier deadline replaced them) are counted, and swept out once
+//! they are half of all entries: under connection churn every connection arms its header
+//! timeout, and without the sweep the timer would hold that many seconds' worth of closed
+//! connections.
 //!
 //! The poller waits for the heap's earliest deadline through an [`Alarm`] (a `timerfd` in its
 //! `mio::Poll`) rather than a poll timeout: `epoll_wait` with a timeout arms and cancels a kernel
@@ -23,7 +25,7 @@
 //! code that adds them to an instant itself (hyper's timers).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -43,6 +45,7 @@ pub(crate) fn deadline(from: Instant, after: Duration) -> Instant {
 }
 
 /// `d`, at most [`FAR`]: for durations that other code (hyper's timers) adds to an instant.
+#[inline]
 pub(crate) fn cap(d: Duration) -> Duration {
     d.min(FAR)
 }
@@ -70,6 +73,15 @@ impl Tick {
         Tick(NonZeroU64::MIN.saturating_add(nanos.min(u64::MAX - 1)))
     }
 
+    /// The tick `d` after this one, saturating as [`deadline`] does (`d` over [`FAR`] is
+    /// [`FAR`]).
+    #[inline]
+    pub(crate) fn after(self, d: Duration) -> Tick {
+        let d = cap(d);
+        let nanos = d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos());
+        Tick(self.0.saturating_add(nanos.min(u64::MAX - 1)))
+    }
+
     /// The instant of this tick.
     pub(crate) fn instant(self) -> Instant {
         epoch() + Duration::from_nanos(self.0.get() - 1)
@@ -79,26 +91,57 @@ impl Tick {
 /// Sweep stale entries once there are at least this many, and they are half the heap.
 const SWEEP_MIN: usize = 1024;
 
+/// Deadlines kept in arming order, where they also come due in that order (see [`Timer`]).
+const LANES: usize = 4;
+
 /// A poller's timer; see the module docs.
+///
+/// Most deadlines are "now plus a setting" (park after 250 ms, the idle timeout, the header
+/// timeout), so those of one kind are armed in the order they fall due. Such a deadline goes
+/// at the back of a lane, a queue in deadline order, where arming and firing cost O(1): the
+/// lane whose last deadline is the latest one not after it. A deadline no lane takes in order
+/// goes into the heap. Each wake of a parked connection arms two deadlines and fires one, so
+/// this spares it three heap operations (about 400 instructions at 500 connections, callgrind).
 #[derive(Default)]
 pub(crate) struct Timer {
+    lanes: [VecDeque<(Tick, Key)>; LANES],
+    /// Each lane's last deadline (its back), 0 when it is empty: what arming compares.
+    backs: [u64; LANES],
     heap: BinaryHeap<Reverse<(Tick, Key)>>,
-    /// Entries in `heap` that no longer matter, counted when they were replaced or forgotten.
+    /// Entries taken since the queues were last looked at for shrinking.
+    taken: usize,
+    /// Entries that no longer matter, counted when they were replaced or forgotten.
     stale: usize,
 }
 
 impl Timer {
     /// Arms a wake-up of `key` at `at`. `armed` is the connection's record of the deadline it
     /// waits for (on its slab entry).
-    pub(crate) fn arm(&mut self, armed: &mut Option<Tick>, key: Key, at: Instant) {
-        let at = Tick::of(at);
+    pub(crate) fn arm(&mut self, armed: &mut Option<Tick>, key: Key, at: Tick) {
         if armed.is_some_and(|t| t <= at) {
             return;
         }
         if armed.replace(at).is_some() {
             self.stale += 1;
         }
-        self.heap.push(Reverse((at, key)));
+        // The lane whose back is the latest not after `at` fits best; an empty one (its back
+        // 0) only if none does.
+        let at_raw = at.0.get();
+        let mut best = None;
+        let mut best_back = 0;
+        for (i, &back) in self.backs.iter().enumerate() {
+            if back <= at_raw && (best.is_none() || back > best_back) {
+                best = Some(i);
+                best_back = back;
+            }
+        }
+        match best {
+            Some(i) => {
+                self.lanes[i].push_back((at, key));
+                self.backs[i] = at_raw;
+            }
+            None => self.heap.push(Reverse((at, key))),
+        }
     }
 
     /// Forgets a closing connection's armed deadline (its record, `armed`).
@@ -108,54 +151,95 @@ impl Timer {
         }
     }
 
-    /// The earliest deadline in the heap.
+    /// The earliest deadline armed.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((t, _))| t.instant())
+        let mut next = self.heap.peek().map(|Reverse((t, _))| *t);
+        for lane in &self.lanes {
+            if let Some(&(t, _)) = lane.front() {
+                if next.is_none_or(|n| t < n) {
+                    next = Some(t);
+                }
+            }
+        }
+        next.map(Tick::instant)
     }
 
-    /// Pops every entry due at `now` and pushes the keys of those that still matter into
+    /// Takes every entry due at `now` and pushes the keys of those that still matter into
     /// `into`. `take(t, key)` says whether `(t, key)` is the deadline its connection waits for,
     /// and clears that connection's record if so.
     pub(crate) fn fire(
         &mut self,
-        now: Instant,
+        now: Tick,
         mut take: impl FnMut(Tick, Key) -> bool,
         into: &mut Vec<Key>,
     ) {
-        let now = Tick::of(now);
-        while let Some(Reverse((t, key))) = self.heap.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.heap.pop();
+        let mut fired = |t, key| {
             if take(t, key) {
                 into.push(key);
             } else {
                 self.stale = self.stale.saturating_sub(1);
             }
+        };
+        let mut taken = 0;
+        for (lane, back) in self.lanes.iter_mut().zip(&mut self.backs) {
+            while let Some(&(t, key)) = lane.front() {
+                if t > now {
+                    break;
+                }
+                lane.pop_front();
+                taken += 1;
+                fired(t, key);
+            }
+            if lane.is_empty() {
+                *back = 0;
+            }
         }
-        // A burst of deadlines (many connections' first requests) leaves a large heap behind.
-        if self.heap.capacity() > 4 * self.heap.len().max(SWEEP_MIN) {
-            self.heap.shrink_to_fit();
+        while let Some(Reverse((t, key))) = self.heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            taken += 1;
+            fired(t, key);
+        }
+        // A burst of deadlines (many connections' first requests) leaves large queues behind:
+        // looked at once in a while.
+        self.taken += taken;
+        if self.taken >= SWEEP_MIN {
+            self.taken = 0;
+            self.shrink();
         }
     }
 
-    /// Sweeps out the entries that no longer matter once they are half the heap; `live(t, key)`
-    /// says whether `(t, key)` is the deadline its connection waits for.
+    /// Sweeps out the entries that no longer matter once they are half of all entries;
+    /// `live(t, key)` says whether `(t, key)` is the deadline its connection waits for.
     pub(crate) fn sweep(&mut self, live: impl Fn(Tick, Key) -> bool) {
-        if self.stale < SWEEP_MIN || self.stale * 2 < self.heap.len() {
+        if self.stale < SWEEP_MIN || self.stale * 2 < self.len() {
             return;
         }
         self.heap.retain(|Reverse((t, key))| live(*t, *key));
-        if self.heap.capacity() > 4 * self.heap.len().max(SWEEP_MIN) {
-            self.heap.shrink_to_fit();
+        for (lane, back) in self.lanes.iter_mut().zip(&mut self.backs) {
+            lane.retain(|&(t, key)| live(t, key));
+            *back = lane.back().map_or(0, |(t, _)| t.0.get());
         }
+        self.shrink();
         self.stale = 0;
     }
 
-    #[cfg(test)]
+    fn shrink(&mut self) {
+        if self.heap.capacity() > 4 * self.heap.len().max(SWEEP_MIN) {
+            self.heap.shrink_to_fit();
+        }
+        for lane in &mut self.lanes {
+            if lane.capacity() > 4 * lane.len().max(SWEEP_MIN) {
+                lane.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Entries held, live or stale.
     fn len(&self) -> usize {
-        self.heap.len()
+        self.heap.len() + self.lanes.iter().map(VecDeque::len).sum::<usize>()
     }
 }
 
@@ -250,6 +334,58 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn deadlines_fire_in_time_whatever_their_order() {
+        let _ = Tick::of(Instant::now());
+        let start = Instant::now();
+        let mut timer = Timer::default();
+        let n = 2000;
+        let mut armed: Vec<Option<Tick>> = vec![None; n];
+        let key = |slot| Key::new(0, slot, 1).unwrap();
+        // Several kinds of deadline, each armed in order, interleaved, plus some out of order.
+        let kinds = [250u64, 60_000, 30_000, 10_000, 5, 1_000, 7];
+        let mut want: Vec<Option<Tick>> = vec![None; n];
+        for slot in 0..n {
+            let base = start + Duration::from_millis(slot as u64);
+            let mut ms = kinds[slot % kinds.len()];
+            if slot % 13 == 0 {
+                ms = (n - slot) as u64;
+            }
+            let at = Tick::of(base + Duration::from_millis(ms));
+            timer.arm(&mut armed[slot], key(slot), at);
+            want[slot] = Some(at);
+        }
+        let mut fired = Vec::new();
+        let mut now = start;
+        while timer.next_deadline().is_some() {
+            now += Duration::from_millis(97);
+            let tick = Tick::of(now);
+            let mut due = Vec::new();
+            timer.fire(
+                tick,
+                |t, k| {
+                    let ok = armed[k.slot()] == Some(t);
+                    if ok {
+                        armed[k.slot()] = None;
+                    }
+                    ok
+                },
+                &mut due,
+            );
+            for k in due {
+                assert!(want[k.slot()].unwrap() <= tick, "fired early");
+                fired.push((k.slot(), tick));
+            }
+            // Nothing due is left behind.
+            assert!(timer.next_deadline().is_none_or(|t| t > now));
+        }
+        assert_eq!(fired.len(), n, "every deadline fires once");
+        for (slot, at) in fired {
+            // Within one step of its deadline.
+            assert!(at.instant() < want[slot].unwrap().instant() + Duration::from_millis(97));
+        }
+    }
+
+    #[test]
     fn forgotten_and_replaced_deadlines_are_swept() {
         let far = Instant::now() + Duration::from_secs(30);
         let n = 4 * SWEEP_MIN;
@@ -259,11 +395,11 @@ mod tests {
         let key = |slot| Key::new(0, slot, 1).unwrap();
         for (slot, a) in armed.iter_mut().enumerate() {
             let a = a.as_mut().unwrap();
-            timer.arm(a, key(slot), far);
+            timer.arm(a, key(slot), Tick::of(far));
             // A later deadline waits for the armed one; an earlier one replaces it.
-            timer.arm(a, key(slot), far + Duration::from_secs(1));
+            timer.arm(a, key(slot), Tick::of(far + Duration::from_secs(1)));
             for earlier in 1..=4 {
-                timer.arm(a, key(slot), far - Duration::from_secs(earlier));
+                timer.arm(a, key(slot), Tick::of(far - Duration::from_secs(earlier)));
             }
         }
         let live = |armed: &Vec<Option<Option<Tick>>>, t: Tick, k: Key| {
@@ -280,7 +416,7 @@ mod tests {
         // The live ones still fire, once each.
         let mut due = Vec::new();
         timer.fire(
-            far + Duration::from_secs(5),
+            Tick::of(far + Duration::from_secs(5)),
             |t, k| match &mut armed[k.slot()] {
                 Some(a) if *a == Some(t) => {
                     *a = None;
@@ -335,6 +471,8 @@ mod tests {
 
     #[test]
     fn deadlines_saturate() {
+        // The epoch is fixed first, as a poller does (a tick counts from it).
+        let _ = Tick::of(Instant::now());
         let now = Instant::now();
         assert_eq!(
             deadline(now, Duration::from_secs(5)),
@@ -346,10 +484,18 @@ mod tests {
         // The timer takes it: armed, never due, and the poll timeout stays sane.
         let mut timer = Timer::default();
         let mut armed = None;
-        timer.arm(&mut armed, Key::new(0, 0, 1).unwrap(), never);
+        timer.arm(&mut armed, Key::new(0, 0, 1).unwrap(), Tick::of(never));
         let mut due = Vec::new();
-        timer.fire(now + Duration::from_secs(3600), |_, _| true, &mut due);
+        timer.fire(
+            Tick::of(now + Duration::from_secs(3600)),
+            |_, _| true,
+            &mut due,
+        );
         assert!(due.is_empty());
         assert!(timer.next_deadline().unwrap() >= never);
+        // Counting from a tick agrees with counting from the instant, saturating the same way.
+        for after in [Duration::ZERO, Duration::from_millis(250), Duration::MAX] {
+            assert_eq!(Tick::of(now).after(after), Tick::of(deadline(now, after)));
+        }
     }
 }
