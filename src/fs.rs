@@ -42,11 +42,38 @@ pub type ResponseFuture =
 ///
 /// A one-line swap:
 ///
-/// ```no_run
+/// ```
 /// use axum::Router;
 /// let app: Router = Router::new()
 ///     // was: .nest_service("/assets", tower_http::services::ServeDir::new("assets"))
 ///     .nest_service("/assets", hop::fs::ServeDir::new("assets"));
+/// # // The test: `assets/hello.txt` in a directory of its own, fetched from a real server.
+/// # let dir = std::env::temp_dir().join(format!("hop-doctest-fs-{}", std::process::id()));
+/// # std::fs::create_dir_all(dir.join("assets"))?;
+/// # std::fs::write(dir.join("assets/hello.txt"), "hello from a file")?;
+/// # std::env::set_current_dir(&dir)?;
+/// # let serve = hop::serve(std::net::TcpListener::bind("127.0.0.1:0")?, app);
+/// # let (addr, handle) = (serve.local_addr()?, serve.handle());
+/// # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let client = std::thread::spawn(move || {
+/// #     let _stop = stop; // the server stops when this thread ends, a panic included
+/// #     use std::io::{Read, Write};
+/// #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #     s.write_all(b"GET /assets/hello.txt HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+/// #         .unwrap();
+/// #     let mut answer = String::new();
+/// #     s.read_to_string(&mut answer).unwrap();
+/// #     answer
+/// # });
+/// # serve.with_graceful_shutdown(async { let _ = stopped.await; }).run()?;
+/// # let answer = client.join().unwrap();
+/// # std::fs::remove_dir_all(&dir)?;
+/// # assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+/// # assert!(answer.ends_with("\r\n\r\nhello from a file"), "{answer}");
+/// # if hop::Backend::from_env() != Some(hop::Backend::Tokio) {
+/// #     assert_eq!(handle.stats().files_sent, 1); // the reactor sent it with sendfile(2)
+/// # }
+/// # Ok::<(), std::io::Error>(())
 /// ```
 ///
 /// tower-http's own settings are reached with [`map`](Self::map).

@@ -26,7 +26,7 @@ use crate::rt::wake::{self, Key};
 
 /// The right to take over an HTTP connection once its response is written.
 ///
-/// ```no_run
+/// ```
 /// use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
 /// use bytes::BytesMut;
 /// use hop::tcp::{Conn, Handler};
@@ -44,6 +44,33 @@ use crate::rt::wake::{self, Key};
 /// }
 ///
 /// let app: Router = Router::new().route("/echo", get(upgrade));
+/// # let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// # let addr = listener.local_addr()?;
+/// # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let client = std::thread::spawn(move || {
+/// #     let _stop = stop; // the server stops when this thread ends, a panic included
+/// #     use std::io::{Read, Write};
+/// #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #     s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+/// #     let request = "GET /echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\n";
+/// #     write!(s, "{request}upgrade: echo\r\n\r\n").unwrap();
+/// #     let mut head = Vec::new();
+/// #     while !head.ends_with(b"\r\n\r\n") {
+/// #         let mut byte = [0; 1];
+/// #         s.read_exact(&mut byte).unwrap();
+/// #         head.push(byte[0]);
+/// #     }
+/// #     // The connection is the handler's now: bytes come back as they were sent.
+/// #     s.write_all(b"ping").unwrap();
+/// #     let mut echo = [0; 4];
+/// #     s.read_exact(&mut echo).unwrap();
+/// #     (String::from_utf8(head).unwrap(), echo)
+/// # });
+/// # hop::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).run()?;
+/// # let (head, echo) = client.join().unwrap();
+/// # assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+/// # assert_eq!(&echo, b"ping");
+/// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Hijack {

@@ -7,7 +7,7 @@
 //! both peek, parse, then take exactly the header's bytes, so what follows it reaches TLS or
 //! HTTP untouched.
 //!
-//! ```no_run
+//! ```
 //! use axum::{routing::get, Extension, Router};
 //! use axum::extract::ConnectInfo;
 //! use std::net::SocketAddr;
@@ -20,13 +20,36 @@
 //!     format!("{:?} {:?}", h.destination(), h.authority())
 //! }
 //!
-//! # async fn run() -> std::io::Result<()> {
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
 //! let app = Router::new().route("/ip", get(ip)).route("/via", get(via));
-//! let listener = std::net::TcpListener::bind("127.0.0.1:8080")?;
+//! let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port
+//! # // The test: two requests, each after the PROXY v1 header a proxy sends first.
+//! # let addr = listener.local_addr()?;
+//! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # let client = std::thread::spawn(move || {
+//! #     let _stop = stop; // the server stops when this thread ends, a panic included
+//! #     let get = |path: &str| {
+//! #         use std::io::{Read, Write};
+//! #         let mut s = std::net::TcpStream::connect(addr).unwrap();
+//! #         s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n").unwrap();
+//! #         write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+//! #         let mut answer = String::new();
+//! #         s.read_to_string(&mut answer).unwrap();
+//! #         answer
+//! #     };
+//! #     (get("/ip"), get("/via"))
+//! # });
 //! hop::Server::builder()
 //!     .proxy_protocol(true)
 //!     .serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+//! #   .with_graceful_shutdown(async { let _ = stopped.await; })
 //!     .await
+//! # ?;
+//! # let (ip, via) = client.join().unwrap();
+//! # assert!(ip.starts_with("HTTP/1.1 200") && ip.ends_with("\r\n203.0.113.7:56324"), "{ip}");
+//! # assert!(via.ends_with("\r\nSome(192.0.2.1:443) None"), "{via}");
+//! # Ok(())
 //! # }
 //! ```
 

@@ -16,11 +16,12 @@
 //! join and leave (on their pollers) while a large fan-out runs; sends are taken one at a
 //! time, so every subscriber sees events in the order they were sent.
 //!
-//! ```no_run
+//! ```
 //! use axum::{extract::{Request, State}, response::IntoResponse, routing::{get, post}, Router};
 //! use hop::sse::{Event, Hub};
 //!
 //! let hub = Hub::new();
+//! # let subscribers = hub.clone();
 //! let app: Router = Router::new()
 //!     .route("/sse", get(|State(hub): State<Hub>, req: Request| async move {
 //!         hub.subscribe(&req).into_response()
@@ -29,6 +30,46 @@
 //!         hub.send(&Event::new(body));
 //!     }))
 //!     .with_state(hub);
+//! # let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+//! # let addr = listener.local_addr()?;
+//! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # let client = std::thread::spawn(move || {
+//! #     let _stop = stop; // the server stops when this thread ends, a panic included
+//! #     use std::io::{Read, Write};
+//! #     let connect = || {
+//! #         let s = std::net::TcpStream::connect(addr).unwrap();
+//! #         s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+//! #         s
+//! #     };
+//! #     let mut events = connect();
+//! #     events.write_all(b"GET /sse HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+//! #     // Broadcast once the subscriber has joined the hub.
+//! #     for _ in 0..6000 {
+//! #         if !subscribers.is_empty() {
+//! #             break;
+//! #         }
+//! #         std::thread::sleep(std::time::Duration::from_millis(10));
+//! #     }
+//! #     let mut post = connect();
+//! #     let request = "POST /sse/broadcast HTTP/1.1\r\nhost: x\r\nconnection: close\r\n";
+//! #     write!(post, "{request}content-length: 5\r\n\r\nhello").unwrap();
+//! #     let mut posted = String::new();
+//! #     post.read_to_string(&mut posted).unwrap();
+//! #     let mut stream = String::new();
+//! #     while !stream.contains("data: hello\n\n") {
+//! #         let mut buf = [0; 1024];
+//! #         let n = events.read(&mut buf).unwrap();
+//! #         assert!(n > 0, "the stream ended: {stream}");
+//! #         stream.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+//! #     }
+//! #     (posted, stream)
+//! # });
+//! # hop::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).run()?;
+//! # let (posted, stream) = client.join().unwrap();
+//! # assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
+//! # assert!(stream.starts_with("HTTP/1.1 200"), "{stream}");
+//! # assert!(stream.contains("content-type: text/event-stream"), "{stream}");
+//! # Ok::<(), std::io::Error>(())
 //! ```
 
 use std::collections::HashMap;

@@ -9,7 +9,7 @@
 //! thread. Buffers are taken when bytes arrive or output is queued and given back when they are
 //! empty, so an idle connection holds none.
 //!
-//! ```no_run
+//! ```
 //! use bytes::BytesMut;
 //! use hop::tcp::{Conn, Handler};
 //!
@@ -24,8 +24,23 @@
 //! }
 //!
 //! # fn main() -> std::io::Result<()> {
-//! let listener = std::net::TcpListener::bind("127.0.0.1:5000")?;
-//! hop::tcp::serve(listener, |_conn: hop::IncomingStream<'_>| Echo).run()
+//! let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port
+//! let serve = hop::tcp::serve(listener, |_conn: hop::IncomingStream<'_>| Echo);
+//! # let (addr, handle) = (serve.local_addr()?, serve.handle());
+//! # let client = std::thread::spawn(move || {
+//! #     use std::io::{Read, Write};
+//! #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+//! #     s.write_all(b"hello, loop").unwrap();
+//! #     let mut echo = [0; 11];
+//! #     s.read_exact(&mut echo).unwrap();
+//! #     drop(s);
+//! #     handle.shutdown();
+//! #     echo
+//! # });
+//! serve.run()
+//! # ?;
+//! # assert_eq!(&client.join().unwrap(), b"hello, loop");
+//! # Ok(())
 //! # }
 //! ```
 //!

@@ -11,6 +11,7 @@
 //! tokio backend on tokio tasks with tokio-rustls, behind the same API.
 //!
 //! ```no_run
+//! # // no_run: needs cert.pem and key.pem, and hop has no dev-dependency (rcgen) to make them.
 //! # async fn run(app: axum::Router) -> std::io::Result<()> {
 //! let config = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;
 //! let listener = std::net::TcpListener::bind("127.0.0.1:3443")?;
@@ -232,6 +233,8 @@ pub(crate) fn provider() -> io::Result<Arc<CryptoProvider>> {
 /// request of a TLS connection (absent over plaintext), on both backends.
 ///
 /// ```no_run
+/// # // no_run: a TLS connection needs a certificate, and hop has no dev-dependency (rcgen) to
+/// # // make one.
 /// use axum::Extension;
 ///
 /// async fn who(Extension(tls): Extension<hop::tls::TlsInfo>) -> String {

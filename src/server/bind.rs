@@ -41,8 +41,15 @@ impl IntoStdListener for tokio::net::TcpListener {
 /// check `SO_REUSEPORT` would let a second server start silently and take half the new
 /// connections. [`bind_shared`] shares the port on purpose.
 ///
-/// ```no_run
-/// let listener = hop::bind("127.0.0.1:3000".parse().unwrap())?;
+/// ```
+/// let listener = hop::bind("127.0.0.1:0".parse().unwrap())?; // any free port
+/// # let addr = listener.local_addr()?;
+/// # // Non-blocking: nothing to accept yet.
+/// # assert_eq!(listener.accept().unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+/// # // A second server on the address is refused; `bind_shared` joins it on purpose.
+/// # assert_eq!(hop::bind(addr).unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+/// # let shared = hop::bind_shared(addr)?;
+/// # assert_eq!(shared.local_addr()?, addr);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {

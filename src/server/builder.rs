@@ -25,17 +25,33 @@ use super::run::Serve;
 /// take (`max_buf_size` under 8 KiB, `http2_max_frame_size` outside 16 KiB to 16 MiB, windows
 /// over 2^31 - 1), `max_connections(0)`, and more than 1,024 threads or 10,000 headers.
 ///
-/// ```no_run
+/// ```
 /// use std::time::Duration;
-/// # fn demo() -> std::io::Result<()> {
+/// # fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
-/// let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port
+/// # let addr = listener.local_addr()?;
+/// # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let client = std::thread::spawn(move || {
+/// #     use std::io::{Read, Write};
+/// #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+/// #     let mut answer = String::new();
+/// #     s.read_to_string(&mut answer).unwrap();
+/// #     let _ = stop.send(());
+/// #     answer
+/// # });
 /// hop::Server::builder()
 ///     .pollers(4)
 ///     .backend(hop::Backend::Reactor)
 ///     .header_read_timeout(Duration::from_secs(10))
 ///     .serve(listener, app)
+/// #   .with_graceful_shutdown(async { let _ = stopped.await; })
 ///     .run()
+/// #   ?;
+/// # let answer = client.join().unwrap();
+/// # assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("hi"), "{answer}");
+/// # Ok(())
 /// # }
 /// ```
 #[derive(Debug, Clone, Default)]
@@ -321,6 +337,7 @@ impl Builder {
     /// backend, and generic listeners under either backend, use tokio-rustls.
     ///
     /// ```no_run
+    /// # // no_run: needs cert.pem and key.pem, and hop has no dev-dependency (rcgen) to make them.
     /// # async fn run(app: axum::Router) -> std::io::Result<()> {
     /// let listener = std::net::TcpListener::bind("0.0.0.0:443")?;
     /// let tls = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;

@@ -34,14 +34,29 @@ pub use signal::shutdown_signal;
 ///
 /// `.await` it under any runtime, or call [`Serve::run`] to block without one.
 ///
-/// ```no_run
+/// ```
 /// use axum::{routing::get, Router};
 ///
 /// #[tokio::main]
 /// async fn main() -> std::io::Result<()> {
 ///     let app = Router::new().route("/", get(|| async { "Hello, World!" }));
-///     let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
-///     hop::serve(listener, app).await
+///     let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port
+///     let serve = hop::serve(listener, app);
+/// #   let (addr, handle) = (serve.local_addr()?, serve.handle());
+/// #   let client = std::thread::spawn(move || {
+/// #       use std::io::{Read, Write};
+/// #       let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #       s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+/// #       let mut answer = String::new();
+/// #       s.read_to_string(&mut answer).unwrap();
+/// #       handle.shutdown();
+/// #       answer
+/// #   });
+///     serve.await
+/// #   ?;
+/// #   let answer = client.join().unwrap();
+/// #   assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("Hello, World!"));
+/// #   Ok(())
 /// }
 /// ```
 pub fn serve<L, LM, A, M>(listener: L, app: A) -> Serve<HttpApp<A, M>>

@@ -18,14 +18,37 @@ use crate::settings::{Backend, Config, Control, Stats};
 
 /// A handle on a server: its address, its counters, and a way to stop it.
 ///
-/// ```no_run
-/// # async fn demo() -> std::io::Result<()> {
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new();
 /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
 /// let serve = hop::serve(listener, app);
 /// let handle = serve.handle();
-/// tokio::spawn(async move { tokio::time::sleep(std::time::Duration::from_secs(1)).await; handle.shutdown() });
+/// # let (addr, probe) = (serve.local_addr()?, handle.clone());
+/// # assert_eq!(handle.local_addr(), Some(addr));
+/// # let (done, client_done) = tokio::sync::oneshot::channel::<()>();
+/// # let client = std::thread::spawn(move || {
+/// #     use std::io::{Read, Write};
+/// #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+/// #     let mut answer = String::new();
+/// #     s.read_to_string(&mut answer).unwrap();
+/// #     let _ = done.send(());
+/// #     answer
+/// # });
+/// tokio::spawn(async move {
+/// #   let _ = client_done.await; // the hidden client's request first: the sleep alone races it
+///     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+///     handle.shutdown()
+/// });
 /// serve.await
+/// # ?;
+/// # let answer = client.join().unwrap();
+/// # assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+/// # let stats = probe.stats();
+/// # assert_eq!((stats.accepted, stats.http1_requests), (1, 1));
+/// # Ok(())
 /// # }
 /// ```
 #[derive(Clone)]

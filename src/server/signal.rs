@@ -11,13 +11,29 @@ use super::run::Serve;
 /// and Kubernetes send to stop a service): the signal to give
 /// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
 ///
-/// ```no_run
-/// # fn demo() -> std::io::Result<()> {
+/// ```
+/// # fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new();
-/// let listener = std::net::TcpListener::bind("127.0.0.1:3000")?;
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port
+/// # // The test: a request, then the SIGTERM that `kill` sends, to this process.
+/// # let addr = listener.local_addr()?;
+/// # let client = std::thread::spawn(move || {
+/// #     use std::io::{Read, Write};
+/// #     let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// #     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+/// #     let mut answer = String::new();
+/// #     s.read_to_string(&mut answer).unwrap();
+/// #     // Sent once the server answers: `shutdown_signal()` listens by then.
+/// #     assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
+/// #     answer
+/// # });
 /// hop::serve(listener, app)
 ///     .with_graceful_shutdown(hop::shutdown_signal())
 ///     .run() // or .await
+/// #   ?;
+/// # let answer = client.join().unwrap();
+/// # assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+/// # Ok(())
 /// # }
 /// ```
 ///

@@ -34,7 +34,7 @@
 //! `200`; the handler then runs over the HTTP/2 stream (as a task, not in place). Route with
 //! `any(..)` to accept both handshakes.
 //!
-//! ```no_run
+//! ```
 //! use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 //!
 //! struct Echo;
@@ -48,6 +48,26 @@
 //!     upgrade.on_upgrade(Echo)
 //! }
 //! let app: axum::Router = axum::Router::new().route("/ws", axum::routing::get(ws));
+//! # let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+//! # let addr = listener.local_addr()?;
+//! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # let client = std::thread::spawn(move || {
+//! #     let _stop = stop; // the server stops when this thread ends, a panic included
+//! #     let s = std::net::TcpStream::connect(addr).unwrap();
+//! #     s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+//! #     let url = format!("ws://{addr}/ws");
+//! #     let (mut ws, answer) = tokio_tungstenite::tungstenite::client(url, s).unwrap();
+//! #     ws.send(Message::text("hello")).unwrap();
+//! #     let echo = ws.read().unwrap();
+//! #     ws.close(None).unwrap();
+//! #     while ws.read().is_ok() {} // until the server's close frame, and the end
+//! #     (answer.status(), echo)
+//! # });
+//! # hop::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).run()?;
+//! # let (status, echo) = client.join().unwrap();
+//! # assert_eq!(status, 101);
+//! # assert_eq!(echo, Message::text("hello"));
+//! # Ok::<(), std::io::Error>(())
 //! ```
 
 pub use tungstenite::protocol::frame::coding::CloseCode;
