@@ -10,14 +10,46 @@
 //! backend's business: the reactor serves TLS in place, in its socket type (`conn::tls`), the
 //! tokio backend on tokio tasks with tokio-rustls, behind the same API.
 //!
-//! ```no_run
-//! # // no_run: needs cert.pem and key.pem, and hop has no dev-dependency (rcgen) to make them.
-//! # async fn run(app: axum::Router) -> std::io::Result<()> {
+//! ```
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! # let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+//! #   let dir = std::env::temp_dir().join(format!("hop-doc-tls-{}", std::process::id()));
+//! #   std::fs::create_dir_all(&dir)?;
+//! #   std::env::set_current_dir(&dir)?;
+//! #   let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+//! #   std::fs::write("cert.pem", made.cert.pem())?;
+//! #   std::fs::write("key.pem", made.signing_key.serialize_pem())?;
+//! #   let der = made.cert.der().clone();
 //! let config = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;
-//! let listener = std::net::TcpListener::bind("127.0.0.1:3443")?;
-//! hop::Server::builder().tls(config.clone()).serve(listener, app).await?;
+//! let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+//! let serve = hop::Server::builder().tls(config.clone()).serve(listener, app);
+//! # let (addr, handle) = (serve.local_addr()?, serve.handle());
+//! #   let client = std::thread::spawn(move || {
+//! #       use std::io::{Read, Write};
+//! #       let mut roots = rustls::RootCertStore::empty();
+//! #       roots.add(der).unwrap();
+//! #       let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+//! #       let cfg = rustls::ClientConfig::builder_with_provider(provider)
+//! #           .with_safe_default_protocol_versions().unwrap()
+//! #           .with_root_certificates(roots)
+//! #           .with_no_client_auth();
+//! #       let name = "localhost".try_into().unwrap();
+//! #       let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+//! #       let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+//! #       let req = "GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+//! #       tls.write_all(req.as_bytes()).unwrap();
+//! #       let mut answer = Vec::new();
+//! #       let _ = tls.read_to_end(&mut answer); // the server may close without close_notify
+//! #       handle.shutdown();
+//! #       String::from_utf8(answer).unwrap()
+//! #   });
+//! serve.await?;
+//! # let answer = client.join().unwrap();
+//! # assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"), "{answer}");
 //! // Elsewhere, later: new connections get the new certificate, open ones keep theirs.
 //! config.reload_from_pem_file("cert.pem", "key.pem").await?;
+//! # std::fs::remove_dir_all(&dir)?;
 //! # Ok(()) }
 //! ```
 
@@ -232,15 +264,51 @@ pub(crate) fn provider() -> io::Result<Arc<CryptoProvider>> {
 /// What a request's connection negotiated in its TLS handshake: a request extension in every
 /// request of a TLS connection (absent over plaintext), on both backends.
 ///
-/// ```no_run
-/// # // no_run: a TLS connection needs a certificate, and hop has no dev-dependency (rcgen) to
-/// # // make one.
+/// ```
 /// use axum::Extension;
 ///
 /// async fn who(Extension(tls): Extension<hop::tls::TlsInfo>) -> String {
 ///     format!("SNI {:?}, client certificates: {}", tls.server_name(),
 ///         tls.peer_certificates().map_or(0, |c| c.len()))
 /// }
+/// # #[tokio::main]
+/// # async fn main() -> std::io::Result<()> {
+/// # let app = axum::Router::new().route("/who", axum::routing::get(who));
+/// #   let dir = std::env::temp_dir().join(format!("hop-doc-tls-{}", std::process::id()));
+/// #   std::fs::create_dir_all(&dir)?;
+/// #   std::env::set_current_dir(&dir)?;
+/// #   let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+/// #   std::fs::write("cert.pem", made.cert.pem())?;
+/// #   std::fs::write("key.pem", made.signing_key.serialize_pem())?;
+/// #   let der = made.cert.der().clone();
+/// # let config = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;
+/// # let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// # let serve = hop::Server::builder().tls(config).serve(listener, app);
+/// # let (addr, handle) = (serve.local_addr()?, serve.handle());
+/// #   let client = std::thread::spawn(move || {
+/// #       use std::io::{Read, Write};
+/// #       let mut roots = rustls::RootCertStore::empty();
+/// #       roots.add(der).unwrap();
+/// #       let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+/// #       let cfg = rustls::ClientConfig::builder_with_provider(provider)
+/// #           .with_safe_default_protocol_versions().unwrap()
+/// #           .with_root_certificates(roots)
+/// #           .with_no_client_auth();
+/// #       let name = "localhost".try_into().unwrap();
+/// #       let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+/// #       let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+/// #       let req = "GET /who HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+/// #       tls.write_all(req.as_bytes()).unwrap();
+/// #       let mut answer = Vec::new();
+/// #       let _ = tls.read_to_end(&mut answer); // the server may close without close_notify
+/// #       handle.shutdown();
+/// #       String::from_utf8(answer).unwrap()
+/// #   });
+/// # serve.await?;
+/// # let answer = client.join().unwrap();
+/// # assert!(answer.ends_with("SNI Some(\"localhost\"), client certificates: 0"), "{answer}");
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
 /// ```
 ///
 /// Or, without axum: `request.extensions().get::<hop::tls::TlsInfo>()`. Cloning it is cheap

@@ -336,12 +336,46 @@ impl Builder {
     /// The reactor runs rustls in place in its socket type (no task per connection); the tokio
     /// backend, and generic listeners under either backend, use tokio-rustls.
     ///
-    /// ```no_run
-    /// # // no_run: needs cert.pem and key.pem, and hop has no dev-dependency (rcgen) to make them.
-    /// # async fn run(app: axum::Router) -> std::io::Result<()> {
-    /// let listener = std::net::TcpListener::bind("0.0.0.0:443")?;
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> std::io::Result<()> {
+    /// # let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    /// #   let dir = std::env::temp_dir().join(format!("hop-doc-tls-{}", std::process::id()));
+    /// #   std::fs::create_dir_all(&dir)?;
+    /// #   std::env::set_current_dir(&dir)?;
+    /// #   let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    /// #   std::fs::write("cert.pem", made.cert.pem())?;
+    /// #   std::fs::write("key.pem", made.signing_key.serialize_pem())?;
+    /// #   let der = made.cert.der().clone();
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // "0.0.0.0:443" in production
     /// let tls = hop::tls::RustlsConfig::from_pem_file("cert.pem", "key.pem").await?;
-    /// hop::Server::builder().tls(tls).serve(listener, app).await
+    /// let serve = hop::Server::builder().tls(tls).serve(listener, app);
+    /// # let (addr, handle) = (serve.local_addr()?, serve.handle());
+    /// #   let client = std::thread::spawn(move || {
+    /// #       use std::io::{Read, Write};
+    /// #       let mut roots = rustls::RootCertStore::empty();
+    /// #       roots.add(der).unwrap();
+    /// #       let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    /// #       let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    /// #           .with_safe_default_protocol_versions().unwrap()
+    /// #           .with_root_certificates(roots)
+    /// #           .with_no_client_auth();
+    /// #       let name = "localhost".try_into().unwrap();
+    /// #       let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    /// #       let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+    /// #       let req = "GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    /// #       tls.write_all(req.as_bytes()).unwrap();
+    /// #       let mut answer = Vec::new();
+    /// #       let _ = tls.read_to_end(&mut answer); // the server may close without close_notify
+    /// #       handle.shutdown();
+    /// #       String::from_utf8(answer).unwrap()
+    /// #   });
+    /// serve.await
+    /// # ?;
+    /// # let answer = client.join().unwrap();
+    /// # assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"), "{answer}");
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
     /// # }
     /// ```
     #[cfg(any(feature = "tls", feature = "tls-ring"))]
