@@ -276,7 +276,7 @@ enum Held<S: ConnService> {
 
 impl<S: ConnService> Moved<S> {
     /// Whether its socket was registered with the poller it leaves (see
-    /// [`Fd::leave`](super::stream::Fd::leave)), and its descriptor.
+    /// [`Fd::leave`](super::fd::Fd::leave)), and its descriptor.
     pub(crate) fn leave(&self) -> (bool, std::os::fd::RawFd) {
         use std::os::fd::AsRawFd;
         (self.socket.fd.leave(), self.socket.fd.io.as_raw_fd())
@@ -360,7 +360,7 @@ impl<S: ConnService> HttpConn<S> {
     }
 
     /// The connection as it goes to another poller, if it [is movable](Self::is_movable) (the
-    /// caller deregisters the socket if [`Fd::leave`](super::stream::Fd::leave) says it was
+    /// caller deregisters the socket if [`Fd::leave`](super::fd::Fd::leave) says it was
     /// registered); itself back otherwise.
     pub(crate) fn into_moved(self) -> Result<Moved<S>, Self> {
         if !self.is_movable() {
