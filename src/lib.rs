@@ -54,7 +54,8 @@
 //!   detection, parking),
 //!   `conn::tcp` (a read handler on the loop), `conn::proxy` (a new connection waiting for
 //!   its PROXY protocol header), `conn::stream` (the socket hyper reads and
-//!   writes), `conn::current` and `conn::takeover`;
+//!   writes) over `conn::fd` (the descriptor and its readiness), `conn::current` and
+//!   `conn::takeover`;
 //! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
 //!   local tasks;
 //! - `handler`: the read-handler machinery both backends share; `http2`: the preface check and

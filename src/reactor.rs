@@ -33,9 +33,10 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::app::{App, NewConn};
+use crate::conn::fd::{Fd, StreamIo};
 use crate::conn::http::{HttpConfig, HttpConn, Moved};
 use crate::conn::proxy::{Peer, ProxyWait};
-use crate::conn::stream::{Fd, Socket, StreamIo};
+use crate::conn::stream::Socket;
 use crate::conn::tcp::TcpConn;
 use crate::conn::{Drive, Entry, Kind, Verdict};
 use crate::handler::context::{self as server, ServerContext};

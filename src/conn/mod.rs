@@ -5,13 +5,15 @@
 //! to it, and what it is: an HTTP connection ([`http`]), a read-handler connection ([`tcp`]) or
 //! a local task ([`crate::rt::tasks`]). What hyper and handlers record during a drive goes onto
 //! the entry through [`current`]; a read handler taking a connection over from hyper goes
-//! through [`takeover`]. [`stream`] is the socket type hyper reads and writes, and `tls` the
-//! rustls connection a TLS listener's sockets go through. With the PROXY protocol on, a new
+//! through [`takeover`]. [`stream`] is the socket type hyper reads and writes, over the
+//! descriptor and its readiness ([`fd`]), and `tls` the rustls connection a TLS listener's
+//! sockets go through. With the PROXY protocol on, a new
 //! connection is first a [`proxy::ProxyWait`], until its header is read and the poller makes it
 //! one of the others. A parked HTTP connection can leave its
 //! poller for another as an [`http::Moved`] (the poller decides when: `crate::reactor`).
 
 pub(crate) mod current;
+pub(crate) mod fd;
 pub(crate) mod http;
 pub(crate) mod proxy;
 pub(crate) mod stream;
@@ -33,9 +35,10 @@ use crate::rt::tasks::Task;
 use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::ConnService;
+use fd::Fd;
 use http::{HttpConfig, HttpConn, Moved};
 use proxy::ProxyWait;
-use stream::{Fd, Socket};
+use stream::Socket;
 use takeover::Taken;
 use tcp::TcpConn;
 

@@ -15,7 +15,7 @@ use std::os::fd::AsFd;
 use std::task::Poll;
 use std::time::Instant;
 
-use super::stream::{Fd, StreamIo};
+use super::fd::{Fd, StreamIo};
 use super::Drive;
 use crate::proxy::{parse, Failure, Parsed, ProxyHeader, MAX_HEADER, V1_MAX};
 use crate::service::IncomingStream;

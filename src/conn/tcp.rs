@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use std::task::{Context, Poll};
 
 use super::current::{self, Current};
-use super::stream::Fd;
+use super::fd::Fd;
 use super::Drive;
 use crate::handler::{CloseReason, ConnCore, RawIo};
 use crate::rt::wake::{self, Key};

@@ -4,7 +4,7 @@
 //! keys). Buffers given back wait on a short per-thread list for the next connection that
 //! needs some, so that a parked connection's wake allocates none.
 //!
-//! A [`Tls`] lives in the connection's [`Fd`](super::stream::Fd), so whoever reads and writes
+//! A [`Tls`] lives in the connection's [`Fd`](super::fd::Fd), so whoever reads and writes
 //! the socket (hyper through a `HopStream`, an upgrade's task, a read handler) goes through it
 //! without knowing: reads hand out decrypted bytes, writes take plaintext and leave records in
 //! the outgoing buffer, and every write and flush sends those on before it takes more. The
