@@ -78,7 +78,6 @@
     allow(dead_code, unused_imports)
 )]
 
-mod app;
 #[cfg(feature = "tokio-baseline")]
 mod baseline;
 mod conn;
@@ -105,7 +104,6 @@ pub mod tls;
 mod tuning;
 pub mod ws;
 
-pub use app::{HttpApp, TcpApp};
 pub use conn::stream::{HopStream, Socket};
 pub use hijack::{Hijack, HijackRejection};
 #[allow(deprecated)]
@@ -114,6 +112,7 @@ pub use server::{
     bind, bind_shared, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoListener,
     Serve, Server, Stats, WithGracefulShutdown,
 };
+pub use service::app::{HttpApp, TcpApp};
 pub use service::{
     marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService, PeerCred,
 };

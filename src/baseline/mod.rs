@@ -47,10 +47,10 @@ use hyper_util::rt::TokioTimer;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::app::App;
 use crate::handler::context::{self as server, ServerContext};
 use crate::listener::{Bound, Native};
 use crate::observe::Reason;
+use crate::service::app::App;
 use crate::settings::{Config, Control, Place};
 
 use accept::{Accept, TcpAccept};

@@ -9,12 +9,12 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::app::{App, NewConn};
 use crate::handler::context as server;
 use crate::handler::ConnCore;
 use crate::limits::{OpenGuard, OpenKind};
 use crate::observe::Reason;
 use crate::proxy::{Failure, ProxyHeader};
+use crate::service::app::{App, NewConn};
 use crate::service::{ConnService, IncomingStream};
 use crate::settings::{Control, Place};
 

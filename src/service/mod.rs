@@ -26,6 +26,8 @@ use tower::util::Oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
 
+pub(crate) mod app;
+
 /// The error type boxed errors are converted into.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
