@@ -43,33 +43,8 @@
 //! Choose with [`Builder::backend`] or, without code changes, `HOP_BACKEND=reactor|tokio`
 //! (the builder wins when both are given).
 //!
-//! Layout, in the order data flows (listener → poller → connection → hyper → service):
-//! - fronts: `server` ([`serve`], [`Builder`], [`Handle`]), [`tcp`], [`ws`], [`sse`], `hijack`
-//!   ([`Hijack`]), [`fs`] (feature `fs`: tower-http's file services, whose bodies a connection
-//!   sends with `sendfile`);
-//! - `settings`: what the builder sets, shutdown state and counters, below the fronts;
-//!   `tuning`: the TCP options set on listening and accepted sockets;
-//! - `reactor`: the pollers (accept, poll, drive, close, drain);
-//! - `conn`: one slab entry and all it owns: `conn::http` (hyper's connection, protocol
-//!   detection, parking),
-//!   `conn::tcp` (a read handler on the loop), `conn::proxy` (a new connection waiting for
-//!   its PROXY protocol header), `conn::stream` (the socket hyper reads and
-//!   writes) over `conn::fd` (the descriptor and its readiness), `conn::current` and
-//!   `conn::takeover`;
-//! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
-//!   local tasks;
-//! - `handler`: the read-handler machinery both backends share; `http2`: the preface check and
-//!   the service HTTP/2 connections call, shared by both backends; `listener`, `service` and
-//!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
-//!   [`IntoListener`]; an app, see [`IntoConnService`]); `baseline`: the tokio backend (and
-//!   the tokio-task path for generic listeners, and for now for TLS connections); `logs`:
-//!   bounded, rate-limited log lines; `limits`: what the connection limits share (the per-IP
-//!   count, the open gauges by kind); [`proxy`]: the PROXY protocol's header (its parser and
-//!   the request extension), below the backends, which read it first; [`tls`]
-//!   (features `tls`, `tls-ring`): TLS's API, the reloadable rustls configuration and the
-//!   request extension, below the backends; `observe` (feature `metrics`): what hop reports
-//!   through the `metrics` facade and the per-connection `tracing` span, at the bottom (it
-//!   imports nothing of hop's).
+//! The source's layout, module by module in the order data flows, is the README's "Layout"
+//! section.
 
 #![warn(missing_docs)]
 // With default features left out, helpers that only those features call go unused.
@@ -78,7 +53,6 @@
     allow(dead_code, unused_imports)
 )]
 
-mod app;
 #[cfg(feature = "tokio-baseline")]
 mod baseline;
 mod conn;
@@ -105,7 +79,6 @@ pub mod tls;
 mod tuning;
 pub mod ws;
 
-pub use app::{HttpApp, TcpApp};
 pub use conn::stream::{HopStream, Socket};
 pub use hijack::{Hijack, HijackRejection};
 #[allow(deprecated)]
@@ -114,6 +87,7 @@ pub use server::{
     bind, bind_shared, serve, serve_tcp, shutdown_signal, Backend, Builder, Handle, IntoListener,
     Serve, Server, Stats, WithGracefulShutdown,
 };
+pub use service::app::{HttpApp, TcpApp};
 pub use service::{
     marker, BoxError, ConnService, FromHyper, HopBody, IncomingStream, IntoConnService, PeerCred,
 };

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::app::{App, NewConn};
 use crate::conn::fd::{Fd, StreamIo};
 use crate::conn::http::{HttpConfig, HttpConn, Moved};
 use crate::conn::proxy::{Peer, ProxyWait};
@@ -48,6 +47,7 @@ use crate::rt::balance::Balance;
 use crate::rt::tasks::{self, Task};
 use crate::rt::timer::{Alarm, Tick, Timer};
 use crate::rt::wake::{self, Key, Remote};
+use crate::service::app::{App, NewConn};
 use crate::service::IncomingStream;
 use crate::settings::{Config, Control};
 

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::app::{HttpApp, TcpApp};
 use crate::handler::Handler;
 use crate::listener::IntoListener;
+use crate::service::app::{HttpApp, TcpApp};
 use crate::service::{IncomingStream, IntoConnService};
 #[cfg(doc)]
 use crate::settings::Stats;

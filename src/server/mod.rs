@@ -6,9 +6,9 @@
 //! `axum::serve::Listener`, the tokio-task path whatever the backend), and waits for the
 //! shutdown signal and for the backend to finish draining.
 
-use crate::app::{HttpApp, TcpApp};
 use crate::handler::Handler;
 pub use crate::listener::IntoListener;
+use crate::service::app::{HttpApp, TcpApp};
 use crate::service::{IncomingStream, IntoConnService};
 pub use crate::settings::{Backend, Stats};
 

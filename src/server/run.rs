@@ -12,8 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::app::App;
 use crate::listener::Bound;
+use crate::service::app::App;
 use crate::settings::{Backend, Config, Control, Stats};
 
 /// A handle on a server: its address, its counters, and a way to stop it.

@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use tower_service::Service;
 
 use crate::handler::Handler;
-use crate::service::{ConnService, IncomingStream, IntoConnService};
+
+use super::make::{ConnService, IncomingStream, IntoConnService};
 
 /// What an accepted connection becomes.
 pub enum NewConn<S> {
