@@ -55,8 +55,8 @@
 //!   `conn::tcp` (a read handler on the loop), `conn::proxy` (a new connection waiting for
 //!   its PROXY protocol header), `conn::stream` (the socket hyper reads and
 //!   writes), `conn::current` and `conn::takeover`;
-//! - `rt`: what a poller thread offers below the connections: keyed wakers, the timer heap,
-//!   local tasks;
+//! - `rt`: what a poller thread offers below the connections: keyed wakers, the mailbox, the
+//!   timer heap, local tasks;
 //! - `handler`: the read-handler machinery both backends share; `http2`: the preface check and
 //!   the service HTTP/2 connections call, shared by both backends; `listener`, `service` and
 //!   `app`: what `serve` accepts (a TCP or Unix listener or any `axum::serve::Listener`, see
