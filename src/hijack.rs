@@ -19,7 +19,7 @@ use hyper::upgrade::OnUpgrade;
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
 use crate::handler::context::{self as server, ServerContext, TaskGuard};
-use crate::handler::{Conn, ConnCore, Handler};
+use crate::handler::{Conn, ConnCore, Handler, Protocol, User};
 use crate::limits::{OpenGuard, OpenKind};
 use crate::rt::tasks;
 use crate::rt::wake::{self, Key};
@@ -134,9 +134,14 @@ impl Hijack {
     /// `101 Switching Protocols` (HTTP/1.1), or a `2xx` to an extended CONNECT (HTTP/2, RFC 8441:
     /// the handler then gets the stream), for the connection to be handed over.
     pub fn on_read<H: Handler>(self, handler: H) {
+        self.take_over(Box::new(User(handler)));
+    }
+
+    /// [`on_read`](Self::on_read) for one of hop's own protocols (`hop::ws`).
+    pub(crate) fn take_over(self, handler: Box<dyn Protocol>) {
         // Within its connection's drive, the connection takes the handler over.
         let kind = self.kind;
-        let mut takeover = Takeover::after_upgrade(Box::new(handler), self.on_upgrade, kind);
+        let mut takeover = Takeover::after_upgrade(handler, self.on_upgrade, kind);
         if let Some(key) = self.key {
             match current::set_takeover(key, takeover) {
                 Ok(()) => return,

@@ -44,6 +44,7 @@ use crate::limits::{OpenGuard, OpenKind};
 use crate::listener::Native;
 use crate::observe::Reason;
 use crate::rt::balance::Balance;
+use crate::rt::mail::Letter;
 use crate::rt::tasks::{self, Task};
 use crate::rt::timer::{Alarm, Tick, Timer};
 use crate::rt::wake::{self, Key, Remote};
@@ -305,7 +306,8 @@ struct Turn {
     events: Events,
     ready: Vec<Key>,
     batch: Vec<Key>,
-    deliveries: Vec<(wake::Target, bytes::Bytes)>,
+    /// Letters taken from the poller's mailbox (`handler::mail`).
+    letters: Vec<(wake::Target, Letter)>,
     spawned: Vec<Task>,
 }
 
@@ -407,7 +409,7 @@ impl<P: App> Poller<P> {
             events: Events::with_capacity(1024),
             ready: Vec::new(),
             batch: Vec::new(),
-            deliveries: Vec::new(),
+            letters: Vec::new(),
             spawned: Vec::new(),
         };
         // A poller never dies: a panic that escapes a turn (every call into user code has a
@@ -424,18 +426,18 @@ impl<P: App> Poller<P> {
         }
     }
 
-    /// One round of the loop: poll, accept, deliver, fire timers, drive what is ready, start
-    /// the tasks spawned meanwhile. `true` when the poller has finished draining.
+    /// One round of the loop: poll, accept, hand out letters, fire timers, drive what is
+    /// ready, start the tasks spawned meanwhile. `true` when the poller has finished draining.
     fn turn(&mut self, t: &mut Turn) -> bool {
         let Turn {
             events,
             ready,
             batch,
-            deliveries,
+            letters,
             spawned,
         } = t;
         wake::take_ready(ready);
-        let timeout = match ready.is_empty() {
+        let timeout = match ready.is_empty() && !wake::mail_here() {
             true => self.alarm.poll_timeout(self.next_wake()),
             false => Some(Duration::ZERO),
         };
@@ -455,7 +457,6 @@ impl<P: App> Poller<P> {
                 ALARM => self.alarm.rang(),
                 WAKER => {
                     self.remote.drain(ready);
-                    self.remote.drain_deliveries(deliveries);
                     woke = true;
                 }
                 Token(slot) => {
@@ -469,6 +470,9 @@ impl<P: App> Poller<P> {
                 }
             }
         }
+        if wake::take_mail_here() || woke {
+            self.remote.take_mail(letters);
+        }
         if woke && self.spread.is_some() {
             self.receive();
         }
@@ -476,22 +480,7 @@ impl<P: App> Poller<P> {
             self.accept_retry = None;
             self.accept(now, ready);
         }
-        for (to, bytes) in std::mem::take(deliveries) {
-            let key = to.key;
-            if let Some(entry) = self.conns.get_mut(key.slot()) {
-                // The key's generation repeats; the id does not: bytes for a connection that
-                // closed never reach another in its slot.
-                if let (true, Kind::Tcp(conn)) = (entry.key == key, &mut entry.kind) {
-                    if conn.id != to.id {
-                        continue;
-                    }
-                    conn.deliver(key, bytes);
-                    // Written out at once: a fan-out to many connections holds one
-                    // outbound buffer at a time, not one per connection.
-                    self.drive_contained(key, now);
-                }
-            }
-        }
+        self.hand_out(letters, ready, now);
         let conns = &mut self.conns;
         self.timer.fire(
             self.clock.1,
@@ -950,6 +939,54 @@ impl<P: App> Poller<P> {
             self.conns[owner.slot()].adopt(key, self.http.max_requests);
         }
         ready.push(key);
+    }
+
+    /// Hands the letters taken from the poller's mailbox to their connections, in the order
+    /// they were posted (`handler::mail`), each after its connection's earlier ones, and
+    /// drives each connection after its run of letters:
+    /// - one that handles write to is driven once this turn, with the connections woken (one
+    ///   drive however many letters it got, from one handle or several whose letters are
+    ///   interleaved with others');
+    /// - one that only a fan-out reaches (an SSE subscriber) is driven at once, so that a
+    ///   fan-out to many connections holds one outbound buffer at a time, not one per
+    ///   connection.
+    fn hand_out(
+        &mut self,
+        letters: &mut Vec<(wake::Target, Letter)>,
+        ready: &mut Vec<Key>,
+        now: Instant,
+    ) {
+        if letters.is_empty() {
+            return;
+        }
+        // Taken whole: a burst's room is freed once handed out.
+        let mut letters = std::mem::take(letters).into_iter().peekable();
+        while let Some((to, letter)) = letters.next() {
+            let key = to.key;
+            let Some(entry) = self.conns.get_mut(key.slot()) else {
+                continue;
+            };
+            // The key's generation repeats; the id does not: letters for a connection that
+            // closed never reach another in its slot.
+            let Kind::Tcp(conn) = &mut entry.kind else {
+                continue;
+            };
+            if entry.key != key || !conn.is(to) {
+                continue;
+            }
+            conn.take_letter(key, letter);
+            if letters.peek().is_some_and(|(next, _)| *next == to) {
+                continue;
+            }
+            match conn.has_handles() {
+                true => {
+                    if conn.queue_drive() {
+                        ready.push(key);
+                    }
+                }
+                false => self.drive_contained(key, now),
+            }
+        }
     }
 
     /// Drives an entry; a panic that escapes it (hop's own code, or user code that hop does

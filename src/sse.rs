@@ -9,7 +9,9 @@
 //!
 //! A subscriber whose queue is full (a slow reader) is dropped and counted
 //! ([`Hub::dropped`]), and so is one whose replay ([`Subscription::send`]) alone fills it; one
-//! that disconnects is removed at once, however its connection ends. The hub names a
+//! that disconnects is removed at once, however its connection ends. Under the reactor an
+//! event is a letter in the subscriber's poller's mailbox (`handler::mail`): an idle
+//! subscriber keeps nothing for it, and one send wakes each poller once. The hub names a
 //! reactor subscriber by its connection's process-wide id as well as its slot, so an event
 //! for a subscriber that is gone never reaches a connection that reuses the slot.
 //! [`Hub::send`] copies the subscriber table and fans out without holding it: subscribers
@@ -88,9 +90,10 @@ use http_body::{Body, Frame};
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
 use crate::handler::context as server;
-use crate::handler::{over_mark, CloseReason, Conn, Handler, WriteError};
+use crate::handler::{mail, over_mark, CloseReason, Conn, Handler, Protocol, WriteError};
 use crate::limits::{OpenGuard, OpenKind};
-use crate::rt::wake::{self, Delivery, Key, Target};
+use crate::rt::mail::Letter;
+use crate::rt::wake::{self, Key, Refused, Target};
 
 /// One event.
 #[derive(Debug, Clone, Default)]
@@ -373,12 +376,16 @@ impl Hub {
             // The subscriber's limit holds where its events are queued: bytes on their way to a
             // busy or stalled poller count against it, as its outbound queue does there.
             Sink::Loop { to, chunked } => {
-                match wake::deliver(*to, event.get(*chunked), |q| over_mark(q, max)) {
-                    Delivery::Queued => Offer::Queued,
-                    Delivery::Gone => Offer::Gone,
-                    Delivery::Full => {
-                        // Tell the connection to close (an empty delivery): nothing more is sent.
-                        wake::deliver(*to, Bytes::new(), |_| false);
+                let fits = |waiting| match over_mark(waiting, max) {
+                    true => Err(()),
+                    false => Ok(()),
+                };
+                match wake::post(*to, Letter::Deliver(event.get(*chunked)), fits) {
+                    Ok(()) => Offer::Queued,
+                    Err(Refused::Gone) => Offer::Gone,
+                    Err(Refused::By(())) => {
+                        // Tell the connection to close: nothing more is sent.
+                        let _ = wake::post(*to, Letter::Close, |_| Ok::<_, ()>(()));
                         Offer::Slow
                     }
                 }
@@ -739,9 +746,9 @@ impl Handler for Subscriber {
         for b in std::mem::take(&mut self.backlog).iter() {
             conn.queue_parts(&[&frame(b, self.chunked)])?;
         }
-        // Called on the subscriber's poller, inside its drive: the current connection is its
+        // Called on the subscriber's poller, inside its drive: the connection driven is its
         // own.
-        let Some(to) = current::target() else {
+        let Some(to) = mail::target() else {
             return Err(io::Error::other(
                 "an SSE subscriber must open on its poller",
             ));
@@ -754,24 +761,6 @@ impl Handler for Subscriber {
             },
         );
         Ok(())
-    }
-
-    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
-        if bytes.is_empty() {
-            // The hub dropped this subscriber: too much was on its way here.
-            conn.close();
-            return;
-        }
-        match conn.write(&bytes) {
-            Ok(()) => {}
-            Err(WriteError::Full { .. }) => {
-                tracing::debug!(id = self.id, "dropping a slow SSE subscriber");
-                self.hub.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                self.hub.remove(self.id);
-                conn.close();
-            }
-            Err(_) => {}
-        }
     }
 
     fn on_read(&mut self, _conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
@@ -807,6 +796,23 @@ impl Handler for Subscriber {
 
     fn on_close(&mut self, _reason: CloseReason) {
         self.hub.remove(self.id);
+    }
+}
+
+/// The hub's events arrive as deliveries (`Hub::offer`), a slow subscriber's close as a
+/// `Letter::Close`.
+impl Protocol for Subscriber {
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
+        match conn.write(&bytes) {
+            Ok(()) => {}
+            Err(WriteError::Full { .. }) => {
+                tracing::debug!(id = self.id, "dropping a slow SSE subscriber");
+                self.hub.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                self.hub.remove(self.id);
+                conn.close();
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -866,14 +872,9 @@ mod tests {
             id: to.id.wrapping_sub(1),
         };
         let event = |data: &str| Framed::new(&Event::new(data)).get(true);
-        assert_eq!(
-            wake::deliver(stale, event("stale"), |_| false),
-            Delivery::Queued
-        );
-        assert_eq!(
-            wake::deliver(to, event("live"), |_| false),
-            Delivery::Queued
-        );
+        let post = |to, data| wake::post(to, Letter::Deliver(event(data)), |_| Ok::<_, ()>(()));
+        assert_eq!(post(stale, "stale"), Ok(()));
+        assert_eq!(post(to, "live"), Ok(()));
         let got = read_until(&mut c, "data: live");
         assert!(!got.contains("stale"), "{got:?}");
 

@@ -179,6 +179,101 @@ backend_tests! {
         handle.shutdown();
     }
 
+    /// A handle is bounded by its connection's mark while the peer does not read (`Full`,
+    /// until the queue drains), its letters keep their order (every write it was allowed,
+    /// then its close), it is refused once it has closed the connection (`Closed`), and
+    /// `is_closed` says when the connection is gone.
+    async fn handles_are_bounded_ordered_and_refused_once_closed(backend) {
+        use hop::tcp::{ConnHandle, WriteError};
+        struct Give(std::sync::mpsc::Sender<ConnHandle>);
+        impl Handler for Give {
+            fn on_open(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+                conn.set_max_write_buffer(64 * 1024);
+                let _ = self.0.send(conn.handle());
+                Ok(())
+            }
+            fn on_read(&mut self, _: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+                input.clear();
+                Ok(())
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Arc::new(Mutex::new(tx));
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, move |_: hop::IncomingStream<'_>| {
+            Give(tx.lock().unwrap().clone())
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let h = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT).unwrap()).await.unwrap();
+        // The peer reads nothing: once the kernel's buffers are full, the connection's queue
+        // reaches its mark and the handle is refused until it drains.
+        let mut written = Vec::new();
+        let mut refused = 0;
+        while refused < 20 {
+            let chunk = vec![(written.len() / 16384 % 251) as u8; 16384];
+            match h.write(chunk.clone()) {
+                Ok(()) => {
+                    written.extend_from_slice(&chunk);
+                    refused = 0;
+                }
+                Err(WriteError::Full { .. }) => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("[{backend}] handle write: {e}"),
+            }
+            assert!(written.len() < 256 << 20, "[{backend}] the handle is never refused");
+        }
+        assert!(!h.is_closed());
+        h.close();
+        assert_eq!(h.write("after the close"), Err(WriteError::Closed), "[{backend}]");
+        let got = read_to_end_timeout(&mut s).await;
+        assert_eq!(got.len(), written.len(), "[{backend}] bytes received");
+        assert!(got == written, "[{backend}] the handle's writes arrive in order");
+        for _ in 0..300 {
+            if h.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(h.is_closed(), "[{backend}] is_closed after the connection closed");
+        assert_eq!(h.write("late"), Err(WriteError::Closed), "[{backend}]");
+        handle.shutdown();
+    }
+
+    /// A handle used on its connection's own thread (from its handler, on the poller that
+    /// drives it) delivers as from any other: an echo through the handle, then its close.
+    async fn a_handle_used_from_its_own_handler_delivers(backend) {
+        #[derive(Default)]
+        struct SelfEcho(Option<hop::tcp::ConnHandle>);
+        impl Handler for SelfEcho {
+            fn on_open(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+                self.0 = Some(conn.handle());
+                Ok(())
+            }
+            fn on_read(&mut self, _: &mut Conn, input: &mut BytesMut) -> std::io::Result<()> {
+                let h = self.0.as_ref().unwrap();
+                let quit = input.ends_with(b"quit");
+                h.write(input.split().freeze())?;
+                if quit {
+                    h.close();
+                }
+                Ok(())
+            }
+        }
+        let (addr, handle) = compat_tests::start_tcp(backend, |b| b, |_: hop::IncomingStream<'_>| SelfEcho::default());
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for i in 0..50 {
+            let line = format!("line {i};");
+            s.write_all(line.as_bytes()).await.unwrap();
+            let mut got = vec![0; line.len()];
+            tokio::time::timeout(WAIT, s.read_exact(&mut got)).await.unwrap().unwrap();
+            assert_eq!(got, line.as_bytes(), "[{backend}]");
+        }
+        s.write_all(b"quit").await.unwrap();
+        assert_eq!(read_to_end_timeout(&mut s).await, b"quit", "[{backend}]");
+        handle.shutdown();
+    }
+
     async fn conn_knows_its_addresses(backend) {
         struct Addrs;
         impl Handler for Addrs {

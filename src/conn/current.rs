@@ -12,14 +12,12 @@ use std::cell::Cell;
 
 use super::takeover::Takeover;
 use crate::limits::Limit;
-use crate::rt::wake::{Key, Target};
+use crate::rt::wake::Key;
 
 /// What a connection's drive can record: see the module docs.
 #[derive(Default)]
 pub(crate) struct Current {
     pub(crate) key: Key,
-    /// A read-handler connection's process-wide id (`wake::Target`); 0 for an HTTP one.
-    pub(crate) id: u64,
     /// Requests dispatched to the service on this connection.
     pub(crate) requests: u64,
     /// Requests whose response hyper has not finished (dropped the body of).
@@ -140,17 +138,6 @@ pub(crate) fn key() -> Option<Key> {
 /// The connection being driven on this thread, if it may send a body with `sendfile(2)`.
 pub(crate) fn zero_copy_key() -> Option<Key> {
     with_any(|c| c.zero_copy.then_some(c.key)).flatten()
-}
-
-/// The read-handler connection being driven on this thread, as `wake::deliver` names it.
-pub(crate) fn target() -> Option<Target> {
-    with_any(|c| {
-        (c.id != 0).then_some(Target {
-            key: c.key,
-            id: c.id,
-        })
-    })
-    .flatten()
 }
 
 /// Leaves `takeover` with connection `key` if it is the one being driven on this thread;

@@ -21,12 +21,12 @@ use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 
 use super::stream::HopStream;
-use crate::handler::Handler;
+use crate::handler::Protocol;
 use crate::limits::OpenKind;
 
 /// A read handler waiting for its connection.
 pub(crate) struct Takeover {
-    handler: Box<dyn Handler>,
+    handler: Box<dyn Protocol>,
     when: When,
     /// What the connection counts as once taken over.
     kind: OpenKind,
@@ -41,7 +41,7 @@ enum When {
 
 /// A handler and the connection's unused input, ready to run.
 pub(crate) struct Taken {
-    pub(crate) handler: Box<dyn Handler>,
+    pub(crate) handler: Box<dyn Protocol>,
     pub(crate) leftover: Bytes,
     pub(crate) kind: OpenKind,
 }
@@ -50,7 +50,7 @@ impl Takeover {
     /// Takes over when hyper finishes the connection with `on_upgrade`.
     /// `kind`: a WebSocket or another protocol.
     pub(crate) fn after_upgrade(
-        handler: Box<dyn Handler>,
+        handler: Box<dyn Protocol>,
         on_upgrade: OnUpgrade,
         kind: OpenKind,
     ) -> Self {
@@ -62,7 +62,7 @@ impl Takeover {
     }
 
     /// Takes over once hyper has written the response head ([`Takeover::head_written`]).
-    pub(crate) fn after_head(handler: Box<dyn Handler>) -> Self {
+    pub(crate) fn after_head(handler: Box<dyn Protocol>) -> Self {
         Takeover {
             handler,
             when: When::Head(false),
@@ -72,7 +72,7 @@ impl Takeover {
 
     /// The handler and the upgrade it waits for, for a task to run instead (a hijack used
     /// outside its connection's drive).
-    pub(crate) fn into_upgrade(self) -> (Box<dyn Handler>, OnUpgrade) {
+    pub(crate) fn into_upgrade(self) -> (Box<dyn Protocol>, OnUpgrade) {
         match self.when {
             When::Upgrade(on_upgrade) => (self.handler, on_upgrade),
             When::Head(_) => unreachable!("only a hijack's takeover has an upgrade"),

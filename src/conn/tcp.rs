@@ -1,9 +1,10 @@
 //! A read-handler connection in a poller's slab: a [`ConnCore`] (the handler, its output and
 //! timeouts) over the connection's socket ([`Fd`]), which it owns outright (no stream of hyper's shares
 //! it any more), polled in place with the connection's own waker. It has an id unique in the
-//! process (`wake::Target`): bytes delivered to it from elsewhere must name it, not only its
-//! slot. Every way it ends tells its handler (`on_close`, once): closed by its drive, cut at
-//! the drain deadline, or dropped by its poller after a panic ([`TcpConn::close_handler`]).
+//! process (`wake::Target`): letters posted to it from elsewhere (`handler::mail`) must name
+//! it, not only its slot. Every way it ends tells its handler (`on_close`, once): closed by its
+//! drive, cut at the drain deadline, or dropped by its poller after a panic
+//! ([`TcpConn::close_handler`]).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -12,8 +13,9 @@ use std::task::{Context, Poll};
 use super::current::{self, Current};
 use super::fd::Fd;
 use super::Drive;
-use crate::handler::{CloseReason, ConnCore, RawIo};
-use crate::rt::wake::{self, Key};
+use crate::handler::{mail, CloseReason, ConnCore, RawIo};
+use crate::rt::mail::Letter;
+use crate::rt::wake::{self, Key, Target};
 
 /// The socket as its own poller uses it.
 struct LoopIo<'a>(&'a Fd);
@@ -49,7 +51,7 @@ impl RawIo for LoopIo<'_> {
 /// A read-handler connection on its poller.
 pub(crate) struct TcpConn {
     pub(crate) fd: Fd,
-    /// Its id in `wake::Target`s: deliveries that do not carry it are dropped.
+    /// Its id in `wake::Target`s: letters that do not carry it are dropped.
     pub(crate) id: u64,
     core: ConnCore,
     /// On a TLS listener, until the handshake is done: when it must be, and where it is
@@ -114,19 +116,26 @@ impl TcpConn {
 
     /// Drives the connection on its poller; `true` when it has closed.
     pub(crate) fn drive(&mut self, key: Key, d: &mut Drive) -> bool {
+        self.core.drive_queued = false;
         #[cfg(any(feature = "tls", feature = "tls-ring"))]
         if let Some(closed) = self.handshake(d) {
             return closed;
         }
-        if d.draining {
-            self.core.begin_shutdown();
-        }
         let waker = key.waker();
         let mut cx = Context::from_waker(&waker);
-        // Lent so that a handler opening on it (an SSE subscriber) knows its connection.
-        let mut cur = self.current(key);
-        let (core, fd, now) = (&mut self.core, &self.fd, d.now);
-        let polled = current::lend(&mut cur, || core.poll(&mut cx, &mut LoopIo(fd), now));
+        let mut cur = Current::new(key);
+        let at = self.target(key);
+        let (core, fd, now, draining) = (&mut self.core, &self.fd, d.now, d.draining);
+        // Its target set, so that its handles post to it here and a handler opening on it (an
+        // SSE subscriber) knows its connection.
+        let polled = mail::at(at, || {
+            current::lend(&mut cur, || {
+                if draining {
+                    core.begin_shutdown();
+                }
+                core.poll(&mut cx, &mut LoopIo(fd), now)
+            })
+        });
         // What TLS holds encrypted goes out (it waits for this drive on a writable edge).
         if let Err(e) = fd.flush(true) {
             self.finish(CloseReason::Error(e), d);
@@ -150,10 +159,9 @@ impl TcpConn {
         }
     }
 
-    fn current(&self, key: Key) -> Current {
-        let mut cur = Current::new(key);
-        cur.id = self.id;
-        cur
+    /// The connection as its poller's mailbox names it.
+    fn target(&self, key: Key) -> Target {
+        Target { key, id: self.id }
     }
 
     /// Tells the handler why the connection closed; a panic in its `on_close` goes to the
@@ -169,10 +177,29 @@ impl TcpConn {
         self.core.reason()
     }
 
-    /// Hands delivered bytes to the handler (the caller drives the connection next).
-    pub(crate) fn deliver(&mut self, key: Key, bytes: bytes::Bytes) {
-        let mut cur = self.current(key);
-        current::lend(&mut cur, || self.core.deliver(bytes));
+    /// Whether the letter for `to` is this connection's (not one for an earlier connection in
+    /// its slot).
+    pub(crate) fn is(&self, to: Target) -> bool {
+        to.id == self.id
+    }
+
+    /// Does what a letter from its poller's mailbox asks (the caller drives it after).
+    pub(crate) fn take_letter(&mut self, key: Key, letter: Letter) {
+        let at = self.target(key);
+        let core = &mut self.core;
+        mail::at(at, || core.take_letter(letter));
+    }
+
+    /// Whether handles write to it (rather than only a fan-out reaching it: see the reactor's
+    /// `hand_out`).
+    pub(crate) fn has_handles(&self) -> bool {
+        self.core.conn.handles.is_some()
+    }
+
+    /// Queues a drive for this turn, unless one is queued already: `true` if the caller is to
+    /// queue it.
+    pub(crate) fn queue_drive(&mut self) -> bool {
+        !std::mem::replace(&mut self.core.drive_queued, true)
     }
 
     /// Tells the handler its connection is being dropped by the poller, unless its drive told

@@ -1,7 +1,8 @@
 //! The read-handler state machine both backends drive: read into the input buffer, call the
-//! handler, flush its output, apply timeouts. The reactor polls it in place with the
-//! connection's own waker (`conn::tcp`); the tokio backend polls it from one task per
-//! connection ([`run_task`]). It owns the handler's end: [`ConnCore::finish`] calls
+//! handler, take its letters (`super::mail`), flush its output, apply timeouts. The reactor
+//! polls it in place with the connection's own waker (`conn::tcp`) and hands it the letters
+//! from its poller's mailbox; the tokio backend polls it from one task per connection
+//! ([`run_task`]), and it takes them from its own. It owns the handler's end: [`ConnCore::finish`] calls
 //! `on_close` once, whoever closes the connection, and a core dropped without it (a panic
 //! outside the handler, a task aborted at the drain deadline) calls it from its `Drop`.
 
@@ -19,8 +20,10 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{CloseClock, CloseReason, Conn, Handler, TcpConfig};
+use super::mail::Home;
+use super::{CloseClock, CloseReason, Conn, Handler, Protocol, TcpConfig};
 use crate::limits::OpenGuard;
+use crate::rt::mail::Letter;
 use crate::rt::timer::Tick;
 
 /// The byte stream under a read handler.
@@ -68,7 +71,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RawIo for TokioIo<T> {
 
 /// One read-handler connection: the handler, its [`Conn`], the unread input.
 pub(crate) struct ConnCore {
-    handler: Box<dyn Handler>,
+    handler: Box<dyn Protocol>,
     pub(crate) conn: Conn,
     input: BytesMut,
     /// Bytes asked of the socket per read (`TcpConfig::read_chunk`).
@@ -79,6 +82,9 @@ pub(crate) struct ConnCore {
     eof: bool,
     write_shut: bool,
     shutdown_told: bool,
+    /// Its poller has letters handed to it and a drive queued for this turn (`conn::tcp`):
+    /// driven once however many it got.
+    pub(crate) drive_queued: bool,
     /// When bytes were last read ([`Tick`]s: 8 bytes each, in every idle connection).
     last_read: Tick,
     last_active: Tick,
@@ -89,7 +95,7 @@ pub(crate) struct ConnCore {
 
 impl ConnCore {
     pub(crate) fn new(
-        handler: Box<dyn Handler>,
+        handler: Box<dyn Protocol>,
         conn: Conn,
         input: BytesMut,
         cfg: Arc<TcpConfig>,
@@ -105,6 +111,7 @@ impl ConnCore {
             eof: false,
             write_shut: false,
             shutdown_told: false,
+            drive_queued: false,
             last_read: Tick::of(now),
             last_active: Tick::of(now),
             open: None,
@@ -114,7 +121,7 @@ impl ConnCore {
     /// Calls a handler method; an error or a panic becomes the reason to close.
     fn call(
         &mut self,
-        f: impl FnOnce(&mut dyn Handler, &mut Conn, &mut BytesMut) -> io::Result<()>,
+        f: impl FnOnce(&mut dyn Protocol, &mut Conn, &mut BytesMut) -> io::Result<()>,
     ) -> Result<(), CloseReason> {
         let ConnCore {
             handler,
@@ -138,12 +145,24 @@ impl ConnCore {
         }
     }
 
-    /// Hands bytes that hop delivered to the handler ([`Handler::on_deliver`]).
-    pub(crate) fn deliver(&mut self, bytes: bytes::Bytes) {
-        let _ = self.call(|h, c, _| {
-            h.on_deliver(c, bytes);
-            Ok(())
-        });
+    /// Does what a letter from its mailbox asks (the caller drives the connection after).
+    pub(crate) fn take_letter(&mut self, letter: Letter) {
+        match letter {
+            // Bounded by the handle already: queued whatever the mark.
+            Letter::Write(b) => self.conn.out.extend_from_slice(&b),
+            Letter::Deliver(b) => {
+                let _ = self.call(|h, c, _| {
+                    h.on_deliver(c, b);
+                    Ok(())
+                });
+            }
+            Letter::Close => self.conn.closing = true,
+            Letter::ShutdownWrite => self.conn.shutdown_requested = true,
+        }
+        if let Some(st) = &self.conn.handles {
+            // Handles count these bytes here now, no longer in the mailbox.
+            st.tell(self.conn.out.len(), self.conn.max_output);
+        }
     }
 
     /// Tells the handler the server is shutting down (once).
@@ -175,10 +194,8 @@ impl ConnCore {
                 CloseReason::Error(_) => Reason::Error,
             });
         }
-        if let Some(mb) = &self.conn.mailbox {
-            let mut st = mb.lock();
-            st.closed = true;
-            st.writes.clear();
+        if let Some(st) = &self.conn.handles {
+            st.closed();
         }
         if !self.opened {
             return None;
@@ -246,35 +263,19 @@ impl ConnCore {
         self.timeouts().chain(self.conn.timer).min()
     }
 
-    fn drain_mailbox(&mut self, cx: &Context<'_>) {
-        let Some(mb) = &self.conn.mailbox else { return };
-        let mut st = mb.lock();
-        if st.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-            st.waker = Some(cx.waker().clone());
+    /// Takes the letters in the connection's own mailbox, if it has one (it runs as a task;
+    /// on a poller, the poller hands them over), and has the drive's waker woken for the next.
+    fn take_own_letters(&mut self, cx: &Context<'_>) {
+        let Some(st) = &self.conn.handles else { return };
+        let Home::Own(mb) = &st.home else { return };
+        if !mb.read_with(cx.waker()) {
+            return;
         }
-        // Taken, not drained: an idle connection keeps no mailbox allocation.
-        let writes = std::mem::take(&mut st.writes);
-        let (close, shutdown) = (st.close, st.shutdown_write);
-        st.bytes = 0;
-        st.out_len = self.conn.out.len();
-        drop(st);
-        if !writes.is_empty() {
-            for (b, deliver) in writes {
-                match deliver {
-                    // The handler runs without the mailbox locked: it may use a handle itself.
-                    true => self.deliver(b),
-                    false => self.conn.out.extend_from_slice(&b),
-                }
-            }
-            if let Some(mb) = &self.conn.mailbox {
-                mb.lock().out_len = self.conn.out.len();
-            }
-        }
-        if close {
-            self.conn.closing = true;
-        }
-        if shutdown {
-            self.conn.shutdown_requested = true;
+        let mut letters = Vec::new();
+        mb.take(&mut letters);
+        // The handler runs without the mailbox locked: it may use a handle itself.
+        for ((), letter) in letters {
+            self.take_letter(letter);
         }
     }
 
@@ -287,16 +288,13 @@ impl ConnCore {
     ) -> Poll<CloseReason> {
         match self.poll_inner(cx, io, now) {
             Ok(()) => {
-                // Tell handles how much is still queued here (for their bound) and whom to wake
-                // (a handle may have been made during this poll).
-                if let Some(mb) = &self.conn.mailbox {
-                    let mut st = mb.lock();
-                    st.out_len = self.conn.out.len();
-                    st.max = self.conn.max_output;
-                    if st.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-                        st.waker = Some(cx.waker().clone());
-                        if !st.writes.is_empty() || st.close || st.shutdown_write {
-                            // Sent before there was anyone to wake.
+                // Tell handles how much is still queued here (for their bound) and, for an own
+                // mailbox, whom to wake (a handle may have been made during this poll).
+                if let Some(st) = &self.conn.handles {
+                    st.tell(self.conn.out.len(), self.conn.max_output);
+                    if let Home::Own(mb) = &st.home {
+                        if mb.read_with(cx.waker()) {
+                            // Posted before there was anyone to wake.
                             cx.waker().wake_by_ref();
                         }
                     }
@@ -322,7 +320,7 @@ impl ConnCore {
             }
         }
         loop {
-            self.drain_mailbox(cx);
+            self.take_own_letters(cx);
             // Flush queued output.
             while !self.conn.out.is_empty() {
                 match io.poll_write(cx, &self.conn.out) {
@@ -466,7 +464,7 @@ impl Drop for ConnCore {
         }
         // The handler's own `Drop` runs now, under a guard: once the panic is on its way, a
         // second one from it would abort the process.
-        let handler = std::mem::replace(&mut self.handler, Box::new(Gone));
+        let handler = std::mem::replace(&mut self.handler, Box::new(super::User(Gone)));
         if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(handler))) {
             tracing::error!(
                 panic = crate::service::panic_message(&*p),

@@ -1,23 +1,31 @@
 //! The read-handler machinery both backends share: the [`Handler`] trait, the [`Conn`] a
-//! handler writes to, the [`ConnHandle`] other threads write through, and (in `core`) the state
-//! machine that reads, calls the handler, flushes and applies timeouts. The public face is
-//! [`crate::tcp`]; the reactor drives a [`ConnCore`] in place (`conn::tcp`), the tokio backend
-//! from a task ([`run_task`]).
+//! handler writes to, the [`ConnHandle`] other threads write through (in `mail`, with how
+//! anything reaches a connection from outside its drive: letters in its mailbox), and (in
+//! `core`) the state machine that reads, calls the handler, takes its letters, flushes and
+//! applies timeouts. The public face is [`crate::tcp`]; the reactor drives a [`ConnCore`] in
+//! place (`conn::tcp`), the tokio backend from a task ([`run_task`]).
+//!
+//! The machinery holds a handler as a [`Protocol`]: the public [`Handler`]'s methods, and the
+//! one that only hop's own protocols have (`hop::ws`'s, an SSE subscriber), taking the bytes
+//! delivered to them. A user's handler is wrapped in [`User`], which is given none; the public
+//! trait has no hidden method.
 
 pub(crate) mod context;
 mod core;
+pub(crate) mod mail;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
 pub(crate) use self::core::{run_task, ConnCore, RawIo};
+pub use self::mail::ConnHandle;
+use self::mail::HandleState;
 pub(crate) use crate::settings::TcpConfig;
 
 /// Why a connection closed, as told to [`Handler::on_close`].
@@ -115,16 +123,6 @@ pub trait Handler: Send + 'static {
         Ok(())
     }
 
-    /// Bytes handed to this connection by hop itself (the SSE hub's fan-out; a `WsHandle`'s
-    /// message on a compressed WebSocket, to be compressed here), on the connection's poller.
-    /// The default queues them, closing the connection if they do not fit.
-    #[doc(hidden)]
-    fn on_deliver(&mut self, conn: &mut Conn, bytes: bytes::Bytes) {
-        if conn.write(&bytes).is_err() {
-            conn.close();
-        }
-    }
-
     /// The server is shutting down gracefully. The default closes once output is flushed.
     fn on_shutdown(&mut self, conn: &mut Conn) {
         conn.close();
@@ -139,6 +137,61 @@ pub trait Handler: Send + 'static {
     /// reaches no server's counters).
     fn on_close(&mut self, reason: CloseReason) {
         let _ = reason;
+    }
+}
+
+/// A read handler as the machinery holds it: a [`Handler`], and what only hop's own protocols
+/// take (`hop::ws`'s `WsProtocol`, an SSE subscriber). Public only in name (this module is
+/// private, and nothing re-exports it), for `app::NewConn`; not part of hop's API.
+pub trait Protocol: Handler {
+    /// Bytes delivered to this connection ([`Letter::Deliver`](crate::rt::mail::Letter)): an
+    /// SSE event from the hub's fan-out, a `WsHandle`'s message to frame (and compress) here.
+    /// Runs on the connection's own thread, in order with its other letters.
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes);
+}
+
+/// A user's [`Handler`], as the machinery holds it. Nothing delivers bytes to one (its
+/// handles write them); should anything, they are queued as a write, and the connection
+/// closed if they do not fit.
+///
+/// It forwards every method of [`Handler`]: a method added there is forwarded here too.
+pub(crate) struct User<H>(pub(crate) H);
+
+impl<H: Handler> Handler for User<H> {
+    fn on_open(&mut self, conn: &mut Conn) -> io::Result<()> {
+        self.0.on_open(conn)
+    }
+
+    fn on_read(&mut self, conn: &mut Conn, input: &mut BytesMut) -> io::Result<()> {
+        self.0.on_read(conn, input)
+    }
+
+    fn on_writable(&mut self, conn: &mut Conn) -> io::Result<()> {
+        self.0.on_writable(conn)
+    }
+
+    fn on_eof(&mut self, conn: &mut Conn) -> io::Result<()> {
+        self.0.on_eof(conn)
+    }
+
+    fn on_timer(&mut self, conn: &mut Conn) -> io::Result<()> {
+        self.0.on_timer(conn)
+    }
+
+    fn on_shutdown(&mut self, conn: &mut Conn) {
+        self.0.on_shutdown(conn)
+    }
+
+    fn on_close(&mut self, reason: CloseReason) {
+        self.0.on_close(reason)
+    }
+}
+
+impl<H: Handler> Protocol for User<H> {
+    fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
+        if conn.write(&bytes).is_err() {
+            conn.close();
+        }
     }
 }
 
@@ -158,7 +211,9 @@ pub struct Conn {
     pub(crate) close_timeout: Millis,
     pub(crate) close_clock: CloseClock,
     pub(crate) timer: Option<std::time::Instant>,
-    pub(crate) mailbox: Option<Arc<Mailbox>>,
+    /// What it shares with its handles, once it has one (`mail`): an idle connection without
+    /// a handle keeps nothing for them.
+    pub(crate) handles: Option<Arc<HandleState>>,
     /// Why it is closing, when a handler of hop's knows better than the [`CloseReason`]
     /// (`hop::ws`'s ping timeout); reported (`crate::observe`).
     #[cfg(feature = "metrics")]
@@ -190,7 +245,7 @@ impl Conn {
             close_timeout: Millis::new(Some(cfg.close_timeout)),
             close_clock: CloseClock::Off,
             timer: None,
-            mailbox: None,
+            handles: None,
             #[cfg(feature = "metrics")]
             why: None,
         }
@@ -354,18 +409,11 @@ impl Conn {
     /// A `Send + Clone` handle that writes to or closes this connection from any thread.
     pub fn handle(&mut self) -> ConnHandle {
         let max = self.max_output;
-        let mailbox = self
-            .mailbox
-            .get_or_insert_with(|| {
-                Arc::new(Mailbox {
-                    state: Mutex::new(MailboxState {
-                        max,
-                        ..MailboxState::default()
-                    }),
-                })
-            })
+        let state = self
+            .handles
+            .get_or_insert_with(|| Arc::new(HandleState::new(max)))
             .clone();
-        ConnHandle { mailbox }
+        ConnHandle { state }
     }
 }
 
@@ -393,102 +441,5 @@ impl Millis {
 
     pub(crate) fn get(self) -> Option<Duration> {
         (self.0 != 0 && self.0 != u32::MAX).then(|| Duration::from_millis(self.0.into()))
-    }
-}
-
-/// What other threads send a connection.
-#[derive(Debug, Default)]
-pub(crate) struct Mailbox {
-    pub(crate) state: Mutex<MailboxState>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct MailboxState {
-    /// Handle writes in order: bytes to queue as they are, or (`true`) bytes for the
-    /// handler's [`Handler::on_deliver`].
-    pub(crate) writes: Vec<(Bytes, bool)>,
-    pub(crate) bytes: usize,
-    /// Bytes queued on the connection's side, not yet written to the socket.
-    pub(crate) out_len: usize,
-    pub(crate) max: usize,
-    pub(crate) close: bool,
-    pub(crate) shutdown_write: bool,
-    pub(crate) closed: bool,
-    pub(crate) waker: Option<Waker>,
-}
-
-impl Mailbox {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Writes to or closes a read-handler connection from any thread; wakes its poller.
-#[derive(Debug, Clone)]
-pub struct ConnHandle {
-    mailbox: Arc<Mailbox>,
-}
-
-impl ConnHandle {
-    fn send(
-        &self,
-        f: impl FnOnce(&mut MailboxState) -> Result<(), WriteError>,
-    ) -> Result<(), WriteError> {
-        let waker = {
-            let mut st = self.mailbox.lock();
-            if st.closed || st.close {
-                return Err(WriteError::Closed);
-            }
-            f(&mut st)?;
-            st.waker.clone()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Ok(())
-    }
-
-    /// Queues `data` whole; refused while what is queued for the connection (here and on
-    /// its side) is at or above its high-water mark, as [`Conn::write`] is.
-    pub fn write(&self, data: impl Into<Bytes>) -> Result<(), WriteError> {
-        self.queue(data.into(), false)
-    }
-
-    /// Queues `data` for the handler's [`Handler::on_deliver`], on the connection's own
-    /// thread, in order with [`write`](Self::write)s, and bounded as they are.
-    pub(crate) fn deliver(&self, data: Bytes) -> Result<(), WriteError> {
-        self.queue(data, true)
-    }
-
-    fn queue(&self, data: Bytes, deliver: bool) -> Result<(), WriteError> {
-        self.send(|st| {
-            if over_mark(st.bytes.saturating_add(st.out_len), st.max) {
-                return Err(WriteError::Full { capacity: 0 });
-            }
-            st.bytes += data.len();
-            st.writes.push((data, deliver));
-            Ok(())
-        })
-    }
-
-    /// Closes the connection once queued output is written.
-    pub fn close(&self) {
-        let _ = self.send(|st| {
-            st.close = true;
-            Ok(())
-        });
-    }
-
-    /// Shuts down the write side once queued output is written.
-    pub fn shutdown_write(&self) {
-        let _ = self.send(|st| {
-            st.shutdown_write = true;
-            Ok(())
-        });
-    }
-
-    /// Whether the connection has closed.
-    pub fn is_closed(&self) -> bool {
-        self.mailbox.lock().closed
     }
 }

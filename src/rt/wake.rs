@@ -1,4 +1,5 @@
-//! Wakers that name a connection: (poller, slot, generation) packed into the waker's data word.
+//! Wakers that name a connection: (poller, slot, generation) packed into the waker's data word;
+//! and the poller's half that other threads reach ([`Remote`]): its wake queue and its mailbox.
 //!
 //! A [`Key`] is a `u64`; the waker built from it carries no allocation and no reference count,
 //! so cloning and dropping it are free. Waking it from the poller's own thread pushes the key on
@@ -6,12 +7,14 @@
 //! [`Remote`] queue and wakes the poller's `mio::Poll` through its `mio::Waker`. The poller
 //! checks the generation, so a late wake for a slot that has been reused is ignored (a wake
 //! that reaches the wrong connection after the 16-bit generation wraps costs a spurious drive,
-//! no more). Bytes are another matter: what is delivered to a read-handler connection
-//! ([`deliver`]) names it by a [`Target`], its key and a process-wide 64-bit id that no other
-//! connection ever has, so bytes meant for one connection never reach another that reuses its
-//! slot, however many times. Both cross-thread queues are bounded by what is woken, not by how
-//! often: a key is queued once until the poller takes the queue, and bytes delivered to a
-//! connection stop at the sender's limit for it.
+//! no more). Letters are another matter: what is posted to a read-handler connection on a
+//! poller ([`post`], into the poller's `rt::mail::Mailbox`) names it by a [`Target`], its key
+//! and a process-wide 64-bit id that no other connection ever has, so bytes meant for one
+//! connection never reach another that reuses its slot, however many times. A post wakes the
+//! poller at most once until it takes its mailbox (from its own thread, not at all: it looks
+//! at its mailbox on its next turn). Both cross-thread queues are bounded by what is woken, not
+//! by how often: a key is queued once until the poller takes the queue, and letters for a
+//! connection stop at the sender's bound for it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -19,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use std::task::{RawWaker, RawWakerVTable, Waker};
+
+use super::mail::{Address, Letter, Mailbox};
 
 /// A connection's identity: poller id (16 bits), generation (16 bits), slab slot (32 bits).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,7 +54,7 @@ impl Key {
     }
 }
 
-/// A read-handler connection as code outside it names it for [`deliver`]: its key, and an id
+/// A read-handler connection as code outside it names it for [`post`]: its key, and an id
 /// unique in the process ([`next_id`]). The key's generation has 16 bits and repeats after
 /// 65,536 new entries on a poller; the id never repeats, so a stale target (a sender that still
 /// holds it after the connection closed) never reaches the connection that reuses its slot.
@@ -57,6 +62,13 @@ impl Key {
 pub(crate) struct Target {
     pub(crate) key: Key,
     pub(crate) id: u64,
+}
+
+/// A poller's mailbox counts bytes per slab slot.
+impl Address for Target {
+    fn slot(self) -> usize {
+        self.key.slot()
+    }
 }
 
 /// A connection id never handed out before in this process (never 0).
@@ -88,28 +100,17 @@ const _: () = assert!(
 /// number of distinct connections woken, and each is driven once.
 pub(crate) struct Remote {
     queue: Mutex<WakeQueue>,
-    /// Bytes for read-handler connections of this poller (`deliver`).
-    deliveries: Mutex<Deliveries>,
+    /// Letters for this poller's read-handler connections ([`post`]).
+    mail: Mailbox<Target>,
     notified: AtomicBool,
     waker: mio::Waker,
 }
 
-/// Bytes for read-handler connections, queued until the poller takes them, and how many bytes
-/// each slot has in the queue: what the queue holds for each destination, so that a sender can
-/// apply a connection's limit where its bytes wait (a busy or stalled poller does not let them
-/// pile up). 4 bytes per slot, reset when the poller takes the queue.
-#[derive(Default)]
-struct Deliveries {
-    queue: Vec<(Target, bytes::Bytes)>,
-    queued: Vec<u32>,
-}
-
-/// What [`deliver`] did with the bytes.
+/// Why a letter was not posted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Delivery {
-    Queued,
-    /// The sender's limit said the connection had enough queued: nothing was queued.
-    Full,
+pub(crate) enum Refused<E> {
+    /// The sender's check refused it (the connection's bound, its closed state).
+    By(E),
     /// Its poller is gone.
     Gone,
 }
@@ -125,7 +126,7 @@ impl Remote {
     pub(crate) fn new(waker: mio::Waker) -> Self {
         Remote {
             queue: Mutex::new(WakeQueue::default()),
-            deliveries: Mutex::new(Deliveries::default()),
+            mail: Mailbox::new(),
             notified: AtomicBool::new(false),
             waker,
         }
@@ -153,40 +154,10 @@ impl Remote {
         }
     }
 
-    /// Queues `bytes` for `to` and wakes the poller, unless `full` says the bytes already
-    /// queued for its slot are enough.
-    fn deliver(&self, to: Target, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
-        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = to.key.slot();
-        if d.queued.len() <= slot {
-            d.queued.resize(slot + 1, 0);
-        }
-        let queued = d.queued[slot] as usize;
-        if full(queued) {
-            return Delivery::Full;
-        }
-        d.queued[slot] = queued.saturating_add(bytes.len()).min(u32::MAX as usize) as u32;
-        d.queue.push((to, bytes));
-        drop(d);
-        self.notify();
-        Delivery::Queued
-    }
-
-    /// Moves every queued delivery into `into`; called by the poller on its waker token.
-    /// (Taken whole, so a burst's queue is freed once handled.)
-    pub(crate) fn drain_deliveries(&self, into: &mut Vec<(Target, bytes::Bytes)>) {
-        let mut d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        let Deliveries { queue, queued } = &mut *d;
-        for (to, _) in queue.iter() {
-            if let Some(n) = queued.get_mut(to.key.slot()) {
-                *n = 0;
-            }
-        }
-        if into.is_empty() {
-            *into = std::mem::take(queue);
-        } else {
-            into.append(queue);
-        }
+    /// Moves every letter in its mailbox into `into`, in order; called by the poller on its
+    /// waker token, or when its own thread posted ([`take_mail_here`]).
+    pub(crate) fn take_mail(&self, into: &mut Vec<(Target, Letter)>) {
+        self.mail.take(into);
     }
 
     /// Moves every queued key into `into`; called by the poller on its waker token.
@@ -228,11 +199,26 @@ pub(crate) fn unregister(id: u16) {
     reg[id as usize] = None;
 }
 
-/// Hands `bytes` to the read-handler connection `to` on its poller (`Handler::on_deliver`),
-/// unless `full(bytes already queued for it)` says it has enough waiting in its poller's queue.
-/// The poller drops them if `to` has closed (its slot empty, or another connection's).
-pub(crate) fn deliver(to: Target, bytes: bytes::Bytes, full: impl Fn(usize) -> bool) -> Delivery {
-    with_remote(to.key, |remote| remote.deliver(to, bytes, full)).unwrap_or(Delivery::Gone)
+/// Posts `letter` to the read-handler connection `to` in its poller's mailbox, unless
+/// `admit(bytes already waiting there for its slot)` refuses it (run under the mailbox's lock),
+/// and wakes the poller. The poller drops it if `to` has closed (its slot empty, or another
+/// connection's).
+pub(crate) fn post<E>(
+    to: Target,
+    letter: Letter,
+    admit: impl FnOnce(usize) -> Result<(), E>,
+) -> Result<(), Refused<E>> {
+    let here = current_poller() == Some(to.key.poller());
+    with_remote(to.key, |remote| {
+        remote.mail.post(to, letter, admit).map_err(Refused::By)?;
+        match here {
+            // Its poller looks at its mailbox on its next turn: no wake-up to send itself.
+            true => MAIL_HERE.with(|m| m.set(true)),
+            false => remote.notify(),
+        }
+        Ok(())
+    })
+    .unwrap_or(Err(Refused::Gone))
 }
 
 /// Runs `f` with the remote half of `key`'s poller; `None` if that poller is gone.
@@ -249,6 +235,8 @@ thread_local! {
     static POLLER: Cell<Option<u16>> = const { Cell::new(None) };
     /// Keys woken on this thread for this thread's poller: its local run queue.
     static READY: RefCell<Vec<Key>> = const { RefCell::new(Vec::new()) };
+    /// This thread's poller has letters it posted itself in its mailbox.
+    static MAIL_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the current thread as poller `id`'s thread.
@@ -276,6 +264,16 @@ pub(crate) fn unqueue_recent(key: Key) {
             r.remove(from + at);
         }
     })
+}
+
+/// Whether this thread's poller posted letters to its own mailbox (it is not to sleep).
+pub(crate) fn mail_here() -> bool {
+    MAIL_HERE.with(Cell::get)
+}
+
+/// [`mail_here`], and forgets it: the poller takes its mailbox now.
+pub(crate) fn take_mail_here() -> bool {
+    MAIL_HERE.with(|m| m.replace(false))
 }
 
 /// Moves this thread's locally woken keys into `into`.

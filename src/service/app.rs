@@ -11,7 +11,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower_service::Service;
 
-use crate::handler::Handler;
+use crate::handler::{Handler, Protocol, User};
 
 use super::make::{ConnService, IncomingStream, IntoConnService};
 
@@ -20,7 +20,7 @@ pub enum NewConn<S> {
     /// An HTTP connection with its service.
     Http(S),
     /// A read-handler connection.
-    Tcp(Box<dyn Handler>),
+    Tcp(Box<dyn Protocol>),
 }
 
 /// An application a backend serves (implemented by hop's own types only).
@@ -101,7 +101,7 @@ where
     type Svc = NoHttp;
 
     fn accept(&mut self, stream: IncomingStream<'_>) -> Option<NewConn<NoHttp>> {
-        Some(NewConn::Tcp(Box::new((self.factory)(stream))))
+        Some(NewConn::Tcp(Box::new(User((self.factory)(stream)))))
     }
 }
 

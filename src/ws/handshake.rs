@@ -132,7 +132,7 @@ fn respond<E: Endpoint>(
         false => deflate::negotiate(&cfg.deflate, headers),
     };
     let (codec, extensions) = deflate.unzip();
-    hijack.on_read(WsProtocol::new(handler, cfg, codec));
+    hijack.take_over(Box::new(WsProtocol::new(handler, cfg, codec)));
     let mut res = Response::new(Full::new(Bytes::new()));
     // Over HTTP/2 a 2xx to the CONNECT opens the tunnel (RFC 8441 §5): 200, no key.
     if !h2 {

@@ -14,6 +14,7 @@ use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::{Message, Utf8Bytes};
 
+use crate::handler::Protocol;
 use crate::rt::timer::Tick;
 use crate::tcp::{CloseReason, Conn, Handler};
 
@@ -546,6 +547,29 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
         Ok(())
     }
 
+    fn on_shutdown(&mut self, conn: &mut Conn) {
+        // 1001 Going Away; the connection closes when the peer answers, or at the drain timeout.
+        send_close(
+            conn,
+            &mut self.close_sent,
+            CloseCode::Away,
+            "server shutting down",
+        );
+    }
+
+    fn on_close(&mut self, reason: CloseReason) {
+        let _ = reason;
+        let (code, text) = self
+            .close_received
+            .take()
+            .map_or((None, String::new()), |c| *c);
+        self.handler.close(code, &text);
+    }
+}
+
+/// What a `WsHandle` sends goes through the connection's mailbox (`handler::mail`) and is
+/// framed here, on the connection's own thread, against its one close state.
+impl<E: Endpoint> Protocol for WsProtocol<E> {
     fn on_deliver(&mut self, conn: &mut Conn, bytes: Bytes) {
         // A `WsHandle`'s frame: its first header byte (FIN and opcode), then its payload.
         let Some((&b0, payload)) = bytes.split_first() else {
@@ -566,24 +590,5 @@ impl<E: Endpoint> Handler for WsProtocol<E> {
         if sent.is_err() && !self.close_sent {
             conn.close();
         }
-    }
-
-    fn on_shutdown(&mut self, conn: &mut Conn) {
-        // 1001 Going Away; the connection closes when the peer answers, or at the drain timeout.
-        send_close(
-            conn,
-            &mut self.close_sent,
-            CloseCode::Away,
-            "server shutting down",
-        );
-    }
-
-    fn on_close(&mut self, reason: CloseReason) {
-        let _ = reason;
-        let (code, text) = self
-            .close_received
-            .take()
-            .map_or((None, String::new()), |c| *c);
-        self.handler.close(code, &text);
     }
 }
