@@ -19,73 +19,22 @@
 //! room for) while the socket has nothing more to read. A read serves those first, before the socket is
 //! looked at, and [`Tls::has_plaintext`] keeps the connection counted as readable until they
 //! are taken.
+//!
+//! The buffers, their bounds and the per-thread list of spare ones are `bufs`'s (which knows
+//! nothing of rustls's states); this file is the connection's state machine over them.
 
-use std::cell::RefCell;
 use std::io::{self, IoSlice, Write};
 use std::mem::MaybeUninit;
 
 use rustls::server::{Acceptor, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
-/// Bytes of encrypted output held for a connection (records not yet sent): a write beyond it
-/// waits for the socket.
-const BUFFER_LIMIT: usize = 64 * 1024;
-/// Most bytes of encrypted output held at all: what writes leave (at most `BUFFER_LIMIT` and
-/// one write's records) and rustls's own messages (alerts, session tickets, one key update at a
-/// time) stay far below it; past it, the connection is in error rather than holding more.
-const OUT_MAX: usize = 4 * BUFFER_LIMIT;
-/// Plaintext bytes in a TLS record at most, and what a record adds to them at most (header,
-/// content type, explicit nonce, tag: TLS 1.2 or 1.3 with AEAD suites).
-const RECORD_SIZE: usize = 16 * 1024;
-const RECORD_OVERHEAD: usize = 64;
-/// Room the incoming buffer has for each read of the socket (rustls's own read size).
-const READ_SIZE: usize = 4096;
-/// Most bytes of input held undecrypted: a whole handshake message (rustls takes up to 64 KiB)
-/// and a record beyond it. A peer that needs more to make progress is in error.
-const INCOMING_MAX: usize = 64 * 1024 + 2 * 18_437;
-/// Incoming space kept after a large message, while the connection is active.
-const INCOMING_KEEP: usize = 32 * 1024;
-/// Idle connections' buffers kept on a thread for the next connection that wakes there.
-const SPARE_MAX: usize = 16;
+mod bufs;
 
-thread_local! {
-    /// Buffers that connections gave back when they went idle (or closed), kept for the next
-    /// that needs some on this thread (a poller, or an upgrade's task): taking them costs no
-    /// allocation and no clearing of memory, which waking a parked connection would otherwise
-    /// pay each time. At most `SPARE_MAX`, and none larger than an active connection keeps.
-    // Boxed: the buffers move whole between a connection's `Option<Box<Bufs>>` and this list.
-    #[allow(clippy::vec_box)]
-    static SPARE: RefCell<Vec<Box<Bufs>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Buffers for a connection: spare ones of this thread's, or new ones.
-fn take_spare() -> Box<Bufs> {
-    SPARE
-        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// Keeps a connection's empty buffers for the next connection on this thread, or frees them.
-fn give_back(mut b: Box<Bufs>) {
-    if b.incoming.capacity() > INCOMING_KEEP || b.out.len() > BUFFER_LIMIT {
-        return;
-    }
-    b.plain = Vec::new();
-    b.taken = 0;
-    b.incoming.clear();
-    b.start = 0;
-    b.sent = 0;
-    b.end = 0;
-    let _ = SPARE.try_with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < SPARE_MAX {
-                s.push(b);
-            }
-        }
-    });
-}
+use bufs::{
+    copy, give_back, take_spare, Bufs, Out, BUFFER_LIMIT, INCOMING_MAX, OUT_MAX, READ_SIZE,
+    RECORD_OVERHEAD, RECORD_SIZE,
+};
 
 /// A connection's TLS state (see the module docs).
 pub(crate) struct Tls {
@@ -106,54 +55,6 @@ pub(crate) struct Tls {
     closing: bool,
     /// rustls failed: every read and write fails the same way.
     error: Option<Box<rustls::Error>>,
-}
-
-/// A connection's buffers.
-#[derive(Default)]
-struct Bufs {
-    /// Bytes read from the socket, of which rustls has not taken `incoming[start..]` (its
-    /// spare capacity is room for the next read). Emptied whenever rustls has taken it all.
-    incoming: Vec<u8>,
-    /// What rustls has taken from the front of `incoming`: moved out only before the next read,
-    /// not record by record (a buffer of tiny records would cost a shift each).
-    start: usize,
-    /// Decrypted bytes the last read had no room for: `plain[taken..]`.
-    plain: Vec<u8>,
-    taken: usize,
-    /// Encrypted output not sent yet: `out[sent..end]`.
-    out: Vec<u8>,
-    sent: usize,
-    end: usize,
-}
-
-impl Bufs {
-    /// Nothing is held (what is left is room).
-    fn is_empty(&self) -> bool {
-        self.incoming.is_empty() && self.taken == self.plain.len() && self.sent == self.end
-    }
-
-    /// Marks `n` more bytes at the front of the incoming buffer as taken by rustls.
-    fn discard(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.start = self.start.saturating_add(n).min(self.incoming.len());
-        if self.start == self.incoming.len() {
-            self.incoming.clear();
-            self.start = 0;
-            if self.incoming.capacity() > INCOMING_KEEP {
-                self.incoming = Vec::new();
-            }
-        }
-    }
-
-    /// Moves what rustls has not taken to the front of the incoming buffer.
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.incoming.drain(..self.start);
-            self.start = 0;
-        }
-    }
 }
 
 impl std::fmt::Debug for Tls {
@@ -597,15 +498,6 @@ impl Drop for Tls {
     }
 }
 
-/// Copies what fits of `src` into `dst`; how much.
-fn copy(src: &[u8], dst: &mut [MaybeUninit<u8>]) -> usize {
-    let n = src.len().min(dst.len());
-    // SAFETY: `src` holds at least `n` initialized bytes and `dst` has room for `n`; they are
-    // different buffers (ours, or rustls's, and the caller's).
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast(), n) };
-    n
-}
-
 /// Hands a record's plaintext to a read job; what it has no room for (all of it, for any
 /// other job) is kept in `plain`.
 fn take(payload: &[u8], job: &mut Job<'_, '_>, plain: &mut Vec<u8>) {
@@ -626,55 +518,5 @@ fn encrypted(r: Result<usize, EncryptError>) -> Result<Result<usize, usize>, rus
         Ok(n) => Ok(Ok(n)),
         Err(EncryptError::InsufficientSize(s)) => Ok(Err(s.required_size)),
         Err(EncryptError::EncryptExhausted) => Err(rustls::Error::EncryptError),
-    }
-}
-
-/// The outgoing buffer, borrowed apart from the connection.
-struct Out<'a> {
-    buf: &'a mut Vec<u8>,
-    sent: &'a mut usize,
-    end: &'a mut usize,
-}
-
-impl Out<'_> {
-    /// Appends what `f` writes into the buffer's free room, made at least `hint` bytes first
-    /// (`Ok(Err(size))`: it needs that much room; the buffer grows and `f` is called again).
-    fn append(
-        self,
-        hint: usize,
-        mut f: impl FnMut(&mut [u8]) -> Result<Result<usize, usize>, rustls::Error>,
-    ) -> Result<(), rustls::Error> {
-        if *self.sent == *self.end {
-            *self.sent = 0;
-            *self.end = 0;
-        }
-        if self.buf.len() - *self.end < hint {
-            let want = (*self.end + hint).next_multiple_of(512);
-            self.buf.resize(want, 0);
-        }
-        loop {
-            match f(&mut self.buf[*self.end..])? {
-                Ok(n) => {
-                    *self.end += n;
-                    return Ok(());
-                }
-                Err(need) => {
-                    if self.buf.len() - *self.end >= need && *self.sent == 0 {
-                        return Err(rustls::Error::General(
-                            "rustls asked for room it had".into(),
-                        ));
-                    }
-                    if *self.sent > 0 {
-                        self.buf.copy_within(*self.sent..*self.end, 0);
-                        *self.end -= *self.sent;
-                        *self.sent = 0;
-                    }
-                    if self.buf.len() - *self.end < need {
-                        let want = (*self.end + need).next_multiple_of(512);
-                        self.buf.resize(want, 0);
-                    }
-                }
-            }
-        }
     }
 }
