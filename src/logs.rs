@@ -1,5 +1,6 @@
 //! Bounded logs: nothing a peer sends makes hop's log grow without bound. [`Clip`] cuts text
-//! a peer (or a panicking handler) controls to [`CLIP`] bytes in a log line, and
+//! a peer (or a panicking handler) controls to [`CLIP`] bytes in a log line ([`panic_message`]:
+//! a caught panic's text, so cut), and
 //! `warn_limited!` / `error_limited!` rate-limit
 //! a line that every connection could repeat: at most [`BURST`] lines per [`WINDOW`] from each
 //! call site, the next one saying how many were not logged meanwhile. rustls logs nothing
@@ -63,6 +64,18 @@ pub(crate) fn clip(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The text of a caught panic, for the log.
+/// (Cut to a few hundred bytes: a panic message may hold what a peer sent.)
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    clip(if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(non-string panic payload)"
+    })
 }
 
 /// A call site's rate limit (a `static`, one per call site): see the module docs.

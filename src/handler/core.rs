@@ -133,7 +133,7 @@ impl ConnCore {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(CloseReason::Error(e)),
             Err(panic) => {
-                let msg = crate::service::panic_message(&*panic).to_owned();
+                let msg = crate::logs::panic_message(&*panic).to_owned();
                 crate::logs::error_limited!(
                     panic = msg,
                     "read handler panicked; closing its connection"
@@ -457,7 +457,7 @@ impl Drop for ConnCore {
         let Some(panic) = self.abandon() else { return };
         if std::thread::panicking() {
             tracing::error!(
-                panic = crate::service::panic_message(&*panic),
+                panic = crate::logs::panic_message(&*panic),
                 "a read handler's on_close panicked while unwinding; contained"
             );
             return;
@@ -467,7 +467,7 @@ impl Drop for ConnCore {
         let handler = std::mem::replace(&mut self.handler, Box::new(super::User(Gone)));
         if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(handler))) {
             tracing::error!(
-                panic = crate::service::panic_message(&*p),
+                panic = crate::logs::panic_message(&*p),
                 "a read handler's Drop panicked after its on_close did; contained"
             );
         }

@@ -1,7 +1,6 @@
 //! The response body both backends hand to hyper ([`HopBody`]: the handler's, a panic while it
-//! is polled turned into a body error, or the empty body of a `500`), the error type boxed
-//! errors are converted into ([`BoxError`]), and the text of a caught panic for the log
-//! ([`panic_message`]).
+//! is polled turned into a body error, or the empty body of a `500`) and the error type boxed
+//! errors are converted into ([`BoxError`]).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -12,18 +11,6 @@ use http_body::{Body, Frame, SizeHint};
 
 /// The error type boxed errors are converted into.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The text of a caught panic, for the log.
-/// (Cut to a few hundred bytes: a panic message may hold what a peer sent.)
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    crate::logs::clip(if let Some(s) = panic.downcast_ref::<&str>() {
-        s
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s
-    } else {
-        "(non-string panic payload)"
-    })
-}
 
 pin_project_lite::pin_project! {
     /// A response body: the handler's, or the empty body of a `500` after a panic.
@@ -68,7 +55,7 @@ where
                     }
                     Err(panic) => {
                         crate::logs::error_limited!(
-                            panic = panic_message(&*panic),
+                            panic = crate::logs::panic_message(&*panic),
                             "response body panicked; closing the connection"
                         );
                         Poll::Ready(Some(Err("response body panicked".into())))

@@ -18,7 +18,7 @@ use tower::util::Oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
 
-use super::body::{panic_message, BoxError, HopBody};
+use super::body::{BoxError, HopBody};
 
 /// The hyper service both backends serve: a tower service, with panics caught.
 #[derive(Debug, Clone)]
@@ -196,7 +196,7 @@ where
 /// The answer to a handler's panic (logged here): `500` with `Connection: close`.
 pub(crate) fn panicked<B>(panic: &(dyn Any + Send)) -> Response<HopBody<B>> {
     crate::logs::error_limited!(
-        panic = panic_message(panic),
+        panic = crate::logs::panic_message(panic),
         "handler panicked; answering 500 and closing the connection"
     );
     let mut res = Response::new(HopBody::Empty);

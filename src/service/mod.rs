@@ -14,8 +14,8 @@
 //! through), `make` (make-services: [`IntoConnService`], [`ConnService`], [`IncomingStream`],
 //! [`PeerCred`], the markers), `clock` (the tokio backend's HTTP/1.1 stream and service:
 //! the request-body timeout and the per-connection limits), `call` ([`HyperSvc`], the user's
-//! service called for one request, its panics caught), `body` ([`HopBody`], [`BoxError`], the
-//! text of a caught panic), `wire` (what the request-body timeouts read off the HTTP/1.1 wire).
+//! service called for one request, its panics caught), `body` ([`HopBody`], [`BoxError`]),
+//! `wire` (what the request-body timeouts read off the HTTP/1.1 wire).
 
 pub(crate) mod app;
 mod body;
@@ -24,7 +24,6 @@ mod clock;
 mod make;
 mod wire;
 
-pub(crate) use body::panic_message;
 pub use body::{BoxError, HopBody};
 pub(crate) use call::{panicked, Call, HyperSvc};
 pub(crate) use clock::{BodyClock, BodyIo, Clocked, ConnLimits};

@@ -298,7 +298,7 @@ impl Control {
     pub(crate) fn contained_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) {
         self.panics.fetch_add(1, Ordering::Relaxed);
         crate::logs::error_limited!(
-            panic = crate::service::panic_message(panic),
+            panic = crate::logs::panic_message(panic),
             "{what} panicked; contained"
         );
     }

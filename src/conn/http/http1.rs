@@ -151,7 +151,7 @@ impl<S: ConnService> HttpConn<S> {
             }
             Err(panic) => {
                 crate::logs::error_limited!(
-                    panic = crate::service::panic_message(&*panic),
+                    panic = crate::logs::panic_message(&*panic),
                     "connection panicked; closing it"
                 );
                 d.because(Reason::Error);
