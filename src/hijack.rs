@@ -18,7 +18,7 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
-use crate::handler::context::{self as server, ServerContext, TaskGuard};
+use crate::handler::context::{self, ServerContext, TaskGuard};
 use crate::handler::{Conn, ConnCore, Handler, Protocol, User};
 use crate::limits::{OpenGuard, OpenKind};
 use crate::rt::tasks;
@@ -119,7 +119,7 @@ impl Hijack {
         Hijack {
             on_upgrade,
             key: current::key(),
-            ctx: server::thread_context(),
+            ctx: context::thread_context(),
             kind: OpenKind::Tcp,
         }
     }

@@ -187,11 +187,13 @@ mod generic {
     }
 
     struct Erased<L: axum::serve::Listener> {
-        state: State<L>,
+        state: ListenerState<L>,
         local_addr: Option<SocketAddr>,
     }
 
-    enum State<L: axum::serve::Listener> {
+    /// Where a generic listener is: held between accepts, moved into its accept future, or
+    /// lost to a panic in that future.
+    enum ListenerState<L: axum::serve::Listener> {
         Idle(L),
         Accepting(Accepting<L>),
         /// The accept future panicked: the listener is gone.
@@ -205,24 +207,24 @@ mod generic {
     {
         fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(BoxIo, Box<dyn RemoteAddr>)> {
             loop {
-                match std::mem::replace(&mut self.state, State::Gone) {
-                    State::Idle(mut l) => {
-                        self.state = State::Accepting(Box::pin(async move {
+                match std::mem::replace(&mut self.state, ListenerState::Gone) {
+                    ListenerState::Idle(mut l) => {
+                        self.state = ListenerState::Accepting(Box::pin(async move {
                             let (io, addr) = l.accept().await;
                             (l, io, addr)
                         }));
                     }
-                    State::Accepting(mut fut) => match fut.as_mut().poll(cx) {
+                    ListenerState::Accepting(mut fut) => match fut.as_mut().poll(cx) {
                         Poll::Ready((l, io, addr)) => {
-                            self.state = State::Idle(l);
+                            self.state = ListenerState::Idle(l);
                             return Poll::Ready((Box::new(io), Box::new(addr)));
                         }
                         Poll::Pending => {
-                            self.state = State::Accepting(fut);
+                            self.state = ListenerState::Accepting(fut);
                             return Poll::Pending;
                         }
                     },
-                    State::Gone => return Poll::Pending,
+                    ListenerState::Gone => return Poll::Pending,
                 }
             }
         }
@@ -259,7 +261,7 @@ mod generic {
                 .ok()
                 .and_then(|a| (&a as &dyn Any).downcast_ref::<SocketAddr>().copied());
             Ok(Bound::Generic(Box::new(Erased {
-                state: State::Idle(l),
+                state: ListenerState::Idle(l),
                 local_addr,
             })))
         }

@@ -47,7 +47,7 @@ use hyper_util::rt::TokioTimer;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::handler::context::{self as server, ServerContext};
+use crate::handler::context::{self, ServerContext};
 use crate::listener::{Bound, Native};
 use crate::observe::Reason;
 use crate::service::app::App;
@@ -93,7 +93,7 @@ pub(crate) fn start<P: App>(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.pollers)
         .thread_name("hop-tokio")
-        .on_thread_start(move || server::set_thread_context(thread_ctx.clone()))
+        .on_thread_start(move || context::set_thread_context(thread_ctx.clone()))
         .enable_all()
         .build()?;
     let header_timeout = match (cfg.header_read_timeout, cfg.idle_timeout) {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::handler::context as server;
+use crate::handler::context;
 use crate::handler::ConnCore;
 use crate::limits::{OpenGuard, OpenKind};
 use crate::observe::Reason;
@@ -166,7 +166,7 @@ pub(super) async fn run_conn<A: Accept, S: ConnService>(
     ctl.open.http_opened();
     // Its place in the server's counts goes with the stream too, into an upgrade.
     let place = guard.clone();
-    let why = server::with_cut(cut.clone(), async move {
+    let why = context::with_cut(cut.clone(), async move {
         // Counted open as HTTP until hyper's connection ends (or is upgraded).
         let _http = HttpGuard(ctl.clone());
         #[cfg(any(feature = "tls", feature = "tls-ring"))]

@@ -46,7 +46,7 @@ use slab::Slab;
 
 use crate::conn::http::{HttpConfig, Moved};
 use crate::conn::Entry;
-use crate::handler::context::{self as server, ServerContext};
+use crate::handler::context::{self, ServerContext};
 use crate::handler::TcpConfig;
 use crate::listener::Native;
 use crate::rt::balance::Balance;
@@ -160,7 +160,7 @@ pub(crate) fn start<P: App>(
             .spawn(move || {
                 let _guard = guard;
                 let _rt = rt.enter();
-                server::set_thread_context(ServerContext {
+                context::set_thread_context(ServerContext {
                     tcp: tcp.clone(),
                     shutdown: Some(shutdown),
                     tasks: Arc::new(tokio::sync::watch::Sender::new(0)),
