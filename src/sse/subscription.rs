@@ -16,7 +16,7 @@ use http_body::{Body, Frame};
 
 use crate::conn::current;
 use crate::conn::takeover::Takeover;
-use crate::handler::context as server;
+use crate::handler::context;
 use crate::handler::over_mark;
 use crate::limits::{OpenGuard, OpenKind};
 use crate::rt::wake::Key;
@@ -137,7 +137,7 @@ impl Subscription {
                         queued: queued.clone(),
                         // hyper frames the body itself.
                         chunked: false,
-                        cut: server::cut_signal(),
+                        cut: context::cut_signal(),
                     })),
                 );
                 let keep_alive = self.hub.inner.cfg.keep_alive_period().map(|period| {
@@ -150,11 +150,11 @@ impl Subscription {
                     rx,
                     queued,
                     keep_alive,
-                    shutdown: Box::pin(server::shutdown_signal(server::thread_shutdown())),
+                    shutdown: Box::pin(context::shutdown_signal(context::thread_shutdown())),
                     _leave: Leave {
                         hub: self.hub,
                         id: self.id,
-                        _open: server::open_counts().map(|o| {
+                        _open: context::open_counts().map(|o| {
                             let open = OpenGuard::new(o, OpenKind::Sse);
                             // Its HTTP/1.1 connection's last response: counted as SSE only.
                             match self.http1 {
