@@ -438,11 +438,11 @@ pub(crate) fn conn_span(peer: &dyn std::fmt::Debug) -> ConnSpan {
     None
 }
 
-/// Records in a connection's span the client address its PROXY protocol header carries (the
-/// span was made at accept, with the proxy's address as `peer`).
+/// Records in a connection's span the client address its PROXY protocol header carries
+/// (`ProxyHeader::source`; the span was made at accept, with the proxy's address as `peer`).
 #[cfg(feature = "metrics")]
-pub(crate) fn record_client(span: &tracing::Span, header: &crate::proxy::ProxyHeader) {
-    if let Some(client) = header.source() {
+pub(crate) fn record_client(span: &tracing::Span, client: Option<std::net::SocketAddr>) {
+    if let Some(client) = client {
         span.record("client", tracing::field::display(client));
     }
 }

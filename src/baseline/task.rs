@@ -97,7 +97,7 @@ pub(super) async fn proxied<P: App, A: Accept>(
     };
     // The task runs in the connection's span (feature `metrics`).
     #[cfg(feature = "metrics")]
-    crate::observe::record_client(&tracing::Span::current(), &header);
+    crate::observe::record_client(&tracing::Span::current(), header.source());
     // Its IP's place: the header's source, or the socket's peer for a header without one.
     let client = header
         .source()

@@ -300,7 +300,7 @@ impl<P: App> Poller<P> {
         }
         #[cfg(feature = "metrics")]
         if let Some(span) = &fd.span {
-            crate::observe::record_client(span, &header);
+            crate::observe::record_client(span, header.source());
         }
         let new = peer
             .incoming(&fd.io, Some(&header))

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::Message;
 
-use crate::tcp::{Conn, ConnHandle, WriteError};
+use crate::handler::{Conn, ConnHandle, WriteError};
 
 use super::deflate::{Codec, Deflate};
 use super::frame::{

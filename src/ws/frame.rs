@@ -12,7 +12,7 @@ use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::Message;
 
-use crate::tcp::{Conn, WriteError};
+use crate::handler::{Conn, WriteError};
 
 use super::deflate::Codec;
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::Hijack;
+use crate::hijack::Hijack;
 
 use super::api::{Endpoint, Frames, Messages, WsConfig, WsFrameHandler, WsHandler};
 use super::deflate;

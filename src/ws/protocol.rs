@@ -15,8 +15,8 @@ use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::{Message, Utf8Bytes};
 
 use crate::handler::Protocol;
+use crate::handler::{CloseReason, Conn, Handler};
 use crate::rt::timer::Tick;
-use crate::tcp::{CloseReason, Conn, Handler};
 
 use super::api::{Endpoint, FrameChunk, FrameKind, WsConfig, WsConn};
 use super::deflate::{Codec, InflateError};
