@@ -26,7 +26,7 @@ use std::any::Any;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::handler::{ConnCore, TcpConfig};
 use crate::limits::{OpenCounts, OpenGuard};
@@ -108,15 +108,6 @@ impl Drive {
     pub(crate) fn wake_at_tick(&mut self, at: Tick) {
         if self.due.is_none_or(|d| at < d) {
             self.due = Some(at);
-        }
-    }
-
-    /// The tick `after` from `since` (saturating, as [`crate::rt::timer::deadline`]): from
-    /// [`now_tick`](Self::now_tick) when `since` is now, the common case.
-    pub(crate) fn tick_after(&self, since: Instant, after: Duration) -> Tick {
-        match since == self.now {
-            true => self.now_tick.after(after),
-            false => Tick::of(since).after(after),
         }
     }
 }

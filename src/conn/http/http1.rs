@@ -20,7 +20,7 @@ use super::super::current::{self, Current};
 use super::super::stream::HopStream;
 use super::super::{Drive, Verdict};
 use super::track::Counted;
-use super::{expired_at, expired_since, hyper_svc, HttpConfig, HttpConn, State};
+use super::{expired, expired_at, hyper_svc, HttpConfig, HttpConn, State};
 use crate::limits::Limit;
 use crate::observe::Reason;
 use crate::rt::timer::Tick;
@@ -374,7 +374,7 @@ impl<S: ConnService> HttpConn<S> {
         };
         if live.cur.body_pending {
             // hyper may still be reading the body: no parking, the idle timeout only.
-            if expired_since(d, since, cfg.idle_timeout) {
+            if expired(d, since, cfg.idle_timeout) {
                 tracing::debug!("closing a connection at the idle timeout");
                 d.because(Reason::IdleTimeout);
                 return Verdict::Close;
@@ -404,7 +404,7 @@ impl<S: ConnService> HttpConn<S> {
                 }
             }
         }
-        if expired_since(d, since, cfg.head_limit()) {
+        if expired(d, since, cfg.head_limit()) {
             tracing::debug!("closing a connection waiting for a request head at its time limit");
             d.because(cfg.head_reason());
             return Verdict::Close;

@@ -9,7 +9,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use hyper::server::conn::http2;
 use std::future::Future;
@@ -21,6 +20,7 @@ use crate::http2::{Http2Svc, Meter, Stall};
 use crate::limits::Limit;
 use crate::observe::Reason;
 use crate::rt::tasks::LocalExec;
+use crate::rt::timer::Tick;
 use crate::rt::wake::Key;
 use crate::service::ConnService;
 use crate::settings::Http2Config;
@@ -32,11 +32,11 @@ pub(super) struct H2<S: ConnService> {
     pub(super) conn: H2Conn<S>,
     /// Since when no stream has been open (reset when one starts, see
     /// [`HttpConn::stream_started`]).
-    idle_since: Option<Instant>,
+    idle_since: Option<Tick>,
     /// When GOAWAY was asked for (idle timeout or shutdown): hyper closes once streams are
     /// done and the GOAWAY is sent, which a peer that stops reading can hold off until the close
     /// timeout.
-    pub(super) closing: Option<Instant>,
+    pub(super) closing: Option<Tick>,
     /// What the socket sees of the frames (shared with the [`HopStream`]): its stalled
     /// request bodies are reset here when they fall due.
     pub(super) meter: Arc<std::sync::Mutex<Meter>>,
@@ -111,7 +111,7 @@ impl<S: ConnService> HttpConn<S> {
                 tracing::debug!(?why, "HTTP/2 connection at a limit: sending GOAWAY");
                 cfg.ctl.limit_reached(why);
                 Pin::new(&mut h2.conn).graceful_shutdown();
-                h2.closing = Some(d.now);
+                h2.closing = Some(d.now_tick);
                 h2.goaway_for.get_or_insert(why.into());
             }
         }
@@ -167,13 +167,13 @@ impl<S: ConnService> HttpConn<S> {
                 let since = *h2.idle_since.get_or_insert_with(|| {
                     // Idle: the coalescing buffer is not kept meanwhile.
                     self.socket.release_buffers();
-                    d.now
+                    d.now_tick
                 });
                 let limit = cfg.http2.as_ref().and_then(|c| c.idle_timeout);
                 if expired(d, since, limit) {
                     tracing::debug!("HTTP/2 connection idle: sending GOAWAY");
                     Pin::new(&mut h2.conn).graceful_shutdown();
-                    h2.closing = Some(d.now);
+                    h2.closing = Some(d.now_tick);
                     h2.goaway_for.get_or_insert(Reason::IdleTimeout);
                     // Polled again to send it.
                     return None;

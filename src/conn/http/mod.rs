@@ -206,20 +206,11 @@ enum State<S: ConnService> {
 }
 
 /// Whether `limit` (if any) counted from `since` has run out; if it has not, a drive is asked
-/// for when it does.
-fn expired(d: &mut Drive, since: Instant, limit: Option<Duration>) -> bool {
+/// for when it does. Counted in [`Tick`]s, what a connection's idle and closing times are kept
+/// as.
+fn expired(d: &mut Drive, since: Tick, limit: Option<Duration>) -> bool {
     let Some(limit) = limit else { return false };
-    let due = d.tick_after(since, limit);
-    expired_tick(d, due)
-}
-
-/// [`expired`], counted from a [`Tick`] (what a connection's idle time is kept as).
-fn expired_since(d: &mut Drive, since: Tick, limit: Option<Duration>) -> bool {
-    let Some(limit) = limit else { return false };
-    expired_tick(d, since.after(limit))
-}
-
-fn expired_tick(d: &mut Drive, due: Tick) -> bool {
+    let due = since.after(limit);
     if d.now_tick >= due {
         return true;
     }
@@ -417,7 +408,7 @@ impl<S: ConnService> HttpConn<S> {
             State::Active(live) => Pin::new(&mut live.conn).graceful_shutdown(),
             State::Http2(h2) => {
                 Pin::new(&mut h2.conn).graceful_shutdown();
-                h2.closing.get_or_insert_with(Instant::now);
+                h2.closing.get_or_insert_with(|| Tick::of(Instant::now()));
             }
             _ => {}
         }
@@ -463,7 +454,7 @@ impl<S: ConnService> HttpConn<S> {
         use std::sync::atomic::Ordering::Relaxed;
         match self.socket.fd.poll_handshake() {
             Poll::Pending => {
-                if expired_since(d, since, cfg.tls.as_ref().map(|(_, t)| *t)) {
+                if expired(d, since, cfg.tls.as_ref().map(|(_, t)| *t)) {
                     tracing::debug!("TLS handshake timed out; closing");
                     cfg.ctl.tls_handshake_timeouts.fetch_add(1, Relaxed);
                     d.because(Reason::TlsHandshakeTimeout);
@@ -572,7 +563,7 @@ impl<S: ConnService> HttpConn<S> {
             Ok(true) => self.socket.fd.release_tls_buffers(),
             Ok(_) => {}
         }
-        if expired_since(d, since, self.idle_limit(cfg)) {
+        if expired(d, since, self.idle_limit(cfg)) {
             tracing::debug!("closing a parked connection at its idle limit");
             d.because(match self.served {
                 true => Reason::IdleTimeout,
@@ -583,7 +574,7 @@ impl<S: ConnService> HttpConn<S> {
         // A new connection whose first request has not come within the grace is
         // closed, so that pre-connected sockets (browsers open some) do not hold
         // the drain for a whole header timeout.
-        if d.draining && expired_since(d, since, Some(crate::settings::FIRST_REQUEST_GRACE)) {
+        if d.draining && expired(d, since, Some(crate::settings::FIRST_REQUEST_GRACE)) {
             return Some(Verdict::Close);
         }
         if let Some(at) = self.age_deadline(cfg) {
