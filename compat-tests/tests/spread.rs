@@ -140,6 +140,18 @@ backend_tests! {
         assert_eq!(srv.handle.stats().panics, 0);
     }
 
+    /// Two busy connections on two pollers are dealt one to each and stay there: a poller never
+    /// sheds its only connection, however the two loads swing (they once moved back and forth
+    /// every few windows, both on one poller much of the time).
+    async fn two_busy_connections_stay_one_on_each_poller(backend) {
+        let srv = compat_tests::start(backend, app(), defaults);
+        let conns = busy(&srv, 2, 1, 0, 2_000).await;
+        assert_eq!(conns.len(), 2);
+        assert!(spread_enough(&srv, 0), "both pollers served: {:?}", srv.handle.poller_work());
+        let moved = srv.handle.stats().moved;
+        assert!(moved <= 1, "[{backend}] at most the deal at accept moved one; moved {moved}");
+    }
+
     async fn pipelined_requests_stay_in_order_across_moves(backend) {
         let srv = compat_tests::start(backend, app(), defaults);
         let mut conns = busy(&srv, 3, 16, 5, 50).await;

@@ -29,7 +29,9 @@ pub(super) const SHED_MIN: u64 = 2_000;
 /// Each [`WINDOW`], a poller publishes how long it spent on its connections (its load: from
 /// the end of its wait in `poll` to the end of its drives, in microseconds; a count of drives
 /// would miss that one drive may serve a whole pipelined batch). One that did more than 52% of
-/// its own and the lightest poller's work sheds a connection: the next HTTP/1
+/// its own and the lightest poller's work, and holds more than one connection, sheds a
+/// connection when moving one of average weight makes the pair more even ([`sheds`]): the next
+/// HTTP/1
 /// connection of its own that goes idle at a request boundary parks at once and goes, parked
 /// (its socket and service, nothing of hyper's), to the lightest poller, which registers it and
 /// reads on; or the next HTTP/2 connection found between streams (no stream task open), with
@@ -48,6 +50,21 @@ pub(super) struct Spread<S: crate::service::ConnService> {
     pub(super) quiet_until: Instant,
     /// Connections handed over, taken from the inbox (kept for its allocation).
     pub(super) arrivals: Vec<Moved<S>>,
+}
+
+/// Whether a poller that spent `load` on its `held` connections in its window hands one to a
+/// poller that spent `theirs`: it did over 52% of the two pollers' work, and moving one
+/// connection of its average weight makes the pair more even rather than turning the tables
+/// (within a quarter, so that three busy connections over two pollers still take turns). So a
+/// poller never sheds its only connection (the other would just become the busier one), and two
+/// busy connections, one on each poller, stay where they are instead of moving back and forth
+/// on every swing of their loads.
+fn sheds(load: u64, theirs: u64, held: u64) -> bool {
+    if held < 2 || load.saturating_mul(12) <= theirs.saturating_mul(13) {
+        return false;
+    }
+    let one = load / held;
+    one.saturating_mul(4) <= load.saturating_sub(theirs).saturating_mul(5)
 }
 
 impl<P: App> Poller<P> {
@@ -126,8 +143,8 @@ impl<P: App> Poller<P> {
             return;
         }
         if let Some((to, theirs)) = s.balance.lightest(self.index) {
-            // Over 52% of the two pollers' work.
-            if load.saturating_mul(12) > theirs.saturating_mul(13) {
+            let held = u64::try_from(s.balance.conns(self.index)).unwrap_or(u64::MAX);
+            if sheds(load, theirs, held) {
                 self.shed = Some(to);
                 self.hot_limit = 0;
             }
@@ -200,5 +217,30 @@ impl<P: App> Poller<P> {
             }
             Err(moved) => Some(Kind::Http(HttpConn::from_moved(moved))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sheds;
+
+    #[test]
+    fn a_move_must_make_the_pair_more_even() {
+        // One connection on each poller, loads swinging by 10%: nobody moves.
+        assert!(!sheds(1_100, 1_000, 1));
+        // A poller never sheds its only connection, however idle the other.
+        assert!(!sheds(5_000, 0, 1));
+        // Two against one: the busier hands one over, and the three take turns.
+        assert!(sheds(6_000, 3_000, 2));
+        // Two against two, 10% apart: moving one would turn the tables.
+        assert!(!sheds(6_600, 6_000, 2));
+        // Three against one, or many against none: move.
+        assert!(sheds(9_000, 3_000, 3));
+        assert!(sheds(9_000, 0, 100));
+        // Within 52% of the pair's work: stay.
+        assert!(!sheds(5_100, 4_900, 10));
+        // Saturated figures do not overflow.
+        assert!(!sheds(u64::MAX, u64::MAX, u64::MAX));
+        assert!(sheds(u64::MAX, 0, 2));
     }
 }

@@ -1,5 +1,5 @@
 //! What the pollers of one server share to spread connections over themselves: each poller's
-//! load (the entries it drove in its last window), how many connections it holds, and its inbox
+//! load (the time it spent on its connections in its last window), how many connections it holds, and its inbox
 //! of connections handed to it by another poller.
 //!
 //! It owns the figures and the inboxes, not the policy's use of them: a poller publishes its
@@ -18,7 +18,7 @@ use super::wake::Remote;
 /// One poller's share of the [`Balance`].
 struct Slot<T> {
     remote: Arc<Remote>,
-    /// Entries driven in the poller's last window.
+    /// Microseconds the poller spent on its connections in its last window.
     load: AtomicU64,
     /// Connections the poller holds (counted by the sender for a connection on its way).
     conns: AtomicUsize,
@@ -66,6 +66,11 @@ impl<T> Balance<T> {
             .filter(|(j, _)| *j != i)
             .map(|(j, s)| (j, s.load.load(Ordering::Relaxed)))
             .min_by_key(|(_, l)| *l)
+    }
+
+    /// How many connections poller `i` holds.
+    pub(crate) fn conns(&self, i: usize) -> usize {
+        self.slots[i].conns.load(Ordering::Relaxed)
     }
 
     /// Counts a connection poller `i` took on.
