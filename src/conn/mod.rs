@@ -122,6 +122,16 @@ pub(crate) enum Verdict {
     Proxied(crate::proxy::ProxyHeader),
 }
 
+/// What protocol state an entry holds, as its poller counts them: hyper's HTTP/1.1 connection
+/// (a hot one, not parked), hyper's HTTP/2 connection, or neither (parked, opening, a read
+/// handler, a task).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Holds {
+    Nothing,
+    Http1,
+    Http2,
+}
+
 /// What a slab entry is.
 pub(crate) enum Kind<S: ConnService> {
     Http(HttpConn<S>),
@@ -248,9 +258,12 @@ impl<S: ConnService> Entry<S> {
         !matches!(self.kind, Kind::Task(_))
     }
 
-    /// Whether it holds hyper's state.
-    pub(crate) fn is_hot(&self) -> bool {
-        matches!(&self.kind, Kind::Http(c) if c.is_hot())
+    /// What protocol state it holds, as its poller counts them.
+    pub(crate) fn holds(&self) -> Holds {
+        match &self.kind {
+            Kind::Http(c) => c.holds(),
+            _ => Holds::Nothing,
+        }
     }
 
     /// Whether it is an HTTP/2 connection.

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use mio::{Interest, Token};
 
-use crate::conn::{Drive, Entry, Kind, Verdict};
+use crate::conn::{Drive, Entry, Holds, Kind, Verdict};
 use crate::observe::Reason;
 use crate::rt::mail::Letter;
 use crate::rt::tasks::{self, Task};
@@ -125,7 +125,7 @@ impl<P: App> Poller<P> {
         if owner.is_some() {
             tasks::take_bulk();
         }
-        let was_hot = entry.is_hot();
+        let held = entry.holds();
         // The connection's span (`observe::conn_span`), entered while it is driven.
         #[cfg(feature = "metrics")]
         let span = entry.span();
@@ -134,18 +134,23 @@ impl<P: App> Poller<P> {
         if self.clock.0 != now {
             self.clock = (now, Tick::of(now));
         }
-        let mut d = Drive::new(now, self.clock.1, self.draining, self.hot > self.hot_limit);
+        let mut d = Drive::new(
+            now,
+            self.clock.1,
+            self.draining,
+            self.holding.hot > self.hot_limit,
+        );
         let verdict = entry.drive(&self.http, &mut d);
         let mut moving = false;
-        match (was_hot, entry.is_hot()) {
-            (false, true) => self.hot += 1,
-            (true, false) => {
-                self.hot -= 1;
-                // Shedding: the first connection that parks goes to the lightest poller.
-                moving =
-                    self.shed.is_some() && matches!(verdict, Verdict::Keep) && entry.is_movable();
-            }
-            _ => {}
+        let holds = entry.holds();
+        if holds != held {
+            self.holding.count(held, false);
+            self.holding.count(holds, true);
+            // Shedding: the first connection that parks goes to the lightest poller.
+            moving = held == Holds::Http1
+                && self.shed.is_some()
+                && matches!(verdict, Verdict::Keep)
+                && entry.is_movable();
         }
         if let Some((what, panic)) = d.panic.take() {
             self.ctl.contained_panic(what, &*panic);
@@ -231,9 +236,7 @@ impl<P: App> Poller<P> {
     pub(super) fn close(&mut self, slot: usize, forced: bool, why: Option<Reason>) {
         let mut entry = self.conns.remove(slot);
         crate::memory::note_close();
-        if entry.is_hot() {
-            self.hot -= 1;
-        }
+        self.holding.count(entry.holds(), false);
         self.timer.forget(entry.armed);
         if let Kind::Task(task) = &entry.kind {
             if let Some(owner) = task.owner {

@@ -69,6 +69,27 @@ const ALARM: Token = Token(usize::MAX - 3);
 /// few, and memory stays flat when there are many.
 const HOT_LIMIT: usize = 128;
 
+/// How many of a poller's connections hold hyper's state, by protocol: hot HTTP/1.1 ones (for
+/// parking, [`HOT_LIMIT`]) and HTTP/2 ones (with the hot ones, the connections spreading weighs
+/// a poller's load over).
+#[derive(Debug, Default)]
+struct Holding {
+    hot: usize,
+    h2: usize,
+}
+
+impl Holding {
+    /// Counts an entry that came to hold `what` (`up`), or no longer holds it.
+    fn count(&mut self, what: crate::conn::Holds, up: bool) {
+        let n = match what {
+            crate::conn::Holds::Http1 => &mut self.hot,
+            crate::conn::Holds::Http2 => &mut self.h2,
+            crate::conn::Holds::Nothing => return,
+        };
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
+}
+
 /// Counts pollers down and reports when the last one has stopped.
 struct Latch {
     remaining: AtomicUsize,
@@ -187,7 +208,7 @@ pub(crate) fn start<P: App>(
                     next_generation: 0,
                     timer: Timer::default(),
                     alarm,
-                    hot: 0,
+                    holding: Holding::default(),
                     app,
                     http,
                     tcp,
@@ -255,8 +276,8 @@ struct Poller<P: App> {
     timer: Timer,
     /// Goes off at the next deadline, so that the poll itself has no timeout.
     alarm: Alarm,
-    /// Connections holding hyper's state (see [`HOT_LIMIT`]).
-    hot: usize,
+    /// How many of its connections hold hyper's state.
+    holding: Holding,
     app: P,
     http: HttpConfig,
     tcp: Arc<TcpConfig>,

@@ -29,8 +29,9 @@ pub(super) const SHED_MIN: u64 = 2_000;
 /// Each [`WINDOW`], a poller publishes how long it spent on its connections (its load: from
 /// the end of its wait in `poll` to the end of its drives, in microseconds; a count of drives
 /// would miss that one drive may serve a whole pipelined batch). One that did more than 52% of
-/// its own and the lightest poller's work, and holds more than one connection, sheds a
-/// connection when moving one of average weight makes the pair more even ([`sheds`]): the next
+/// its own and the lightest poller's work, and carried it on more than one connection (hot
+/// HTTP/1.1 ones and HTTP/2 ones), sheds a connection when moving one of average weight makes
+/// the pair more even ([`sheds`]): the next
 /// HTTP/1
 /// connection of its own that goes idle at a request boundary parks at once and goes, parked
 /// (its socket and service, nothing of hyper's), to the lightest poller, which registers it and
@@ -52,7 +53,7 @@ pub(super) struct Spread<S: crate::service::ConnService> {
     pub(super) arrivals: Vec<Moved<S>>,
 }
 
-/// Whether a poller that spent `load` on its `held` connections in its window hands one to a
+/// Whether a poller that spent `load` on `held` connections in its window hands one to a
 /// poller that spent `theirs`: it did over 52% of the two pollers' work, and moving one
 /// connection of its average weight makes the pair more even rather than turning the tables
 /// (within a quarter, so that three busy connections over two pollers still take turns). So a
@@ -118,6 +119,7 @@ impl<P: App> Poller<P> {
             return;
         };
         let mut entry = Entry::new(key, Kind::Http(HttpConn::from_moved(m)));
+        self.holding.count(entry.holds(), true);
         if self.draining {
             // Handed over as this poller began its drain: drained as what it already held.
             entry.begin_drain();
@@ -143,7 +145,9 @@ impl<P: App> Poller<P> {
             return;
         }
         if let Some((to, theirs)) = s.balance.lightest(self.index) {
-            let held = u64::try_from(s.balance.conns(self.index)).unwrap_or(u64::MAX);
+            // The connections that carried the load: hyper's HTTP/1.1 ones not parked and the
+            // HTTP/2 ones (idle ones parked, and read handlers, which never move, do not count).
+            let held = u64::try_from(self.holding.hot + self.holding.h2).unwrap_or(u64::MAX);
             if sheds(load, theirs, held) {
                 self.shed = Some(to);
                 self.hot_limit = 0;
@@ -158,6 +162,7 @@ impl<P: App> Poller<P> {
         self.hot_limit = HOT_LIMIT;
         let entry = self.conns.remove(slot);
         let armed = entry.armed;
+        let held = entry.holds();
         let moved = match entry.into_moved() {
             Ok(m) => m,
             Err(entry) => {
@@ -169,6 +174,7 @@ impl<P: App> Poller<P> {
                 return;
             }
         };
+        self.holding.count(held, false);
         self.timer.forget(armed);
         let (registered, fd) = moved.leave();
         if registered {

@@ -68,11 +68,6 @@ impl<T> Balance<T> {
             .min_by_key(|(_, l)| *l)
     }
 
-    /// How many connections poller `i` holds.
-    pub(crate) fn conns(&self, i: usize) -> usize {
-        self.slots[i].conns.load(Ordering::Relaxed)
-    }
-
     /// Counts a connection poller `i` took on.
     pub(crate) fn opened(&self, i: usize) {
         self.slots[i].conns.fetch_add(1, Ordering::Relaxed);

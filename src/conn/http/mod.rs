@@ -396,9 +396,14 @@ impl<S: ConnService> HttpConn<S> {
         self.socket
     }
 
-    /// Whether it holds hyper's state.
-    pub(crate) fn is_hot(&self) -> bool {
-        matches!(self.state, State::Active(_))
+    /// What protocol state it holds: hyper's HTTP/1.1 connection (active, not parked), or its
+    /// HTTP/2 connection.
+    pub(crate) fn holds(&self) -> super::Holds {
+        match self.state {
+            State::Active(_) => super::Holds::Http1,
+            State::Http2(_) => super::Holds::Http2,
+            _ => super::Holds::Nothing,
+        }
     }
 
     /// Starts a graceful shutdown: hyper finishes the request in flight and closes; a parked
