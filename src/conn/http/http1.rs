@@ -56,6 +56,9 @@ pub(super) struct Live<S: ConnService> {
     /// A drain is on: shut down gracefully once hyper has read what is waiting (before that,
     /// hyper would close the connection unanswered).
     pub(super) drain_after_poll: bool,
+    /// hyper's last poll left it waiting for a request head with nothing in flight, to read or
+    /// to send (`on_idle` found it quiet): until bytes come, polling it again does nothing.
+    quiet: bool,
 }
 
 impl<S: ConnService> HttpConn<S> {
@@ -83,28 +86,43 @@ impl<S: ConnService> HttpConn<S> {
         // Bytes to read: the peer is not quiet (see `on_idle`).
         let woke_readable = self.socket.fd.maybe_readable();
         let read_mark = self.socket.read_bytes();
-        let Live { conn, cur, .. } = &mut **live;
-        let requests = cur.requests;
-        let polled = current::lend(cur, || {
-            catch_unwind(AssertUnwindSafe(|| Pin::new(conn).poll(&mut cx)))
-        });
-        if live.cur.requests != requests {
-            live.body_from = read_mark;
-            live.stalled = None;
-            cfg.ctl.http1_requests(live.cur.requests - requests);
-        }
-        if std::mem::take(&mut live.drain_after_poll) {
-            Pin::new(&mut live.conn).graceful_shutdown();
-        }
-        self.served |= live.cur.requests > 0;
-        // Send what hyper wrote during this poll in one write (pipelined responses
-        // included). Also before a read handler or an upgrade's new owner writes.
-        if let Poll::Ready(Err(e)) = self.socket.poll_flush_pending(&cx, true) {
-            tracing::debug!(error = %e, "write failed");
-            d.because(Reason::Error);
-            self.set_done();
-            return Some(Verdict::Close);
-        }
+        // Quiet since hyper's last poll, and nothing came: a deadline's drive (parking, the
+        // idle timeout) goes straight to the idle checks, as the poll would have (about 400
+        // instructions a wake of a parked connection, whose park deadline is such a drive).
+        let quiet = std::mem::take(&mut live.quiet)
+            && !woke_readable
+            && !self.socket.fd.read_closed()
+            && !live.drain_after_poll
+            && !d.draining
+            && self.socket.fd.write_idle()
+            && self.socket.nothing_pending();
+        let polled = if quiet {
+            Ok(Poll::Pending)
+        } else {
+            let Live { conn, cur, .. } = &mut **live;
+            let requests = cur.requests;
+            let polled = current::lend(cur, || {
+                catch_unwind(AssertUnwindSafe(|| Pin::new(conn).poll(&mut cx)))
+            });
+            if live.cur.requests != requests {
+                live.body_from = read_mark;
+                live.stalled = None;
+                cfg.ctl.http1_requests(live.cur.requests - requests);
+            }
+            if std::mem::take(&mut live.drain_after_poll) {
+                Pin::new(&mut live.conn).graceful_shutdown();
+            }
+            self.served |= live.cur.requests > 0;
+            // Send what hyper wrote during this poll in one write (pipelined responses
+            // included). Also before a read handler or an upgrade's new owner writes.
+            if let Poll::Ready(Err(e)) = self.socket.poll_flush_pending(&cx, true) {
+                tracing::debug!(error = %e, "write failed");
+                d.because(Reason::Error);
+                self.set_done();
+                return Some(Verdict::Close);
+            }
+            polled
+        };
         match polled {
             Ok(Poll::Pending) => {
                 if live.cur.takeover.as_ref().is_some_and(|t| t.head_is_out()) {
@@ -337,6 +355,7 @@ impl<S: ConnService> HttpConn<S> {
             body_from: 0,
             stalled: None,
             drain_after_poll: false,
+            quiet: false,
         }));
     }
 
@@ -364,6 +383,7 @@ impl<S: ConnService> HttpConn<S> {
             live.idle_since = None;
             return Verdict::Keep;
         }
+        live.quiet = !live.cur.body_pending;
         let since = match live.idle_since {
             // Reading a request body counts as activity; reading part of a head does not.
             Some((t, n)) if n == requests && !(live.cur.body_pending && woke_readable) => t,
