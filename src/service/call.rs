@@ -123,6 +123,11 @@ impl<S: Service<R>, R> Call<S, R>
 where
     S::Error: Into<BoxError>,
 {
+    /// A call that fails with `err` when polled, the service not called.
+    pub(crate) fn refused(err: BoxError) -> Self {
+        Call::Failed { err: Some(err) }
+    }
+
     fn new(svc: S, req: R) -> Self {
         // The service clone is dropped in here too (a `Drop` may panic).
         let call = move || {

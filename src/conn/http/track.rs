@@ -62,7 +62,9 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
                 "hyper dispatched a request before the previous response was done; closing the connection"
             );
             return TrackedFuture {
-                inner: None,
+                inner: crate::service::Call::refused(
+                    "a request dispatched while another was in flight".into(),
+                ),
                 key,
                 body: body_pending,
                 close,
@@ -70,7 +72,7 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
         }
         // Built in place: the handler's future is large (it holds the request until polled).
         TrackedFuture {
-            inner: Some(self.0.start(req)),
+            inner: self.0.start(req),
             key,
             body: body_pending,
             close,
@@ -79,11 +81,11 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Counted<S> {
 }
 
 pin_project_lite::pin_project! {
-    /// The handler's future; its response body is [`Tracked`]. `None`: the request was
-    /// refused (an error, which closes the connection).
+    /// The handler's future; its response body is [`Tracked`]. A request refused is a
+    /// [`Call`](crate::service::Call) that fails (an error, which closes the connection).
     pub(crate) struct TrackedFuture<F> {
         #[pin]
-        inner: Option<F>,
+        inner: F,
         key: Option<Key>,
         // The request came with a body: the response is recorded (`Current::responded`).
         body: bool,
@@ -102,11 +104,7 @@ where
         use crate::service::HopBody;
         let this = self.project();
         let key = *this.key;
-        let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Err(
-                "a request dispatched while another was in flight".into()
-            ));
-        };
+        let inner = this.inner;
         // The handler's panics are caught here (as `CatchPanic` does for the tokio backend and
         // HTTP/2), and its response wrapped once.
         let mut res = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
