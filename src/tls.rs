@@ -1,4 +1,4 @@
-//! TLS with rustls (features `tls`, on by default, and `tls-ring`).
+//! TLS with rustls (features `tls` and `tls-ring`, off by default).
 //!
 //! This module owns what TLS adds to hop's API: [`RustlsConfig`], the reloadable server
 //! configuration that [`Builder::tls`](crate::Builder::tls) takes (built from PEM files, or

@@ -46,7 +46,7 @@ pub struct Stats {
     /// Reactor: connections handed from a busier poller to a less busy one (a new connection,
     /// or a keep-alive one at a request boundary).
     pub moved: u64,
-    /// Reactor: response bodies sent from a file with `sendfile(2)` ([`crate::fs`]).
+    /// Reactor: response bodies sent from a file with `sendfile(2)` (`hop::fs`, feature `fs`).
     pub files_sent: u64,
     /// Connections closed because their PROXY protocol header was malformed, missing (the
     /// peer spoke first without one, or closed), or not whole within `header_read_timeout`

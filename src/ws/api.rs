@@ -26,8 +26,9 @@ pub struct WsConfig {
     /// Largest message accepted (default 64 MiB), compressed or once inflated; more closes
     /// with `1009`, before a compressed message is inflated past it.
     pub max_message_size: usize,
-    /// permessage-deflate (on by default for [`WsHandler`]s; a [`WsFrameHandler`] gets the
-    /// frames as they are on the wire, so it never negotiates it).
+    /// permessage-deflate (on by default for [`WsHandler`]s when the `deflate` feature is
+    /// built; a [`WsFrameHandler`] gets the frames as they are on the wire, so it never
+    /// negotiates it).
     pub deflate: Deflate,
     /// A connection whose peer has sent nothing for this long is sent a Ping (default 30 s;
     /// `None`: never). Anything the peer sends counts as a sign of life, not only a Pong. 30 s

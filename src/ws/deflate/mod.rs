@@ -22,7 +22,7 @@
 //! `server_max_window_bits=8`, which zlib cannot set.
 //!
 //! This file holds the settings; `codec` the negotiation and the codec, with zlib (flate2 on
-//! zlib-rs), built with the `deflate` feature (on by default). Without it, offers are declined
+//! zlib-rs), built with the `deflate` feature (off by default). Without it, offers are declined
 //! and every WebSocket runs uncompressed (`off`).
 
 use std::time::Duration;
