@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The rooms of src/ (its top-level modules) import one another one way: no import circle.
+"""The rooms of hop-serve/src/ (its top-level modules) import one another one way: no import
+circle.
 
 Reads every `crate::ROOM` path outside unit tests (`#[cfg(test)] mod tests`, `tests.rs`) and
 comments, and fails, naming the rooms and files, if the room graph has a cycle, or if the
@@ -12,7 +13,7 @@ import os
 import re
 import sys
 
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hop-serve", "src")
 
 
 def rooms():
@@ -64,7 +65,7 @@ def main():
             for a, b in zip(c, c[1:]):
                 print(f"  {a} -> {b}: {', '.join(sorted(where[(a, b)]))}", file=sys.stderr)
         sys.exit(1)
-    readme = open(os.path.join(SRC, "..", "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(SRC, "..", "..", "README.md"), encoding="utf-8").read()
     table = readme[readme.index("| module | owns |"):]
     table = table[: table.index("\n\n")]
     pos = {}

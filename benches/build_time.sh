@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a hello-world app costs to build, against axum's: two one-route crates (axum::serve, and
-# hop::serve with hop's default features, or FEATURES), each built in debug from a clean target,
-# ROUNDS times (default 2), interleaved. Prints seconds and the crates each one builds.
+# hop::serve with hop-serve's default features, or FEATURES), each built in debug from a clean
+# target, ROUNDS times (default 2), interleaved. Prints seconds and the crates each one builds.
 #
 #     benches/build_time.sh
 #     FEATURES='"tls"' benches/build_time.sh
@@ -35,7 +35,7 @@ version = "0.1.0"
 edition = "2021"
 [dependencies]
 axum = "0.8"
-hop = { path = "$root", features = [${FEATURES:-}] }
+hop = { package = "hop-serve", path = "$root/hop-serve", features = [${FEATURES:-}] }
 TOML
 cat > "$dir/hop/src/main.rs" <<'RS'
 use axum::{routing::get, Router};

@@ -14,10 +14,9 @@
 //! written to the temporary directory at start).
 //! `/ip` answers the client's address as `ConnectInfo` sees it (with `--connect-info` or
 //! `--proxy-protocol`: axum's `ConnectInfo` costs an extension map per request, so it is off
-//! otherwise). `/metrics` answers hop's
-//! metrics in Prometheus's text format (hop's `metrics` feature, which the demo gets through
-//! hop's dev-dependency on itself, and `metrics-exporter-prometheus`'s recorder, installed
-//! before the server starts).
+//! otherwise). `/metrics` answers hop's metrics in Prometheus's text format (hop's `metrics`
+//! feature, which the demo gets through the repository package's dev-dependency on hop-serve,
+//! and `metrics-exporter-prometheus`'s recorder, installed before the server starts).
 //!
 //! With `--proxy-protocol` every connection must start with a PROXY protocol header (v1 or v2,
 //! as HAProxy's `send-proxy`/`send-proxy-v2` send), whose client address `/ip` then answers;

@@ -4,6 +4,7 @@
 //! connection driven in place by a mio event loop instead of a task per connection.
 //!
 //! ```
+//! # use hop_serve as hop;
 //! use axum::{routing::get, Router};
 //!
 //! #[tokio::main]

@@ -43,6 +43,7 @@ pub type ResponseFuture =
 /// A one-line swap:
 ///
 /// ```
+/// # use hop_serve as hop;
 /// use axum::Router;
 /// let app: Router = Router::new()
 ///     // was: .nest_service("/assets", tower_http::services::ServeDir::new("assets"))

@@ -35,6 +35,7 @@
 //! `any(..)` to accept both handshakes.
 //!
 //! ```
+//! # use hop_serve as hop;
 //! use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 //!
 //! struct Echo;
