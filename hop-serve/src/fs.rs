@@ -43,7 +43,6 @@ pub type ResponseFuture =
 /// A one-line swap:
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use axum::Router;
 /// let app: Router = Router::new()
 ///     // was: .nest_service("/assets", tower_http::services::ServeDir::new("assets"))

@@ -27,7 +27,6 @@ use crate::rt::wake::{self, Key};
 /// The right to take over an HTTP connection once its response is written.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
 /// use bytes::BytesMut;
 /// use hop::tcp::{Conn, Handler};

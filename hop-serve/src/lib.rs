@@ -4,7 +4,6 @@
 //! connection driven in place by a mio event loop instead of a task per connection.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! use axum::{routing::get, Router};
 //!
 //! #[tokio::main]

@@ -10,7 +10,6 @@
 //! empty, so an idle connection holds none.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! use bytes::BytesMut;
 //! use hop::tcp::{Conn, Handler};
 //!

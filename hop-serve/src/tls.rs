@@ -11,7 +11,6 @@
 //! tokio backend on tokio tasks with tokio-rustls, behind the same API.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! # #[tokio::main]
 //! # async fn main() -> std::io::Result<()> {
 //! # let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
@@ -266,7 +265,6 @@ pub(crate) fn provider() -> io::Result<Arc<CryptoProvider>> {
 /// request of a TLS connection (absent over plaintext), on both backends.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use axum::Extension;
 ///
 /// async fn who(Extension(tls): Extension<hop::tls::TlsInfo>) -> String {

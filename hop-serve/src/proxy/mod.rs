@@ -8,7 +8,6 @@
 //! HTTP untouched.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! use axum::{routing::get, Extension, Router};
 //! use axum::extract::ConnectInfo;
 //! use std::net::SocketAddr;

@@ -42,7 +42,6 @@ impl IntoStdListener for tokio::net::TcpListener {
 /// connections. [`bind_shared`] shares the port on purpose.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// let listener = hop::bind("127.0.0.1:0".parse().unwrap())?; // any free port
 /// # let addr = listener.local_addr()?;
 /// # // Non-blocking: nothing to accept yet.

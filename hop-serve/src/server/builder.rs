@@ -26,7 +26,6 @@ use super::run::Serve;
 /// over 2^31 - 1), `max_connections(0)`, and more than 1,024 threads or 10,000 headers.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use std::time::Duration;
 /// # fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
@@ -338,7 +337,6 @@ impl Builder {
     /// backend, and generic listeners under either backend, use tokio-rustls.
     ///
     /// ```
-    /// # use hop_serve as hop;
     /// # #[tokio::main]
     /// # async fn main() -> std::io::Result<()> {
     /// # let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));

@@ -35,7 +35,6 @@ pub use signal::shutdown_signal;
 /// `.await` it under any runtime, or call [`Serve::run`] to block without one.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use axum::{routing::get, Router};
 ///
 /// #[tokio::main]

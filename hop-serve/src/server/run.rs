@@ -19,7 +19,6 @@ use crate::settings::{Backend, Config, Control, Stats};
 /// A handle on a server: its address, its counters, and a way to stop it.
 ///
 /// ```
-/// # use hop_serve as hop;
 /// # #[tokio::main]
 /// # async fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new();

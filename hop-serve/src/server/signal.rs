@@ -12,7 +12,6 @@ use super::run::Serve;
 /// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
 ///
 /// ```
-/// # use hop_serve as hop;
 /// # fn main() -> std::io::Result<()> {
 /// let app = axum::Router::new();
 /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?; // any free port

@@ -37,7 +37,6 @@ pub trait App: Clone + Send + 'static {
 /// `serve` returns:
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use hop::{marker::RequestService, HttpApp, Serve};
 ///
 /// struct Running {

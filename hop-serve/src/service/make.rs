@@ -37,7 +37,6 @@ use super::body::BoxError;
 /// A `Connected` impl for Unix sockets, as axum's `UdsConnectInfo` example has it:
 ///
 /// ```
-/// # use hop_serve as hop;
 /// use axum::extract::connect_info::Connected;
 ///
 /// #[derive(Clone, Debug)]

@@ -19,7 +19,6 @@
 //! time, so every subscriber sees events in the order they were sent.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! use axum::{extract::{Request, State}, response::IntoResponse, routing::{get, post}, Router};
 //! use hop::sse::{Event, Hub};
 //!

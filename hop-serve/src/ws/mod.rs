@@ -35,7 +35,6 @@
 //! `any(..)` to accept both handshakes.
 //!
 //! ```
-//! # use hop_serve as hop;
 //! use hop::ws::{Message, WsConn, WsHandler, WsUpgrade};
 //!
 //! struct Echo;
