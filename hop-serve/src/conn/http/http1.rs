@@ -181,7 +181,7 @@ impl<S: ConnService> HttpConn<S> {
 
     /// A file body's step: the head hyper wrote, then the file with `sendfile(2)` until the
     /// socket is full; once all is sent, a fresh hyper connection (`None`: driven at once).
-    #[inline]
+    #[inline(never)]
     pub(super) fn drive_sending(
         &mut self,
         key: Key,
@@ -252,7 +252,7 @@ impl<S: ConnService> HttpConn<S> {
 
     /// An upgraded connection's step: what hyper left to send goes out, and the connection
     /// closes once the upgrade's owner has dropped the stream.
-    #[inline]
+    #[inline(never)]
     pub(super) fn drive_upgraded(&mut self, key: Key) -> Verdict {
         // The 101 may still be waiting to be sent if the socket was full.
         let waker = key.waker();

@@ -83,7 +83,7 @@ impl<S: ConnService> HttpConn<S> {
     /// An HTTP/2 connection's step: GOAWAY at a limit, a poll of hyper's connection, what it
     /// wrote sent; then, with hyper waiting, the meter's deadlines and the close and idle
     /// timeouts. `None` to poll it again (to read resets, or to send GOAWAY).
-    #[inline]
+    #[inline(never)]
     pub(super) fn drive_http2(
         &mut self,
         key: Key,

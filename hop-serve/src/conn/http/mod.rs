@@ -95,10 +95,12 @@ pub(crate) struct HttpConfig {
     /// Coalesce hyper's writes and send them once per drive (`pipeline_flush`).
     coalesce: bool,
     idle_timeout: Option<Duration>,
-    /// `header_read_timeout`: also how long a new connection may send nothing at all.
-    header_timeout: Option<Duration>,
     /// How long a connection stays idle with hyper's state before it is parked; `None`: never.
     park_after: Option<Duration>,
+    /// [`head_limit`](Self::head_limit) and [`head_reason`](Self::head_reason), worked out once
+    /// from `header_read_timeout` (also how long a new connection may send nothing at all) and
+    /// the idle timeout.
+    head: (Option<Duration>, Reason),
     /// `park_after` comes no later than [`head_limit`](Self::head_limit): a connection
     /// waiting for a request head is parked (or finds a partial head and stops trying) before
     /// that limit can fall due, so the check can wait until then.
@@ -132,8 +134,12 @@ impl HttpConfig {
             http1,
             coalesce: cfg.pipeline_flush,
             idle_timeout: cfg.idle_timeout,
-            header_timeout: cfg.header_read_timeout,
             park_after: cfg.park_after,
+            head: match (cfg.header_read_timeout, cfg.idle_timeout) {
+                (Some(h), Some(i)) if i < h => (Some(i), Reason::IdleTimeout),
+                (None, Some(i)) => (Some(i), Reason::IdleTimeout),
+                (h, _) => (h, Reason::HeaderTimeout),
+            },
             parks_before_head_limit: false,
             http2: cfg.http2.enabled.then(|| cfg.http2.clone()),
             body_timeout: cfg.request_body_timeout,
@@ -170,19 +176,12 @@ impl HttpConfig {
     /// How long a connection may wait for a request head: the header timeout, or the idle
     /// timeout if that is smaller.
     pub(crate) fn head_limit(&self) -> Option<Duration> {
-        match (self.header_timeout, self.idle_timeout) {
-            (Some(h), Some(i)) => Some(h.min(i)),
-            (h, i) => h.or(i),
-        }
+        self.head.0
     }
 
     /// Which timeout [`head_limit`](Self::head_limit) is, as a reason to close.
     fn head_reason(&self) -> Reason {
-        match (self.header_timeout, self.idle_timeout) {
-            (Some(h), Some(i)) if i < h => Reason::IdleTimeout,
-            (None, Some(_)) => Reason::IdleTimeout,
-            _ => Reason::HeaderTimeout,
-        }
+        self.head.1
     }
 }
 
@@ -508,7 +507,7 @@ impl<S: ConnService> HttpConn<S> {
 
     /// A parked connection's step (a new one's included: its protocol decided, it becomes an
     /// HTTP/1.1 or HTTP/2 one): `None` to drive the state it moved to.
-    #[inline]
+    #[inline(never)]
     fn drive_parked(
         &mut self,
         key: Key,
