@@ -87,7 +87,7 @@ impl<S: ConnService> HttpConn<S> {
         let woke_readable = self.socket.fd.maybe_readable();
         let read_mark = self.socket.read_bytes();
         // Quiet since hyper's last poll, and nothing came: a deadline's drive (parking, the
-        // idle timeout) goes straight to the idle checks, as the poll would have (about 400
+        // idle timeout) goes straight to the idle checks, as the poll would have (about 600
         // instructions a wake of a parked connection, whose park deadline is such a drive).
         let quiet = std::mem::take(&mut live.quiet)
             && !woke_readable
