@@ -47,10 +47,16 @@
 //! section.
 
 #![warn(missing_docs)]
-// Unless the tokio backend, TLS and `fs` are all built (the workspace's own builds turn them
+// Unless the tokio backend, axum's types, TLS, `fs` and `ws` are all built (the workspace's own builds turn them
 // all on, so lints see every helper there), helpers that only they call go unused.
 #![cfg_attr(
-    not(all(feature = "tokio-baseline", feature = "tls", feature = "fs")),
+    not(all(
+        feature = "tokio-baseline",
+        feature = "axum",
+        feature = "tls",
+        feature = "fs",
+        feature = "ws"
+    )),
     allow(dead_code, unused_imports)
 )]
 
@@ -78,6 +84,7 @@ pub mod tcp;
 #[cfg(any(feature = "tls", feature = "tls-ring"))]
 pub mod tls;
 mod tuning;
+#[cfg(feature = "ws")]
 pub mod ws;
 
 pub use conn::stream::{HopStream, Socket};

@@ -66,17 +66,25 @@ impl Bound {
 ///
 /// - `std::net::TcpListener` and `std::os::unix::net::UnixListener`;
 /// - `tokio::net::TcpListener` and `tokio::net::UnixListener`;
-/// - with the `axum` feature (on by default), any `axum::serve::Listener`, such as one wrapped
+/// - with the `axum` feature, any `axum::serve::Listener`, such as one wrapped
 ///   by `axum::serve::ListenerExt::tap_io` or a type of your own, whose `Addr` is
 ///   `Debug + Sync + 'static`.
 ///
 /// TCP and Unix listeners are accepted on natively by either backend. A generic listener
 /// (any other `axum::serve::Listener`) hides its socket, so its connections are served with
 /// hyper-util on tokio tasks, one per connection, whatever the backend (this needs the
-/// `tokio-baseline` feature, on by default).
+/// `tokio-baseline` feature too).
 ///
 /// You do not implement this trait (implement `axum::serve::Listener` instead). The `M`
 /// parameter is a [`marker`](crate::marker) chosen by type inference.
+#[cfg_attr(
+    not(feature = "axum"),
+    diagnostic::on_unimplemented(
+        message = "hop cannot listen on `{Self}`",
+        note = "any other `axum::serve::Listener` needs hop-serve's `axum` feature: \
+                `hop-serve = {{ version = \"0.1\", features = [\"axum\"] }}`"
+    )
+)]
 pub trait IntoListener<M> {
     /// Converts into a listener hop serves.
     #[doc(hidden)]

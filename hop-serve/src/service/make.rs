@@ -325,6 +325,14 @@ where
 ///   (`hyper::service::service_fn(..)`).
 ///
 /// The `M` parameter is a [`marker`] chosen by type inference.
+#[cfg_attr(
+    not(feature = "axum"),
+    diagnostic::on_unimplemented(
+        message = "hop cannot serve `{Self}`",
+        note = "axum's `into_make_service_with_connect_info` needs hop-serve's `axum` feature: \
+                `hop-serve = {{ version = \"0.1\", features = [\"axum\"] }}`"
+    )
+)]
 pub trait IntoConnService<M>: Clone + Send + 'static {
     /// The per-connection service.
     type Service: ConnService;

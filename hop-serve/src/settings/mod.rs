@@ -26,7 +26,7 @@ pub enum Backend {
     /// hop's event loop: N poller threads, each connection polled in place (the default).
     Reactor,
     /// tokio + hyper-util, one task per connection: the baseline hop is measured against.
-    /// Needs the `tokio-baseline` feature (on by default).
+    /// Needs the `tokio-baseline` feature.
     Tokio,
 }
 
@@ -54,10 +54,19 @@ impl fmt::Display for Backend {
 }
 
 impl Backend {
-    /// The backend named by the `HOP_BACKEND` environment variable, if set and valid.
+    /// The backend named by the `HOP_BACKEND` environment variable, if set, valid and built
+    /// (`tokio` needs the `tokio-baseline` feature).
     pub fn from_env() -> Option<Backend> {
         let v = std::env::var("HOP_BACKEND").ok()?;
         match v.parse() {
+            #[cfg(not(feature = "tokio-baseline"))]
+            Ok(Backend::Tokio) => {
+                tracing::warn!(
+                    "ignoring HOP_BACKEND={v}: the tokio backend needs hop-serve's \
+                     `tokio-baseline` feature"
+                );
+                None
+            }
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!("ignoring HOP_BACKEND: {e}");

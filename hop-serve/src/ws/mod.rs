@@ -1,7 +1,7 @@
 //! Event-driven WebSocket (RFC 6455) on read handlers: no task, no stream object and no buffer
-//! per idle connection.
+//! per idle connection (feature `ws`).
 //!
-//! [`upgrade`] (or the [`WsUpgrade`] axum extractor) validates the handshake, answers `101`,
+//! [`upgrade`] (or, with the `axum` feature, the [`WsUpgrade`] axum extractor) validates the handshake, answers `101`,
 //! and hijacks the connection with a frame handler built on tungstenite's frame codec
 //! (`FrameHeader` parsing and formatting, `Message`, `CloseCode`). Your [`WsHandler`] gets whole
 //! messages; pings are answered, fragments assembled, limits enforced (`1009`), text checked
