@@ -43,6 +43,12 @@
 //! Choose with [`Builder::backend`] or, without code changes, `HOP_BACKEND=reactor|tokio`
 //! (the builder wins when both are given).
 //!
+//! Features: none is on by default (HTTP/1.1, HTTP/2 and `hop::sse` are always built). `axum`
+//! (axum's `ConnectInfo`, any `axum::serve::Listener`, hop's types as axum extractors and
+//! responses), `ws` (`hop::ws`), `deflate` (its permessage-deflate), `tokio-baseline` (the tokio
+//! backend), `tls` or `tls-ring` (`hop::tls`), `fs` (`hop::fs`) and `metrics`. The README's
+//! features table says what each adds to a build.
+//!
 //! The source's layout, module by module in the order data flows, is the README's "Layout"
 //! section.
 
