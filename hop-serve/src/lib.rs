@@ -53,8 +53,9 @@
 //! section.
 
 #![warn(missing_docs)]
-// Unless the tokio backend, axum's types, TLS, `fs` and `ws` are all built (the workspace's own builds turn them
-// all on, so lints see every helper there), helpers that only they call go unused.
+// Unless the tokio backend, axum's types, TLS, `fs` and `ws` are all built (the workspace's own
+// builds turn them all on, so lints see every helper there), helpers that only they call go
+// unused.
 #![cfg_attr(
     not(all(
         feature = "tokio-baseline",

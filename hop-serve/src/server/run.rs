@@ -310,7 +310,7 @@ where
             {
                 drop((listener, app, done_tx));
                 return Err(io::Error::other(
-                    "the tokio backend needs hop's `tokio-baseline` feature",
+                    "the tokio backend needs hop-serve's `tokio-baseline` feature",
                 ));
             }
         }
