@@ -283,7 +283,7 @@ where
             {
                 drop((listener, app, done_tx));
                 return Err(io::Error::other(
-                    "serving a generic axum Listener needs hop's `tokio-baseline` feature",
+                    "serving a generic axum Listener needs hop-serve's `tokio-baseline` feature",
                 ));
             }
         }
